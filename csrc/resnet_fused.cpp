@@ -1,0 +1,61 @@
+// resnet_fused._C: operator schemas (defined once, here) and build information.
+//
+// Each device registers its kernels in its own TORCH_LIBRARY_IMPL file
+// (csrc/cpu/*.cpp, csrc/cuda/*.cu). The Python package adds fake (meta) kernels and
+// wraps the ops in autograd Functions; see ARCHITECTURE.md.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/isa.h"
+
+#ifndef RESNET_FUSED_WITH_CUDA
+#define RESNET_FUSED_WITH_CUDA 0
+#endif
+#ifndef RESNET_FUSED_CUDA_ARCH_LIST
+#define RESNET_FUSED_CUDA_ARCH_LIST ""
+#endif
+#ifndef RESNET_FUSED_TORCH_VERSION
+#define RESNET_FUSED_TORCH_VERSION ""
+#endif
+#ifndef RESNET_FUSED_CUDA_VERSION
+#define RESNET_FUSED_CUDA_VERSION ""
+#endif
+
+TORCH_LIBRARY(resnet_fused, m) {
+  // out = relu(x + residual); out has the layout of x.
+  m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
+  // x <- relu(x + residual), in place.
+  m.def("add_relu_(Tensor(a!) x, Tensor residual) -> ()");
+  // grad_in = grad_out where out > 0 (torch's threshold_backward rule), else 0.
+  m.def("relu_backward(Tensor grad_out, Tensor out) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["with_cuda"] = static_cast<bool>(RESNET_FUSED_WITH_CUDA);
+  info["cuda_version"] = std::string(RESNET_FUSED_CUDA_VERSION);
+  info["cuda_arch_list"] = std::string(RESNET_FUSED_CUDA_ARCH_LIST);
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown");
+#endif
+  info["torch_version"] = std::string(RESNET_FUSED_TORCH_VERSION);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "resnet_fused C++/CUDA kernels (ops register with the dispatcher on import)";
+  m.def("build_info", &build_info, "How this extension was built: CUDA, archs, compiler.");
+  m.def(
+      "cpu_isa", [] { return std::string(resnet_fused::cpu::isa_name(resnet_fused::cpu::active_isa())); },
+      "Instruction set the CPU kernels use here (AVX512, AVX2 or DEFAULT).");
+}

@@ -1,0 +1,1 @@
+"""Benchmark library behind ``resnet-fused bench`` and the scripts in ``benchmarks/``."""

@@ -1,0 +1,153 @@
+"""Timing and machine ceilings.
+
+GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median).
+CPU: ``torch.utils.benchmark.Timer.adaptive_autorange`` (median over blocks).
+Warm-up is excluded in both. Inputs rotate through several buffers whose total exceeds
+the last-level cache, so repeated runs do not read from cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import platform
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    iqr_s: float
+    runs: int
+
+
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_host_memory() -> bool:
+    """Stop glibc from returning freed heap memory to the OS between timed runs.
+
+    With glibc's defaults, two freed activation-sized blocks at the top of the heap
+    exceed its trim threshold, so every iteration page-faults its outputs afresh: eager
+    ``relu(x + r)`` then measures ~10x slower than its kernels run. Training processes
+    reach a steady state instead; this puts the benchmark there, for every provider alike.
+    Returns whether the setting took (glibc only).
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and ok
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = ok
+    return ok
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
+    for index in (3, 2):
+        path = f"/sys/devices/system/cpu/cpu0/cache/index{index}/size"
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    return 32 << 20
+
+
+def rotation_count(bytes_per_set: int, device: torch.device, cap: int = 8) -> int:
+    """How many input sets to rotate through so their total is > 2x the last cache."""
+    if bytes_per_set <= 0:
+        return 1
+    return max(1, min(cap, math.ceil(2 * last_level_cache_bytes(device) / bytes_per_set)))
+
+
+def rotating(fn: Callable[..., object], input_sets: Sequence[tuple]) -> Callable[[], object]:
+    """A no-argument callable that calls ``fn(*inputs)`` on the next input set each time."""
+    cycle = itertools.cycle(input_sets)
+    return lambda: fn(*next(cycle))
+
+
+def measure(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.5) -> Timing:
+    if device.type == "cuda":
+        import triton.testing
+
+        q = triton.testing.do_bench(
+            fn,
+            warmup=25,
+            rep=max(100, int(min_run_time * 1000)),
+            quantiles=[0.25, 0.5, 0.75],
+            return_mode="median",
+        )
+        return Timing(q[1] / 1e3, (q[2] - q[0]) / 1e3, 0)
+    from torch.utils import benchmark
+
+    for _ in range(3):  # warm-up, outside the timer
+        fn()
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).adaptive_autorange(
+        threshold=0.05, min_run_time=min_run_time, max_run_time=10 * min_run_time
+    )
+    times = list(m.times)
+    iqr = (
+        statistics.quantiles(times, n=4)[2] - statistics.quantiles(times, n=4)[0]
+        if len(times) >= 4
+        else 0.0
+    )
+    return Timing(m.median, iqr, m.number_per_run * len(times))
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Measured device-to-device copy bandwidth in GB/s (read + write counted)."""
+    n = nbytes // 4
+    sets = [
+        (torch.randn(n, device=device), torch.empty(n, device=device))
+        for _ in range(rotation_count(8 * n, device, cap=4))
+    ]
+    t = measure(rotating(lambda src, dst: dst.copy_(src), sets), device)
+    return 2 * n * 4 / t.median_s / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+
+
+def environment(device: torch.device) -> dict:
+    import datetime
+    import importlib.metadata
+
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = ""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "",
+    }

@@ -1,0 +1,45 @@
+"""Test configuration.
+
+Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors: the variable
+must be set before any Triton kernel is defined, so it is set here, before the tests
+import resnet_fused's kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import resnet_fused  # noqa: E402
+
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def backend_device(backend: str) -> str:
+    """The device a backend's tests run on here."""
+    return {"torch": "cpu", "cpu": "cpu", "cuda": "cuda", "triton": TRITON_DEVICE}[backend]
+
+
+def backend_params(backends=("torch", "cpu", "cuda", "triton")):
+    """pytest params for backends, skipping those that cannot run on this machine."""
+    params = []
+    for backend in backends:
+        device = backend_device(backend)
+        reason = resnet_fused.backends.unavailable_reason(backend, torch.device(device))
+        if device == "cuda" and not HAS_CUDA:
+            reason = "no CUDA GPU on this machine"
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(backend, marks=marks, id=backend))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

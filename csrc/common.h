@@ -8,6 +8,8 @@
 #include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 namespace resnet_fused {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
@@ -42,6 +44,55 @@ inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& ref) {
   at::Tensor copy = at::empty_strided(ref.sizes(), ref.strides(), t.options());
   copy.copy_(t);
   return copy;
+}
+
+}  // namespace resnet_fused
+
+namespace resnet_fused {
+
+// ---------------------------------------------------------------------------------------
+// BatchNorm family: the layout the kernels work in, and argument checks.
+// ---------------------------------------------------------------------------------------
+
+// BN kernels work on NCHW-contiguous or channels_last (NHWC) tensors. A 4-D input that is
+// channels_last-contiguous (and not also NCHW-contiguous, as when H=W=1) works and
+// returns channels_last; anything else works (after a copy if needed) in NCHW.
+inline at::MemoryFormat bn_memory_format(const at::Tensor& input) {
+  if (input.dim() == 4 && !input.is_contiguous() &&
+      input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+// `t` in memory format `fmt` (itself when it already is).
+inline at::Tensor bn_in_format(const at::Tensor& t, at::MemoryFormat fmt) {
+  return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+}
+
+inline void check_bn_input(const at::Tensor& input) {
+  check_floating(input, "input");
+  TORCH_CHECK(input.dim() == 4, "input must be a 4-D tensor (N, C, H, W), got ", input.dim(),
+              "-D with shape ", input.sizes());
+}
+
+// A per-channel tensor (weight, bias, running stats, saved statistics): shape (C,), on
+// input's device, floating (its dtype may differ from input's: fp32 stats/params with
+// fp16/bf16 input are the mixed precision autocast produces).
+inline void check_per_channel(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  check_floating(t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), name,
+              " must have shape (C,) = (", input.size(1), ",) for input with C = ", input.size(1),
+              " channels, got ", t.sizes());
+  TORCH_CHECK(t.device() == input.device(), name, " must be on the device of input (",
+              input.device(), "), got ", t.device());
+}
+
+inline void check_per_channel(const std::optional<at::Tensor>& t, const char* name,
+                              const at::Tensor& input) {
+  if (t.has_value() && t->defined()) {
+    check_per_channel(*t, name, input);
+  }
 }
 
 }  // namespace resnet_fused

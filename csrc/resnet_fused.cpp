@@ -30,6 +30,30 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("add_relu_(Tensor(a!) x, Tensor residual) -> ()");
   // grad_in = grad_out where out > 0 (torch's threshold_backward rule), else 0.
   m.def("relu_backward(Tensor grad_out, Tensor out) -> Tensor");
+
+  // BatchNorm -> (residual add) -> ReLU, as four kernels (see resnet_fused/reference.py
+  // for the exact maths of each). Statistics are fp32 (fp64 for fp64 input).
+  //
+  // Per-channel batch mean and biased variance; updates the running statistics in place
+  // (running_var with the unbiased variance) when given.
+  m.def(
+      "bn_stats(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "float momentum) -> (Tensor mean, Tensor var)");
+  // out = relu((input - mean) * rsqrt(var + eps) * weight + bias [+ residual]).
+  m.def(
+      "bn_act_forward(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
+      "Tensor? residual, float eps, bool relu) -> Tensor");
+  // (sum g, sum g*xhat, g if write_masked_grad else empty) with g = grad_out masked by
+  // the ReLU (from `out` when given, else recomputed from the input).
+  m.def(
+      "bn_act_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
+      "Tensor? weight, Tensor? bias, Tensor? out, float eps, bool relu, "
+      "bool write_masked_grad) -> (Tensor sum_dy, Tensor sum_dy_xhat, Tensor masked_grad)");
+  // grad_input from the (masked) gradient and the two sums.
+  m.def(
+      "bn_act_backward_elemt(Tensor grad, Tensor input, Tensor mean, Tensor var, "
+      "Tensor? weight, Tensor? bias, Tensor sum_dy, Tensor sum_dy_xhat, float eps, "
+      "bool relu_mask_from_input, bool batch_stats) -> Tensor");
 }
 
 namespace {

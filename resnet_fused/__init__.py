@@ -14,17 +14,20 @@ from __future__ import annotations
 
 from . import _extension, ops  # noqa: F401  (registers the ops and their fake kernels)
 from .backends import BACKENDS, BackendUnavailableError, is_available, resolve_backend
-from .functional import add_relu, add_relu_
+from .functional import add_relu, add_relu_, batch_norm_act
 from .info import info
+from .modules import FusedBatchNormAct2d
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "FusedBatchNormAct2d",
     "__version__",
     "add_relu",
     "add_relu_",
+    "batch_norm_act",
     "info",
     "is_available",
     "resolve_backend",

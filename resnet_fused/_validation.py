@@ -34,3 +34,35 @@ def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> 
         )
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def check_optional_per_channel(t: object, name: str, input: torch.Tensor) -> None:
+    """A per-channel tensor (weight, bias, running statistics) or None: shape (C,), on
+    input's device, floating (any float dtype: fp32 with half input is autocast's mix)."""
+    if t is None:
+        return
+    check_floating(t, name)
+    c = input.shape[1]
+    if t.dim() != 1 or t.shape[0] != c:
+        raise ValueError(
+            f"{name} must have shape (C,) = ({c},) for input with C = {c} channels, "
+            f"got {tuple(t.shape)}"
+        )
+    if t.device != input.device:
+        raise ValueError(f"{name} must be on the device of input ({input.device}), got {t.device}")
+
+
+def check_bn_input(input: object) -> None:
+    check_floating(input, "input")
+    if input.dim() != 4:
+        raise ValueError(
+            f"input must be a 4-D tensor (N, C, H, W), got {input.dim()}-D with shape "
+            f"{tuple(input.shape)}"
+        )
+
+
+def check_number(value: object, name: str, *, minimum: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if minimum is not None and not value >= minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

@@ -14,10 +14,17 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
-from ._validation import check_floating, check_like
+from ._layout import stats_dtype
+from ._validation import (
+    check_bn_input,
+    check_floating,
+    check_like,
+    check_number,
+    check_optional_per_channel,
+)
 from .backends import resolve_backend
 
-__all__ = ["add_relu", "add_relu_"]
+__all__ = ["add_relu", "add_relu_", "batch_norm_act"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +118,186 @@ def add_relu_(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:
         _add_relu_kernels(impl).forward_inplace(x, residual)
         return x
     return _AddReLUInplace.apply(x, residual, impl)
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm -> (residual add) -> ReLU
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _BatchNormKernels:
+    stats: Callable
+    forward: Callable
+    backward_reduce: Callable
+    backward_elemt: Callable
+
+
+def _bn_kernels(backend: str) -> _BatchNormKernels:
+    if backend == "torch":
+        return _BatchNormKernels(
+            reference.bn_stats,
+            reference.bn_act_forward,
+            reference.bn_act_backward_reduce,
+            reference.bn_act_backward_elemt,
+        )
+    if backend == "triton":
+        return _BatchNormKernels(
+            ops.bn_stats_triton,
+            ops.bn_act_forward_triton,
+            ops.bn_act_backward_reduce_triton,
+            ops.bn_act_backward_elemt_triton,
+        )
+    lib = torch.ops.resnet_fused
+    return _BatchNormKernels(
+        lib.bn_stats.default,
+        lib.bn_act_forward.default,
+        lib.bn_act_backward_reduce.default,
+        lib.bn_act_backward_elemt.default,
+    )
+
+
+class _BatchNormAct(torch.autograd.Function):
+    """out = act(BN(input) [+ residual]) given the statistics (mean, var) to normalise with.
+
+    Saves input, the statistics, weight and bias, plus ``out`` only for BN + add + ReLU
+    (where the ReLU mask cannot be recomputed from the input alone). Eager BN + ReLU saves
+    input and out; this saves input only (the mask is recomputed).
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, mean, var, eps, relu, batch_stats, backend):
+        kernels = _bn_kernels(backend)
+        out = kernels.forward(input, mean, var, weight, bias, residual, eps, relu)
+        keep_out = relu and residual is not None
+        ctx.save_for_backward(input, mean, var, weight, bias, out if keep_out else None)
+        ctx.eps, ctx.relu, ctx.batch_stats, ctx.backend = eps, relu, batch_stats, backend
+        ctx.has_residual = residual is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, mean, var, weight, bias, out = ctx.saved_tensors
+        need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
+        kernels = _bn_kernels(ctx.backend)
+        eps, relu, batch_stats = ctx.eps, ctx.relu, ctx.batch_stats
+        # With residual + ReLU the reduction pass also writes the masked gradient, which
+        # is d_residual and the gradient the elementwise pass normalises.
+        write_masked = relu and ctx.has_residual and (need_input or need_residual)
+        need_sums = (batch_stats and need_input) or need_weight or need_bias
+        sum_dy = sum_dy_xhat = None
+        masked = grad_out
+        if need_sums or write_masked:
+            sum_dy, sum_dy_xhat, masked_grad = kernels.backward_reduce(
+                grad_out, input, mean, var, weight, bias, out, eps, relu, write_masked
+            )
+            if write_masked:
+                masked = masked_grad
+        grad_input = None
+        if need_input:
+            if sum_dy is None:  # running statistics, no parameter gradients: sums unused
+                sum_dy = sum_dy_xhat = torch.zeros_like(mean, dtype=stats_dtype(input.dtype))
+            mask_from_input = relu and not ctx.has_residual
+            grad_input = kernels.backward_elemt(
+                masked,
+                input,
+                mean,
+                var,
+                weight,
+                bias,
+                sum_dy,
+                sum_dy_xhat,
+                eps,
+                mask_from_input,
+                batch_stats,
+            )
+        grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
+        grad_bias = sum_dy.to(bias.dtype) if need_bias else None
+        grad_residual = masked if need_residual else None
+        return grad_input, grad_weight, grad_bias, grad_residual, *([None] * 6)
+
+
+def _check_batch_norm_act_args(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
+):
+    check_bn_input(input)
+    for t, name in (
+        (running_mean, "running_mean"),
+        (running_var, "running_var"),
+        (weight, "weight"),
+        (bias, "bias"),
+    ):
+        check_optional_per_channel(t, name, input)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if residual is not None:
+        check_like(residual, "residual", input, "input")
+    check_number(momentum, "momentum")
+    check_number(eps, "eps", minimum=0.0)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual: Tensor | None = None,
+    relu: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """Fused ``relu(batch_norm(input) + residual)`` (residual and ReLU optional).
+
+    Arguments mean what they mean in :func:`torch.nn.functional.batch_norm`:
+
+    Args:
+        input: Tensor[N, C, H, W], float32/float16/bfloat16/float64, NCHW or channels_last.
+        running_mean, running_var: Tensor[C] or None. In training they are updated in
+            place (``running_var`` with the unbiased variance) with factor ``momentum``;
+            in eval they normalise. ``None`` (no tracking): batch statistics in eval too.
+        weight, bias: Tensor[C] or None (affine=False). May be float32 with half input.
+        training: use batch statistics (and update the running ones).
+        momentum: the running-statistics update factor.
+        eps: added to the variance.
+        residual: Tensor like ``input``, added after the affine transform.
+        relu: apply ReLU at the end.
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns:
+        Tensor like ``input`` (channels_last input gives channels_last output).
+        Differentiable in input, weight, bias and residual.
+    """
+    _check_batch_norm_act_args(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
+    )
+    impl = resolve_backend(backend, input.device)
+    kernels = _bn_kernels(impl)
+    batch_stats = training or running_mean is None
+    if batch_stats:
+        size_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
+        if size_per_channel == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{input.size()}"
+            )
+        update = training and size_per_channel > 1
+        mean, var = kernels.stats(
+            input.detach(),
+            running_mean if update else None,
+            running_var if update else None,
+            float(momentum),
+        )
+    else:
+        mean, var = running_mean, running_var
+    tensors = (input, weight, bias, residual)
+    if not _needs_autograd(*(t for t in tensors if t is not None)):
+        return kernels.forward(input, mean, var, weight, bias, residual, float(eps), relu)
+    return _BatchNormAct.apply(
+        input, weight, bias, residual, mean, var, float(eps), relu, batch_stats, impl
+    )

@@ -23,3 +23,188 @@ def relu_backward(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Gradient through a ReLU given its output: ``grad_out`` where ``out > 0``, else 0
     (torch's ``threshold_backward(grad_out, out, 0)``, which lets NaN through)."""
     return torch.where(out <= 0, torch.zeros_like(grad_out), grad_out)
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm -> (residual add) -> ReLU.
+#
+# Per channel c over m = N*H*W values y (training):
+#   mean = sum(y)/m     var = sum((y - mean)^2)/m     invstd = 1/sqrt(var + eps)
+#   out  = relu((y - mean)*invstd*w + b [+ residual])
+#   running_mean <- (1 - momentum)*running_mean + momentum*mean
+#   running_var  <- (1 - momentum)*running_var  + momentum*var*m/(m - 1)
+# Backward, with g = grad_out masked by (out > 0) and xhat = (y - mean)*invstd:
+#   d_bias = sum(g)   d_weight = sum(g*xhat)   d_residual = g
+#   d_input = w*invstd*(g - d_bias/m - xhat*d_weight/m)      (batch statistics)
+#   d_input = w*invstd*g                                      (running statistics)
+#
+# The four functions below are the kernel decomposition every backend implements
+# (statistics, forward, backward reduction, backward elementwise); batch_norm_act is
+# the same maths through torch.nn.functional, used as the fp64 oracle in tests.
+# ---------------------------------------------------------------------------------------
+
+
+from ._layout import bn_memory_format as _layout  # noqa: E402
+from ._layout import stats_dtype  # noqa: E402
+
+
+def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+def bn_stats(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and biased variance per channel (two-pass, in the stats dtype), and the
+    in-place running-statistics update with the unbiased variance."""
+    acc = stats_dtype(input.dtype)
+    dims = [d for d in range(input.dim()) if d != 1]
+    x = input.to(acc)
+    mean = x.mean(dim=dims)
+    var = (x - _per_channel(mean, x.dim())).square().mean(dim=dims)
+    m = input.numel() // input.shape[1]
+    with torch.no_grad():
+        if running_mean is not None:
+            new = running_mean.to(acc) * (1 - momentum) + mean * momentum
+            running_mean.copy_(new)
+        if running_var is not None:
+            new = running_var.to(acc) * (1 - momentum) + var * (momentum * m / (m - 1))
+            running_var.copy_(new)
+    return mean, var
+
+
+def _affine(input, mean, var, weight, bias, eps):
+    """xhat and y = xhat*w + b in the stats dtype."""
+    acc = stats_dtype(input.dtype)
+    nd = input.dim()
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    xhat = (input.to(acc) - _per_channel(mean.to(acc), nd)) * _per_channel(invstd, nd)
+    y = xhat
+    if weight is not None:
+        y = y * _per_channel(weight.to(acc), nd)
+    if bias is not None:
+        y = y + _per_channel(bias.to(acc), nd)
+    return xhat, y, invstd
+
+
+def bn_act_forward(
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    relu: bool,
+) -> torch.Tensor:
+    """out = relu((x - mean)*invstd*w + b [+ residual]), rounded once to input's dtype."""
+    _, y, _ = _affine(input, mean, var, weight, bias, eps)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    if relu:
+        y = torch.relu(y)
+    return y.to(input.dtype)
+
+
+def _relu_mask(grad, input, mean, var, weight, bias, out, eps, relu):
+    """grad_out with the ReLU's mask applied: from ``out`` when given, else recomputed
+    from the input (BN + ReLU without residual)."""
+    if not relu:
+        return grad
+    if out is None:
+        _, y, _ = _affine(input, mean, var, weight, bias, eps)
+        out = y.to(input.dtype)
+    return torch.where(out <= 0, torch.zeros_like(grad), grad)
+
+
+def bn_act_backward_reduce(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+    eps: float,
+    relu: bool,
+    write_masked_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum(g), sum(g*xhat), g or an empty tensor) with g the masked gradient."""
+    acc = stats_dtype(input.dtype)
+    g = _relu_mask(grad_out, input, mean, var, weight, bias, out, eps, relu)
+    xhat, _, _ = _affine(input, mean, var, None, None, eps)
+    dims = [d for d in range(input.dim()) if d != 1]
+    g_acc = g.to(acc)
+    sum_dy = g_acc.sum(dim=dims)
+    sum_dy_xhat = (g_acc * xhat).sum(dim=dims)
+    masked = (
+        g.to(input.dtype).contiguous(memory_format=_layout(input))
+        if write_masked_grad
+        else input.new_empty(0)
+    )
+    return sum_dy, sum_dy_xhat, masked
+
+
+def bn_act_backward_elemt(
+    grad: torch.Tensor,
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    sum_dy: torch.Tensor,
+    sum_dy_xhat: torch.Tensor,
+    eps: float,
+    relu_mask_from_input: bool,
+    batch_stats: bool,
+) -> torch.Tensor:
+    """d_input. ``grad`` is already masked unless ``relu_mask_from_input``."""
+    acc = stats_dtype(input.dtype)
+    nd = input.dim()
+    g = _relu_mask(grad, input, mean, var, weight, bias, None, eps, relu_mask_from_input)
+    xhat, _, invstd = _affine(input, mean, var, None, None, eps)
+    scale = _per_channel(invstd, nd)
+    if weight is not None:
+        scale = scale * _per_channel(weight.to(acc), nd)
+    g = g.to(acc)
+    if batch_stats:
+        m = input.numel() // input.shape[1]
+        g = (
+            g
+            - _per_channel(sum_dy.to(acc), nd) / m
+            - xhat * _per_channel(sum_dy_xhat.to(acc), nd) / m
+        )
+    return (g * scale).to(input.dtype).contiguous(memory_format=_layout(input))
+
+
+def batch_norm_act(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+) -> torch.Tensor:
+    """relu(batch_norm(input) + residual) through torch.nn.functional: the test oracle.
+    Batch statistics are used in training and whenever running_mean is None."""
+    y = torch.nn.functional.batch_norm(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training or running_mean is None,
+        momentum,
+        eps,
+    )
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y

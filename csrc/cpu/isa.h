@@ -15,13 +15,47 @@ namespace resnet_fused::cpu {
 
 enum class Isa { kDefault = 0, kAVX2 = 1 };
 
-// Type-erased kernels over flat buffers of `n` elements of dtype `dtype`.
+// Geometry of a BatchNorm input: N images, C channels, HW positions, in NCHW
+// (offset (n*C + c)*HW + hw) or channels_last (offset (n*HW + hw)*C + c).
+struct BnGeometry {
+  int64_t N;
+  int64_t C;
+  int64_t HW;
+  bool channels_last;
+};
+
+// How the BN backward finds the ReLU's mask: none (no ReLU), from the forward output
+// (out <= 0 -> 0), or recomputed from the input (y = (x - mean)*scale + bias rounded to
+// the input dtype <= 0 -> 0; BN + ReLU without residual).
+enum class BnMask : int { kNone = 0, kFromOut = 1, kFromInput = 2 };
+
+// Type-erased kernels. Full-size buffers hold `dtype`; per-channel arrays (mean, var,
+// scale, bias, sums, ...) hold the accumulation type: double for double input, else float.
 struct Kernels {
   // out = relu(x + r)
   void (*add_relu)(c10::ScalarType dtype, const void* x, const void* r, void* out, int64_t n);
   // grad_in = (out <= 0) ? 0 : grad
   void (*relu_backward)(c10::ScalarType dtype, const void* grad, const void* out, void* grad_in,
                         int64_t n);
+
+  // Per-channel mean and biased variance (robust: per-tile two-pass, Chan merges in a
+  // fixed order, so results do not depend on the thread count).
+  void (*bn_stats)(c10::ScalarType dtype, const void* x, const BnGeometry& g, void* mean,
+                   void* var);
+  // out = act((x - mean)*scale + bias [+ residual]); residual may be null.
+  void (*bn_forward)(c10::ScalarType dtype, const void* x, const void* residual, void* out,
+                     const BnGeometry& g, const void* mean, const void* scale, const void* bias,
+                     bool relu);
+  // sum_dy = sum g, sum_dy_xmu = sum g*(x - mean), with g = grad masked per `mask`; writes g
+  // to `masked` when not null. `out` is read for BnMask::kFromOut only.
+  void (*bn_backward_reduce)(c10::ScalarType dtype, const void* grad, const void* x,
+                             const void* out, void* masked, const BnGeometry& g, const void* mean,
+                             const void* scale, const void* bias, BnMask mask, void* sum_dy,
+                             void* sum_dy_xmu);
+  // dx = g*scale + (x - mean)*k + c, with g = grad masked per `mask` (kNone or kFromInput).
+  void (*bn_backward_elemt)(c10::ScalarType dtype, const void* grad, const void* x, void* dx,
+                            const BnGeometry& g, const void* mean, const void* scale,
+                            const void* bias, const void* k, const void* c, BnMask mask);
 };
 
 extern const Kernels kernels_default;

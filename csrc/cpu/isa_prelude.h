@@ -19,4 +19,10 @@
 #include <c10/util/complex.h>
 #include <c10/util/irange.h>
 
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
 #include "cpu/isa.h"

@@ -7,6 +7,12 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
 namespace resnet_fused::cpu {
 namespace {
 
@@ -88,11 +94,616 @@ void relu_backward_impl(c10::ScalarType dtype, const void* grad, const void* out
 
 #undef RF_BINARY_DISPATCH
 
+// ---------------------------------------------------------------------------------------
+// BatchNorm -> (residual add) -> ReLU. See resnet_fused/reference.py for the maths.
+//
+// Work is split into fixed tiles that do not depend on the thread count: NCHW planes
+// (one image, one channel: HW contiguous values) or channels_last chunks of kChunkRows
+// rows of C channels. Reductions produce one partial per tile and per channel, merged per
+// channel in tile order, so results are bit-identical run to run and across thread counts.
+// ---------------------------------------------------------------------------------------
+
+constexpr int64_t kChunkElems = 8192;  // channels_last tile: about this many values
+
+inline int64_t chunk_rows(int64_t C) {
+  return std::max<int64_t>(1, kChunkElems / std::max<int64_t>(C, 1));
+}
+
+// The largest value that rounds to zero in scalar_t (round to nearest even): the ReLU
+// mask recomputed in fp32 must agree with the mask of the rounded output.
+template <typename scalar_t>
+constexpr at::opmath_type<scalar_t> zero_threshold() {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return 0x1p-25f;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return 0x1p-134f;
+  } else {
+    return 0;
+  }
+}
+
+template <typename T>
+inline T relu_scalar(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// Chan et al.'s merge of (count, mean, M2) summaries.
+template <typename acc_t>
+inline void chan_merge(int64_t& n_a, acc_t& mean_a, acc_t& m2_a, int64_t n_b, acc_t mean_b,
+                       acc_t m2_b) {
+  if (n_b == 0) {
+    return;
+  }
+  if (n_a == 0) {
+    n_a = n_b;
+    mean_a = mean_b;
+    m2_a = m2_b;
+    return;
+  }
+  const int64_t n = n_a + n_b;
+  const acc_t delta = mean_b - mean_a;
+  const acc_t frac_b = static_cast<acc_t>(n_b) / static_cast<acc_t>(n);
+  mean_a += delta * frac_b;
+  m2_a += m2_b + delta * delta * static_cast<acc_t>(n_a) * frac_b;
+  n_a = n;
+}
+
+#if RF_USE_VEC
+// kStep values of scalar_t as two Vectorized<acc_t>.
+template <typename scalar_t>
+struct AccVec {
+  using acc_t = at::opmath_type<scalar_t>;
+  using aVec = Vectorized<acc_t>;
+  static constexpr int64_t kStep = 2 * aVec::size();
+  static inline void load(const scalar_t* p, aVec& a, aVec& b) {
+    if constexpr (kReduced<scalar_t>) {
+      std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+    } else {
+      a = aVec::loadu(p);
+      b = aVec::loadu(p + aVec::size());
+    }
+  }
+  static inline void store(scalar_t* p, const aVec& a, const aVec& b) {
+    if constexpr (kReduced<scalar_t>) {
+      at::vec::convert_from_float<scalar_t>(a, b).store(p);
+    } else {
+      a.store(p);
+      b.store(p + aVec::size());
+    }
+  }
+  static inline acc_t hsum(const aVec& v) {
+    __at_align__ acc_t buf[aVec::size()];
+    v.store(buf);
+    acc_t s = 0;
+    for (int64_t i = 0; i < aVec::size(); ++i) {
+      s += buf[i];
+    }
+    return s;
+  }
+};
+#endif
+
+// Mean and M2 of `len` contiguous values (two passes; the second reads from cache).
+template <typename scalar_t>
+void contiguous_moments(const scalar_t* x, int64_t len, at::opmath_type<scalar_t>& mean,
+                        at::opmath_type<scalar_t>& m2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (len == 0) {
+    mean = 0;
+    m2 = 0;
+    return;
+  }
+  int64_t i = 0;
+  acc_t sum = 0;
+#if RF_USE_VEC
+  using V = AccVec<scalar_t>;
+  typename V::aVec s0(0), s1(0), a, b;
+  for (; i + V::kStep <= len; i += V::kStep) {
+    V::load(x + i, a, b);
+    s0 += a;
+    s1 += b;
+  }
+  sum = V::hsum(s0 + s1);
+#endif
+  for (; i < len; ++i) {
+    sum += static_cast<acc_t>(x[i]);
+  }
+  mean = sum / static_cast<acc_t>(len);
+  acc_t sq = 0;
+  i = 0;
+#if RF_USE_VEC
+  const typename V::aVec mv(mean);
+  s0 = typename V::aVec(0);
+  s1 = typename V::aVec(0);
+  for (; i + V::kStep <= len; i += V::kStep) {
+    V::load(x + i, a, b);
+    a -= mv;
+    b -= mv;
+    s0 = at::vec::fmadd(a, a, s0);
+    s1 = at::vec::fmadd(b, b, s1);
+  }
+  sq = V::hsum(s0 + s1);
+#endif
+  for (; i < len; ++i) {
+    const acc_t d = static_cast<acc_t>(x[i]) - mean;
+    sq += d * d;
+  }
+  m2 = sq;
+}
+
+// Per-channel mean/M2 of `rows` rows of C channels (channels_last tile), two passes.
+template <typename scalar_t>
+void rows_moments(const scalar_t* x, int64_t rows, int64_t C, at::opmath_type<scalar_t>* mean,
+                  at::opmath_type<scalar_t>* m2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::fill(mean, mean + C, acc_t(0));
+  std::fill(m2, m2 + C, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = x + r * C;
+    int64_t c = 0;
+#if RF_USE_VEC
+    using V = AccVec<scalar_t>;
+    using aVec = typename V::aVec;
+    typename V::aVec a, b;
+    for (; c + V::kStep <= C; c += V::kStep) {
+      V::load(row + c, a, b);
+      (aVec::loadu(mean + c) + a).store(mean + c);
+      (aVec::loadu(mean + c + aVec::size()) + b).store(mean + c + aVec::size());
+    }
+#endif
+    for (; c < C; ++c) {
+      mean[c] += static_cast<acc_t>(row[c]);
+    }
+  }
+  const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(rows);
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] *= inv_rows;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = x + r * C;
+    int64_t c = 0;
+#if RF_USE_VEC
+    using V = AccVec<scalar_t>;
+    using aVec = typename V::aVec;
+    typename V::aVec a, b;
+    for (; c + V::kStep <= C; c += V::kStep) {
+      V::load(row + c, a, b);
+      a -= aVec::loadu(mean + c);
+      b -= aVec::loadu(mean + c + aVec::size());
+      at::vec::fmadd(a, a, aVec::loadu(m2 + c)).store(m2 + c);
+      at::vec::fmadd(b, b, aVec::loadu(m2 + c + aVec::size())).store(m2 + c + aVec::size());
+    }
+#endif
+    for (; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(row[c]) - mean[c];
+      m2[c] += d * d;
+    }
+  }
+}
+
+template <typename scalar_t>
+void bn_stats_typed(const scalar_t* x, const BnGeometry& g, at::opmath_type<scalar_t>* mean,
+                    at::opmath_type<scalar_t>* var) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.C;
+  // One (count, mean, M2) partial per tile and channel.
+  const int64_t rows_per_tile = g.channels_last ? chunk_rows(C) : g.HW;
+  const int64_t M = g.N * g.HW;
+  const int64_t tiles = g.channels_last ? (M + rows_per_tile - 1) / rows_per_tile : g.N;
+  std::vector<acc_t> p_mean(tiles * C), p_m2(tiles * C);
+  if (g.channels_last) {
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r0 = t * rows_per_tile;
+        const int64_t rows = std::min(rows_per_tile, M - r0);
+        rows_moments<scalar_t>(x + r0 * C, rows, C, p_mean.data() + t * C, p_m2.data() + t * C);
+      }
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(g.HW, 1));
+    at::parallel_for(0, g.N * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {  // p = n*C + c: tile n, channel c
+        contiguous_moments<scalar_t>(x + p * g.HW, g.HW, p_mean[p], p_m2[p]);
+      }
+    });
+  }
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      int64_t n = 0;
+      acc_t mu = 0, m2 = 0;
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t count = g.channels_last ? std::min(rows_per_tile, M - t * rows_per_tile) : g.HW;
+        chan_merge(n, mu, m2, count, p_mean[t * C + c], p_m2[t * C + c]);
+      }
+      mean[c] = n > 0 ? mu : std::numeric_limits<acc_t>::quiet_NaN();
+      var[c] = n > 0 ? m2 / static_cast<acc_t>(n) : std::numeric_limits<acc_t>::quiet_NaN();
+    }
+  });
+}
+
+// Applies `body(x_ptr, ..., len, channel-parameter lookup)` over the tensor: for NCHW
+// planes the parameters are scalars of channel c; for channels_last rows they vary along
+// the row. Both loops are written out in each kernel below for clarity and speed.
+
+template <typename scalar_t>
+void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, const BnGeometry& g,
+                      const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* scale,
+                      const at::opmath_type<scalar_t>* bias, bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.C;
+  auto element = [&](acc_t xv, acc_t m, acc_t s, acc_t b, acc_t r) {
+    const acc_t y = (xv - m) * s + b + r;
+    return relu ? relu_scalar(y) : y;
+  };
+  if (g.channels_last) {
+    const int64_t M = g.N * g.HW;
+    at::parallel_for(0, M, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t base = row * C;
+        int64_t c = 0;
+#if RF_USE_VEC
+        using V = AccVec<scalar_t>;
+        using aVec = typename V::aVec;
+        constexpr int64_t h = aVec::size();
+        const aVec zero(0);
+        aVec a, b, ra, rb;
+        for (; c + V::kStep <= C; c += V::kStep) {
+          V::load(x + base + c, a, b);
+          a = at::vec::fmadd(a - aVec::loadu(mean + c), aVec::loadu(scale + c), aVec::loadu(bias + c));
+          b = at::vec::fmadd(b - aVec::loadu(mean + c + h), aVec::loadu(scale + c + h),
+                             aVec::loadu(bias + c + h));
+          if (res != nullptr) {
+            V::load(res + base + c, ra, rb);
+            a += ra;
+            b += rb;
+          }
+          if (relu) {
+            a = at::vec::clamp_min(a, zero);
+            b = at::vec::clamp_min(b, zero);
+          }
+          V::store(out + base + c, a, b);
+        }
+#endif
+        for (; c < C; ++c) {
+          const acc_t r = res != nullptr ? static_cast<acc_t>(res[base + c]) : acc_t(0);
+          out[base + c] = static_cast<scalar_t>(
+              element(static_cast<acc_t>(x[base + c]), mean[c], scale[c], bias[c], r));
+        }
+      }
+    });
+  } else {
+    const int64_t HW = g.HW;
+    at::parallel_for(0, g.N * C, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(HW, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % C;
+        const int64_t base = p * HW;
+        int64_t i = 0;
+#if RF_USE_VEC
+        using V = AccVec<scalar_t>;
+        using aVec = typename V::aVec;
+        const aVec zero(0), mv(mean[c]), sv(scale[c]), bv(bias[c]);
+        aVec a, b, ra, rb;
+        for (; i + V::kStep <= HW; i += V::kStep) {
+          V::load(x + base + i, a, b);
+          a = at::vec::fmadd(a - mv, sv, bv);
+          b = at::vec::fmadd(b - mv, sv, bv);
+          if (res != nullptr) {
+            V::load(res + base + i, ra, rb);
+            a += ra;
+            b += rb;
+          }
+          if (relu) {
+            a = at::vec::clamp_min(a, zero);
+            b = at::vec::clamp_min(b, zero);
+          }
+          V::store(out + base + i, a, b);
+        }
+#endif
+        for (; i < HW; ++i) {
+          const acc_t r = res != nullptr ? static_cast<acc_t>(res[base + i]) : acc_t(0);
+          out[base + i] = static_cast<scalar_t>(
+              element(static_cast<acc_t>(x[base + i]), mean[c], scale[c], bias[c], r));
+        }
+      }
+    });
+  }
+}
+
+// g for one element: grad masked per `mask`.
+template <typename scalar_t>
+inline at::opmath_type<scalar_t> masked_grad_scalar(BnMask mask, at::opmath_type<scalar_t> grad,
+                                                    at::opmath_type<scalar_t> xmu,
+                                                    at::opmath_type<scalar_t> s,
+                                                    at::opmath_type<scalar_t> b,
+                                                    const scalar_t* out_elem) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (mask == BnMask::kFromOut) {
+    return static_cast<acc_t>(*out_elem) <= acc_t(0) ? acc_t(0) : grad;
+  }
+  if (mask == BnMask::kFromInput) {
+    return xmu * s + b <= zero_threshold<scalar_t>() ? acc_t(0) : grad;
+  }
+  return grad;
+}
+
+#if RF_USE_VEC
+template <typename scalar_t>
+inline Vectorized<at::opmath_type<scalar_t>> masked_grad_vec(
+    BnMask mask, const Vectorized<at::opmath_type<scalar_t>>& grad,
+    const Vectorized<at::opmath_type<scalar_t>>& xmu, const Vectorized<at::opmath_type<scalar_t>>& s,
+    const Vectorized<at::opmath_type<scalar_t>>& b, const Vectorized<at::opmath_type<scalar_t>>& outv) {
+  using aVec = Vectorized<at::opmath_type<scalar_t>>;
+  const aVec zero(0);
+  if (mask == BnMask::kFromOut) {
+    return aVec::blendv(grad, zero, outv <= zero);
+  }
+  if (mask == BnMask::kFromInput) {
+    return aVec::blendv(grad, zero, at::vec::fmadd(xmu, s, b) <= aVec(zero_threshold<scalar_t>()));
+  }
+  return grad;
+}
+#endif
+
+template <typename scalar_t>
+void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const scalar_t* out,
+                              scalar_t* masked, const BnGeometry& g,
+                              const at::opmath_type<scalar_t>* mean,
+                              const at::opmath_type<scalar_t>* scale,
+                              const at::opmath_type<scalar_t>* bias, BnMask mask,
+                              at::opmath_type<scalar_t>* sum_dy, at::opmath_type<scalar_t>* sum_dy_xmu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.C;
+  const int64_t M = g.N * g.HW;
+  const int64_t rows_per_tile = g.channels_last ? chunk_rows(C) : g.HW;
+  const int64_t tiles = g.channels_last ? (M + rows_per_tile - 1) / rows_per_tile : g.N;
+  std::vector<acc_t> p_dy(tiles * C, acc_t(0)), p_dyx(tiles * C, acc_t(0));
+  if (g.channels_last) {
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        acc_t* dy = p_dy.data() + t * C;
+        acc_t* dyx = p_dyx.data() + t * C;
+        const int64_t r0 = t * rows_per_tile;
+        const int64_t r1 = std::min(M, r0 + rows_per_tile);
+        for (int64_t row = r0; row < r1; ++row) {
+          const int64_t base = row * C;
+          int64_t c = 0;
+#if RF_USE_VEC
+          using V = AccVec<scalar_t>;
+          using aVec = typename V::aVec;
+          constexpr int64_t h = aVec::size();
+          aVec ga, gb, xa, xb, oa(0), ob(0);
+          for (; c + V::kStep <= C; c += V::kStep) {
+            V::load(grad + base + c, ga, gb);
+            V::load(x + base + c, xa, xb);
+            if (mask == BnMask::kFromOut) {
+              V::load(out + base + c, oa, ob);
+            }
+            xa -= aVec::loadu(mean + c);
+            xb -= aVec::loadu(mean + c + h);
+            ga = masked_grad_vec<scalar_t>(mask, ga, xa, aVec::loadu(scale + c), aVec::loadu(bias + c), oa);
+            gb = masked_grad_vec<scalar_t>(mask, gb, xb, aVec::loadu(scale + c + h),
+                                           aVec::loadu(bias + c + h), ob);
+            if (masked != nullptr) {
+              V::store(masked + base + c, ga, gb);
+            }
+            (aVec::loadu(dy + c) + ga).store(dy + c);
+            (aVec::loadu(dy + c + h) + gb).store(dy + c + h);
+            at::vec::fmadd(ga, xa, aVec::loadu(dyx + c)).store(dyx + c);
+            at::vec::fmadd(gb, xb, aVec::loadu(dyx + c + h)).store(dyx + c + h);
+          }
+#endif
+          for (; c < C; ++c) {
+            const acc_t xmu = static_cast<acc_t>(x[base + c]) - mean[c];
+            const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + c]),
+                                                          xmu, scale[c], bias[c], out + base + c);
+            if (masked != nullptr) {
+              masked[base + c] = static_cast<scalar_t>(gv);
+            }
+            dy[c] += gv;
+            dyx[c] += gv * xmu;
+          }
+        }
+      }
+    });
+  } else {
+    const int64_t HW = g.HW;
+    at::parallel_for(0, g.N * C, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(HW, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % C;
+        const int64_t base = p * HW;
+        acc_t dy = 0, dyx = 0;
+        int64_t i = 0;
+#if RF_USE_VEC
+        using V = AccVec<scalar_t>;
+        using aVec = typename V::aVec;
+        const aVec mv(mean[c]), sv(scale[c]), bv(bias[c]);
+        aVec ga, gb, xa, xb, oa(0), ob(0), dy0(0), dy1(0), dyx0(0), dyx1(0);
+        for (; i + V::kStep <= HW; i += V::kStep) {
+          V::load(grad + base + i, ga, gb);
+          V::load(x + base + i, xa, xb);
+          if (mask == BnMask::kFromOut) {
+            V::load(out + base + i, oa, ob);
+          }
+          xa -= mv;
+          xb -= mv;
+          ga = masked_grad_vec<scalar_t>(mask, ga, xa, sv, bv, oa);
+          gb = masked_grad_vec<scalar_t>(mask, gb, xb, sv, bv, ob);
+          if (masked != nullptr) {
+            V::store(masked + base + i, ga, gb);
+          }
+          dy0 += ga;
+          dy1 += gb;
+          dyx0 = at::vec::fmadd(ga, xa, dyx0);
+          dyx1 = at::vec::fmadd(gb, xb, dyx1);
+        }
+        dy = V::hsum(dy0 + dy1);
+        dyx = V::hsum(dyx0 + dyx1);
+#endif
+        for (; i < HW; ++i) {
+          const acc_t xmu = static_cast<acc_t>(x[base + i]) - mean[c];
+          const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + i]), xmu,
+                                                        scale[c], bias[c], out + base + i);
+          if (masked != nullptr) {
+            masked[base + i] = static_cast<scalar_t>(gv);
+          }
+          dy += gv;
+          dyx += gv * xmu;
+        }
+        p_dy[p] = dy;
+        p_dyx[p] = dyx;
+      }
+    });
+  }
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t dy = 0, dyx = 0;
+      for (int64_t t = 0; t < tiles; ++t) {
+        dy += p_dy[t * C + c];
+        dyx += p_dyx[t * C + c];
+      }
+      sum_dy[c] = dy;
+      sum_dy_xmu[c] = dyx;
+    }
+  });
+}
+
+template <typename scalar_t>
+void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* dx,
+                             const BnGeometry& g, const at::opmath_type<scalar_t>* mean,
+                             const at::opmath_type<scalar_t>* scale,
+                             const at::opmath_type<scalar_t>* bias,
+                             const at::opmath_type<scalar_t>* k, const at::opmath_type<scalar_t>* cst,
+                             BnMask mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.C;
+  if (g.channels_last) {
+    const int64_t M = g.N * g.HW;
+    at::parallel_for(0, M, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t base = row * C;
+        int64_t c = 0;
+#if RF_USE_VEC
+        using V = AccVec<scalar_t>;
+        using aVec = typename V::aVec;
+        constexpr int64_t h = aVec::size();
+        const aVec none(0);
+        aVec ga, gb, xa, xb;
+        for (; c + V::kStep <= C; c += V::kStep) {
+          V::load(grad + base + c, ga, gb);
+          V::load(x + base + c, xa, xb);
+          xa -= aVec::loadu(mean + c);
+          xb -= aVec::loadu(mean + c + h);
+          const aVec sa = aVec::loadu(scale + c), sb = aVec::loadu(scale + c + h);
+          ga = masked_grad_vec<scalar_t>(mask, ga, xa, sa, aVec::loadu(bias + c), none);
+          gb = masked_grad_vec<scalar_t>(mask, gb, xb, sb, aVec::loadu(bias + c + h), none);
+          ga = at::vec::fmadd(ga, sa, at::vec::fmadd(xa, aVec::loadu(k + c), aVec::loadu(cst + c)));
+          gb = at::vec::fmadd(gb, sb,
+                              at::vec::fmadd(xb, aVec::loadu(k + c + h), aVec::loadu(cst + c + h)));
+          V::store(dx + base + c, ga, gb);
+        }
+#endif
+        for (; c < C; ++c) {
+          const acc_t xmu = static_cast<acc_t>(x[base + c]) - mean[c];
+          const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + c]), xmu,
+                                                        scale[c], bias[c], nullptr);
+          dx[base + c] = static_cast<scalar_t>(gv * scale[c] + (xmu * k[c] + cst[c]));
+        }
+      }
+    });
+  } else {
+    const int64_t HW = g.HW;
+    at::parallel_for(0, g.N * C, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(HW, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % C;
+        const int64_t base = p * HW;
+        int64_t i = 0;
+#if RF_USE_VEC
+        using V = AccVec<scalar_t>;
+        using aVec = typename V::aVec;
+        const aVec mv(mean[c]), sv(scale[c]), bv(bias[c]), kv(k[c]), cv(cst[c]), none(0);
+        aVec ga, gb, xa, xb;
+        for (; i + V::kStep <= HW; i += V::kStep) {
+          V::load(grad + base + i, ga, gb);
+          V::load(x + base + i, xa, xb);
+          xa -= mv;
+          xb -= mv;
+          ga = masked_grad_vec<scalar_t>(mask, ga, xa, sv, bv, none);
+          gb = masked_grad_vec<scalar_t>(mask, gb, xb, sv, bv, none);
+          V::store(dx + base + i, at::vec::fmadd(ga, sv, at::vec::fmadd(xa, kv, cv)),
+                   at::vec::fmadd(gb, sv, at::vec::fmadd(xb, kv, cv)));
+        }
+#endif
+        for (; i < HW; ++i) {
+          const acc_t xmu = static_cast<acc_t>(x[base + i]) - mean[c];
+          const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + i]), xmu,
+                                                        scale[c], bias[c], nullptr);
+          dx[base + i] = static_cast<scalar_t>(gv * scale[c] + (xmu * k[c] + cst[c]));
+        }
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+using acc_ptr = at::opmath_type<scalar_t>*;
+template <typename scalar_t>
+using cacc_ptr = const at::opmath_type<scalar_t>*;
+
+void bn_stats_impl(c10::ScalarType dtype, const void* x, const BnGeometry& g, void* mean,
+                   void* var) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_stats_cpu", [&] {
+    bn_stats_typed<scalar_t>(static_cast<const scalar_t*>(x), g, static_cast<acc_ptr<scalar_t>>(mean),
+                             static_cast<acc_ptr<scalar_t>>(var));
+  });
+}
+
+void bn_forward_impl(c10::ScalarType dtype, const void* x, const void* residual, void* out,
+                     const BnGeometry& g, const void* mean, const void* scale, const void* bias,
+                     bool relu) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_forward_cpu", [&] {
+    bn_forward_typed<scalar_t>(static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(residual),
+                               static_cast<scalar_t*>(out), g, static_cast<cacc_ptr<scalar_t>>(mean),
+                               static_cast<cacc_ptr<scalar_t>>(scale),
+                               static_cast<cacc_ptr<scalar_t>>(bias), relu);
+  });
+}
+
+void bn_backward_reduce_impl(c10::ScalarType dtype, const void* grad, const void* x,
+                             const void* out, void* masked, const BnGeometry& g, const void* mean,
+                             const void* scale, const void* bias, BnMask mask, void* sum_dy,
+                             void* sum_dy_xmu) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_backward_reduce_cpu", [&] {
+    bn_backward_reduce_typed<scalar_t>(
+        static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(x),
+        static_cast<const scalar_t*>(out), static_cast<scalar_t*>(masked), g,
+        static_cast<cacc_ptr<scalar_t>>(mean), static_cast<cacc_ptr<scalar_t>>(scale),
+        static_cast<cacc_ptr<scalar_t>>(bias), mask, static_cast<acc_ptr<scalar_t>>(sum_dy),
+        static_cast<acc_ptr<scalar_t>>(sum_dy_xmu));
+  });
+}
+
+void bn_backward_elemt_impl(c10::ScalarType dtype, const void* grad, const void* x, void* dx,
+                            const BnGeometry& g, const void* mean, const void* scale,
+                            const void* bias, const void* k, const void* c, BnMask mask) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_backward_elemt_cpu", [&] {
+    bn_backward_elemt_typed<scalar_t>(
+        static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(x),
+        static_cast<scalar_t*>(dx), g, static_cast<cacc_ptr<scalar_t>>(mean),
+        static_cast<cacc_ptr<scalar_t>>(scale), static_cast<cacc_ptr<scalar_t>>(bias),
+        static_cast<cacc_ptr<scalar_t>>(k), static_cast<cacc_ptr<scalar_t>>(c), mask);
+  });
+}
+
 }  // namespace
 
 const Kernels RF_KERNEL_TABLE = {
-    &add_relu_impl,
-    &relu_backward_impl,
+    &add_relu_impl,        &relu_backward_impl,          &bn_stats_impl,
+    &bn_forward_impl,      &bn_backward_reduce_impl,     &bn_backward_elemt_impl,
 };
 
 }  // namespace resnet_fused::cpu

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-_KERNEL_MODULES = ("resnet_fused.triton.add_relu",)
+_KERNEL_MODULES = ("resnet_fused.triton.add_relu", "resnet_fused.triton.batch_norm_act")
 
 
 def kernels_imported() -> bool:

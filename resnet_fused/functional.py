@@ -167,16 +167,22 @@ class _BatchNormAct(torch.autograd.Function):
     def forward(ctx, input, weight, bias, residual, mean, var, eps, relu, batch_stats, backend):
         kernels = _bn_kernels(backend)
         out = kernels.forward(input, mean, var, weight, bias, residual, eps, relu)
+        # The ReLU mask comes from `out` with a residual, else from input (needs bias).
         keep_out = relu and residual is not None
-        ctx.save_for_backward(input, mean, var, weight, bias, out if keep_out else None)
+        keep_bias = relu and residual is None
+        ctx.save_for_backward(
+            input, mean, var, weight, bias if keep_bias else None, out if keep_out else None
+        )
         ctx.eps, ctx.relu, ctx.batch_stats, ctx.backend = eps, relu, batch_stats, backend
         ctx.has_residual = residual is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         input, mean, var, weight, bias, out = ctx.saved_tensors
         need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
+        bias_dtype = ctx.bias_dtype
         kernels = _bn_kernels(ctx.backend)
         eps, relu, batch_stats = ctx.eps, ctx.relu, ctx.batch_stats
         # With residual + ReLU the reduction pass also writes the masked gradient, which
@@ -210,7 +216,7 @@ class _BatchNormAct(torch.autograd.Function):
                 batch_stats,
             )
         grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
-        grad_bias = sum_dy.to(bias.dtype) if need_bias else None
+        grad_bias = sum_dy.to(bias_dtype) if need_bias else None
         grad_residual = masked if need_residual else None
         return grad_input, grad_weight, grad_bias, grad_residual, *([None] * 6)
 

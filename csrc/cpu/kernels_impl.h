@@ -183,10 +183,12 @@ struct AccVec {
 };
 #endif
 
-// Mean and M2 of `len` contiguous values (two passes; the second reads from cache).
+// Mean (of x - shift) and M2 of `len` contiguous values (two passes; the second reads
+// from cache). Tile means are taken relative to a per-channel shift (one of the channel's
+// values) so that they keep full precision when |mean| >> std, e.g. 1e4 + N(0, 1).
 template <typename scalar_t>
-void contiguous_moments(const scalar_t* x, int64_t len, at::opmath_type<scalar_t>& mean,
-                        at::opmath_type<scalar_t>& m2) {
+void contiguous_moments(const scalar_t* x, int64_t len, at::opmath_type<scalar_t> shift,
+                        at::opmath_type<scalar_t>& mean, at::opmath_type<scalar_t>& m2) {
   using acc_t = at::opmath_type<scalar_t>;
   if (len == 0) {
     mean = 0;
@@ -197,22 +199,23 @@ void contiguous_moments(const scalar_t* x, int64_t len, at::opmath_type<scalar_t
   acc_t sum = 0;
 #if RF_USE_VEC
   using V = AccVec<scalar_t>;
+  const typename V::aVec shv(shift);
   typename V::aVec s0(0), s1(0), a, b;
   for (; i + V::kStep <= len; i += V::kStep) {
     V::load(x + i, a, b);
-    s0 += a;
-    s1 += b;
+    s0 += a - shv;
+    s1 += b - shv;
   }
   sum = V::hsum(s0 + s1);
 #endif
   for (; i < len; ++i) {
-    sum += static_cast<acc_t>(x[i]);
+    sum += static_cast<acc_t>(x[i]) - shift;
   }
   mean = sum / static_cast<acc_t>(len);
   acc_t sq = 0;
   i = 0;
 #if RF_USE_VEC
-  const typename V::aVec mv(mean);
+  const typename V::aVec mv(mean + shift);
   s0 = typename V::aVec(0);
   s1 = typename V::aVec(0);
   for (; i + V::kStep <= len; i += V::kStep) {
@@ -225,15 +228,17 @@ void contiguous_moments(const scalar_t* x, int64_t len, at::opmath_type<scalar_t
   sq = V::hsum(s0 + s1);
 #endif
   for (; i < len; ++i) {
-    const acc_t d = static_cast<acc_t>(x[i]) - mean;
+    const acc_t d = static_cast<acc_t>(x[i]) - (mean + shift);
     sq += d * d;
   }
   m2 = sq;
 }
 
-// Per-channel mean/M2 of `rows` rows of C channels (channels_last tile), two passes.
+// Per-channel mean (of x - shift[c]) and M2 of `rows` rows of C channels (a
+// channels_last tile), two passes.
 template <typename scalar_t>
-void rows_moments(const scalar_t* x, int64_t rows, int64_t C, at::opmath_type<scalar_t>* mean,
+void rows_moments(const scalar_t* x, int64_t rows, int64_t C,
+                  const at::opmath_type<scalar_t>* shift, at::opmath_type<scalar_t>* mean,
                   at::opmath_type<scalar_t>* m2) {
   using acc_t = at::opmath_type<scalar_t>;
   std::fill(mean, mean + C, acc_t(0));
@@ -247,17 +252,23 @@ void rows_moments(const scalar_t* x, int64_t rows, int64_t C, at::opmath_type<sc
     typename V::aVec a, b;
     for (; c + V::kStep <= C; c += V::kStep) {
       V::load(row + c, a, b);
-      (aVec::loadu(mean + c) + a).store(mean + c);
-      (aVec::loadu(mean + c + aVec::size()) + b).store(mean + c + aVec::size());
+      (aVec::loadu(mean + c) + (a - aVec::loadu(shift + c))).store(mean + c);
+      (aVec::loadu(mean + c + aVec::size()) + (b - aVec::loadu(shift + c + aVec::size())))
+          .store(mean + c + aVec::size());
     }
 #endif
     for (; c < C; ++c) {
-      mean[c] += static_cast<acc_t>(row[c]);
+      mean[c] += static_cast<acc_t>(row[c]) - shift[c];
     }
   }
   const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(rows);
   for (int64_t c = 0; c < C; ++c) {
     mean[c] *= inv_rows;
+  }
+  // Second pass around the tile mean (shift + mean), kept in `center`.
+  std::vector<acc_t> center(C);
+  for (int64_t c = 0; c < C; ++c) {
+    center[c] = shift[c] + mean[c];
   }
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = x + r * C;
@@ -268,14 +279,14 @@ void rows_moments(const scalar_t* x, int64_t rows, int64_t C, at::opmath_type<sc
     typename V::aVec a, b;
     for (; c + V::kStep <= C; c += V::kStep) {
       V::load(row + c, a, b);
-      a -= aVec::loadu(mean + c);
-      b -= aVec::loadu(mean + c + aVec::size());
+      a -= aVec::loadu(center.data() + c);
+      b -= aVec::loadu(center.data() + c + aVec::size());
       at::vec::fmadd(a, a, aVec::loadu(m2 + c)).store(m2 + c);
       at::vec::fmadd(b, b, aVec::loadu(m2 + c + aVec::size())).store(m2 + c + aVec::size());
     }
 #endif
     for (; c < C; ++c) {
-      const acc_t d = static_cast<acc_t>(row[c]) - mean[c];
+      const acc_t d = static_cast<acc_t>(row[c]) - center[c];
       m2[c] += d * d;
     }
   }
@@ -291,19 +302,25 @@ void bn_stats_typed(const scalar_t* x, const BnGeometry& g, at::opmath_type<scal
   const int64_t M = g.N * g.HW;
   const int64_t tiles = g.channels_last ? (M + rows_per_tile - 1) / rows_per_tile : g.N;
   std::vector<acc_t> p_mean(tiles * C), p_m2(tiles * C);
+  // Per-channel shift: the channel's first value (image 0, position 0).
+  std::vector<acc_t> shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    shift[c] = static_cast<acc_t>(x[g.channels_last ? c : c * g.HW]);
+  }
   if (g.channels_last) {
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r0 = t * rows_per_tile;
         const int64_t rows = std::min(rows_per_tile, M - r0);
-        rows_moments<scalar_t>(x + r0 * C, rows, C, p_mean.data() + t * C, p_m2.data() + t * C);
+        rows_moments<scalar_t>(x + r0 * C, rows, C, shift.data(), p_mean.data() + t * C,
+                               p_m2.data() + t * C);
       }
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(g.HW, 1));
     at::parallel_for(0, g.N * C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {  // p = n*C + c: tile n, channel c
-        contiguous_moments<scalar_t>(x + p * g.HW, g.HW, p_mean[p], p_m2[p]);
+        contiguous_moments<scalar_t>(x + p * g.HW, g.HW, shift[p % C], p_mean[p], p_m2[p]);
       }
     });
   }
@@ -315,7 +332,7 @@ void bn_stats_typed(const scalar_t* x, const BnGeometry& g, at::opmath_type<scal
         const int64_t count = g.channels_last ? std::min(rows_per_tile, M - t * rows_per_tile) : g.HW;
         chan_merge(n, mu, m2, count, p_mean[t * C + c], p_m2[t * C + c]);
       }
-      mean[c] = n > 0 ? mu : std::numeric_limits<acc_t>::quiet_NaN();
+      mean[c] = n > 0 ? shift[c] + mu : std::numeric_limits<acc_t>::quiet_NaN();
       var[c] = n > 0 ? m2 / static_cast<acc_t>(n) : std::numeric_limits<acc_t>::quiet_NaN();
     }
   });

@@ -1,0 +1,447 @@
+"""batch_norm_act / FusedBatchNormAct2d on every backend against the fp64 reference."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, backend_device, backend_params
+from reference_check import assert_close_to_reference
+from torch import nn
+
+import resnet_fused
+from resnet_fused import reference
+
+# (input dtype, parameter/statistics dtype): fp16/bf16 with fp32 parameters is what
+# autocast produces; fp16 parameters is what model.half() produces.
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float64, torch.float64),
+]
+DTYPE_IDS = ["fp32", "fp16-fp32params", "bf16-fp32params", "fp16", "fp64"]
+# (residual, relu, affine): BN+ReLU, BN+add+ReLU, BN alone, BN+add without affine.
+VARIANTS = {
+    "bn_relu": (False, True, True),
+    "bn_add_relu": (True, True, True),
+    "bn": (False, False, True),
+    "bn_add_noaffine": (True, False, False),
+    "bn_relu_noaffine": (False, True, False),
+}
+MODES = ["train", "eval", "untracked"]  # untracked: running stats None, batch stats always
+LAYOUTS = ["nchw", "channels_last", "strided"]
+SHAPES = [(2, 5, 7, 7), (1, 3, 7, 7), (3, 16, 4, 5), (4, 8, 1, 1)]
+
+
+def _tensor(shape, dtype, device, layout, scale=1.0, offset=0.0):
+    if layout == "strided":
+        wide = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.float64)[..., ::2]
+        return (wide * scale + offset).to(device=device, dtype=dtype)
+    t = (torch.randn(shape, dtype=torch.float64) * scale + offset).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        t = t.to(memory_format=torch.channels_last)
+    return t
+
+
+def _eager(x, rm, rv, w, b, training, momentum, eps, residual, relu):
+    """Eager PyTorch in the test's dtypes: its error sets the bound for the fused result."""
+    y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def _run_case(backend, dtype, pdtype, layout, mode, variant, shape, momentum=0.1, steps=1):
+    device = backend_device(backend)
+    has_res, relu, affine = VARIANTS[variant]
+    c = shape[1]
+    training = mode == "train"
+    x = _tensor(shape, dtype, device, layout, scale=2.0, offset=0.5).requires_grad_()
+    res = _tensor(shape, dtype, device, layout).requires_grad_() if has_res else None
+    w = (torch.rand(c, dtype=pdtype, device=device) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(c, dtype=pdtype, device=device).requires_grad_() if affine else None
+    if mode == "untracked":
+        rm = rv = None
+    else:
+        rm = torch.randn(c, dtype=pdtype, device=device) * 0.1
+        rv = torch.rand(c, dtype=pdtype, device=device) + 0.5
+    rm_e, rv_e = (None, None) if rm is None else (rm.clone(), rv.clone())
+    rm64, rv64 = (None, None) if rm is None else (rm.double(), rv.double())
+
+    leaves = [t for t in (x, w, b, res) if t is not None]
+    names = [
+        n for n, t in zip(("input", "weight", "bias", "residual"), (x, w, b, res)) if t is not None
+    ]
+    for _ in range(steps):
+        out = resnet_fused.batch_norm_act(
+            x, rm, rv, w, b, training, momentum, 1e-5, residual=res, relu=relu, backend=backend
+        )
+        eager = _eager(x, rm_e, rv_e, w, b, training or rm is None, momentum, 1e-5, res, relu)
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        x64, w64, b64, r64 = (
+            leaves64[0],
+            leaves64[1] if affine else None,
+            leaves64[2] if affine else None,
+            leaves64[-1] if has_res else None,
+        )
+        ref = reference.batch_norm_act(
+            x64, rm64, rv64, w64, b64, training, momentum, 1e-5, residual=r64, relu=relu
+        )
+    grad = _tensor(shape, dtype, device, "nchw")
+    grads = torch.autograd.grad(out, leaves, grad)
+    eager_grads = torch.autograd.grad(eager, leaves, grad)
+    ref_grads = torch.autograd.grad(ref, leaves64, grad.double())
+
+    assert out.dtype == dtype and out.shape == x.shape
+    if layout == "channels_last" and not x.is_contiguous():
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_reference(out, eager, ref, name="out")
+    for name, g, ge, gr in zip(names, grads, eager_grads, ref_grads):
+        assert_close_to_reference(g, ge, gr, name=f"grad {name}")
+    if rm is not None:
+        assert_close_to_reference(rm, rm_e, rm64, name="running_mean")
+        assert_close_to_reference(rv, rv_e, rv64, name="running_var")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(("dtype", "pdtype"), DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_against_reference(backend, dtype, pdtype, layout, mode, variant):
+    # Rotate through the odd shapes so each shows up across the combinations.
+    key = LAYOUTS.index(layout) + 3 * MODES.index(mode) + list(VARIANTS).index(variant)
+    shape = SHAPES[key % len(SHAPES)]
+    if pdtype == torch.float16 and mode != "train":
+        pass  # fp16 running statistics in eval: covered like any other case
+    _run_case(backend, dtype, pdtype, layout, mode, variant, shape)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 1.0, 0.0])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_running_stats_after_several_steps(backend, momentum, layout):
+    _run_case(
+        backend,
+        torch.float32,
+        torch.float32,
+        layout,
+        "train",
+        "bn_add_relu",
+        (3, 6, 5, 5),
+        momentum=momentum,
+        steps=4,
+    )
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_large_mean_statistics(backend, layout):
+    """1e4 + N(0, 1): the variance must come out to fp32 accuracy (a naive
+    sum(x^2) - sum(x)^2/m in fp32 gets it wrong by orders of magnitude)."""
+    device = backend_device(backend)
+    x = _tensor((4, 8, 16, 16), torch.float32, device, layout, offset=1e4)
+    rm, rv = torch.zeros(8, device=device), torch.ones(8, device=device)
+    out = resnet_fused.batch_norm_act(
+        x, rm, rv, training=True, momentum=1.0, relu=False, backend=backend
+    )
+    x64 = x.double()
+    var64 = x64.var(dim=(0, 2, 3), unbiased=True)
+    assert ((rv.double() - var64).abs() / var64).max().item() < 1e-5
+    assert ((rm.double() - x64.mean(dim=(0, 2, 3))).abs()).max().item() < 1e-2
+    ref = reference.batch_norm_act(x64, None, None, training=True, relu=False)
+    assert (out.double() - ref).abs().max().item() < 2e-3  # |out| ~ 4: fp32 of 1e4-scale input
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpu", "cuda", "triton")))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_deterministic(backend, layout):
+    device = backend_device(backend)
+    shape = (4, 24, 9, 9)
+    x = _tensor(shape, torch.float32, device, layout).requires_grad_()
+    res = _tensor(shape, torch.float32, device, layout).requires_grad_()
+    w = torch.rand(24, device=device).requires_grad_()
+    b = torch.randn(24, device=device).requires_grad_()
+    g = _tensor(shape, torch.float32, device, layout)
+
+    def run():
+        rm, rv = torch.zeros(24, device=device), torch.ones(24, device=device)
+        out = resnet_fused.batch_norm_act(x, rm, rv, w, b, True, residual=res, backend=backend)
+        return (out, rm, rv, *torch.autograd.grad(out, (x, w, b, res), g))
+
+    first = run()
+    threads = torch.get_num_threads()
+    try:
+        if device == "cpu":
+            torch.set_num_threads(1)  # the CPU tiling does not depend on the thread count
+        second = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b_ in zip(first, second):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_single_value_per_channel_in_training_raises(backend):
+    device = backend_device(backend)
+    x = torch.randn(1, 4, 1, 1, device=device)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        resnet_fused.batch_norm_act(x, None, None, training=True, backend=backend)
+    # In eval with running statistics a single value is fine, as in PyTorch.
+    out = resnet_fused.batch_norm_act(
+        x, torch.zeros(4, device=device), torch.ones(4, device=device), backend=backend
+    )
+    torch.testing.assert_close(out, torch.relu(x / (1 + 1e-5) ** 0.5))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_empty_batch(backend):
+    device = backend_device(backend)
+    x = torch.randn(0, 4, 3, 3, device=device)
+    out = resnet_fused.batch_norm_act(
+        x, torch.zeros(4, device=device), torch.ones(4, device=device), backend=backend
+    )
+    assert out.shape == x.shape
+
+
+def _saved_bytes(fn):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpu", "triton")))
+@pytest.mark.parametrize("has_residual", [False, True])
+def test_saves_no_more_than_eager(backend, has_residual):
+    """The backward keeps what it needs and no more: never more than eager's saved bytes
+    (BN + ReLU saves only the input, eager saves input and output)."""
+    device = backend_device(backend)
+    x = torch.randn(2, 8, 6, 6, device=device, requires_grad=True)
+    r = torch.randn(2, 8, 6, 6, device=device, requires_grad=True) if has_residual else None
+    w = torch.rand(8, device=device, requires_grad=True)
+    b = torch.zeros(8, device=device, requires_grad=True)
+    fused = _saved_bytes(
+        lambda: resnet_fused.batch_norm_act(x, None, None, w, b, True, residual=r, backend=backend)
+    )
+    eager = _saved_bytes(lambda: _eager(x, None, None, w, b, True, 0.1, 1e-5, r, True))
+    full = x.numel() * x.element_size()
+    assert fused <= eager
+    assert fused < (2 if has_residual else 1) * full + full  # input (+ out) and small stats
+
+
+# ---------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"momentum": None},
+        {"affine": False},
+        {"track_running_stats": False},
+        {"momentum": 0.3, "eps": 1e-3},
+    ],
+    ids=["default", "cumulative", "no-affine", "untracked", "momentum-eps"],
+)
+def test_module_matches_batchnorm2d(backend, options):
+    device = backend_device(backend)
+    torch.manual_seed(1)
+    bn = nn.BatchNorm2d(6, **options).to(device)
+    fused = resnet_fused.FusedBatchNormAct2d(6, **options, backend=backend).to(device)
+    assert list(fused.state_dict()) == list(bn.state_dict())
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    fused.load_state_dict(bn.state_dict())
+    for step in range(3):
+        x = torch.randn(3, 6, 5, 5, device=device)
+        res = torch.randn(3, 6, 5, 5, device=device)
+        expected = torch.relu(bn(x) + res)
+        got = fused(x, res)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    for key, value in bn.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], value, msg=key)
+    bn.eval()
+    fused.eval()
+    x = torch.randn(2, 6, 4, 4, device=device)
+    torch.testing.assert_close(fused(x), torch.relu(bn(x)), rtol=1e-5, atol=1e-5)
+    # The state dict loads back into plain BatchNorm2d.
+    nn.BatchNorm2d(6, **options).to(device).load_state_dict(fused.state_dict())
+
+
+def test_module_relu_off_repr_copy_pickle():
+    m = resnet_fused.FusedBatchNormAct2d(4, relu=False, backend="torch")
+    assert "relu=False" in repr(m) and "backend='torch'" in repr(m)
+    x = torch.randn(2, 4, 3, 3)
+    m.eval()
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        torch.testing.assert_close(clone(x), m(x))
+    assert (m(x) < 0).any()  # no ReLU
+    with pytest.raises(ValueError, match="expected 4D input"):
+        m(torch.randn(2, 4, 3))
+
+
+def test_from_batch_norm_shares_parameters():
+    bn = nn.BatchNorm2d(5)
+    fused = resnet_fused.FusedBatchNormAct2d.from_batch_norm(bn, relu=False)
+    assert fused.weight is bn.weight and fused.running_mean is bn.running_mean
+    fused(torch.randn(2, 5, 3, 3))
+    assert bn.num_batches_tracked.item() == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Operators, compile, bad input
+# ---------------------------------------------------------------------------------------
+def _bn_op_samples(device):
+    x = torch.randn(2, 5, 4, 3, device=device)
+    xcl = x.to(memory_format=torch.channels_last)
+    w, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3)) + 0.1
+    g = torch.randn(2, 5, 4, 3, device=device)
+    return x, xcl, w, b, mean, var, g
+
+
+def _opcheck_bn(names, device):
+    x, xcl, w, b, mean, var, g = _bn_op_samples(device)
+    lib = torch.ops.resnet_fused
+    stats, fwd, red, elemt = (getattr(lib, n).default for n in names)
+    for inp in (x, xcl, x.half()):
+        torch.library.opcheck(
+            stats, (inp, torch.zeros(5, device=device), torch.ones(5, device=device), 0.1)
+        )
+        torch.library.opcheck(stats, (inp, None, None, 0.1))
+        torch.library.opcheck(fwd, (inp, mean, var, w, b, inp.clone(), 1e-5, True))
+        torch.library.opcheck(fwd, (inp, mean, var, None, None, None, 1e-5, False))
+        gi = g.to(inp.dtype)
+        torch.library.opcheck(red, (gi, inp, mean, var, w, b, inp.clone(), 1e-5, True, True))
+        torch.library.opcheck(red, (gi, inp, mean, var, None, b, None, 1e-5, True, False))
+        torch.library.opcheck(elemt, (gi, inp, mean, var, w, b, mean, var, 1e-5, True, True))
+        torch.library.opcheck(
+            elemt, (gi, inp, mean, var, None, None, mean, var, 1e-5, False, False)
+        )
+
+
+@pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
+def test_opcheck_cpp_bn_ops():
+    names = ("bn_stats", "bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_elemt")
+    _opcheck_bn(names, "cpu")
+    if HAS_CUDA and resnet_fused._extension.built_with_cuda():
+        _opcheck_bn(names, "cuda")
+
+
+@pytest.mark.parametrize("backend", backend_params(("triton",)))
+def test_opcheck_triton_bn_ops(backend):
+    names = (
+        "bn_stats_triton",
+        "bn_act_forward_triton",
+        "bn_act_backward_reduce_triton",
+        "bn_act_backward_elemt_triton",
+    )
+    _opcheck_bn(names, backend_device(backend))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("training", [True, False])
+def test_compile_fullgraph(backend, training):
+    device = backend_device(backend)
+    compiler = "inductor" if backend in ("cpu", "cuda") else "aot_eager"
+
+    def block_tail(x, res, rm, rv, w, b):
+        y = resnet_fused.batch_norm_act(
+            x * 1.5, rm, rv, w, b, training, residual=res, backend=backend
+        )
+        return y * 2.0
+
+    x = torch.randn(2, 4, 5, 5, device=device, requires_grad=True)
+    res = torch.randn(2, 4, 5, 5, device=device, requires_grad=True)
+    w = torch.rand(4, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    rm_c, rv_c = torch.zeros(4, device=device), torch.ones(4, device=device)
+    rm_e, rv_e = rm_c.clone(), rv_c.clone()
+    compiled = torch.compile(block_tail, fullgraph=True, backend=compiler)
+    out = compiled(x, res, rm_c, rv_c, w, b)
+    grads = torch.autograd.grad(out.sum(), (x, res, w, b))
+    expected = block_tail(x, res, rm_e, rv_e, w, b)
+    expected_grads = torch.autograd.grad(expected.sum(), (x, res, w, b))
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+    torch.testing.assert_close(rm_c, rm_e)  # the in-place running-stats update survives
+    torch.testing.assert_close(rv_c, rv_e)
+
+
+def test_compile_module_fullgraph():
+    m = resnet_fused.FusedBatchNormAct2d(
+        4, backend="cpu" if resnet_fused.is_available("cpu", "cpu") else "torch"
+    )
+    ref = copy.deepcopy(m)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(compiled(x), ref(x))
+    torch.testing.assert_close(m.running_var, ref.running_var)
+    assert m.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("backend", ["auto", *backend_params(("torch", "cpu", "triton"))])
+def test_bad_input(backend):
+    device = backend_device(backend) if backend != "auto" else "cpu"
+    x = torch.randn(2, 4, 3, 3, device=device)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    bna = resnet_fused.batch_norm_act
+    with pytest.raises(ValueError, match=r"weight must have shape \(C,\) = \(4,\)"):
+        bna(x, rm, rv, torch.ones(5, device=device), backend=backend)
+    with pytest.raises(ValueError, match=r"running_var must have shape \(C,\) = \(4,\)"):
+        bna(x, rm, torch.ones(3, device=device), backend=backend)
+    with pytest.raises(ValueError, match=r"bias must have shape \(C,\)"):
+        bna(x, rm, rv, None, torch.ones(4, 1, device=device), backend=backend)
+    with pytest.raises(ValueError, match="input must be a 4-D tensor"):
+        bna(torch.randn(2, 4, 3, device=device), rm, rv, backend=backend)
+    with pytest.raises(ValueError, match="weight must be on the device of input"):
+        bna(x, rm, rv, torch.ones(4, device="meta"), backend=backend)
+    with pytest.raises(ValueError, match="residual must be on the device of input"):
+        bna(x, rm, rv, residual=torch.randn(2, 4, 3, 3, device="meta"), backend=backend)
+    with pytest.raises(TypeError, match="residual must have the dtype of input"):
+        bna(x, rm, rv, residual=x.double(), backend=backend)
+    with pytest.raises(ValueError, match="residual must have the shape of input"):
+        bna(x, rm, rv, residual=x[:, :, :2], backend=backend)
+    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+        bna(x.long(), rm, rv, backend=backend)
+    with pytest.raises(TypeError, match="running_mean must be a floating-point tensor"):
+        bna(x, rm.long(), rv, backend=backend)
+    with pytest.raises(ValueError, match="running_mean and running_var must both"):
+        bna(x, rm, None, backend=backend)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        bna(x, rm, rv, eps=-1.0, backend=backend)
+    with pytest.raises(TypeError, match="momentum must be a float"):
+        bna(x, rm, rv, momentum=None, backend=backend)
+
+
+@pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
+def test_cpp_bn_ops_check_their_arguments():
+    x = torch.randn(2, 4, 3, 3)
+    mean, var = torch.zeros(4), torch.ones(4)
+    lib = torch.ops.resnet_fused
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(C,\)"):
+        lib.bn_act_forward(x, mean, var, torch.ones(3), None, None, 1e-5, True)
+    with pytest.raises(RuntimeError, match="input must be a 4-D tensor"):
+        lib.bn_stats(x[0], None, None, 0.1)
+    with pytest.raises(RuntimeError, match="residual must have the dtype of input"):
+        lib.bn_act_forward(x, mean, var, None, None, x.half(), 1e-5, True)
+    with pytest.raises(RuntimeError, match="grad_out must have the shape of input"):
+        lib.bn_act_backward_reduce(x[:1], x, mean, var, None, None, None, 1e-5, True, False)
+    with pytest.raises(RuntimeError, match="sum_dy must have shape"):
+        lib.bn_act_backward_elemt(x, x, mean, var, None, None, mean[:2], var, 1e-5, True, True)

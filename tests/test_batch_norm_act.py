@@ -75,7 +75,9 @@ def _run_case(backend, dtype, pdtype, layout, mode, variant, shape, momentum=0.1
 
     leaves = [t for t in (x, w, b, res) if t is not None]
     names = [
-        n for n, t in zip(("input", "weight", "bias", "residual"), (x, w, b, res)) if t is not None
+        n
+        for n, t in zip(("input", "weight", "bias", "residual"), (x, w, b, res), strict=False)
+        if t is not None
     ]
     for _ in range(steps):
         out = resnet_fused.batch_norm_act(
@@ -101,7 +103,7 @@ def _run_case(backend, dtype, pdtype, layout, mode, variant, shape, momentum=0.1
     if layout == "channels_last" and not x.is_contiguous():
         assert out.is_contiguous(memory_format=torch.channels_last)
     assert_close_to_reference(out, eager, ref, name="out")
-    for name, g, ge, gr in zip(names, grads, eager_grads, ref_grads):
+    for name, g, ge, gr in zip(names, grads, eager_grads, ref_grads, strict=False):
         assert_close_to_reference(g, ge, gr, name=f"grad {name}")
     if rm is not None:
         assert_close_to_reference(rm, rm_e, rm64, name="running_mean")
@@ -182,7 +184,7 @@ def test_deterministic(backend, layout):
         second = run()
     finally:
         torch.set_num_threads(threads)
-    for a, b_ in zip(first, second):
+    for a, b_ in zip(first, second, strict=False):
         assert torch.equal(a, b_)
 
 
@@ -378,7 +380,7 @@ def test_compile_fullgraph(backend, training):
     expected = block_tail(x, res, rm_e, rv_e, w, b)
     expected_grads = torch.autograd.grad(expected.sum(), (x, res, w, b))
     torch.testing.assert_close(out, expected)
-    for g, e in zip(grads, expected_grads):
+    for g, e in zip(grads, expected_grads, strict=False):
         torch.testing.assert_close(g, e)
     torch.testing.assert_close(rm_c, rm_e)  # the in-place running-stats update survives
     torch.testing.assert_close(rv_c, rv_e)

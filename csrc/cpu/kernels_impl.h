@@ -98,12 +98,13 @@ void relu_backward_impl(c10::ScalarType dtype, const void* grad, const void* out
 // BatchNorm -> (residual add) -> ReLU. See resnet_fused/reference.py for the maths.
 //
 // Work is split into fixed tiles that do not depend on the thread count: NCHW planes
-// (one image, one channel: HW contiguous values) or channels_last chunks of kChunkRows
-// rows of C channels. Reductions produce one partial per tile and per channel, merged per
-// channel in tile order, so results are bit-identical run to run and across thread counts.
+// (one image, one channel: HW contiguous values) or channels_last chunks of chunk_rows(C)
+// rows of C channels. Reductions produce one partial per tile and per channel, merged in
+// tile order (Chan's merge for the statistics), so results are bit-identical run to run
+// and across thread counts.
 // ---------------------------------------------------------------------------------------
 
-constexpr int64_t kChunkElems = 8192;  // channels_last tile: about this many values
+constexpr int64_t kChunkElems = 32768;  // channels_last tile: about this many values
 
 inline int64_t chunk_rows(int64_t C) {
   return std::max<int64_t>(1, kChunkElems / std::max<int64_t>(C, 1));
@@ -125,27 +126,6 @@ constexpr at::opmath_type<scalar_t> zero_threshold() {
 template <typename T>
 inline T relu_scalar(T v) {
   return v < T(0) ? T(0) : v;
-}
-
-// Chan et al.'s merge of (count, mean, M2) summaries.
-template <typename acc_t>
-inline void chan_merge(int64_t& n_a, acc_t& mean_a, acc_t& m2_a, int64_t n_b, acc_t mean_b,
-                       acc_t m2_b) {
-  if (n_b == 0) {
-    return;
-  }
-  if (n_a == 0) {
-    n_a = n_b;
-    mean_a = mean_b;
-    m2_a = m2_b;
-    return;
-  }
-  const int64_t n = n_a + n_b;
-  const acc_t delta = mean_b - mean_a;
-  const acc_t frac_b = static_cast<acc_t>(n_b) / static_cast<acc_t>(n);
-  mean_a += delta * frac_b;
-  m2_a += m2_b + delta * delta * static_cast<acc_t>(n_a) * frac_b;
-  n_a = n;
 }
 
 #if RF_USE_VEC
@@ -235,60 +215,57 @@ void contiguous_moments(const scalar_t* x, int64_t len, at::opmath_type<scalar_t
 }
 
 // Per-channel mean (of x - shift[c]) and M2 of `rows` rows of C channels (a
-// channels_last tile), two passes.
+// channels_last tile), two passes. Channel blocks outside, rows inside: the accumulators
+// stay in registers and the tile (a few KB) stays in cache for the second pass.
 template <typename scalar_t>
 void rows_moments(const scalar_t* x, int64_t rows, int64_t C,
                   const at::opmath_type<scalar_t>* shift, at::opmath_type<scalar_t>* mean,
                   at::opmath_type<scalar_t>* m2) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::fill(mean, mean + C, acc_t(0));
-  std::fill(m2, m2 + C, acc_t(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* row = x + r * C;
-    int64_t c = 0;
-#if RF_USE_VEC
-    using V = AccVec<scalar_t>;
-    using aVec = typename V::aVec;
-    typename V::aVec a, b;
-    for (; c + V::kStep <= C; c += V::kStep) {
-      V::load(row + c, a, b);
-      (aVec::loadu(mean + c) + (a - aVec::loadu(shift + c))).store(mean + c);
-      (aVec::loadu(mean + c + aVec::size()) + (b - aVec::loadu(shift + c + aVec::size())))
-          .store(mean + c + aVec::size());
-    }
-#endif
-    for (; c < C; ++c) {
-      mean[c] += static_cast<acc_t>(row[c]) - shift[c];
-    }
-  }
   const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(rows);
-  for (int64_t c = 0; c < C; ++c) {
-    mean[c] *= inv_rows;
-  }
-  // Second pass around the tile mean (shift + mean), kept in `center`.
-  std::vector<acc_t> center(C);
-  for (int64_t c = 0; c < C; ++c) {
-    center[c] = shift[c] + mean[c];
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* row = x + r * C;
-    int64_t c = 0;
+  int64_t c = 0;
 #if RF_USE_VEC
-    using V = AccVec<scalar_t>;
-    using aVec = typename V::aVec;
-    typename V::aVec a, b;
-    for (; c + V::kStep <= C; c += V::kStep) {
-      V::load(row + c, a, b);
-      a -= aVec::loadu(center.data() + c);
-      b -= aVec::loadu(center.data() + c + aVec::size());
-      at::vec::fmadd(a, a, aVec::loadu(m2 + c)).store(m2 + c);
-      at::vec::fmadd(b, b, aVec::loadu(m2 + c + aVec::size())).store(m2 + c + aVec::size());
+  using V = AccVec<scalar_t>;
+  using aVec = typename V::aVec;
+  constexpr int64_t h = aVec::size();
+  for (; c + V::kStep <= C; c += V::kStep) {
+    const aVec sh0 = aVec::loadu(shift + c), sh1 = aVec::loadu(shift + c + h);
+    aVec s0(0), s1(0), a, b;
+    for (int64_t r = 0; r < rows; ++r) {
+      V::load(x + r * C + c, a, b);
+      s0 += a - sh0;
+      s1 += b - sh1;
     }
+    const aVec mu0 = s0 * aVec(inv_rows), mu1 = s1 * aVec(inv_rows);
+    const aVec ce0 = sh0 + mu0, ce1 = sh1 + mu1;
+    aVec q0(0), q1(0);
+    for (int64_t r = 0; r < rows; ++r) {
+      V::load(x + r * C + c, a, b);
+      a -= ce0;
+      b -= ce1;
+      q0 = at::vec::fmadd(a, a, q0);
+      q1 = at::vec::fmadd(b, b, q1);
+    }
+    mu0.store(mean + c);
+    mu1.store(mean + c + h);
+    q0.store(m2 + c);
+    q1.store(m2 + c + h);
+  }
 #endif
-    for (; c < C; ++c) {
-      const acc_t d = static_cast<acc_t>(row[c]) - center[c];
-      m2[c] += d * d;
+  for (; c < C; ++c) {
+    acc_t sum = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      sum += static_cast<acc_t>(x[r * C + c]) - shift[c];
     }
+    const acc_t mu = sum * inv_rows;
+    const acc_t center = shift[c] + mu;
+    acc_t sq = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t d = static_cast<acc_t>(x[r * C + c]) - center;
+      sq += d * d;
+    }
+    mean[c] = mu;
+    m2[c] = sq;
   }
 }
 
@@ -324,18 +301,35 @@ void bn_stats_typed(const scalar_t* x, const BnGeometry& g, at::opmath_type<scal
       }
     });
   }
-  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      int64_t n = 0;
-      acc_t mu = 0, m2 = 0;
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t count = g.channels_last ? std::min(rows_per_tile, M - t * rows_per_tile) : g.HW;
-        chan_merge(n, mu, m2, count, p_mean[t * C + c], p_m2[t * C + c]);
-      }
-      mean[c] = n > 0 ? shift[c] + mu : std::numeric_limits<acc_t>::quiet_NaN();
-      var[c] = n > 0 ? m2 / static_cast<acc_t>(n) : std::numeric_limits<acc_t>::quiet_NaN();
+  // Merge the tiles in order. Every channel of a tile has the same count, so the merge
+  // runs over channels in the inner loop.
+  std::vector<acc_t> mu(C, acc_t(0)), m2(C, acc_t(0));
+  int64_t n = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n_b = g.channels_last ? std::min(rows_per_tile, M - t * rows_per_tile) : g.HW;
+    if (n_b == 0) {
+      continue;
     }
-  });
+    const acc_t* mb = p_mean.data() + t * C;
+    const acc_t* qb = p_m2.data() + t * C;
+    if (n == 0) {
+      std::copy(mb, mb + C, mu.begin());
+      std::copy(qb, qb + C, m2.begin());
+    } else {
+      const acc_t frac_b = static_cast<acc_t>(n_b) / static_cast<acc_t>(n + n_b);
+      const acc_t w = static_cast<acc_t>(n) * frac_b;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t delta = mb[c] - mu[c];
+        mu[c] += delta * frac_b;
+        m2[c] += qb[c] + delta * delta * w;
+      }
+    }
+    n += n_b;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = n > 0 ? shift[c] + mu[c] : std::numeric_limits<acc_t>::quiet_NaN();
+    var[c] = n > 0 ? m2[c] / static_cast<acc_t>(n) : std::numeric_limits<acc_t>::quiet_NaN();
+  }
 }
 
 // Applies `body(x_ptr, ..., len, channel-parameter lookup)` over the tensor: for NCHW
@@ -434,10 +428,10 @@ inline at::opmath_type<scalar_t> masked_grad_scalar(BnMask mask, at::opmath_type
                                                     at::opmath_type<scalar_t> xmu,
                                                     at::opmath_type<scalar_t> s,
                                                     at::opmath_type<scalar_t> b,
-                                                    const scalar_t* out_elem) {
+                                                    const scalar_t* out, int64_t offset) {
   using acc_t = at::opmath_type<scalar_t>;
   if (mask == BnMask::kFromOut) {
-    return static_cast<acc_t>(*out_elem) <= acc_t(0) ? acc_t(0) : grad;
+    return static_cast<acc_t>(out[offset]) <= acc_t(0) ? acc_t(0) : grad;
   }
   if (mask == BnMask::kFromInput) {
     return xmu * s + b <= zero_threshold<scalar_t>() ? acc_t(0) : grad;
@@ -483,44 +477,57 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
         acc_t* dyx = p_dyx.data() + t * C;
         const int64_t r0 = t * rows_per_tile;
         const int64_t r1 = std::min(M, r0 + rows_per_tile);
-        for (int64_t row = r0; row < r1; ++row) {
-          const int64_t base = row * C;
-          int64_t c = 0;
+        // Channel blocks outside, rows of the tile inside: sums stay in registers.
+        int64_t c = 0;
 #if RF_USE_VEC
-          using V = AccVec<scalar_t>;
-          using aVec = typename V::aVec;
-          constexpr int64_t h = aVec::size();
-          aVec ga, gb, xa, xb, oa(0), ob(0);
-          for (; c + V::kStep <= C; c += V::kStep) {
-            V::load(grad + base + c, ga, gb);
-            V::load(x + base + c, xa, xb);
+        using V = AccVec<scalar_t>;
+        using aVec = typename V::aVec;
+        constexpr int64_t h = aVec::size();
+        for (; c + V::kStep <= C; c += V::kStep) {
+          const aVec m0 = aVec::loadu(mean + c), m1 = aVec::loadu(mean + c + h);
+          const aVec sc0 = aVec::loadu(scale + c), sc1 = aVec::loadu(scale + c + h);
+          const aVec bi0 = aVec::loadu(bias + c), bi1 = aVec::loadu(bias + c + h);
+          aVec dy0(0), dy1(0), dyx0(0), dyx1(0), ga, gb, xa, xb, oa(0), ob(0);
+          for (int64_t row = r0; row < r1; ++row) {
+            const int64_t off = row * C + c;
+            V::load(grad + off, ga, gb);
+            V::load(x + off, xa, xb);
             if (mask == BnMask::kFromOut) {
-              V::load(out + base + c, oa, ob);
+              V::load(out + off, oa, ob);
             }
-            xa -= aVec::loadu(mean + c);
-            xb -= aVec::loadu(mean + c + h);
-            ga = masked_grad_vec<scalar_t>(mask, ga, xa, aVec::loadu(scale + c), aVec::loadu(bias + c), oa);
-            gb = masked_grad_vec<scalar_t>(mask, gb, xb, aVec::loadu(scale + c + h),
-                                           aVec::loadu(bias + c + h), ob);
+            xa -= m0;
+            xb -= m1;
+            ga = masked_grad_vec<scalar_t>(mask, ga, xa, sc0, bi0, oa);
+            gb = masked_grad_vec<scalar_t>(mask, gb, xb, sc1, bi1, ob);
             if (masked != nullptr) {
-              V::store(masked + base + c, ga, gb);
+              V::store(masked + off, ga, gb);
             }
-            (aVec::loadu(dy + c) + ga).store(dy + c);
-            (aVec::loadu(dy + c + h) + gb).store(dy + c + h);
-            at::vec::fmadd(ga, xa, aVec::loadu(dyx + c)).store(dyx + c);
-            at::vec::fmadd(gb, xb, aVec::loadu(dyx + c + h)).store(dyx + c + h);
+            dy0 += ga;
+            dy1 += gb;
+            dyx0 = at::vec::fmadd(ga, xa, dyx0);
+            dyx1 = at::vec::fmadd(gb, xb, dyx1);
           }
+          dy0.store(dy + c);
+          dy1.store(dy + c + h);
+          dyx0.store(dyx + c);
+          dyx1.store(dyx + c + h);
+        }
 #endif
-          for (; c < C; ++c) {
-            const acc_t xmu = static_cast<acc_t>(x[base + c]) - mean[c];
-            const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + c]),
-                                                          xmu, scale[c], bias[c], out + base + c);
+        for (; c < C; ++c) {
+          acc_t sdy = 0, sdyx = 0;
+          for (int64_t row = r0; row < r1; ++row) {
+            const int64_t off = row * C + c;
+            const acc_t xmu = static_cast<acc_t>(x[off]) - mean[c];
+            const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[off]), xmu,
+                                                          scale[c], bias[c], out, off);
             if (masked != nullptr) {
-              masked[base + c] = static_cast<scalar_t>(gv);
+              masked[off] = static_cast<scalar_t>(gv);
             }
-            dy[c] += gv;
-            dyx[c] += gv * xmu;
+            sdy += gv;
+            sdyx += gv * xmu;
           }
+          dy[c] = sdy;
+          dyx[c] = sdyx;
         }
       }
     });
@@ -562,7 +569,7 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
         for (; i < HW; ++i) {
           const acc_t xmu = static_cast<acc_t>(x[base + i]) - mean[c];
           const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + i]), xmu,
-                                                        scale[c], bias[c], out + base + i);
+                                                        scale[c], bias[c], out, base + i);
           if (masked != nullptr) {
             masked[base + i] = static_cast<scalar_t>(gv);
           }
@@ -574,17 +581,15 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
       }
     });
   }
-  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      acc_t dy = 0, dyx = 0;
-      for (int64_t t = 0; t < tiles; ++t) {
-        dy += p_dy[t * C + c];
-        dyx += p_dyx[t * C + c];
-      }
-      sum_dy[c] = dy;
-      sum_dy_xmu[c] = dyx;
+  // Sum the tiles in order (channels inner).
+  std::fill(sum_dy, sum_dy + C, acc_t(0));
+  std::fill(sum_dy_xmu, sum_dy_xmu + C, acc_t(0));
+  for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t c = 0; c < C; ++c) {
+      sum_dy[c] += p_dy[t * C + c];
+      sum_dy_xmu[c] += p_dyx[t * C + c];
     }
-  });
+  }
 }
 
 template <typename scalar_t>
@@ -626,7 +631,7 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
         for (; c < C; ++c) {
           const acc_t xmu = static_cast<acc_t>(x[base + c]) - mean[c];
           const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + c]), xmu,
-                                                        scale[c], bias[c], nullptr);
+                                                        scale[c], bias[c], nullptr, 0);
           dx[base + c] = static_cast<scalar_t>(gv * scale[c] + (xmu * k[c] + cst[c]));
         }
       }
@@ -658,7 +663,7 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
         for (; i < HW; ++i) {
           const acc_t xmu = static_cast<acc_t>(x[base + i]) - mean[c];
           const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + i]), xmu,
-                                                        scale[c], bias[c], nullptr);
+                                                        scale[c], bias[c], nullptr, 0);
           dx[base + i] = static_cast<scalar_t>(gv * scale[c] + (xmu * k[c] + cst[c]));
         }
       }

@@ -1,13 +1,18 @@
-"""Op-level benchmark: fused elementwise ops against eager PyTorch (and torch.compile).
+"""Op-level benchmarks: fused ops against eager PyTorch and ``torch.compile`` of it.
 
-Every provider is charged the fused op's minimal traffic (add+ReLU forward: read x and
-residual, write out; backward: read grad and out, write one gradient), so GB/s compare
-directly and the ratio of two GB/s is the ratio of their speeds.
+Every provider is charged the *fused* op's minimal traffic (in whole tensors: e.g. add+ReLU
+forward reads x and residual and writes out = 3), so GB/s compare directly across
+providers and the ratio of two GB/s is the ratio of their speeds. Each result is also
+shown as a fraction of the measured device copy bandwidth.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 import resnet_fused
 from resnet_fused.backends import is_available
@@ -23,6 +28,22 @@ from .timing import (
 
 # Block outputs of torchvision ResNet-50 (C, H, W): where the residual add + ReLU runs.
 RESNET50_BLOCK_OUTPUTS = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+# Inputs of ResNet-50's BN + ReLU (stem and block bodies; C, H, W).
+RESNET50_BN_RELU = [(64, 112, 112), (64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
+
+# Minimal tensor passes of the fused op: (op, mode) -> full-size tensors moved.
+TRAFFIC = {
+    ("add_relu", "forward"): 3,
+    ("add_relu", "forward+backward"): 6,
+    # BN+ReLU: stats (1) + forward (2); backward: reduce (2) + elementwise (3).
+    ("bn_relu", "train forward"): 3,
+    ("bn_relu", "train forward+backward"): 8,
+    ("bn_relu", "eval forward"): 2,
+    # BN+add+ReLU: stats (1) + forward (3); backward: reduce (3 + 1 write) + elementwise (3).
+    ("bn_add_relu", "train forward"): 4,
+    ("bn_add_relu", "train forward+backward"): 11,
+    ("bn_add_relu", "eval forward"): 3,
+}
 
 
 def fused_providers(device: torch.device) -> list[str]:
@@ -34,83 +55,180 @@ def fused_providers(device: torch.device) -> list[str]:
     return out
 
 
-def _add_relu_fn(provider: str):
+@dataclass
+class Case:
+    op: str
+    shape: tuple[int, ...]
+    layout: str
+    mode: str
+    dtype: torch.dtype
+
+
+def _eager_add_relu(x, r):
+    return torch.relu(x + r)
+
+
+def _eager_bn_act(x, r, rm, rv, w, b, training):
+    y = F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+    if r is not None:
+        y = y + r
+    return torch.relu(y)
+
+
+def _make_fn(case: Case, provider: str) -> Callable:
+    training = not case.mode.startswith("eval")
+    if case.op == "add_relu":
+        if provider == "eager":
+            return _eager_add_relu
+        if provider == "compile":
+            return torch.compile(_eager_add_relu, dynamic=False)
+        return lambda x, r: resnet_fused.add_relu(x, r, backend=provider)
     if provider == "eager":
-        return lambda x, r: torch.relu(x + r)
+        return lambda x, r, rm, rv, w, b: _eager_bn_act(x, r, rm, rv, w, b, training)
     if provider == "compile":
-        return torch.compile(lambda x, r: torch.relu(x + r), dynamic=False)
-    return lambda x, r: resnet_fused.add_relu(x, r, backend=provider)
+        compiled = torch.compile(_eager_bn_act, dynamic=False)
+        return lambda x, r, rm, rv, w, b: compiled(x, r, rm, rv, w, b, training)
+    return lambda x, r, rm, rv, w, b: resnet_fused.batch_norm_act(
+        x, rm, rv, w, b, training, residual=r, backend=provider
+    )
 
 
-def bench_add_relu(
+def _inputs(case: Case, device: torch.device, requires_grad: bool):
+    fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
+
+    def full():
+        return torch.randn(case.shape, device=device, dtype=case.dtype).to(memory_format=fmt)
+
+    x = full().requires_grad_(requires_grad)
+    if case.op == "add_relu":
+        return (x, full().requires_grad_(requires_grad)), full()
+    c = case.shape[1]
+    r = full().requires_grad_(requires_grad) if case.op == "bn_add_relu" else None
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    w = (torch.rand(c, device=device) + 0.5).requires_grad_(requires_grad)
+    b = torch.randn(c, device=device).requires_grad_(requires_grad)
+    return (x, r, rm, rv, w, b), full()
+
+
+def _step(fn: Callable, backward: bool) -> Callable:
+    if not backward:
+
+        def forward(*args):
+            with torch.no_grad():
+                return fn(*args[:-1])
+
+        return forward
+
+    def forward_backward(*args):
+        inputs, grad = args[:-1], args[-1]
+        out = fn(*inputs)
+        leaves = [t for t in inputs if t is not None and t.requires_grad]
+        return torch.autograd.grad(out, leaves, grad)
+
+    return forward_backward
+
+
+def _saved_bytes(fn: Callable, args) -> int:
+    """Bytes autograd keeps for the backward (activation memory of the op)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args[:-1])
+    return total
+
+
+def _peak_cuda_bytes(step: Callable, args) -> int:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(*args)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def run_cases(
+    cases: list[Case],
     device: torch.device,
-    batch: int,
-    dtype: torch.dtype = torch.float32,
-    layouts: tuple[str, ...] = ("channels_last", "nchw"),
-    providers: list[str] | None = None,
+    providers: list[str],
     min_run_time: float = 0.5,
-    shapes: list[tuple[int, int, int]] | None = None,
-    progress=print,
+    progress: Callable[[str], None] = print,
 ) -> list[dict]:
     if device.type == "cpu":
         keep_freed_host_memory()
     env = environment(device)
     copy_gbps = copy_bandwidth(device)
-    providers = providers or ["eager", "compile", *fused_providers(device)]
     rows = []
-    for c, h, w in shapes or RESNET50_BLOCK_OUTPUTS:
-        shape = (batch, c, h, w)
-        numel = batch * c * h * w
-        elsize = torch.empty((), dtype=dtype).element_size()
-        for layout in layouts:
-            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            nsets = rotation_count(5 * numel * elsize, device)
-
-            def fresh(requires_grad: bool, shape=shape, fmt=fmt):
-                x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=fmt)
-                r = torch.randn(shape, device=device, dtype=dtype).to(memory_format=fmt)
-                g = torch.randn(shape, device=device, dtype=dtype).to(memory_format=fmt)
-                return x.requires_grad_(requires_grad), r.requires_grad_(requires_grad), g
-
-            fwd_sets = [fresh(False)[:2] for _ in range(nsets)]
-            bwd_sets = [fresh(True) for _ in range(nsets)]
-            eager_times = {}
-            for provider in providers:
-                f = _add_relu_fn(provider)
-                for mode, nbytes in (("forward", 3), ("forward+backward", 6)):
-                    if mode == "forward":
-                        with torch.no_grad():
-                            t = measure(rotating(f, fwd_sets), device, min_run_time)
-                    else:
-
-                        def step(x, r, g, f=f):
-                            return torch.autograd.grad(f(x, r), (x, r), g)
-
-                        t = measure(rotating(step, bwd_sets), device, min_run_time)
-                    gbps = nbytes * numel * elsize / t.median_s / 1e9
-                    if provider == "eager":
-                        eager_times[mode] = t.median_s
-                    row = {
-                        **env,
-                        "op": "add_relu",
-                        "shape": "x".join(map(str, shape)),
-                        "dtype": str(dtype).replace("torch.", ""),
-                        "layout": layout,
-                        "mode": mode,
-                        "provider": provider,
-                        "median_ms": round(t.median_s * 1e3, 4),
-                        "iqr_ms": round(t.iqr_s * 1e3, 4),
-                        "gbps": round(gbps, 2),
-                        "copy_gbps": round(copy_gbps, 2),
-                        "fraction_of_copy": round(gbps / copy_gbps, 3),
-                        "speedup_vs_eager": round(eager_times[mode] / t.median_s, 3)
-                        if mode in eager_times
-                        else "",
-                    }
-                    rows.append(row)
-                    progress(
-                        f"add_relu {row['shape']:>16s} {layout:13s} {mode:16s} {provider:8s} "
-                        f"{row['median_ms']:9.3f} ms {gbps:8.1f} GB/s "
-                        f"({100 * gbps / copy_gbps:5.1f}% of copy) x{row['speedup_vs_eager']}"
-                    )
+    for case in cases:
+        numel = 1
+        for s in case.shape:
+            numel *= s
+        elsize = torch.empty((), dtype=case.dtype).element_size()
+        backward = "backward" in case.mode
+        traffic = TRAFFIC[(case.op, case.mode)]
+        nsets = rotation_count((traffic + 2) * numel * elsize, device)
+        sets = [(*a, g) for a, g in (_inputs(case, device, backward) for _ in range(nsets))]
+        eager_s = None
+        for provider in providers:
+            if provider == "compile":
+                torch._dynamo.reset()  # a fresh cache per case: no recompile limit reached
+            fn = _make_fn(case, provider)
+            step = _step(fn, backward)
+            t = measure(rotating(step, sets), device, min_run_time)
+            if provider == "eager":
+                eager_s = t.median_s
+            gbps = traffic * numel * elsize / t.median_s / 1e9
+            saved = _saved_bytes(fn, sets[0]) if backward else ""
+            peak = _peak_cuda_bytes(step, sets[0]) if device.type == "cuda" else ""
+            row = {
+                **env,
+                "op": case.op,
+                "shape": "x".join(map(str, case.shape)),
+                "dtype": str(case.dtype).replace("torch.", ""),
+                "layout": case.layout,
+                "mode": case.mode,
+                "provider": provider,
+                "median_ms": round(t.median_s * 1e3, 4),
+                "iqr_ms": round(t.iqr_s * 1e3, 4),
+                "gbps": round(gbps, 2),
+                "copy_gbps": round(copy_gbps, 2),
+                "fraction_of_copy": round(gbps / copy_gbps, 3),
+                "speedup_vs_eager": round(eager_s / t.median_s, 3) if eager_s else "",
+                "saved_mb": round(saved / 2**20, 3) if saved != "" else "",
+                "peak_mb": round(peak / 2**20, 3) if peak != "" else "",
+            }
+            rows.append(row)
+            progress(
+                f"{case.op:12s} {row['shape']:>16s} {case.layout:13s} {case.mode:23s} "
+                f"{provider:8s} {row['median_ms']:9.3f} ms {gbps:7.1f} GB/s "
+                f"({100 * gbps / copy_gbps:5.1f}% of copy) x{row['speedup_vs_eager']}"
+            )
     return rows
+
+
+def add_relu_cases(batch: int, dtype: torch.dtype, layouts=("channels_last", "nchw")) -> list[Case]:
+    return [
+        Case("add_relu", (batch, *chw), layout, mode, dtype)
+        for chw in RESNET50_BLOCK_OUTPUTS
+        for layout in layouts
+        for mode in ("forward", "forward+backward")
+    ]
+
+
+def batch_norm_act_cases(
+    batch: int, dtype: torch.dtype, layouts=("channels_last", "nchw"), quick: bool = False
+) -> list[Case]:
+    relu_shapes = RESNET50_BN_RELU[1:4:2] if quick else RESNET50_BN_RELU
+    add_shapes = RESNET50_BLOCK_OUTPUTS[:3:2] if quick else RESNET50_BLOCK_OUTPUTS
+    modes = ("train forward", "train forward+backward", "eval forward")
+    cases = []
+    for op, shapes in (("bn_relu", relu_shapes), ("bn_add_relu", add_shapes)):
+        for chw in shapes:
+            for layout in layouts:
+                for mode in modes:
+                    cases.append(Case(op, (batch, *chw), layout, mode, dtype))
+    return cases

@@ -21,26 +21,29 @@ Memory traffic (full-size tensors; per-channel vectors and partials are negligib
 Layout ("bn layout", resnet_fused._layout.bn_memory_format): channels_last when the input
 is channels_last-contiguous and not NCHW-contiguous, else NCHW-contiguous. Operands in any
 other layout are copied into it first; outputs are allocated in it. Kernels index flat
-buffers with int64 offsets and use 2-D register tiles [BR, BK]:
-  NCHW  one program per (channel, split); a tile is BR rows n x BK contiguous hw values of
-        that channel's (n, c) planes, offset (n*C + c)*HW + hw. Per-channel values are
-        scalars (held as 1-element vectors, BC = 1).
-  NHWC  one program per (block of BC channels, split); a tile is BR rows (n, hw) x BC
-        contiguous channels, offset row*C + c. Per-channel values are [BC] vectors.
-  (NCHW with H*W == 1 is the same memory as NHWC and uses the NHWC kernels.)
-Each channel (block) has n_tiles tiles, enumerated in a fixed order and cut into `splits`
-contiguous runs of tiles_per_prog tiles, one program each, so that a grid of about
-_TARGET_PROGRAMS programs fills the GPU even for C = 64 with a huge m. The tiling depends
-only on the shape, the dtype and the layout.
+buffers with int64 offsets and work on 3-D register tiles [BR, BC, BK]:
+  NCHW  BR images n x BC channels x BK contiguous hw values of the (n, c) planes, offset
+        (n*C + c)*HW + hw. BC = 1 (one channel per program) unless one channel's N*HW
+        values do not fill a tile (small planes, and the interpreter).
+  NHWC  BR rows (n, hw) x BC contiguous channels (256-byte runs on a GPU), BK = 1,
+        offset row*C + c. (NCHW with H*W == 1 is NHWC memory and takes this path.)
+One program per (block of BC channels, split): each channel block has n_tiles tiles,
+enumerated in a fixed order and cut into `splits` contiguous runs of tiles_per_prog
+tiles, one program each, so that a grid of about _TARGET_PROGRAMS programs fills the GPU
+even for C = 64 with a huge m. The tiling depends only on shape, dtype and layout.
 
 Reductions are deterministic (no atomics): each program writes its partial to a buffer
 [k, splits, C] and a second small kernel merges the partials of each channel in split
-order. Statistics are robust: each tile is reduced with a corrected two-pass in registers
-(shift = tile mean, then sum(d) and sum(d^2) of d = x - shift, giving the tile's mean and
-M2 = sum(d^2) - sum(d)^2/n), and tiles, then partials, are combined with Chan's formula
-for (count, mean, M2); sum(x^2) - sum(x)^2/m is never formed. The backward sums are plain
-sums (per-lane accumulation over a program's tiles, tree reduction, then fixed-order sum
-of the partials).
+order. Statistics are robust: values are taken relative to a per-channel pivot (the
+channel's first value x[0, c, 0, 0], the same for every program); each tile is reduced
+by a two-pass in registers (the tile mean, then sum(d) and sum(d^2) of d = x - mean,
+M2 = sum(d^2) - sum(d)^2/n); tiles, then partials, are combined with Chan's formula for
+(count, mean, M2). sum(x^2) - sum(x)^2/m is never formed. The pivot keeps the partial
+means O(std), so rounding them to fp32 does not leak into M2 through the merges'
+(delta mean)^2 terms when |mean| >> std. The mean is pivot + merged mean, or the plain
+sum/m (a fourth partial) when that is the smaller number (finer fp32 grid: the mean is
+closer to 0 than to the pivot). The backward sums are plain sums: per-lane accumulation
+over a program's tiles, tree reduction, then the fixed-order sum of the partials.
 
 Scalars that must be exact in fp64 (eps, the momentum factors) are passed as fp32 hi/lo
 pairs, since Triton passes Python floats to compiled kernels as fp32.
@@ -67,10 +70,12 @@ from ._common import INTERPRETED, compute_dtype
 _TILE_STATS = 16384 if INTERPRETED else 4096
 _TILE = 16384 if INTERPRETED else 2048
 _TARGET_PROGRAMS = 4 if INTERPRETED else 1024  # programs per full-size kernel launch
+_NHWC_ROW_BYTES = 1 << 30 if INTERPRETED else 256  # channels per NHWC tile row, in bytes
 _MAX_BK_NCHW = 1024  # widest hw run of an NCHW tile
 _MIN_BK_NCHW = 32  # narrowest hw run of an NCHW tile (when H*W >= 32)
-_FINALIZE_BLOCK_S = 64 if INTERPRETED else 32  # partials merged per step
+_FINALIZE_BLOCK_S = 64 if INTERPRETED else 16  # partials merged per step
 _FINALIZE_BLOCK_C = 1024 if INTERPRETED else 128  # channels per finalize program
+_SHORT_CHAINS = tl.constexpr(INTERPRETED)  # see _chan_sum
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,37 +89,55 @@ def _channels(pid_c, C, BC: tl.constexpr):
 
 
 @triton.jit
-def _tile(t, ch, C, HW, R, n_col_tiles, BR: tl.constexpr, BK: tl.constexpr, CL: tl.constexpr):
-    """Flat int64 offsets [BR, BK], mask and element count per channel of tile ``t``.
+def _tile(
+    t, ch, C, HW, R, n_col_tiles,
+    BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, CL: tl.constexpr,
+):  # fmt: skip
+    """Flat int64 offsets [BR, BC, BK], mask, and element count per channel of tile t.
 
-    CL: rows are the R = N*HW positions, columns the channels ``ch`` (BK == BC).
-    NCHW: rows are the R = N images, columns BK hw positions of channel ``ch`` ([1])."""
+    CL (NHWC): rows are the R = N*HW positions, then the channels ``ch``; BK == 1.
+    NCHW: rows are the R = N images, then the channels ``ch``, then BK hw positions."""
     if CL:
-        r0 = t.to(tl.int64) * BR
+        r0 = tl.cast(t, tl.int64) * BR
         rows = r0 + tl.arange(0, BR)
-        offs = rows[:, None] * C + ch[None, :]
-        mask = (rows < R)[:, None] & (ch < C)[None, :]
+        offs = rows[:, None, None] * C + ch[None, :, None] + tl.arange(0, BK)[None, None, :]
+        mask = (rows < R)[:, None, None] & (ch < C)[None, :, None]
         count = tl.minimum(R - r0, BR)
     else:
         tr = t // n_col_tiles
         tk = t - tr * n_col_tiles
-        r0 = tr.to(tl.int64) * BR
+        r0 = tl.cast(tr, tl.int64) * BR
         k0 = tk * BK
         rows = r0 + tl.arange(0, BR)
         cols = k0 + tl.arange(0, BK)
-        offs = (rows[:, None] * C + ch[None, :]) * HW + cols[None, :]
-        mask = (rows < R)[:, None] & (cols < HW)[None, :]
+        offs = (rows[:, None, None] * C + ch[None, :, None]) * HW + cols[None, None, :]
+        mask = (rows < R)[:, None, None] & (ch < C)[None, :, None] & (cols < HW)[None, None, :]
         count = tl.minimum(R - r0, BR) * tl.minimum(HW - k0, BK)
     return offs, mask, count
 
 
 @triton.jit
-def _chan_sum(x, CL: tl.constexpr):
-    """Per-channel sum of a tile: [BC] (CL) or [1] (NCHW, one channel per program)."""
-    if CL:
-        return tl.sum(x, axis=0)
-    else:
-        return tl.sum(tl.sum(x, axis=1, keep_dims=True), axis=0)
+def _chan_sum(x, BR: tl.constexpr, BC: tl.constexpr):
+    """Per-channel sum of a [BR, BC, BK] tile -> [BC]. On a GPU tl.sum is a tree. The
+    interpreter's (numpy's) sum over a non-innermost axis is one sequential chain, so there
+    the rows are summed in groups of 8, level by level, to keep fp32 sums accurate."""
+    y = tl.sum(x, axis=2)
+    if _SHORT_CHAINS:  # BR is a power of two <= 16384
+        if BR > 8:
+            y = tl.sum(tl.reshape(y, [BR // 8, 8, BC]), axis=1)
+        if BR > 64:
+            y = tl.sum(tl.reshape(y, [BR // 64, 8, BC]), axis=1)
+        if BR > 512:
+            y = tl.sum(tl.reshape(y, [BR // 512, 8, BC]), axis=1)
+        if BR > 4096:
+            y = tl.sum(tl.reshape(y, [BR // 4096, 8, BC]), axis=1)
+    return tl.sum(y, axis=0)
+
+
+@triton.jit
+def _bc(v):
+    """A per-channel vector [BC] shaped [1, BC, 1] to broadcast over tiles."""
+    return v[None, :, None]
 
 
 @triton.jit
@@ -131,7 +154,7 @@ def _load_chan(ptr, ch, cmask, ACC: tl.constexpr):
 @triton.jit
 def _invstd(var, eps, ACC: tl.constexpr):
     """1/sqrt(var + eps), IEEE-rounded (per channel, so the cost does not matter)."""
-    if ACC == tl.float64:
+    if tl.float64 == ACC:
         return 1.0 / tl.sqrt(var + eps)
     else:
         return tl.div_rn(tl.full(var.shape, 1.0, ACC), tl.sqrt_rn(var + eps))
@@ -142,19 +165,13 @@ def _affine_params(
     mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps_hi, eps_lo,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """Per-channel mean, invstd, weight and bias in ACC, shaped [1, BC] for tiles."""
+    """Per-channel mean, invstd, weight and bias in ACC, shaped [1, BC, 1] for tiles."""
     mean = _load_chan(mean_ptr, ch, cmask, ACC)
     var = _load_chan(var_ptr, ch, cmask, ACC)
     invstd = _invstd(var, _acc_scalar(eps_hi, eps_lo, ACC), ACC)
-    if HAS_W:
-        w = _load_chan(w_ptr, ch, cmask, ACC)
-    else:
-        w = tl.full(mean.shape, 1.0, ACC)
-    if HAS_B:
-        b = _load_chan(b_ptr, ch, cmask, ACC)
-    else:
-        b = tl.zeros(mean.shape, ACC)
-    return mean[None, :], invstd[None, :], w[None, :], b[None, :]
+    w = _load_chan(w_ptr, ch, cmask, ACC) if HAS_W else tl.full(mean.shape, 1.0, ACC)
+    b = _load_chan(b_ptr, ch, cmask, ACC) if HAS_B else tl.zeros(mean.shape, ACC)
+    return _bc(mean), _bc(invstd), _bc(w), _bc(b)
 
 
 @triton.jit
@@ -190,31 +207,44 @@ def _relu_masked_grad(
 # Statistics.
 # ---------------------------------------------------------------------------------------
 @triton.jit
+def _pivot(x_ptr, ch, cmask, pivot_stride, ACC: tl.constexpr):
+    """x[0, c, 0, 0] (at c*pivot_stride: HW for NCHW, 1 for NHWC): the origin all of a
+    channel's partial means are taken from, so that they are small numbers (O(std)) that
+    fp32 holds finely even when |mean| >> std."""
+    return tl.load(x_ptr + ch.to(tl.int64) * pivot_stride, mask=cmask, other=0.0).to(ACC)
+
+
+@triton.jit
 def _stats_partial_kernel(
-    x_ptr, part_ptr, C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
+    x_ptr, part_ptr, C, HW, R, n_col_tiles, n_tiles, tiles_per_prog, pivot_stride,
     BR: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, CL: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
-    """(count, mean, M2) of a run of tiles -> part[0..2, split, channel]."""
+    """(count, mean - pivot, M2, sum) of a run of tiles -> part[0..3, split, channel]."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
     ch, cmask = _channels(pid_c, C, BC)
+    piv = _bc(_pivot(x_ptr, ch, cmask, pivot_stride, ACC))
     cnt = tl.zeros([BC], ACC)
     mean = tl.zeros([BC], ACC)
     m2 = tl.zeros([BC], ACC)
+    acc_x = tl.zeros([BR, BC, BK], ACC)  # plain per-lane sums, for the mean of small |mean|
     t0 = pid_s * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, n_tiles)
     for t in range(t0, t1):
-        offs, mask, count = _tile(t, ch, C, HW, R, n_col_tiles, BR, BK, CL)
+        offs, mask, count = _tile(t, ch, C, HW, R, n_col_tiles, BR, BC, BK, CL)
         nb = count.to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        # Corrected two-pass over the registers: shift, then moments of d = x - shift.
-        shift = _chan_sum(x, CL) / nb
-        d = tl.where(mask, x - shift[None, :], 0.0)
-        s1 = _chan_sum(d, CL)
-        s2 = _chan_sum(d * d, CL)
-        mean_b = shift + s1 / nb
+        acc_x += x
+        x = tl.where(mask, x - piv, 0.0)
+        # Two-pass over the registers: tile mean, then M2 = sum(d^2) - sum(d)^2/n around
+        # it (d = x - mean_b; the sum(d) correction cancels the mean's rounding). sum(d)
+        # does not correct mean_b itself: x - mean_b rounds alike for all x of a binade.
+        mean_b = _chan_sum(x, BR, BC) / nb
+        d = tl.where(mask, x - _bc(mean_b), 0.0)
+        s1 = _chan_sum(d, BR, BC)
+        s2 = _chan_sum(d * d, BR, BC)
         m2_b = tl.maximum(s2 - s1 * (s1 / nb), 0.0)
         # Chan merge of (cnt, mean, m2) with (nb, mean_b, m2_b); nb > 0.
         n = cnt + nb
@@ -228,12 +258,13 @@ def _stats_partial_kernel(
     tl.store(base, cnt, mask=cmask)
     tl.store(base + plane, mean, mask=cmask)
     tl.store(base + 2 * plane, m2, mask=cmask)
+    tl.store(base + 3 * plane, _chan_sum(acc_x, BR, BC), mask=cmask)
 
 
 @triton.jit
 def _stats_finalize_kernel(
-    part_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, C, S, rm_stride, rv_stride,
-    keep_hi, keep_lo, mom_hi, mom_lo, momv_hi, momv_lo,
+    part_ptr, x_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, C, S, pivot_stride, rm_stride,
+    rv_stride, keep_hi, keep_lo, mom_hi, mom_lo, momv_hi, momv_lo,
     HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -241,9 +272,11 @@ def _stats_finalize_kernel(
     combined exactly around their first mean, then Chan-merged), write mean and biased
     var, update the running statistics in place in their own dtype."""
     ch, cmask = _channels(tl.program_id(0), C, BLOCK_C)
+    piv = _pivot(x_ptr, ch, cmask, pivot_stride, ACC)
     cnt = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
+    acc_x = tl.zeros([BLOCK_S, BLOCK_C], ACC)
     plane = S * C
     for s0 in range(0, S, BLOCK_S):
         srow = s0 + tl.arange(0, BLOCK_S)
@@ -252,6 +285,7 @@ def _stats_finalize_kernel(
         n_t = tl.load(part_ptr + offs, mask=pm, other=0.0)
         mean_t = tl.load(part_ptr + plane + offs, mask=pm, other=0.0)
         m2_t = tl.load(part_ptr + 2 * plane + offs, mask=pm, other=0.0)
+        acc_x += tl.load(part_ptr + 3 * plane + offs, mask=pm, other=0.0)
         shift = tl.load(part_ptr + plane + s0 * C + ch, mask=cmask, other=0.0)
         nb = tl.sum(n_t, axis=0)
         nb_safe = tl.where(nb > 0, nb, 1.0)
@@ -266,7 +300,13 @@ def _stats_finalize_kernel(
         mean = mean + delta * frac
         m2 = m2 + m2_b + delta * delta * cnt * frac
         cnt = n
-    var = m2 / tl.where(cnt > 0, cnt, 1.0)
+    cnt_safe = tl.where(cnt > 0, cnt, 1.0)
+    var = m2 / cnt_safe
+    # The mean from whichever of (pivot + mean - pivot) and the plain sum has the smaller
+    # magnitude, i.e. the finer fp32 grid: the pivot wins when |mean| >> std, the plain
+    # sum when the mean is closer to 0 than to the pivot. NaN falls to the plain sum.
+    mean_plain = tl.sum(acc_x, axis=0) / cnt_safe
+    mean = tl.where(tl.abs(mean) < tl.abs(mean_plain), piv + mean, mean_plain)
     tl.store(mean_ptr + ch, mean, mask=cmask)
     tl.store(var_ptr + ch, var, mask=cmask)
     keep = _acc_scalar(keep_hi, keep_lo, ACC)
@@ -300,7 +340,7 @@ def _forward_kernel(
     t0 = tl.program_id(1) * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, n_tiles)
     for t in range(t0, t1):
-        offs, mask, _ = _tile(t, ch, C, HW, R, n_col_tiles, BR, BK, CL)
+        offs, mask, _ = _tile(t, ch, C, HW, R, n_col_tiles, BR, BC, BK, CL)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         y = _affine(x, mean, invstd, w, b, HAS_W, HAS_B)
         if HAS_RES:
@@ -329,12 +369,12 @@ def _backward_reduce_kernel(
     mean, invstd, w, b = _affine_params(
         mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps_hi, eps_lo, HAS_W, HAS_B, ACC
     )
-    acc_dy = tl.zeros([BR, BK], ACC)
-    acc_dyx = tl.zeros([BR, BK], ACC)
+    acc_dy = tl.zeros([BR, BC, BK], ACC)
+    acc_dyx = tl.zeros([BR, BC, BK], ACC)
     t0 = pid_s * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, n_tiles)
     for t in range(t0, t1):
-        offs, mask, _ = _tile(t, ch, C, HW, R, n_col_tiles, BR, BK, CL)
+        offs, mask, _ = _tile(t, ch, C, HW, R, n_col_tiles, BR, BC, BK, CL)
         xr = tl.load(x_ptr + offs, mask=mask, other=0.0)
         x = xr.to(ACC)
         g = _relu_masked_grad(
@@ -346,8 +386,8 @@ def _backward_reduce_kernel(
         ga = g.to(ACC)
         acc_dy += ga
         acc_dyx += ga * tl.where(mask, x - mean, 0.0)
-    tl.store(p0_ptr + pid_s * C + ch, _chan_sum(acc_dy, CL), mask=cmask)
-    sum_dyx = _chan_sum(acc_dyx, CL) * tl.reshape(invstd, [BC])
+    tl.store(p0_ptr + pid_s * C + ch, _chan_sum(acc_dy, BR, BC), mask=cmask)
+    sum_dyx = _chan_sum(acc_dyx, BR, BC) * tl.reshape(invstd, [BC])
     tl.store(p1_ptr + pid_s * C + ch, sum_dyx, mask=cmask)
 
 
@@ -385,12 +425,12 @@ def _backward_elemt_kernel(
     )
     scale = invstd * w
     if BATCH_STATS:
-        mean_dy = _load_chan(sdy_ptr, ch, cmask, ACC)[None, :] / m
-        k = _load_chan(sdyx_ptr, ch, cmask, ACC)[None, :] / m * invstd
+        mean_dy = _bc(_load_chan(sdy_ptr, ch, cmask, ACC)) / m
+        k = _bc(_load_chan(sdyx_ptr, ch, cmask, ACC)) / m * invstd
     t0 = tl.program_id(1) * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, n_tiles)
     for t in range(t0, t1):
-        offs, mask, _ = _tile(t, ch, C, HW, R, n_col_tiles, BR, BK, CL)
+        offs, mask, _ = _tile(t, ch, C, HW, R, n_col_tiles, BR, BC, BK, CL)
         xr = tl.load(x_ptr + offs, mask=mask, other=0.0)
         x = xr.to(ACC)
         g = _relu_masked_grad(
@@ -419,26 +459,27 @@ class _Plan:
         self.cl = cl = cl or HW == 1  # NCHW with H*W == 1 is NHWC memory
         if cl:
             self.R = N * HW
+            self.BK = 1
             # Rows of BC contiguous channels: 256-byte runs (64 fp32 / 128 fp16 channels).
-            bc = min(triton.next_power_of_2(C), max(32, 256 // itemsize))
-            self.BC = self.BK = bc
+            cap = max(1, _NHWC_ROW_BYTES // itemsize)
+            self.BC = bc = min(triton.next_power_of_2(C), cap)
             self.BR = min(triton.next_power_of_2(self.R), max(1, tile // bc))
-            self.n_cblocks = triton.cdiv(C, bc)
             self.n_col_tiles = 1
             self.n_tiles = triton.cdiv(self.R, self.BR)
         else:
             self.R = N
-            self.BC = 1
             self.BK = bk = _nchw_block_hw(HW)
-            self.BR = min(triton.next_power_of_2(N), max(1, tile // bk))
-            self.n_cblocks = C
+            self.BR = br = min(triton.next_power_of_2(N), max(1, tile // bk))
+            # Several channels per program only when a channel's planes do not fill a tile.
+            self.BC = min(triton.next_power_of_2(C), max(1, tile // (br * bk)))
             self.n_col_tiles = triton.cdiv(HW, bk)
-            self.n_tiles = triton.cdiv(N, self.BR) * self.n_col_tiles
+            self.n_tiles = triton.cdiv(N, br) * self.n_col_tiles
+        self.n_cblocks = triton.cdiv(C, self.BC)
         want = max(1, triton.cdiv(_TARGET_PROGRAMS, self.n_cblocks))
         splits = min(self.n_tiles, want)
         self.tiles_per_prog = triton.cdiv(self.n_tiles, splits)
         self.splits = triton.cdiv(self.n_tiles, self.tiles_per_prog)  # no empty program
-        self.num_warps = max(1, min(8, self.BR * self.BK // 256))
+        self.num_warps = max(1, min(8, self.BR * self.BC * self.BK // 256))
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -478,7 +519,7 @@ def _plan(N: int, C: int, HW: int, cl: bool, itemsize: int, tile: int, _knobs: t
 def _plan_for(x: torch.Tensor, fmt: torch.memory_format, stats: bool = False) -> _Plan:
     n, c, h, w = x.shape
     tile = _TILE_STATS if stats else _TILE
-    knobs = (_TARGET_PROGRAMS, _MAX_BK_NCHW, _MIN_BK_NCHW)
+    knobs = (_TARGET_PROGRAMS, _NHWC_ROW_BYTES, _MAX_BK_NCHW, _MIN_BK_NCHW)
     return _plan(n, c, h * w, fmt == torch.channels_last, x.element_size(), tile, knobs)
 
 
@@ -549,17 +590,20 @@ def bn_stats(
     fmt = bn_memory_format(input)
     x = _in_fmt(input, fmt)
     p = _plan_for(x, fmt, stats=True)
-    part = torch.empty((3, p.splits, C), dtype=acc, device=input.device)
-    _stats_partial_kernel[p.grid](x, part, *p.args(), ACC=compute_dtype(input.dtype), **p.meta())
+    part = torch.empty((4, p.splits, C), dtype=acc, device=input.device)
+    pivot_stride = 1 if p.cl else p.HW
+    _stats_partial_kernel[p.grid](
+        x, part, *p.args(), pivot_stride, ACC=compute_dtype(input.dtype), **p.meta()
+    )
 
     var_factor = momentum * m / (m - 1) if m > 1 else float("nan")
     keep, mom, momv = (_split_float(v) for v in (1 - momentum, momentum, var_factor))
     block_s, block_c = _finalize_blocks(p.splits, C)
     _stats_finalize_kernel[(triton.cdiv(C, block_c),)](
-        part, mean, var,
+        part, x, mean, var,
         running_mean if running_mean is not None else mean,
         running_var if running_var is not None else var,
-        C, p.splits,
+        C, p.splits, pivot_stride,
         running_mean.stride(0) if running_mean is not None else 1,
         running_var.stride(0) if running_var is not None else 1,
         *keep, *mom, *momv,

@@ -87,7 +87,15 @@ def test_compile_fullgraph_inplace(backend):
 # ---------------------------------------------------------------------------------------
 # Build and registration.
 # ---------------------------------------------------------------------------------------
-OPS = ("add_relu", "add_relu_", "relu_backward")
+OPS = (
+    "add_relu",
+    "add_relu_",
+    "relu_backward",
+    "bn_stats",
+    "bn_act_forward",
+    "bn_act_backward_reduce",
+    "bn_act_backward_elemt",
+)
 
 
 @needs_ext

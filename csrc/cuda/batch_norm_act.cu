@@ -13,8 +13,10 @@
 //    ty, ty + BY, ... of the block's row range: a warp reads whole runs of a row.
 //  Loads and stores move VEC elements (16 bytes when the inner extent, HW or C, and every
 //  pointer allow it, else 8 bytes, else scalars), U items per thread per iteration for
-//  memory-level parallelism. Splits are chosen from m and the SM count so that even
-//  C = 64 fills the GPU.
+//  memory-level parallelism. The number of splits comes from the SM count and the
+//  kernel's occupancy (make_plan): about one full wave of resident blocks (or whole waves
+//  when there are more channel groups than slots), so that even C = 64 with a huge m
+//  fills the GPU, while each thread still gets kMinItemsPerThread loads.
 //
 // Reductions are deterministic: no atomics. Each block reduces its range in a fixed order
 // (per-thread sequential, warp shuffles, shared memory across warps) and writes one
@@ -23,8 +25,9 @@
 //
 // Statistics are numerically robust: each thread folds U*VEC values at a time into its
 // running (count, mean, M2) by a two-pass over registers relative to the running mean,
-// then Chan's merge; threads, warps and blocks are combined with Chan's merge. Never
-// sum(x^2) - sum(x)^2/m. Arithmetic is in at::opmath_type (fp32; fp64 for fp64 input),
+// then Chan's merge, keeping its mean as a compensated (hi + lo) pair; threads, warps,
+// blocks and partials are combined with Chan's merge in double (partials are double).
+// Never sum(x^2) - sum(x)^2/m. Arithmetic is in at::opmath_type (fp32; fp64 for fp64 input),
 // results are rounded once to the input dtype on store.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -40,10 +43,13 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 
@@ -52,9 +58,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Splitting: aim for this many resident blocks per SM, but give each thread at least
-// kMinItemsPerThread loads.
-constexpr int64_t kBlocksPerSm = 8;
+// Splitting: each thread gets at least kMinItemsPerThread loads; see make_plan.
 constexpr int64_t kMinItemsPerThread = 8;
 constexpr int64_t kMaxSplits = 65535;  // gridDim.y limit
 
@@ -91,6 +95,10 @@ __device__ __forceinline__ float inv_std(float var, float eps) {
 }
 __device__ __forceinline__ double inv_std(double var, double eps) {
   return 1.0 / sqrt(var + eps);
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
 }
 
 template <typename T>
@@ -161,62 +169,82 @@ __device__ __forceinline__ void welford_merge(int64_t& n, acc_t& mean, acc_t& m2
   n = nn;
 }
 
-// Same, for VEC channels that share the counts.
-template <typename acc_t, int VEC>
-__device__ __forceinline__ void welford_merge_vec(int64_t& n, acc_t (&mean)[VEC],
-                                                  acc_t (&m2)[VEC], int64_t nb,
-                                                  const acc_t (&mean_b)[VEC],
-                                                  const acc_t (&m2_b)[VEC]) {
-  if (nb == 0) {
-    return;
-  }
-  if (n == 0) {
-    n = nb;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      mean[k] = mean_b[k];
-      m2[k] = m2_b[k];
-    }
-    return;
-  }
-  const int64_t nn = n + nb;
-  const acc_t ratio = static_cast<acc_t>(nb) / static_cast<acc_t>(nn);
-  const acc_t n_ratio = static_cast<acc_t>(n) * ratio;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    const acc_t delta = mean_b[k] - mean[k];
-    m2[k] = m2[k] + m2_b[k] + delta * delta * n_ratio;
-    mean[k] = mean[k] + delta * ratio;
-  }
-  n = nn;
+// Rounded add/sub/mul that the compiler may not contract into an FMA or reassociate.
+__device__ __forceinline__ float add_rn(float a, float b) {
+  return __fadd_rn(a, b);
+}
+__device__ __forceinline__ double add_rn(double a, double b) {
+  return __dadd_rn(a, b);
+}
+__device__ __forceinline__ float sub_rn(float a, float b) {
+  return __fsub_rn(a, b);
+}
+__device__ __forceinline__ double sub_rn(double a, double b) {
+  return __dsub_rn(a, b);
+}
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  return __fmul_rn(a, b);
+}
+__device__ __forceinline__ double mul_rn(double a, double b) {
+  return __dmul_rn(a, b);
 }
 
-// Fold a group of `cnt` (> 0) values of one channel into (n, mean, m2). d[i] holds
-// x_i - mean (the running mean before this group) for i < cnt: the group's mean and M2
-// are taken two-pass from registers relative to the running mean, then merged (Chan).
-template <typename acc_t, int G>
-__device__ __forceinline__ void welford_group(acc_t& mean, acc_t& m2, const acc_t (&d)[G],
-                                              int cnt, acc_t inv_cnt, acc_t ratio,
-                                              acc_t n_ratio) {
-  acc_t sum = acc_t(0);
-#pragma unroll
-  for (int i = 0; i < G; ++i) {
-    if (i < cnt) {
-      sum += d[i];
-    }
+// Per-thread running statistics of one channel. The mean is kept as an unevaluated sum
+// hi + lo (|lo| <= ulp(hi)/2): with |mean| >> std (e.g. 1e4 + N(0,1)) a plain fp32 mean
+// would lose the small late updates and limit the variance to ~ulp(mean)/std accuracy.
+template <typename acc_t>
+struct ThreadStats {
+  acc_t hi = acc_t(0);
+  acc_t lo = acc_t(0);
+  acc_t m2 = acc_t(0);
+
+  // Before the first group: centre on one of its values, so that the first group's sums
+  // are of deviations (O(std)) rather than of raw values (O(|mean|)).
+  __device__ __forceinline__ void start(acc_t x0) {
+    hi = x0;
+    lo = acc_t(0);
   }
-  const acc_t ld = sum * inv_cnt;  // group mean - running mean
-  acc_t lm2 = acc_t(0);
+
+  // x - mean, for the next group.
+  __device__ __forceinline__ acc_t offset(acc_t x) const { return sub_rn(sub_rn(x, hi), lo); }
+
+  // Folds a group of cnt > 0 values in: d[i] = offset(x_i) for i < cnt (taken before this
+  // call). The group's mean and M2 come two-pass from registers relative to the running
+  // mean, then Chan's merge: ratio = cnt / (n + cnt), n_ratio = n * ratio.
+  template <int G>
+  __device__ __forceinline__ void add_group(const acc_t (&d)[G], int cnt, acc_t inv_cnt,
+                                            acc_t ratio, acc_t n_ratio) {
+    acc_t sum = acc_t(0);
 #pragma unroll
-  for (int i = 0; i < G; ++i) {
-    if (i < cnt) {
-      const acc_t e = d[i] - ld;
-      lm2 += e * e;
+    for (int i = 0; i < G; ++i) {
+      if (i < cnt) {
+        sum += d[i];
+      }
     }
+    const acc_t ld = sum * inv_cnt;  // group mean - running mean
+    acc_t lm2 = acc_t(0);
+#pragma unroll
+    for (int i = 0; i < G; ++i) {
+      if (i < cnt) {
+        const acc_t e = d[i] - ld;
+        lm2 += e * e;
+      }
+    }
+    m2 = m2 + lm2 + ld * ld * n_ratio;
+    // hi + lo += ld * ratio: TwoSum, then Fast2Sum renormalisation.
+    const acc_t inc = mul_rn(ld, ratio);
+    const acc_t s = add_rn(hi, inc);
+    const acc_t bb = sub_rn(s, hi);
+    const acc_t err = add_rn(sub_rn(hi, sub_rn(s, bb)), sub_rn(inc, bb));
+    const acc_t l = add_rn(lo, err);
+    hi = add_rn(s, l);
+    lo = sub_rn(l, sub_rn(hi, s));
   }
-  m2 = m2 + lm2 + ld * ld * n_ratio;
-  mean = mean + ld * ratio;
-}
+
+  __device__ __forceinline__ double mean() const {
+    return static_cast<double>(hi) + static_cast<double>(lo);
+  }
+};
 
 // Block-wide Chan merge (1-D blocks of kThreads); the result is valid in thread 0.
 // Called at most once per kernel (static shared memory).
@@ -342,8 +370,8 @@ __device__ __forceinline__ int valid_items(int64_t j, int64_t end, int64_t strid
 
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    bn_stats_nchw_kernel(const scalar_t* __restrict__ x, at::opmath_type<scalar_t>* __restrict__ pmean,
-                         at::opmath_type<scalar_t>* __restrict__ pm2, const NchwGeom g) {
+    bn_stats_nchw_kernel(const scalar_t* __restrict__ x, double* __restrict__ pmean,
+                         double* __restrict__ pm2, const NchwGeom g) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   constexpr int U = items_per_iter<scalar_t, VEC>();
@@ -351,12 +379,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = blockIdx.x;
   const int64_t s = blockIdx.y;
   const int64_t begin = s * g.chunk;
-  const int64_t end = ::min(g.total, begin + g.chunk);
+  const int64_t end = min64(g.total, begin + g.chunk);
   const P* xv = reinterpret_cast<const P*>(x);
 
   int64_t n = 0;
-  acc_t mean = acc_t(0);
-  acc_t m2 = acc_t(0);
+  ThreadStats<acc_t> ts;
   int64_t j = begin + threadIdx.x;
   if (j < end) {
     NchwCursor cur;
@@ -371,22 +398,28 @@ __global__ void __launch_bounds__(kThreads)
         }
         cur.advance(g);
       }
+      if (n == 0) {
+        ts.start(static_cast<acc_t>(v[0].v[0]));  // cnt >= 1
+      }
       acc_t d[G];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          d[u * VEC + k] = u < cnt ? static_cast<acc_t>(v[u].v[k]) - mean : acc_t(0);
+          d[u * VEC + k] = u < cnt ? ts.offset(static_cast<acc_t>(v[u].v[k])) : acc_t(0);
         }
       }
       const int gcnt = cnt * VEC;
       const int64_t nn = n + gcnt;
-      const acc_t inv_cnt = acc_t(1) / static_cast<acc_t>(gcnt);
+      const acc_t inv_cnt = cnt == U ? acc_t(1) / acc_t(G) : acc_t(1) / static_cast<acc_t>(gcnt);
       const acc_t ratio = static_cast<acc_t>(gcnt) / static_cast<acc_t>(nn);
-      welford_group<acc_t, G>(mean, m2, d, gcnt, inv_cnt, ratio, static_cast<acc_t>(n) * ratio);
+      ts.add_group(d, gcnt, inv_cnt, ratio, static_cast<acc_t>(n) * ratio);
       n = nn;
     }
   }
+  // Threads, warps and blocks merge in double.
+  double mean = ts.mean();
+  double m2 = static_cast<double>(ts.m2);
   block_welford(n, mean, m2);
   if (threadIdx.x == 0) {
     pmean[c * g.splits + s] = mean;
@@ -396,8 +429,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    bn_stats_nhwc_kernel(const scalar_t* __restrict__ x, at::opmath_type<scalar_t>* __restrict__ pmean,
-                         at::opmath_type<scalar_t>* __restrict__ pm2, const NhwcGeom g) {
+    bn_stats_nhwc_kernel(const scalar_t* __restrict__ x, double* __restrict__ pmean,
+                         double* __restrict__ pm2, const NhwcGeom g) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   constexpr int U = items_per_iter<scalar_t, VEC>();
@@ -409,16 +442,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * bx + tx;
   const int64_t s = blockIdx.y;
   const int64_t begin = s * g.chunk;
-  const int64_t end = ::min(g.rows, begin + g.chunk);
+  const int64_t end = min64(g.rows, begin + g.chunk);
 
   int64_t n = 0;
-  acc_t mean[VEC];
-  acc_t m2[VEC];
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    mean[k] = acc_t(0);
-    m2[k] = acc_t(0);
-  }
+  ThreadStats<acc_t> ts[VEC];
   if (cv < g.cv) {
     const P* xv = reinterpret_cast<const P*>(x);
     const int64_t step = static_cast<int64_t>(by) * U;
@@ -432,38 +459,61 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       const int64_t nn = n + cnt;
-      const acc_t inv_cnt = acc_t(1) / static_cast<acc_t>(cnt);
+      const acc_t inv_cnt = cnt == U ? acc_t(1) / acc_t(U) : acc_t(1) / static_cast<acc_t>(cnt);
       const acc_t ratio = static_cast<acc_t>(cnt) / static_cast<acc_t>(nn);
       const acc_t n_ratio = static_cast<acc_t>(n) * ratio;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
+        if (n == 0) {
+          ts[k].start(static_cast<acc_t>(v[0].v[k]));  // cnt >= 1
+        }
         acc_t d[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          d[u] = u < cnt ? static_cast<acc_t>(v[u].v[k]) - mean[k] : acc_t(0);
+          d[u] = u < cnt ? ts[k].offset(static_cast<acc_t>(v[u].v[k])) : acc_t(0);
         }
-        welford_group<acc_t, U>(mean[k], m2[k], d, cnt, inv_cnt, ratio, n_ratio);
+        ts[k].add_group(d, cnt, inv_cnt, ratio, n_ratio);
       }
       n = nn;
     }
   }
 
+  // Threads, warps and blocks merge in double.
+  double mean[VEC];
+  double m2[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    mean[k] = ts[k].mean();
+    m2[k] = static_cast<double>(ts[k].m2);
+  }
   // Rows within a warp: lanes l and l + offset (offset a multiple of bx) hold the same
   // channels. After this, lanes < bx hold their warp's merge for column tx = lane.
+  // (Channel by channel, to keep few values live.)
   for (int offset = 16; offset >= bx; offset >>= 1) {
     const int64_t nb = shfl_down(n, offset);
-    acc_t mb[VEC];
-    acc_t m2b[VEC];
+    const int64_t nn = n + nb;
+    const double ratio = nb > 0 ? static_cast<double>(nb) / static_cast<double>(nn) : 0.0;
+    const double n_ratio = static_cast<double>(n) * ratio;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      mb[k] = shfl_down(mean[k], offset);
-      m2b[k] = shfl_down(m2[k], offset);
+      const double mb = shfl_down(mean[k], offset);
+      const double m2b = shfl_down(m2[k], offset);
+      if (nb > 0) {
+        if (n == 0) {
+          mean[k] = mb;
+          m2[k] = m2b;
+        } else {
+          const double delta = mb - mean[k];
+          m2[k] = m2[k] + m2b + delta * delta * n_ratio;
+          mean[k] = mean[k] + delta * ratio;
+        }
+      }
     }
-    welford_merge_vec<acc_t, VEC>(n, mean, m2, nb, mb, m2b);
+    n = nn;
   }
   __shared__ long long s_n[kWarps][32];
-  __shared__ acc_t s_mean[kWarps][32][VEC];
-  __shared__ acc_t s_m2[kWarps][32][VEC];
+  __shared__ double s_mean[kWarps][32][VEC];
+  __shared__ double s_m2[kWarps][32][VEC];
   const int lane = tid & 31;
   const int warp = tid >> 5;
   if (lane < bx) {
@@ -479,8 +529,8 @@ __global__ void __launch_bounds__(kThreads)
     const int col = tid / VEC;
     const int k = tid % VEC;
     int64_t fn = 0;
-    acc_t fmean = acc_t(0);
-    acc_t fm2 = acc_t(0);
+    double fmean = 0.0;
+    double fm2 = 0.0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
       welford_merge(fn, fmean, fm2, static_cast<int64_t>(s_n[w][col]), s_mean[w][col][k],
@@ -496,32 +546,32 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One block per channel: merges the channel's `splits` partials (partial s holds
-// min(m, (s+1)*chunk_values) - s*chunk_values values) in a fixed order, writes mean and
-// biased var, and updates the running statistics (acc dtype, contiguous) when given.
-// splits == 0 (empty channel): mean = var = NaN.
+// min(m, (s+1)*chunk_values) - s*chunk_values values) in a fixed order, in double, writes
+// mean and biased var (acc dtype), and updates the running statistics (acc dtype,
+// contiguous) when given. splits == 0 (empty channel): mean = var = NaN.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    bn_stats_finalize_kernel(const acc_t* __restrict__ pmean, const acc_t* __restrict__ pm2,
+    bn_stats_finalize_kernel(const double* __restrict__ pmean, const double* __restrict__ pm2,
                              int64_t splits, int64_t chunk_values, int64_t m,
                              acc_t* __restrict__ mean_out, acc_t* __restrict__ var_out,
                              acc_t* __restrict__ running_mean, acc_t* __restrict__ running_var,
-                             acc_t keep, acc_t mean_factor, acc_t var_factor) {
+                             acc_t keep, acc_t mean_factor, acc_t var_factor, acc_t nan) {
   const int64_t c = blockIdx.x;
   int64_t n = 0;
-  acc_t mean = acc_t(0);
-  acc_t m2 = acc_t(0);
+  double mean = 0.0;
+  double m2 = 0.0;
   for (int64_t s = threadIdx.x; s < splits; s += kThreads) {
     const int64_t lo = s * chunk_values;
-    const int64_t cnt = ::min(m, lo + chunk_values) - lo;
+    const int64_t cnt = min64(m, lo + chunk_values) - lo;
     welford_merge(n, mean, m2, cnt, pmean[c * splits + s], pm2[c * splits + s]);
   }
   block_welford(n, mean, m2);
   if (threadIdx.x == 0) {
-    acc_t mu = std::numeric_limits<acc_t>::quiet_NaN();
-    acc_t var = std::numeric_limits<acc_t>::quiet_NaN();
+    acc_t mu = nan;
+    acc_t var = nan;
     if (n > 0) {
-      mu = mean;
-      var = m2 / static_cast<acc_t>(n);
+      mu = static_cast<acc_t>(mean);
+      var = static_cast<acc_t>(m2 / static_cast<double>(n));
     }
     mean_out[c] = mu;
     var_out[c] = var;
@@ -561,7 +611,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int U = items_per_iter<scalar_t, VEC>();
   const int64_t c = blockIdx.x;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * g.chunk;
-  const int64_t end = ::min(g.total, begin + g.chunk);
+  const int64_t end = min64(g.total, begin + g.chunk);
   int64_t j = begin + threadIdx.x;
   if (j >= end) {
     return;
@@ -614,7 +664,7 @@ __global__ void __launch_bounds__(kThreads)
   const int by = blockDim.y;
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * g.chunk;
-  const int64_t end = ::min(g.rows, begin + g.chunk);
+  const int64_t end = min64(g.rows, begin + g.chunk);
   if (cv >= g.cv || begin + threadIdx.y >= end) {
     return;
   }
@@ -692,7 +742,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = blockIdx.x;
   const int64_t s = blockIdx.y;
   const int64_t begin = s * g.chunk;
-  const int64_t end = ::min(g.total, begin + g.chunk);
+  const int64_t end = min64(g.total, begin + g.chunk);
   acc_t sum_dy = acc_t(0);
   acc_t sum_dy_xhat = acc_t(0);
   int64_t j = begin + threadIdx.x;
@@ -723,6 +773,10 @@ __global__ void __launch_bounds__(kThreads)
         }
         cur.advance(g);
       }
+      // This iteration's U*VEC values are summed first, then added to the running sums
+      // (shorter sequential chains).
+      acc_t it_dy = acc_t(0);
+      acc_t it_dy_xhat = acc_t(0);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (u < cnt) {
@@ -732,8 +786,8 @@ __global__ void __launch_bounds__(kThreads)
             acc_t xhat;
             const acc_t gk = masked_grad_value<scalar_t, acc_t>(
                 a, gs[u].v[k], xs[u].v[k], read_out ? os[u].v[k] : scalar_t(0), mask_mode, xhat);
-            sum_dy += gk;
-            sum_dy_xhat += gk * xhat;
+            it_dy += gk;
+            it_dy_xhat += gk * xhat;
             mg.v[k] = static_cast<scalar_t>(gk);
           }
           if (masked != nullptr) {
@@ -741,6 +795,8 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
+      sum_dy += it_dy;
+      sum_dy_xhat += it_dy_xhat;
     }
   }
   block_sum2(sum_dy, sum_dy_xhat);
@@ -768,7 +824,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * bx + tx;
   const int64_t s = blockIdx.y;
   const int64_t begin = s * g.chunk;
-  const int64_t end = ::min(g.rows, begin + g.chunk);
+  const int64_t end = min64(g.rows, begin + g.chunk);
 
   acc_t sum_dy[VEC];
   acc_t sum_dy_xhat[VEC];
@@ -941,7 +997,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int U = items_per_iter<scalar_t, VEC>();
   const int64_t c = blockIdx.x;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * g.chunk;
-  const int64_t end = ::min(g.total, begin + g.chunk);
+  const int64_t end = min64(g.total, begin + g.chunk);
   int64_t j = begin + threadIdx.x;
   if (j >= end) {
     return;
@@ -994,7 +1050,7 @@ __global__ void __launch_bounds__(kThreads)
   const int by = blockDim.y;
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * g.chunk;
-  const int64_t end = ::min(g.rows, begin + g.chunk);
+  const int64_t end = min64(g.rows, begin + g.chunk);
   if (cv >= g.cv || begin + threadIdx.y >= end) {
     return;
   }
@@ -1063,6 +1119,29 @@ int sm_count(c10::DeviceIndex device) {
   return count;
 }
 
+// Resident blocks of kThreads per SM for `kernel` on `device` (the current device),
+// queried once per (kernel, device).
+int blocks_per_sm(const void* kernel, c10::DeviceIndex device) {
+  struct Entry {
+    const void* kernel;
+    c10::DeviceIndex device;
+    int blocks;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const Entry& e : cache) {
+    if (e.kernel == kernel && e.device == device) {
+      return e.blocks;
+    }
+  }
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
+  blocks = std::max(blocks, 1);
+  cache.push_back(Entry{kernel, device, blocks});
+  return blocks;
+}
+
 bool aligned_to(const void* p, int64_t bytes) {
   return p == nullptr || reinterpret_cast<std::uintptr_t>(p) % static_cast<std::uintptr_t>(bytes) == 0;
 }
@@ -1105,27 +1184,46 @@ void with_vec(int vec, const F& f) {
   f(std::integral_constant<int, 1>{});
 }
 
-// Grid, block and geometry of the main kernels for an (N, C, H*W) tensor with m = N*HW > 0
-// and C > 0. Every split is non-empty.
+// Number of splits per channel group: enough blocks to fill every resident slot
+// (capacity = SMs x blocks per SM), with whole waves (groups*splits close to a multiple of
+// the capacity: the first k from capacity/groups up whose wave efficiency is >= 90%, else
+// the best of 16 tries), and at most max_splits.
+int64_t choose_splits(int64_t groups, int64_t capacity, int64_t max_splits) {
+  const int64_t k0 = std::max<int64_t>(1, capacity / groups);
+  if (k0 >= max_splits) {
+    return max_splits;
+  }
+  int64_t best = k0;
+  double best_eff = -1.0;
+  for (int64_t k = k0; k <= std::min(max_splits, k0 + 16); ++k) {
+    const int64_t blocks = groups * k;
+    const double eff =
+        static_cast<double>(blocks) / static_cast<double>(ceil_div(blocks, capacity) * capacity);
+    if (eff > best_eff) {
+      best = k;
+      best_eff = eff;
+    }
+    if (eff >= 0.9) {
+      break;
+    }
+  }
+  return best;
+}
+
+// Grid, block and geometry of a main kernel (with `blocks_per_sm` resident blocks per SM)
+// for an (N, C, H*W) tensor with m = N*HW > 0 and C > 0. Every split is non-empty.
 struct Plan {
-  bool channels_last = false;
-  int vec = 1;
   dim3 grid;
   dim3 block;
   NchwGeom nchw{};
   NhwcGeom nhwc{};
   int64_t splits = 0;
   int64_t chunk_values = 0;  // values per channel in one split (the last may hold fewer)
-  int64_t m = 0;             // values per channel
 };
 
 Plan make_plan(int64_t N, int64_t C, int64_t HW, bool channels_last, int vec,
-               c10::DeviceIndex device) {
+               c10::DeviceIndex device, int blocks_per_sm) {
   Plan plan;
-  plan.channels_last = channels_last;
-  plan.vec = vec;
-  plan.m = N * HW;
-  const int64_t target_blocks = static_cast<int64_t>(sm_count(device)) * kBlocksPerSm;
   int64_t groups = 0;     // gridDim.x
   int64_t total = 0;      // items per channel
   int64_t min_items = 0;  // per block
@@ -1156,8 +1254,9 @@ Plan make_plan(int64_t N, int64_t C, int64_t HW, bool channels_last, int vec,
     plan.nhwc.rows = total;
   }
   TORCH_CHECK(groups <= INT_MAX, "resnet_fused batch norm: too many channels (", C, ")");
-  int64_t splits = std::min(ceil_div(target_blocks, groups), ceil_div(total, min_items));
-  splits = std::clamp<int64_t>(splits, 1, kMaxSplits);
+  const int64_t capacity = static_cast<int64_t>(sm_count(device)) * std::max(blocks_per_sm, 1);
+  const int64_t max_splits = std::clamp<int64_t>(ceil_div(total, min_items), 1, kMaxSplits);
+  int64_t splits = choose_splits(groups, capacity, max_splits);
   const int64_t chunk = ceil_div(total, splits);
   splits = ceil_div(total, chunk);
   plan.grid = dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits));
@@ -1172,6 +1271,14 @@ Plan make_plan(int64_t N, int64_t C, int64_t HW, bool channels_last, int vec,
     plan.chunk_values = chunk;
   }
   return plan;
+}
+
+// make_plan for `kernel`, with its occupancy on `device`.
+template <typename... KArgs>
+Plan plan_for(void (*kernel)(KArgs...), int64_t N, int64_t C, int64_t HW, bool channels_last,
+              int vec, c10::DeviceIndex device) {
+  return make_plan(N, C, HW, channels_last, vec, device,
+                   blocks_per_sm(reinterpret_cast<const void*>(kernel), device));
 }
 
 at::ScalarType acc_type_of(const at::Tensor& input) {
@@ -1241,6 +1348,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input,
   const double keep = 1.0 - momentum;
   const double var_factor = momentum * static_cast<double>(m) / static_cast<double>(m - 1);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const c10::DeviceIndex device = input.device().index();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     int64_t splits = 0;
@@ -1249,31 +1357,39 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input,
     if (m > 0) {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const int vec = pick_vec<scalar_t>(channels_last ? C : HW, {xp});
-      const Plan plan = make_plan(N, C, HW, channels_last, vec, input.device().index());
-      splits = plan.splits;
-      chunk_values = plan.chunk_values;
-      partials = at::empty({2, C * splits}, acc_opts);
-      acc_t* pmean = partials.mutable_data_ptr<acc_t>();
-      acc_t* pm2 = pmean + C * splits;
+      double* pmean = nullptr;
+      double* pm2 = nullptr;
+      // Partials (double) for the plan's splits: [mean | m2], each [C][splits].
+      const auto alloc_partials = [&](const Plan& plan) {
+        splits = plan.splits;
+        chunk_values = plan.chunk_values;
+        partials = at::empty({2, C * splits}, input.options().dtype(at::kDouble));
+        pmean = partials.mutable_data_ptr<double>();
+        pm2 = pmean + C * splits;
+      };
       with_vec<scalar_t>(vec, [&](auto vec_c) {
         constexpr int VEC = decltype(vec_c)::value;
         if (channels_last) {
-          bn_stats_nhwc_kernel<scalar_t, VEC>
-              <<<plan.grid, plan.block, 0, stream>>>(xp, pmean, pm2, plan.nhwc);
+          const auto kernel = bn_stats_nhwc_kernel<scalar_t, VEC>;
+          const Plan plan = plan_for(kernel, N, C, HW, true, VEC, device);
+          alloc_partials(plan);
+          kernel<<<plan.grid, plan.block, 0, stream>>>(xp, pmean, pm2, plan.nhwc);
         } else {
-          bn_stats_nchw_kernel<scalar_t, VEC>
-              <<<plan.grid, plan.block, 0, stream>>>(xp, pmean, pm2, plan.nchw);
+          const auto kernel = bn_stats_nchw_kernel<scalar_t, VEC>;
+          const Plan plan = plan_for(kernel, N, C, HW, false, VEC, device);
+          alloc_partials(plan);
+          kernel<<<plan.grid, plan.block, 0, stream>>>(xp, pmean, pm2, plan.nchw);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
-    const acc_t* pmean = splits > 0 ? partials.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* pm2 = splits > 0 ? pmean + C * splits : nullptr;
+    const double* pmean = splits > 0 ? partials.const_data_ptr<double>() : nullptr;
+    const double* pm2 = splits > 0 ? pmean + C * splits : nullptr;
     bn_stats_finalize_kernel<acc_t><<<static_cast<unsigned>(C), kThreads, 0, stream>>>(
         pmean, pm2, splits, chunk_values, m, mean.mutable_data_ptr<acc_t>(),
         var.mutable_data_ptr<acc_t>(), mutable_data_or_null<acc_t>(rm),
         mutable_data_or_null<acc_t>(rv), static_cast<acc_t>(keep), static_cast<acc_t>(momentum),
-        static_cast<acc_t>(var_factor));
+        static_cast<acc_t>(var_factor), std::numeric_limits<acc_t>::quiet_NaN());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // Running statistics in another dtype or layout were updated in an acc copy.
@@ -1317,6 +1433,7 @@ at::Tensor bn_act_forward_cuda(const at::Tensor& input, const at::Tensor& mean,
   const at::Tensor w_a = optional_per_channel_acc(weight, acc);
   const at::Tensor b_a = optional_per_channel_acc(bias, acc);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const c10::DeviceIndex device = input.device().index();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_act_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const BnParams<acc_t> p{mean_a.const_data_ptr<acc_t>(), var_a.const_data_ptr<acc_t>(),
@@ -1326,15 +1443,16 @@ at::Tensor bn_act_forward_cuda(const at::Tensor& input, const at::Tensor& mean,
     const scalar_t* rp = data_or_null<scalar_t>(r);
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int vec = pick_vec<scalar_t>(channels_last ? C : HW, {xp, rp, op});
-    const Plan plan = make_plan(N, C, HW, channels_last, vec, input.device().index());
     with_vec<scalar_t>(vec, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
       if (channels_last) {
-        bn_fwd_nhwc_kernel<scalar_t, VEC>
-            <<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nhwc);
+        const auto kernel = bn_fwd_nhwc_kernel<scalar_t, VEC>;
+        const Plan plan = plan_for(kernel, N, C, HW, true, VEC, device);
+        kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nhwc);
       } else {
-        bn_fwd_nchw_kernel<scalar_t, VEC>
-            <<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nchw);
+        const auto kernel = bn_fwd_nchw_kernel<scalar_t, VEC>;
+        const Plan plan = plan_for(kernel, N, C, HW, false, VEC, device);
+        kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nchw);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -1396,6 +1514,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
     }
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const c10::DeviceIndex device = input.device().index();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_act_backward_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     int64_t splits = 0;
@@ -1409,19 +1528,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
       const scalar_t* opp = data_or_null<scalar_t>(o);
       scalar_t* mp = write_masked_grad ? masked.mutable_data_ptr<scalar_t>() : nullptr;
       const int vec = pick_vec<scalar_t>(channels_last ? C : HW, {gp, xp, opp, mp});
-      const Plan plan = make_plan(N, C, HW, channels_last, vec, input.device().index());
-      splits = plan.splits;
-      partials = at::empty({2, C * splits}, acc_opts);
-      acc_t* ps = partials.mutable_data_ptr<acc_t>();
-      acc_t* psx = ps + C * splits;
+      acc_t* ps = nullptr;
+      acc_t* psx = nullptr;
+      // Partials for the plan's splits: [sum_dy | sum_dy_xhat], each [C][splits].
+      const auto alloc_partials = [&](const Plan& plan) {
+        splits = plan.splits;
+        partials = at::empty({2, C * splits}, acc_opts);
+        ps = partials.mutable_data_ptr<acc_t>();
+        psx = ps + C * splits;
+      };
       with_vec<scalar_t>(vec, [&](auto vec_c) {
         constexpr int VEC = decltype(vec_c)::value;
         if (channels_last) {
-          bn_bwd_reduce_nhwc_kernel<scalar_t, VEC><<<plan.grid, plan.block, 0, stream>>>(
-              gp, xp, opp, mp, p, mask_mode, ps, psx, plan.nhwc);
+          const auto kernel = bn_bwd_reduce_nhwc_kernel<scalar_t, VEC>;
+          const Plan plan = plan_for(kernel, N, C, HW, true, VEC, device);
+          alloc_partials(plan);
+          kernel<<<plan.grid, plan.block, 0, stream>>>(gp, xp, opp, mp, p, mask_mode, ps, psx,
+                                                       plan.nhwc);
         } else {
-          bn_bwd_reduce_nchw_kernel<scalar_t, VEC><<<plan.grid, plan.block, 0, stream>>>(
-              gp, xp, opp, mp, p, mask_mode, ps, psx, plan.nchw);
+          const auto kernel = bn_bwd_reduce_nchw_kernel<scalar_t, VEC>;
+          const Plan plan = plan_for(kernel, N, C, HW, false, VEC, device);
+          alloc_partials(plan);
+          kernel<<<plan.grid, plan.block, 0, stream>>>(gp, xp, opp, mp, p, mask_mode, ps, psx,
+                                                       plan.nchw);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -1471,6 +1600,7 @@ at::Tensor bn_act_backward_elemt_cuda(const at::Tensor& grad, const at::Tensor& 
   const at::Tensor sdy_a = batch_stats ? per_channel_acc(sum_dy, acc) : at::Tensor();
   const at::Tensor sdyx_a = batch_stats ? per_channel_acc(sum_dy_xhat, acc) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const c10::DeviceIndex device = input.device().index();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_act_backward_elemt_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const BnParams<acc_t> p{mean_a.const_data_ptr<acc_t>(), var_a.const_data_ptr<acc_t>(),
@@ -1482,15 +1612,16 @@ at::Tensor bn_act_backward_elemt_cuda(const at::Tensor& grad, const at::Tensor& 
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = grad_input.mutable_data_ptr<scalar_t>();
     const int vec = pick_vec<scalar_t>(channels_last ? C : HW, {gp, xp, op});
-    const Plan plan = make_plan(N, C, HW, channels_last, vec, input.device().index());
     with_vec<scalar_t>(vec, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
       if (channels_last) {
-        bn_bwd_elemt_nhwc_kernel<scalar_t, VEC>
-            <<<plan.grid, plan.block, 0, stream>>>(gp, xp, op, p, e, plan.nhwc);
+        const auto kernel = bn_bwd_elemt_nhwc_kernel<scalar_t, VEC>;
+        const Plan plan = plan_for(kernel, N, C, HW, true, VEC, device);
+        kernel<<<plan.grid, plan.block, 0, stream>>>(gp, xp, op, p, e, plan.nhwc);
       } else {
-        bn_bwd_elemt_nchw_kernel<scalar_t, VEC>
-            <<<plan.grid, plan.block, 0, stream>>>(gp, xp, op, p, e, plan.nchw);
+        const auto kernel = bn_bwd_elemt_nchw_kernel<scalar_t, VEC>;
+        const Plan plan = plan_for(kernel, N, C, HW, false, VEC, device);
+        kernel<<<plan.grid, plan.block, 0, stream>>>(gp, xp, op, p, e, plan.nchw);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -95,4 +95,61 @@ inline void check_per_channel(const std::optional<at::Tensor>& t, const char* na
   }
 }
 
+inline void check_like(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  if (t.has_value() && t->defined()) {
+    check_like(*t, name, ref, ref_name);
+  }
+}
+
+// Argument checks of the four BN ops, shared by every backend (names as in the schemas).
+inline void check_bn_stats_args(const at::Tensor& input,
+                                const std::optional<at::Tensor>& running_mean,
+                                const std::optional<at::Tensor>& running_var) {
+  check_bn_input(input);
+  check_per_channel(running_mean, "running_mean", input);
+  check_per_channel(running_var, "running_var", input);
+}
+
+inline void check_bn_affine_args(const at::Tensor& input, const at::Tensor& mean,
+                                 const at::Tensor& var, const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias) {
+  check_bn_input(input);
+  check_per_channel(mean, "mean", input);
+  check_per_channel(var, "var", input);
+  check_per_channel(weight, "weight", input);
+  check_per_channel(bias, "bias", input);
+}
+
+inline void check_bn_forward_args(const at::Tensor& input, const at::Tensor& mean,
+                                  const at::Tensor& var, const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& residual) {
+  check_bn_affine_args(input, mean, var, weight, bias);
+  check_like(residual, "residual", input, "input");
+}
+
+inline void check_bn_backward_reduce_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                          const at::Tensor& mean, const at::Tensor& var,
+                                          const std::optional<at::Tensor>& weight,
+                                          const std::optional<at::Tensor>& bias,
+                                          const std::optional<at::Tensor>& out) {
+  check_bn_input(input);
+  check_like(grad_out, "grad_out", input, "input");
+  check_bn_affine_args(input, mean, var, weight, bias);
+  check_like(out, "out", input, "input");
+}
+
+inline void check_bn_backward_elemt_args(const at::Tensor& grad, const at::Tensor& input,
+                                         const at::Tensor& mean, const at::Tensor& var,
+                                         const std::optional<at::Tensor>& weight,
+                                         const std::optional<at::Tensor>& bias,
+                                         const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat) {
+  check_bn_input(input);
+  check_like(grad, "grad", input, "input");
+  check_bn_affine_args(input, mean, var, weight, bias);
+  check_per_channel(sum_dy, "sum_dy", input);
+  check_per_channel(sum_dy_xhat, "sum_dy_xhat", input);
+}
+
 }  // namespace resnet_fused

@@ -67,9 +67,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input,
                                                  const std::optional<at::Tensor>& running_mean,
                                                  const std::optional<at::Tensor>& running_var,
                                                  double momentum) {
-  check_bn_input(input);
-  check_per_channel(running_mean, "running_mean", input);
-  check_per_channel(running_var, "running_var", input);
+  check_bn_stats_args(input, running_mean, running_var);
   const at::ScalarType acc = acc_dtype(input);
   const int64_t C = input.size(1);
   at::Tensor mean = at::empty({C}, input.options().dtype(acc));
@@ -99,15 +97,8 @@ at::Tensor bn_act_forward_cpu(const at::Tensor& input, const at::Tensor& mean,
                               const at::Tensor& var, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& residual, double eps, bool relu) {
-  check_bn_input(input);
-  check_per_channel(mean, "mean", input);
-  check_per_channel(var, "var", input);
-  check_per_channel(weight, "weight", input);
-  check_per_channel(bias, "bias", input);
+  check_bn_forward_args(input, mean, var, weight, bias, residual);
   const bool has_res = residual.has_value() && residual->defined();
-  if (has_res) {
-    check_like(*residual, "residual", input, "input");
-  }
   const at::MemoryFormat fmt = bn_memory_format(input);
   at::Tensor out = empty_in_format(input, fmt);
   if (out.numel() == 0) {
@@ -128,16 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
     const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out, double eps,
     bool relu, bool write_masked_grad) {
-  check_bn_input(input);
-  check_like(grad_out, "grad_out", input, "input");
-  check_per_channel(mean, "mean", input);
-  check_per_channel(var, "var", input);
-  check_per_channel(weight, "weight", input);
-  check_per_channel(bias, "bias", input);
+  check_bn_backward_reduce_args(grad_out, input, mean, var, weight, bias, out);
   const bool has_out = out.has_value() && out->defined();
-  if (has_out) {
-    check_like(*out, "out", input, "input");
-  }
   const at::ScalarType acc = acc_dtype(input);
   const int64_t C = input.size(1);
   const at::MemoryFormat fmt = bn_memory_format(input);
@@ -168,14 +151,7 @@ at::Tensor bn_act_backward_elemt_cpu(const at::Tensor& grad, const at::Tensor& i
                                      const std::optional<at::Tensor>& bias,
                                      const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat,
                                      double eps, bool relu_mask_from_input, bool batch_stats) {
-  check_bn_input(input);
-  check_like(grad, "grad", input, "input");
-  check_per_channel(mean, "mean", input);
-  check_per_channel(var, "var", input);
-  check_per_channel(weight, "weight", input);
-  check_per_channel(bias, "bias", input);
-  check_per_channel(sum_dy, "sum_dy", input);
-  check_per_channel(sum_dy_xhat, "sum_dy_xhat", input);
+  check_bn_backward_elemt_args(grad, input, mean, var, weight, bias, sum_dy, sum_dy_xhat);
   const at::MemoryFormat fmt = bn_memory_format(input);
   at::Tensor dx = empty_in_format(input, fmt);
   if (input.numel() == 0) {

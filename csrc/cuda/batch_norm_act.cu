@@ -1323,9 +1323,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input,
                                                  const std::optional<at::Tensor>& running_mean,
                                                  const std::optional<at::Tensor>& running_var,
                                                  double momentum) {
-  check_bn_input(input);
-  check_per_channel(running_mean, "running_mean", input);
-  check_per_channel(running_var, "running_var", input);
+  check_bn_stats_args(input, running_mean, running_var);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = bn_memory_format(input);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
@@ -1406,14 +1404,7 @@ at::Tensor bn_act_forward_cuda(const at::Tensor& input, const at::Tensor& mean,
                                const at::Tensor& var, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& residual, double eps, bool relu) {
-  check_bn_input(input);
-  check_per_channel(mean, "mean", input);
-  check_per_channel(var, "var", input);
-  check_per_channel(weight, "weight", input);
-  check_per_channel(bias, "bias", input);
-  if (present(residual)) {
-    check_like(*residual, "residual", input, "input");
-  }
+  check_bn_forward_args(input, mean, var, weight, bias, residual);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = bn_memory_format(input);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
@@ -1465,15 +1456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
     const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out, double eps,
     bool relu, bool write_masked_grad) {
-  check_bn_input(input);
-  check_like(grad_out, "grad_out", input, "input");
-  check_per_channel(mean, "mean", input);
-  check_per_channel(var, "var", input);
-  check_per_channel(weight, "weight", input);
-  check_per_channel(bias, "bias", input);
-  if (present(out)) {
-    check_like(*out, "out", input, "input");
-  }
+  check_bn_backward_reduce_args(grad_out, input, mean, var, weight, bias, out);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = bn_memory_format(input);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
@@ -1570,14 +1553,7 @@ at::Tensor bn_act_backward_elemt_cuda(const at::Tensor& grad, const at::Tensor& 
                                       const std::optional<at::Tensor>& bias,
                                       const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat,
                                       double eps, bool relu_mask_from_input, bool batch_stats) {
-  check_bn_input(input);
-  check_like(grad, "grad", input, "input");
-  check_per_channel(mean, "mean", input);
-  check_per_channel(var, "var", input);
-  check_per_channel(weight, "weight", input);
-  check_per_channel(bias, "bias", input);
-  check_per_channel(sum_dy, "sum_dy", input);
-  check_per_channel(sum_dy_xhat, "sum_dy_xhat", input);
+  check_bn_backward_elemt_args(grad, input, mean, var, weight, bias, sum_dy, sum_dy_xhat);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = bn_memory_format(input);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;

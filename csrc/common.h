@@ -4,6 +4,7 @@
 // so a direct torch.ops.resnet_fused.* call never reaches a kernel with bad input.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
@@ -150,6 +151,32 @@ inline void check_bn_backward_elemt_args(const at::Tensor& grad, const at::Tenso
   check_bn_affine_args(input, mean, var, weight, bias);
   check_per_channel(sum_dy, "sum_dy", input);
   check_per_channel(sum_dy_xhat, "sum_dy_xhat", input);
+}
+
+// ---------------------------------------------------------------------------------------
+// bias_act (folded-BN epilogue): out = act(input + bias[c] [+ residual]).
+// ---------------------------------------------------------------------------------------
+
+inline void check_bias_act_args(const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& residual) {
+  check_bn_input(input);
+  check_per_channel(bias, "bias", input);
+  check_like(residual, "residual", input, "input");
+}
+
+// The in-place variant walks input's own memory as the kernels' flat buffer, so input must
+// be dense in NCHW or channels_last; residual may be input itself, but not overlap it
+// partially.
+inline void check_bias_act_inplace_args(const at::Tensor& input,
+                                        const std::optional<at::Tensor>& bias,
+                                        const std::optional<at::Tensor>& residual) {
+  check_bias_act_args(input, bias, residual);
+  TORCH_CHECK(input.is_contiguous() || input.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "input of bias_act_ (in place) must be dense in NCHW (contiguous) or channels_last "
+              "layout, got shape ", input.sizes(), " with strides ", input.strides());
+  if (residual.has_value() && residual->defined()) {
+    at::assert_no_partial_overlap(input, *residual);
+  }
 }
 
 }  // namespace resnet_fused

@@ -54,6 +54,14 @@ TORCH_LIBRARY(resnet_fused, m) {
       "bn_act_backward_elemt(Tensor grad, Tensor input, Tensor mean, Tensor var, "
       "Tensor? weight, Tensor? bias, Tensor sum_dy, Tensor sum_dy_xhat, float eps, "
       "bool relu_mask_from_input, bool batch_stats) -> Tensor");
+
+  // Eval-mode epilogue of a convolution whose BatchNorm is folded into its weight and bias:
+  // out = relu(input + bias[c] [+ residual]) in one pass (the accumulation type: fp32, fp64
+  // for fp64 input; rounded once). bias is (C,) in input's dtype or fp32; out has input's
+  // BN layout (NCHW or channels_last, see bn_memory_format in common.h).
+  m.def("bias_act(Tensor input, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
+  // The same in place on input (which must be dense in NCHW or channels_last).
+  m.def("bias_act_(Tensor(a!) input, Tensor? bias, Tensor? residual, bool relu) -> ()");
 }
 
 namespace {

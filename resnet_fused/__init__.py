@@ -4,6 +4,9 @@ Public API::
 
     resnet_fused.add_relu(x, residual, *, backend="auto")    # relu(x + residual)
     resnet_fused.add_relu_(x, residual, *, backend="auto")   # in place
+    resnet_fused.batch_norm_act(x, running_mean, running_var, weight, bias, training, ...)
+    resnet_fused.conv_bn_act(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, ...)
+    resnet_fused.FusedBatchNormAct2d, resnet_fused.FusedConvBNReLU2d  # drop-in modules
     resnet_fused.info()                                      # build and backend report
 
 Backends: ``"auto"``, ``"torch"`` (reference), ``"cpu"`` (C++), ``"cuda"`` (C++/CUDA),
@@ -15,8 +18,9 @@ from __future__ import annotations
 from . import _extension, ops  # noqa: F401  (registers the ops and their fake kernels)
 from .backends import BACKENDS, BackendUnavailableError, is_available, resolve_backend
 from .functional import add_relu, add_relu_, batch_norm_act
+from .functional_conv import conv_bn_act, fold_conv_bn
 from .info import info
-from .modules import FusedBatchNormAct2d
+from .modules import FusedBatchNormAct2d, FusedConvBNReLU2d
 
 __version__ = "0.1.0"
 
@@ -24,10 +28,13 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "FusedBatchNormAct2d",
+    "FusedConvBNReLU2d",
     "__version__",
     "add_relu",
     "add_relu_",
     "batch_norm_act",
+    "conv_bn_act",
+    "fold_conv_bn",
     "info",
     "is_available",
     "resolve_backend",

@@ -36,18 +36,19 @@ def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> 
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
-def check_optional_per_channel(t: object, name: str, input: torch.Tensor) -> None:
+def check_optional_per_channel(
+    t: object, name: str, input: torch.Tensor, channels: int | None = None, what: str = ""
+) -> None:
     """A per-channel tensor (weight, bias, running statistics) or None: shape (C,), on
-    input's device, floating (any float dtype: fp32 with half input is autocast's mix)."""
+    input's device, floating (any float dtype: fp32 with half input is autocast's mix).
+    C is input's channel count unless ``channels`` is given (``what`` then says whose)."""
     if t is None:
         return
     check_floating(t, name)
-    c = input.shape[1]
+    c = input.shape[1] if channels is None else channels
     if t.dim() != 1 or t.shape[0] != c:
-        raise ValueError(
-            f"{name} must have shape (C,) = ({c},) for input with C = {c} channels, "
-            f"got {tuple(t.shape)}"
-        )
+        whose = what or f"input with C = {c} channels"
+        raise ValueError(f"{name} must have shape (C,) = ({c},) for {whose}, got {tuple(t.shape)}")
     if t.device != input.device:
         raise ValueError(f"{name} must be on the device of input ({input.device}), got {t.device}")
 

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .functional import batch_norm_act
 
-__all__ = ["FusedBatchNormAct2d"]
+__all__ = ["FusedBatchNormAct2d", "FusedConvBNReLU2d"]
 
 
 class FusedBatchNormAct2d(nn.BatchNorm2d):
@@ -87,3 +87,193 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
 
 
 torch.serialization.add_safe_globals([FusedBatchNormAct2d])
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            raise NotImplementedError(
+                "conv padding='same' with an even effective kernel size pads asymmetrically, "
+                "which FusedConvBNReLU2d does not support"
+            )
+        return (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)
+
+
+class FusedConvBNReLU2d(nn.Module):
+    """``nn.Conv2d`` -> ``nn.BatchNorm2d`` -> (residual add) -> ReLU, fused.
+
+    Holds the original modules as ``conv`` and ``bn``, so its ``state_dict`` has the keys
+    of ``nn.Sequential(conv, bn, relu)`` with ``0.``/``1.`` replaced by ``conv.``/``bn.``.
+    ``forward(input, residual=None)`` computes ``relu(bn(conv(input)) + residual)``
+    (ReLU when ``relu=True``) with :func:`resnet_fused.conv_bn_act`.
+
+    In eval mode the folded weight and bias are cached, and refolded whenever a
+    parameter or buffer of ``conv`` or ``bn`` changes (an optimizer step, an in-place
+    edit, ``load_state_dict``, moving the module): the cache is keyed on each tensor's
+    identity, storage and version counter. While gradients are needed the fold is
+    recomputed each call (it is cheap and differentiable).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        relu: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            **factory,
+        )  # fmt: skip
+        self.bn = nn.BatchNorm2d(
+            out_channels, eps, momentum, affine, track_running_stats, **factory
+        )
+        self.relu = relu
+        self.backend = backend
+        self._fold_cache: tuple | None = None
+
+    @classmethod
+    def from_modules(
+        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, *, backend: str = "auto"
+    ) -> FusedConvBNReLU2d:
+        """A fused module holding ``conv`` and ``bn`` themselves (shared, not copied)."""
+        if not isinstance(conv, nn.Conv2d) or isinstance(conv, nn.ConvTranspose2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        if conv.out_channels != bn.num_features:
+            raise ValueError(
+                f"bn.num_features ({bn.num_features}) must equal conv.out_channels "
+                f"({conv.out_channels})"
+            )
+        if conv.padding_mode != "zeros":
+            raise NotImplementedError(
+                f"conv.padding_mode={conv.padding_mode!r}: only 'zeros' is supported"
+            )
+        _conv_padding(conv)
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.conv, fused.bn = conv, bn
+        fused.relu, fused.backend = relu, backend
+        fused._fold_cache = None
+        return fused.train(conv.training)
+
+    def _bn_factor(self) -> float:
+        bn = self.bn
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                factor = 1.0 / float(bn.num_batches_tracked)
+        return factor
+
+    def _fold_tensors(self) -> tuple:
+        conv, bn = self.conv, self.bn
+        return (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+
+    def _cached_fold(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """(W', b', packed W' or None) from the cache, refolded when anything changed;
+        None while autograd needs the fold (then conv_bn_act folds differentiably)."""
+        from .functional_conv import fold_conv_bn
+
+        tensors = self._fold_tensors()
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            self._fold_cache = None
+            return None
+        key = (
+            tuple(
+                None if t is None else (id(t), t.data_ptr(), t._version, t.device, t.dtype)
+                for t in tensors
+            ),
+            self.bn.eps,
+            dtype,
+        )
+        if self._fold_cache is not None and self._fold_cache[0] == key:
+            return self._fold_cache[1]
+        conv, bn = self.conv, self.bn
+        with torch.no_grad():
+            w, b = fold_conv_bn(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                bn.eps, dtype=dtype,
+            )  # fmt: skip
+        packed = None
+        if w.device.type == "cuda" or w.device.type == "cpu":
+            packed = _maybe_pack(w, self.conv.groups)
+        value = (w, b, packed)
+        self._fold_cache = (key, value)
+        return value
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        from .functional_conv import conv_bn_act
+
+        conv, bn = self.conv, self.bn
+        factor = self._bn_factor()
+        bn_training = self.training or (bn.running_mean is None and bn.running_var is None)
+        use_running = not self.training or bn.track_running_stats
+        folded = None
+        if not bn_training:
+            dtype = input.dtype
+            if torch.is_autocast_enabled(input.device.type) and dtype != torch.float64:
+                dtype = torch.get_autocast_dtype(input.device.type)
+            folded = self._cached_fold(dtype)
+        return conv_bn_act(
+            input,
+            conv.weight,
+            bn.weight,
+            bn.bias,
+            bn.running_mean if use_running else None,
+            bn.running_var if use_running else None,
+            conv_bias=conv.bias,
+            stride=conv.stride,
+            padding=_conv_padding(conv),
+            dilation=conv.dilation,
+            groups=conv.groups,
+            training=bn_training,
+            momentum=factor,
+            eps=bn.eps,
+            residual=residual,
+            relu=self.relu,
+            backend=self.backend,
+            _folded=folded,
+        )
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}, backend={self.backend!r}"
+
+
+def _maybe_pack(w: Tensor, groups: int) -> Tensor | None:
+    """The Triton layout of a folded weight, when Triton could use it."""
+    from .backends import triton_installed
+
+    if groups != 1 or w.dtype == torch.float64 or not triton_installed():
+        return None
+    if w.device.type == "cpu":
+        from .backends import triton_interpreter_enabled
+
+        if not triton_interpreter_enabled():
+            return None
+    from .triton import conv
+
+    return conv.pack_weight(w)
+
+
+torch.serialization.add_safe_globals([FusedConvBNReLU2d])

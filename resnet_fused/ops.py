@@ -207,3 +207,39 @@ def bn_act_backward_elemt_triton(
 
 
 bn_act_backward_elemt_triton.register_fake(_bn_act_backward_elemt_fake)
+
+
+# ---------------------------------------------------------------------------------------
+# bias_act (eval-mode conv epilogue with BN folded in): out = relu(input + bias [+ res]).
+# ---------------------------------------------------------------------------------------
+def _bias_act_fake(input, bias, residual, relu):
+    return empty_bn_like(input)
+
+
+def _bias_act_inplace_fake(input, bias, residual, relu):
+    return None
+
+
+if _extension.is_loaded():
+    torch.library.register_fake("resnet_fused::bias_act")(_bias_act_fake)
+    torch.library.register_fake("resnet_fused::bias_act_")(_bias_act_inplace_fake)
+
+
+@torch.library.custom_op("resnet_fused::bias_act_triton", mutates_args=())
+def bias_act_triton(
+    input: Tensor, bias: Tensor | None, residual: Tensor | None, relu: bool
+) -> Tensor:
+    return _triton_bn().bias_act(input, bias, residual, relu)
+
+
+bias_act_triton.register_fake(_bias_act_fake)
+
+
+@torch.library.custom_op("resnet_fused::bias_act_triton_", mutates_args=("input",))
+def bias_act_triton_(
+    input: Tensor, bias: Tensor | None, residual: Tensor | None, relu: bool
+) -> None:
+    _triton_bn().bias_act_(input, bias, residual, relu)
+
+
+bias_act_triton_.register_fake(_bias_act_inplace_fake)

@@ -208,3 +208,68 @@ def batch_norm_act(
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
+
+
+# ---------------------------------------------------------------------------------------
+# Convolution -> BatchNorm -> (residual add) -> ReLU.
+#
+#   y = conv2d(x, W, conv_bias);   out = batch_norm_act(y, ...)
+# Eval mode folds BN into the convolution (torch.nn.utils.fusion.fuse_conv_bn_weights):
+#   s = w*invstd (per output channel);  W' = W*s;  b' = (conv_bias - running_mean)*s + b
+#   out = relu(conv2d(x, W') + b' [+ residual])
+# ---------------------------------------------------------------------------------------
+
+
+def conv_bn_act(
+    input: torch.Tensor,
+    conv_weight: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    conv_bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+) -> torch.Tensor:
+    """``relu(batch_norm(conv2d(input)) + residual)`` through torch.nn.functional, unfused
+    and unfolded: the test oracle."""
+    y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    return batch_norm_act(
+        y,
+        running_mean,
+        running_var,
+        bn_weight,
+        bn_bias,
+        training,
+        momentum,
+        eps,
+        residual=residual,
+        relu=relu,
+    )
+
+
+def bias_act(
+    input: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    relu: bool,
+) -> torch.Tensor:
+    """``act(input + bias[c] [+ residual])`` in the stats dtype, rounded once: the eval-mode
+    epilogue of a convolution with BN folded into its weight and bias."""
+    acc = stats_dtype(input.dtype)
+    y = input.to(acc)
+    if bias is not None:
+        y = y + _per_channel(bias.to(acc), input.dim())
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(input.dtype).contiguous(memory_format=_layout(input))

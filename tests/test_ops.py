@@ -95,6 +95,8 @@ OPS = (
     "bn_act_forward",
     "bn_act_backward_reduce",
     "bn_act_backward_elemt",
+    "bias_act",
+    "bias_act_",
 )
 
 

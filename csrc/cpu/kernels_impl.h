@@ -163,9 +163,13 @@ struct AccVec {
 };
 #endif
 
-// Mean (of x - shift) and M2 of `len` contiguous values (two passes; the second reads
-// from cache). Tile means are taken relative to a per-channel shift (one of the channel's
-// values) so that they keep full precision when |mean| >> std, e.g. 1e4 + N(0, 1).
+// Mean (of x - shift) and M2 of `len` contiguous values: the corrected two-pass
+// algorithm (the second pass reads from cache). Pass one gives an approximate mean mu;
+// pass two sums d = x - mu and d*d, and mu + sum(d)/len is the mean to working
+// precision even when mu's rounding error is large against the spread (the first pass's
+// sum of x - shift grows with |mean - shift|); M2 = sum(d*d) - sum(d)^2/len. The per-channel
+// shift (one of the channel's values) keeps tile means exact when |mean| >> std, e.g.
+// 1e4 + N(0, 1), so that the merged partials do not cancel.
 template <typename scalar_t>
 void contiguous_moments(const scalar_t* x, int64_t len, at::opmath_type<scalar_t> shift,
                         at::opmath_type<scalar_t>& mean, at::opmath_type<scalar_t>& m2) {
@@ -191,32 +195,40 @@ void contiguous_moments(const scalar_t* x, int64_t len, at::opmath_type<scalar_t
   for (; i < len; ++i) {
     sum += static_cast<acc_t>(x[i]) - shift;
   }
-  mean = sum / static_cast<acc_t>(len);
-  acc_t sq = 0;
+  const acc_t center = shift + sum / static_cast<acc_t>(len);
+  acc_t sq = 0, sd = 0;
   i = 0;
 #if RF_USE_VEC
-  const typename V::aVec mv(mean + shift);
+  const typename V::aVec mv(center);
   s0 = typename V::aVec(0);
   s1 = typename V::aVec(0);
+  typename V::aVec d0(0), d1(0);
   for (; i + V::kStep <= len; i += V::kStep) {
     V::load(x + i, a, b);
     a -= mv;
     b -= mv;
+    d0 += a;
+    d1 += b;
     s0 = at::vec::fmadd(a, a, s0);
     s1 = at::vec::fmadd(b, b, s1);
   }
   sq = V::hsum(s0 + s1);
+  sd = V::hsum(d0 + d1);
 #endif
   for (; i < len; ++i) {
-    const acc_t d = static_cast<acc_t>(x[i]) - (mean + shift);
+    const acc_t d = static_cast<acc_t>(x[i]) - center;
+    sd += d;
     sq += d * d;
   }
-  m2 = sq;
+  const acc_t corr = sd / static_cast<acc_t>(len);
+  mean = (center - shift) + corr;
+  m2 = std::max(sq - sd * corr, acc_t(0));
 }
 
 // Per-channel mean (of x - shift[c]) and M2 of `rows` rows of C channels (a
-// channels_last tile), two passes. Channel blocks outside, rows inside: the accumulators
-// stay in registers and the tile (a few KB) stays in cache for the second pass.
+// channels_last tile), corrected two-pass as in contiguous_moments. Channel blocks
+// outside, rows inside: the accumulators stay in registers and the tile (a few KB)
+// stays in cache for the second pass.
 template <typename scalar_t>
 void rows_moments(const scalar_t* x, int64_t rows, int64_t C,
                   const at::opmath_type<scalar_t>* shift, at::opmath_type<scalar_t>* mean,
@@ -236,20 +248,22 @@ void rows_moments(const scalar_t* x, int64_t rows, int64_t C,
       s0 += a - sh0;
       s1 += b - sh1;
     }
-    const aVec mu0 = s0 * aVec(inv_rows), mu1 = s1 * aVec(inv_rows);
-    const aVec ce0 = sh0 + mu0, ce1 = sh1 + mu1;
-    aVec q0(0), q1(0);
+    const aVec ce0 = sh0 + s0 * aVec(inv_rows), ce1 = sh1 + s1 * aVec(inv_rows);
+    aVec q0(0), q1(0), d0(0), d1(0);
     for (int64_t r = 0; r < rows; ++r) {
       V::load(x + r * C + c, a, b);
       a -= ce0;
       b -= ce1;
+      d0 += a;
+      d1 += b;
       q0 = at::vec::fmadd(a, a, q0);
       q1 = at::vec::fmadd(b, b, q1);
     }
-    mu0.store(mean + c);
-    mu1.store(mean + c + h);
-    q0.store(m2 + c);
-    q1.store(m2 + c + h);
+    const aVec k0 = d0 * aVec(inv_rows), k1 = d1 * aVec(inv_rows);
+    ((ce0 - sh0) + k0).store(mean + c);
+    ((ce1 - sh1) + k1).store(mean + c + h);
+    at::vec::maximum(q0 - d0 * k0, aVec(0)).store(m2 + c);
+    at::vec::maximum(q1 - d1 * k1, aVec(0)).store(m2 + c + h);
   }
 #endif
   for (; c < C; ++c) {
@@ -257,15 +271,16 @@ void rows_moments(const scalar_t* x, int64_t rows, int64_t C,
     for (int64_t r = 0; r < rows; ++r) {
       sum += static_cast<acc_t>(x[r * C + c]) - shift[c];
     }
-    const acc_t mu = sum * inv_rows;
-    const acc_t center = shift[c] + mu;
-    acc_t sq = 0;
+    const acc_t center = shift[c] + sum * inv_rows;
+    acc_t sq = 0, sd = 0;
     for (int64_t r = 0; r < rows; ++r) {
       const acc_t d = static_cast<acc_t>(x[r * C + c]) - center;
+      sd += d;
       sq += d * d;
     }
-    mean[c] = mu;
-    m2[c] = sq;
+    const acc_t corr = sd * inv_rows;
+    mean[c] = (center - shift[c]) + corr;
+    m2[c] = std::max(sq - sd * corr, acc_t(0));
   }
 }
 

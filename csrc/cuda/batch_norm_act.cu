@@ -110,7 +110,9 @@ __device__ __forceinline__ int64_t shfl_down(int64_t v, int offset) {
       __shfl_down_sync(0xffffffffu, static_cast<long long>(v), offset));
 }
 
-// Per-channel tensors (contiguous, acc dtype); weight/bias may be null (1 / 0).
+// Per-channel tensors (contiguous, acc dtype); weight/bias may be null (1 / 0). mean and
+// var may be null in the forward kernels only (mean 0, invstd 1: xhat = x exactly), which
+// is how bias_act runs them.
 template <typename acc_t>
 struct BnParams {
   const acc_t* mean;
@@ -133,8 +135,8 @@ template <typename acc_t>
 __device__ __forceinline__ ChannelAffine<acc_t> load_affine(const BnParams<acc_t>& p,
                                                             int64_t c) {
   ChannelAffine<acc_t> a;
-  a.mean = p.mean[c];
-  a.invstd = inv_std(p.var[c], p.eps);
+  a.mean = p.mean != nullptr ? p.mean[c] : acc_t(0);
+  a.invstd = p.var != nullptr ? inv_std(p.var[c], p.eps) : acc_t(1);
   a.w = p.weight != nullptr ? p.weight[c] : acc_t(1);
   a.b = p.bias != nullptr ? p.bias[c] : acc_t(0);
   return a;
@@ -1605,6 +1607,73 @@ at::Tensor bn_act_backward_elemt_cuda(const at::Tensor& grad, const at::Tensor& 
   return grad_input;
 }
 
+// ---------------------------------------------------------------------------------------
+// bias_act: the eval-mode epilogue of a conv with BN folded into it,
+// out = relu(x + bias [+ residual]). It runs the forward kernels with mean, var and weight
+// absent: xhat = (x - 0)*1 = x and y = fma(x, 1, bias) = x + bias, one rounding, so the
+// result is the composition in acc_t rounded once. One pass: reads x (+ residual), writes
+// out (which may be x itself: every element is read, then written, by the same thread).
+// ---------------------------------------------------------------------------------------
+
+void bias_act_launch(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out,
+                     at::MemoryFormat fmt) {
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const int64_t N = x.size(0);
+  const int64_t C = x.size(1);
+  const int64_t HW = x.size(2) * x.size(3);
+  check_channels(C);
+  const at::Tensor r = present(residual) ? bn_in_format(*residual, fmt) : at::Tensor();
+  const at::Tensor b_a = optional_per_channel_acc(bias, acc_type_of(x));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const c10::DeviceIndex device = x.device().index();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BnParams<acc_t> p{nullptr, nullptr, nullptr, data_or_null<acc_t>(b_a), acc_t(0)};
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = data_or_null<scalar_t>(r);
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int vec = pick_vec<scalar_t>(channels_last ? C : HW, {xp, rp, op});
+    with_vec<scalar_t>(vec, [&](auto vec_c) {
+      constexpr int VEC = decltype(vec_c)::value;
+      if (channels_last) {
+        const auto kernel = bn_fwd_nhwc_kernel<scalar_t, VEC>;
+        const Plan plan = plan_for(kernel, N, C, HW, true, VEC, device);
+        kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nhwc);
+      } else {
+        const auto kernel = bn_fwd_nchw_kernel<scalar_t, VEC>;
+        const Plan plan = plan_for(kernel, N, C, HW, false, VEC, device);
+        kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nchw);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+at::Tensor bias_act_cuda(const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual, bool relu) {
+  check_bias_act_args(input, bias, residual);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::MemoryFormat fmt = bn_memory_format(input);
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(fmt));
+  if (out.numel() == 0) {
+    return out;
+  }
+  bias_act_launch(bn_in_format(input, fmt), bias, residual, relu, out, fmt);
+  return out;
+}
+
+void bias_act_inplace_cuda(at::Tensor& input, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& residual, bool relu) {
+  check_bias_act_inplace_args(input, bias, residual);
+  if (input.numel() == 0) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(input.device());
+  // Dense in NCHW or channels_last (checked): input is already in its bn layout.
+  bias_act_launch(input, bias, residual, relu, input, bn_memory_format(input));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
@@ -1612,6 +1681,8 @@ TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("bn_act_forward", &bn_act_forward_cuda);
   m.impl("bn_act_backward_reduce", &bn_act_backward_reduce_cuda);
   m.impl("bn_act_backward_elemt", &bn_act_backward_elemt_cuda);
+  m.impl("bias_act", &bias_act_cuda);
+  m.impl("bias_act_", &bias_act_inplace_cuda);
 }
 
 }  // namespace resnet_fused

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import sys
 
-_KERNEL_MODULES = ("resnet_fused.triton.add_relu", "resnet_fused.triton.batch_norm_act")
+_KERNEL_MODULES = (
+    "resnet_fused.triton.add_relu",
+    "resnet_fused.triton.batch_norm_act",
+    "resnet_fused.triton.conv",
+)
 
 
 def kernels_imported() -> bool:

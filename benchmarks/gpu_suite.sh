@@ -6,8 +6,11 @@
 #   OUT=/tmp/x STAGES="build test bench" bash benchmarks/gpu_suite.sh
 #
 # Variables: PYTHON (default python3), STAGES (any of build test bench; default all),
-# TEST_ARGS (extra pytest arguments), BENCH_ARGS (extra `resnet_fused bench` arguments),
-# TEST_TIMEOUT / BENCH_TIMEOUT (seconds), TORCH_CUDA_ARCH_LIST (default: this GPU's).
+# TEST_ARGS (extra pytest arguments), BENCH_LEVELS (default "layer op"), LAYER_ARGS /
+# OP_ARGS (extra `resnet_fused bench` arguments per level), TEST_TIMEOUT / BENCH_TIMEOUT
+# (seconds, each), TORCH_CUDA_ARCH_LIST (default: this GPU's).
+# The tests pin one Triton conv configuration (RESNET_FUSED_CONV_CONFIG) so that they do
+# not autotune every shape; the benchmarks autotune.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -41,22 +44,28 @@ if [[ " $STAGES " == *" test "* ]]; then
   start=$SECONDS
   xdist=()
   if $PY -c "import xdist" 2>/dev/null; then xdist=(-n "${TEST_WORKERS:-8}"); fi
-  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" \
+  RESNET_FUSED_CONV_CONFIG=${RESNET_FUSED_CONV_CONFIG:-128,64,32,4,3} \
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -v -rfE -p no:cacheprovider "${xdist[@]}" \
       ${TEST_ARGS:-} >"$OUT/tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40
-  tail -n 3 "$OUT/tests.log"
+  echo "passed: $(grep -c " PASSED " "$OUT/tests.log"), failed: $(grep -c " FAILED " "$OUT/tests.log")"
+  tail -n 2 "$OUT/tests.log"
   echo "tests: rc=$rc, $((SECONDS - start)) s"
   [[ $rc -ne 0 ]] && status=1
 fi
 
 if [[ " $STAGES " == *" bench "* ]]; then
-  start=$SECONDS
-  timeout "${BENCH_TIMEOUT:-240}" $PY -m resnet_fused bench --device cuda --out "$OUT" \
-      ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
-  rc=$?
-  tail -n 40 "$OUT/bench.log"
-  echo "bench: rc=$rc, $((SECONDS - start)) s"
-  [[ $rc -ne 0 ]] && status=1
+  for level in ${BENCH_LEVELS:-layer op}; do
+    start=$SECONDS
+    args=${OP_ARGS:-}
+    [[ $level == layer ]] && args=${LAYER_ARGS:-}
+    timeout "${BENCH_TIMEOUT:-240}" $PY -m resnet_fused bench --level "$level" --device cuda \
+        --out "$OUT" $args >"$OUT/bench_$level.log" 2>&1
+    rc=$?
+    grep -v "^W1\|Warning" "$OUT/bench_$level.log" | tail -n 30
+    echo "bench $level: rc=$rc, $((SECONDS - start)) s"
+    [[ $rc -ne 0 ]] && status=1
+  done
 fi
 exit $status

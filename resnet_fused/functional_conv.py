@@ -307,8 +307,12 @@ class _TritonConvStats(torch.autograd.Function):
 
 
 def _train_forward(
-    impl, x, w, conv_b, bn_w, bn_b, rm, rv, geometry, momentum, eps, residual, relu, update
-):
+    impl, x, w, conv_b, bn_w, bn_b, rm, rv, geometry, momentum, eps, residual, relu, update,
+    bn_impl=None,
+):  # fmt: skip
+    """Training forward: the convolution on ``impl`` (Triton: with the statistics
+    epilogue), BatchNorm(+add)+ReLU on ``bn_impl`` (default: ``impl``)."""
+    bn_impl = impl if bn_impl is None else bn_impl
     stride, padding, dilation, groups = geometry
     rm_u, rv_u = (rm, rv) if update else (None, None)
     if impl == "triton" and groups == 1 and conv_b is None and x.dtype in _TRITON_CONV_DTYPES:
@@ -322,11 +326,11 @@ def _train_forward(
     else:
         y = F.conv2d(x, w, conv_b, stride, padding, dilation, groups)
         _check_batch_size(y)
-        mean, var = _bn_kernels(impl).stats(y.detach(), rm_u, rv_u, float(momentum))
-    kernels = _bn_kernels(impl)
+        mean, var = _bn_kernels(bn_impl).stats(y.detach(), rm_u, rv_u, float(momentum))
+    kernels = _bn_kernels(bn_impl)
     if not _needs_autograd(*(t for t in (y, bn_w, bn_b, residual) if t is not None)):
         return kernels.forward(y, mean, var, bn_w, bn_b, residual, float(eps), relu)
-    return _BatchNormAct.apply(y, bn_w, bn_b, residual, mean, var, float(eps), relu, True, impl)
+    return _BatchNormAct.apply(y, bn_w, bn_b, residual, mean, var, float(eps), relu, True, bn_impl)
 
 
 def _check_batch_size(y_or_shape) -> None:
@@ -469,6 +473,14 @@ def conv_bn_act(
         _check_batch_size((input.shape[0], conv_weight.shape[0], p, q))
         update = training and running_mean is not None
 
+        # "auto" on CUDA chooses the convolution (cuDNN or Triton with the statistics
+        # epilogue) by timing; BatchNorm then always runs on the CUDA kernels, so the
+        # backward (aten convolution_backward + BN backward) is the same for both and the
+        # forward decides.
+        bn_impl = None
+        if backend == "auto" and unavailable_reason("cuda", input.device) is None:
+            bn_impl = "cuda"
+
         def run(impl, trial=False):
             # Trial runs (timing for "auto") must leave the running statistics alone.
             rm, rv = running_mean, running_var
@@ -477,6 +489,7 @@ def conv_bn_act(
             return _train_forward(
                 impl, input, conv_weight, conv_bias, bn_weight, bn_bias, rm, rv, geometry,
                 momentum, eps, residual, relu, update,
+                bn_impl if bn_impl is not None and impl in ("cuda", "triton") else None,
             )  # fmt: skip
 
         impl = _resolve_conv_backend(

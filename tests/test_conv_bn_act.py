@@ -431,3 +431,15 @@ def test_bad_arguments_name_the_argument():
         f(torch.randn(1, 4, 3, 3), w, p, p, p, p, training=True)
     with pytest.raises(ValueError, match="backend must be one of"):
         f(x, w, p, p, p, p, backend="cudnn")
+
+
+def test_opcheck_fold_op():
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    cb, rm, g, b = (torch.randn(6, dtype=torch.float64) for _ in range(4))
+    rv = torch.rand(6, dtype=torch.float64) + 0.5
+    fold = torch.ops.resnet_fused.fold_conv_bn.default
+    torch.library.opcheck(fold, (w, cb, rm, rv, g, b, 1e-5, torch.float64))
+    torch.library.opcheck(fold, (w, None, rm, rv, None, None, 1e-3, torch.float64))
+    torch.library.opcheck(
+        fold, (w.float(), None, rm.float(), rv.float(), g.float(), None, 1e-5, torch.bfloat16)
+    )

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import op, report
+from . import layer, op, report
 from .timing import device_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -16,11 +16,22 @@ OPS = ("add_relu", "bn_relu", "bn_add_relu")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--level", choices=["op"], default="op", help="what to benchmark")
+    parser.add_argument(
+        "--level",
+        choices=["op", "layer"],
+        default="op",
+        help="op: the elementwise/BN ops; layer: ResNet-50's Conv+BN+(add)+ReLU units",
+    )
     parser.add_argument(
         "--ops",
         default=",".join(OPS),
         help=f"comma-separated ops of the op level (default: {','.join(OPS)})",
+    )
+    parser.add_argument(
+        "--layers",
+        default=None,
+        help="comma-separated layer names of the layer level (default: all ResNet-50 convs; "
+        "--quick: a selection)",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
@@ -33,7 +44,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--providers",
         default=None,
-        help="comma-separated: eager,compile,cpu,cuda,triton (default: all here)",
+        help="comma-separated: eager,compile,cpu,cuda,triton (layer level also: conv,auto) "
+        "(default: all here)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument(
@@ -58,6 +70,8 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     batch = args.batch or (256 if device.type == "cuda" else 8)
     dtype = DTYPES[args.dtype]
+    if args.level == "layer":
+        return run_layer_bench(args, device, dtype)
     valid = ["eager", "compile", *op.fused_providers(device)]
     providers = args.providers.split(",") if args.providers else valid
     unknown = [p for p in providers if p not in valid]
@@ -90,6 +104,45 @@ def run_bench(args: argparse.Namespace) -> int:
     with open(md_path, "w") as f:
         f.write(summarise(rows))
     print(f"wrote {csv_path} and {md_path}")
+    return 0
+
+
+def run_layer_bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
+    batch = args.batch or (256 if device.type == "cuda" else 4)
+    valid = layer.providers_here(device)
+    default = [p for p in valid if p != "compile"]
+    providers = args.providers.split(",") if args.providers else default
+    unknown = [p for p in providers if p not in valid]
+    if unknown:
+        print(
+            f"bench: provider(s) {unknown} not available here; choose from {valid}", file=sys.stderr
+        )
+        return 2
+    providers = [p for p in ("conv", "eager") if p not in providers] + providers
+    layouts = (
+        tuple(args.layouts.split(","))
+        if args.layouts != "channels_last,nchw"
+        else ("channels_last",)
+    )
+    try:
+        selected = layer.layers(args.layers.split(",") if args.layers else None, args.quick)
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    tag = report.slug(device_name(device).split("(")[0]) or device.type
+    stem = os.path.join(args.out, f"layer_{tag}_{args.dtype}")
+    rows: list[dict] = []
+
+    def save(row: dict) -> None:  # after every measurement: a timeout keeps what ran
+        rows.append(row)
+        report.write_csv(rows, stem + ".csv")
+
+    layer.run_layers(
+        selected, batch, device, dtype, providers, layouts, args.min_run_time, on_row=save
+    )
+    with open(stem + ".md", "w") as f:
+        f.write(layer.summarise(rows))
+    print(f"wrote {stem}.csv and {stem}.md")
     return 0
 
 

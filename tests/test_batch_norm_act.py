@@ -359,6 +359,12 @@ def test_opcheck_triton_bn_ops(backend):
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("training", [True, False])
 def test_compile_fullgraph(backend, training):
+    torch_version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if backend == "torch" and torch_version < (2, 14):
+        pytest.skip(
+            "torch < 2.14: aot_eager returned all-zero gradients for the pure-PyTorch "
+            "backend's autograd.Function (seen on torch 2.11, not on 2.14)"
+        )
     device = backend_device(backend)
     compiler = "inductor" if backend in ("cpu", "cuda") else "aot_eager"
 

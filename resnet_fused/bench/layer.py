@@ -310,7 +310,7 @@ def summarise(rows: list[dict]) -> str:
     for key in keys:
         by = {r["provider"]: r for r in rows if (r["layer"], r["layout"], r["mode"]) == key}
         cells = [
-            f"{by[p]['median_ms']:.3f} ({by[p]['tflops']:.1f})" if p in by else "-"
+            f"{by[p]['median_ms']:.3f} ({by[p]['tflops']:.3g})" if p in by else "-"
             for p in providers
         ]
         extra = [by["auto"].get("auto_pick", "")] if "auto" in by else ([""] if fused else [])

@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 BENCH_OUT ?= benchmarks/results
 export MAX_JOBS ?= 2
 
-DEPS := torch torchvision triton ninja pybind11 pytest numpy matplotlib setuptools wheel ruff
+DEPS := torch torchvision triton ninja pybind11 pytest numpy matplotlib scikit-learn setuptools wheel ruff
 
 .PHONY: all venv install test bench lint format info clean
 
@@ -41,12 +41,12 @@ info: install
 	$(PY) -m resnet_fused info
 
 lint: venv
-	$(PY) -m ruff check resnet_fused tests benchmarks setup.py
-	$(PY) -m ruff format --check resnet_fused tests benchmarks setup.py
+	$(PY) -m ruff check resnet_fused tests benchmarks examples setup.py
+	$(PY) -m ruff format --check resnet_fused tests benchmarks examples setup.py
 
 format: venv
-	$(PY) -m ruff format resnet_fused tests benchmarks setup.py
-	$(PY) -m ruff check --fix resnet_fused tests benchmarks setup.py
+	$(PY) -m ruff format resnet_fused tests benchmarks examples setup.py
+	$(PY) -m ruff check --fix resnet_fused tests benchmarks examples setup.py
 
 clean:
 	rm -rf build *.egg-info resnet_fused/_C*.so

@@ -24,18 +24,46 @@ from .modules import FusedBatchNormAct2d, FusedConvBNReLU2d
 
 __version__ = "0.1.0"
 
+# The ResNet parts import torchvision: loaded on first use, so `import resnet_fused` stays
+# light.
+_LAZY = {
+    "FusedBasicBlock": "resnet",
+    "FusedBottleneck": "resnet",
+    "convert": "resnet",
+    "unfuse": "resnet",
+    "conversion_report": "resnet",
+    "models": None,
+    "resnet": None,
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name] or name}", __name__)
+        return module if _LAZY[name] is None else getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "FusedBasicBlock",
     "FusedBatchNormAct2d",
+    "FusedBottleneck",
     "FusedConvBNReLU2d",
     "__version__",
     "add_relu",
     "add_relu_",
     "batch_norm_act",
     "conv_bn_act",
+    "conversion_report",
+    "convert",
     "fold_conv_bn",
     "info",
     "is_available",
+    "models",
     "resolve_backend",
+    "unfuse",
 ]

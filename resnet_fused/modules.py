@@ -103,6 +103,103 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
+class FoldCache:
+    """The eval-mode fold (W', b', packed W') of one conv + BN pair and the key it was
+    made for. Not state: copies and pickles start empty."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self) -> None:
+        self.key = self.value = None
+
+    def __deepcopy__(self, memo) -> FoldCache:
+        return FoldCache()
+
+    def __reduce__(self):
+        return (FoldCache, ())
+
+
+def _cached_fold(
+    conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, cache: FoldCache, pack: bool
+):
+    """(W', b', packed W' or None) from ``cache``, refolded when any input changed (keyed
+    on each tensor's identity, storage and version counter, plus eps and dtype). None
+    while autograd needs the fold (conv_bn_act then folds differentiably) and under
+    torch.compile (which traces the fold op instead)."""
+    from .functional_conv import fold_conv_bn
+
+    tensors = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    if torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        cache.key = cache.value = None
+        return None
+    key = (
+        tuple(
+            None if t is None else (id(t), t.data_ptr(), t._version, t.device, t.dtype)
+            for t in tensors
+        ),
+        bn.eps,
+        dtype,
+    )
+    if cache.key == key:
+        return cache.value
+    with torch.no_grad():
+        w, b = fold_conv_bn(*tensors[:2], *tensors[2:], bn.eps, dtype=dtype)
+    cache.key, cache.value = key, (w, b, _maybe_pack(w, conv.groups) if pack else None)
+    return cache.value
+
+
+def conv_bn_forward(
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    input: Tensor,
+    residual: Tensor | None,
+    relu: bool,
+    backend: str,
+    training: bool,
+    cache: FoldCache | None = None,
+) -> Tensor:
+    """``relu(bn(conv(input)) + residual)`` with ``conv`` and ``bn`` used as modules: the
+    same bookkeeping as ``nn.BatchNorm2d.forward`` (num_batches_tracked, momentum=None,
+    track_running_stats) in ``training`` mode, the cached fold in eval mode."""
+    from .functional_conv import conv_bn_act
+
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    bn_training = training or (bn.running_mean is None and bn.running_var is None)
+    use_running = not training or bn.track_running_stats
+    folded = None
+    if not bn_training and cache is not None:
+        dtype = input.dtype
+        if torch.is_autocast_enabled(input.device.type) and dtype != torch.float64:
+            dtype = torch.get_autocast_dtype(input.device.type)
+        folded = _cached_fold(conv, bn, dtype, cache, pack=backend in ("auto", "triton"))
+    return conv_bn_act(
+        input,
+        conv.weight,
+        bn.weight,
+        bn.bias,
+        bn.running_mean if use_running else None,
+        bn.running_var if use_running else None,
+        conv_bias=conv.bias,
+        stride=conv.stride,
+        padding=_conv_padding(conv),
+        dilation=conv.dilation,
+        groups=conv.groups,
+        training=bn_training,
+        momentum=factor,
+        eps=bn.eps,
+        residual=residual,
+        relu=relu,
+        backend=backend,
+        _folded=folded,
+    )
+
+
 class FusedConvBNReLU2d(nn.Module):
     """``nn.Conv2d`` -> ``nn.BatchNorm2d`` -> (residual add) -> ReLU, fused.
 
@@ -149,7 +246,7 @@ class FusedConvBNReLU2d(nn.Module):
         )
         self.relu = relu
         self.backend = backend
-        self._fold_cache: tuple | None = None
+        self._fold_cache = FoldCache()
 
     @classmethod
     def from_modules(
@@ -174,87 +271,14 @@ class FusedConvBNReLU2d(nn.Module):
         nn.Module.__init__(fused)
         fused.conv, fused.bn = conv, bn
         fused.relu, fused.backend = relu, backend
-        fused._fold_cache = None
+        fused._fold_cache = FoldCache()
         return fused.train(conv.training)
 
-    def _bn_factor(self) -> float:
-        bn = self.bn
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                factor = 1.0 / float(bn.num_batches_tracked)
-        return factor
-
-    def _fold_tensors(self) -> tuple:
-        conv, bn = self.conv, self.bn
-        return (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
-
-    def _cached_fold(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None] | None:
-        """(W', b', packed W' or None) from the cache, refolded when anything changed;
-        None while autograd needs the fold (then conv_bn_act folds differentiably)."""
-        from .functional_conv import fold_conv_bn
-
-        tensors = self._fold_tensors()
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            self._fold_cache = None
-            return None
-        key = (
-            tuple(
-                None if t is None else (id(t), t.data_ptr(), t._version, t.device, t.dtype)
-                for t in tensors
-            ),
-            self.bn.eps,
-            dtype,
-        )
-        if self._fold_cache is not None and self._fold_cache[0] == key:
-            return self._fold_cache[1]
-        conv, bn = self.conv, self.bn
-        with torch.no_grad():
-            w, b = fold_conv_bn(
-                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                bn.eps, dtype=dtype,
-            )  # fmt: skip
-        packed = None
-        if w.device.type == "cuda" or w.device.type == "cpu":
-            packed = _maybe_pack(w, self.conv.groups)
-        value = (w, b, packed)
-        self._fold_cache = (key, value)
-        return value
-
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        from .functional_conv import conv_bn_act
-
-        conv, bn = self.conv, self.bn
-        factor = self._bn_factor()
-        bn_training = self.training or (bn.running_mean is None and bn.running_var is None)
-        use_running = not self.training or bn.track_running_stats
-        folded = None
-        if not bn_training:
-            dtype = input.dtype
-            if torch.is_autocast_enabled(input.device.type) and dtype != torch.float64:
-                dtype = torch.get_autocast_dtype(input.device.type)
-            folded = self._cached_fold(dtype)
-        return conv_bn_act(
-            input,
-            conv.weight,
-            bn.weight,
-            bn.bias,
-            bn.running_mean if use_running else None,
-            bn.running_var if use_running else None,
-            conv_bias=conv.bias,
-            stride=conv.stride,
-            padding=_conv_padding(conv),
-            dilation=conv.dilation,
-            groups=conv.groups,
-            training=bn_training,
-            momentum=factor,
-            eps=bn.eps,
-            residual=residual,
-            relu=self.relu,
-            backend=self.backend,
-            _folded=folded,
-        )
+        return conv_bn_forward(
+            self.conv, self.bn, input, residual, self.relu, self.backend, self.training,
+            self._fold_cache,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, backend={self.backend!r}"

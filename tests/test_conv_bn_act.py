@@ -293,9 +293,10 @@ def test_module_fold_cache_is_refreshed(backend):
     x = torch.randn(2, 4, 6, 6, device=device)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), seq(x), rtol=1e-4, atol=1e-4)
-        cached = fused._fold_cache
+        cached = fused._fold_cache.value
+        assert cached is not None
         fused(x)
-        assert fused._fold_cache is cached  # reused while nothing changed
+        assert fused._fold_cache.value is cached  # reused while nothing changed
         # An optimizer step on the conv weight.
         opt = torch.optim.SGD(fused.parameters(), lr=0.5)
         conv.weight.grad = torch.randn_like(conv.weight)

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import layer, op, report
+from . import layer, model, op, report
 from .timing import device_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -18,9 +18,17 @@ OPS = ("add_relu", "bn_relu", "bn_add_relu")
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--level",
-        choices=["op", "layer"],
+        choices=["op", "layer", "model"],
         default="op",
-        help="op: the elementwise/BN ops; layer: ResNet-50's Conv+BN+(add)+ReLU units",
+        help="op: the elementwise/BN ops; layer: ResNet-50's Conv+BN+(add)+ReLU units; "
+        "model: whole ResNets, converted vs eager vs compile",
+    )
+    parser.add_argument(
+        "--models", default="resnet18,resnet50", help="model level: torchvision model names"
+    )
+    parser.add_argument("--image-size", type=int, default=224, help="model level: image size")
+    parser.add_argument(
+        "--amp", action="store_true", help="model level: bf16 autocast (default on a GPU)"
     )
     parser.add_argument(
         "--ops",
@@ -72,6 +80,8 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     if args.level == "layer":
         return run_layer_bench(args, device, dtype)
+    if args.level == "model":
+        return run_model_bench(args, device)
     valid = ["eager", "compile", *op.fused_providers(device)]
     providers = args.providers.split(",") if args.providers else valid
     unknown = [p for p in providers if p not in valid]
@@ -142,6 +152,43 @@ def run_layer_bench(args: argparse.Namespace, device: torch.device, dtype: torch
     )
     with open(stem + ".md", "w") as f:
         f.write(layer.summarise(rows))
+    print(f"wrote {stem}.csv and {stem}.md")
+    return 0
+
+
+def run_model_bench(args: argparse.Namespace, device: torch.device) -> int:
+    batch = args.batch or (256 if device.type == "cuda" else 8)
+    fused = ["fused"] + [f"fused-{b}" for b in op.fused_providers(device)]
+    valid = ["eager", "compile", *fused]
+    default = ["eager", "fused", "compile"] if device.type == "cuda" else ["eager", "fused"]
+    providers = args.providers.split(",") if args.providers else default
+    unknown = [p for p in providers if p not in valid]
+    if unknown:
+        print(f"bench: provider(s) {unknown} not available; choose from {valid}", file=sys.stderr)
+        return 2
+    providers = [p for p in ("eager",) if p not in providers] + providers
+    names = args.models.split(",")
+    bad = [n for n in names if not hasattr(__import__("torchvision").models, n)]
+    if bad:
+        print(f"bench: unknown torchvision model(s) {bad}", file=sys.stderr)
+        return 2
+    amp = args.amp or device.type == "cuda"
+    tag = report.slug(device_name(device).split("(")[0]) or device.type
+    stem = os.path.join(args.out, f"model_{tag}")
+    rows: list[dict] = []
+
+    def save(row: dict) -> None:
+        rows.append(row)
+        report.write_csv(rows, stem + ".csv")
+
+    layouts = tuple(args.layouts.split(","))
+    model.run_models(
+        names, batch, args.image_size, device, providers, layouts, amp,
+        max(args.min_run_time, 1.0) if device.type == "cpu" else args.min_run_time,
+        on_row=save,
+    )  # fmt: skip
+    with open(stem + ".md", "w") as f:
+        f.write(model.summarise(rows))
     print(f"wrote {stem}.csv and {stem}.md")
     return 0
 

@@ -1,0 +1,385 @@
+"""Fused ResNet blocks, the one-call converter and its inverse.
+
+:func:`convert` turns any torchvision ResNet (resnet18 ... resnet152, wide_resnet,
+resnext, or a ``torchvision.models.resnet.ResNet`` with custom layer counts) into its
+fused twin: every ``BasicBlock`` / ``Bottleneck`` becomes a :class:`FusedBasicBlock` /
+:class:`FusedBottleneck` and the stem ``conv1 -> bn1 -> relu`` one fused Conv+BN+ReLU.
+The fused modules hold the very same ``nn.Conv2d`` / ``nn.BatchNorm2d`` modules under
+torchvision's names (``conv1``, ``bn1``, ..., ``downsample.0``, ``downsample.1``), so
+``state_dict`` keys, parameters and buffers are unchanged. :func:`unfuse` gives back
+plain torchvision modules (for export).
+
+Each block runs (body) fused Conv+BN+ReLU units and (tail) Conv+BN+add+ReLU with the
+identity or the downsample branch (itself a fused Conv+BN) as the residual; in eval mode
+each unit is one convolution with BatchNorm folded in and a one-pass epilogue.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from .modules import FoldCache, _conv_padding, conv_bn_forward
+
+__all__ = [
+    "FoldedBatchNorm2d",
+    "FusedBasicBlock",
+    "FusedBottleneck",
+    "FusedStemConv2d",
+    "conversion_report",
+    "convert",
+    "unfuse",
+]
+
+
+# --- helpers: modules sharing another module's parameters and buffers ------------------
+
+
+def _share_conv(conv: nn.Conv2d, cls: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
+    new = cls(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+    )  # fmt: skip
+    new.weight = conv.weight
+    if conv.bias is not None:
+        new.bias = conv.bias
+    return new.train(conv.training)
+
+
+def _share_bn(bn: nn.BatchNorm2d, cls: type[nn.BatchNorm2d] = nn.BatchNorm2d) -> nn.BatchNorm2d:
+    new = cls(
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta"
+    )
+    for name in ("weight", "bias"):
+        setattr(new, name, getattr(bn, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        new._buffers[name] = bn._buffers.get(name)
+    return new.train(bn.training)
+
+
+def _why_not_unit(conv: object, bn: object, where: str) -> str | None:
+    """Why (conv, bn) cannot run as one fused unit; None when it can."""
+    if type(conv) is not nn.Conv2d:
+        return f"{where}: {type(conv).__name__} is not a plain nn.Conv2d"
+    if type(bn) is not nn.BatchNorm2d:
+        return f"{where}: {type(bn).__name__} is not a plain nn.BatchNorm2d"
+    if conv.padding_mode != "zeros":
+        return f"{where}: conv padding_mode={conv.padding_mode!r}"
+    if conv.out_channels != bn.num_features:
+        return f"{where}: conv has {conv.out_channels} outputs, bn {bn.num_features} features"
+    try:
+        _conv_padding(conv)
+    except NotImplementedError as exc:
+        return f"{where}: {exc}"
+    return None
+
+
+def _why_not_downsample(ds: object) -> str | None:
+    if ds is None:
+        return None
+    if type(ds) is not nn.Sequential or len(ds) != 2:
+        return "downsample is not nn.Sequential(conv, bn)"
+    return _why_not_unit(ds[0], ds[1], "downsample")
+
+
+# --- blocks ---------------------------------------------------------------------------------
+
+
+class _FusedBlock(nn.Module):
+    """Shared forward machinery: ``(conv, bn)`` pairs run through conv_bn_forward with a
+    fold cache each."""
+
+    backend: str
+
+    def _init_fused(self, backend: str) -> None:
+        self.backend = backend
+        self._fold_caches: dict[str, FoldCache] = {}
+
+    def _unit(self, name: str, conv, bn, x, residual=None, relu=True) -> Tensor:
+        cache = self._fold_caches.get(name)
+        if cache is None:
+            cache = self._fold_caches[name] = FoldCache()
+        return conv_bn_forward(conv, bn, x, residual, relu, self.backend, self.training, cache)
+
+    def _identity(self, x: Tensor) -> Tensor:
+        if self.downsample is None:
+            return x
+        return self._unit("downsample", self.downsample[0], self.downsample[1], x, relu=False)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class FusedBasicBlock(_FusedBlock):
+    """torchvision's ``BasicBlock``, fused: ``relu(bn2(conv2(relu(bn1(conv1(x))))) +
+    identity)`` as two fused Conv+BN(+add)+ReLU units (plus the downsample unit)."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        block = BasicBlock(
+            inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer
+        )
+        self._adopt(block, backend)
+
+    def _adopt(self, block: BasicBlock, backend: str) -> None:
+        self.conv1, self.bn1, self.relu = block.conv1, block.bn1, block.relu
+        self.conv2, self.bn2 = block.conv2, block.bn2
+        self.downsample, self.stride = block.downsample, block.stride
+        self._init_fused(backend)
+
+    @classmethod
+    def from_block(cls, block: BasicBlock, *, backend: str = "auto") -> FusedBasicBlock:
+        """A fused block holding ``block``'s own submodules (shared, not copied)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._adopt(block, backend)
+        return fused.train(block.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = self._identity(x)
+        out = self._unit("1", self.conv1, self.bn1, x)
+        return self._unit("2", self.conv2, self.bn2, out, residual=identity)
+
+    def to_torchvision(self) -> BasicBlock:
+        block = BasicBlock.__new__(BasicBlock)
+        nn.Module.__init__(block)
+        block.conv1, block.bn1, block.relu = self.conv1, self.bn1, self.relu
+        block.conv2, block.bn2 = self.conv2, self.bn2
+        block.downsample, block.stride = self.downsample, self.stride
+        return block.train(self.training)
+
+
+class FusedBottleneck(_FusedBlock):
+    """torchvision's ``Bottleneck`` (v1.5: stride on the 3x3), fused: three fused
+    Conv+BN+ReLU units, the last with the identity or downsample branch added."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        block = Bottleneck(
+            inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer
+        )
+        self._adopt(block, backend)
+
+    def _adopt(self, block: Bottleneck, backend: str) -> None:
+        self.conv1, self.bn1 = block.conv1, block.bn1
+        self.conv2, self.bn2 = block.conv2, block.bn2
+        self.conv3, self.bn3 = block.conv3, block.bn3
+        self.relu, self.downsample, self.stride = block.relu, block.downsample, block.stride
+        self._init_fused(backend)
+
+    @classmethod
+    def from_block(cls, block: Bottleneck, *, backend: str = "auto") -> FusedBottleneck:
+        """A fused block holding ``block``'s own submodules (shared, not copied)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._adopt(block, backend)
+        return fused.train(block.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = self._identity(x)
+        out = self._unit("1", self.conv1, self.bn1, x)
+        out = self._unit("2", self.conv2, self.bn2, out)
+        return self._unit("3", self.conv3, self.bn3, out, residual=identity)
+
+    def to_torchvision(self) -> Bottleneck:
+        block = Bottleneck.__new__(Bottleneck)
+        nn.Module.__init__(block)
+        block.conv1, block.bn1 = self.conv1, self.bn1
+        block.conv2, block.bn2 = self.conv2, self.bn2
+        block.conv3, block.bn3 = self.conv3, self.bn3
+        block.relu, block.downsample, block.stride = self.relu, self.downsample, self.stride
+        return block.train(self.training)
+
+
+# --- the stem -------------------------------------------------------------------------------
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """A ResNet stem's ``bn1`` whose work the preceding :class:`FusedStemConv2d` does:
+    it keeps the parameters and buffers (same ``state_dict`` keys) and passes its input
+    through unchanged."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input
+
+
+class FoldedReLU(nn.Identity):
+    """A ResNet stem's ``relu``, done by the preceding :class:`FusedStemConv2d`."""
+
+
+class FusedStemConv2d(nn.Conv2d):
+    """A ResNet stem's ``conv1`` computing ``relu(bn1(conv1(x)))`` in one fused unit; the
+    model's ``bn1`` (a :class:`FoldedBatchNorm2d` holding the statistics) and ``relu``
+    then pass through. Same ``state_dict`` keys as the torchvision stem."""
+
+    @classmethod
+    def from_modules(
+        cls, conv: nn.Conv2d, bn: FoldedBatchNorm2d, *, backend: str = "auto"
+    ) -> FusedStemConv2d:
+        stem = _share_conv(conv, cls)
+        stem.__dict__["_bn"] = bn  # not a submodule: bn stays registered as model.bn1
+        stem.backend = backend
+        stem._fold_cache = FoldCache()
+        return stem
+
+    def forward(self, input: Tensor) -> Tensor:
+        return conv_bn_forward(
+            self, self._bn, input, None, True, self.backend, self.training, self._fold_cache
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fused with bn1 and relu, backend={self.backend!r}"
+
+
+def _why_not_stem(model: ResNet) -> str | None:
+    cls = type(model)
+    if cls.forward is not ResNet.forward or cls._forward_impl is not ResNet._forward_impl:
+        return "stem: the model overrides ResNet.forward"
+    if type(model.relu) is not nn.ReLU:
+        return f"stem: relu is {type(model.relu).__name__}, not nn.ReLU"
+    return _why_not_unit(model.conv1, model.bn1, "stem")
+
+
+# --- convert / unfuse ------------------------------------------------------------------------
+
+
+_BLOCKS = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
+
+
+def _why_not_block(block: nn.Module) -> str | None:
+    names = ["1", "2"] if type(block) is BasicBlock else ["1", "2", "3"]
+    for n in names:
+        why = _why_not_unit(getattr(block, f"conv{n}"), getattr(block, f"bn{n}"), f"conv{n}/bn{n}")
+        if why:
+            return why
+    return _why_not_downsample(block.downsample)
+
+
+def conversion_report(model: nn.Module) -> dict[str, list[str]]:
+    """Which ResNet parts of ``model`` are fused and which are not (with the reason)."""
+    fused, skipped = [], []
+    for name, module in model.named_modules():
+        where = name or "<model>"
+        if isinstance(module, (FusedBasicBlock, FusedBottleneck, FusedStemConv2d)):
+            fused.append(where)
+        elif isinstance(module, (BasicBlock, Bottleneck)):
+            if type(module) not in _BLOCKS:
+                skipped.append(f"{where}: {type(module).__name__} subclasses a torchvision block")
+            else:
+                skipped.append(f"{where}: {_why_not_block(module) or 'not converted'}")
+        if isinstance(module, ResNet) and not isinstance(module.conv1, FusedStemConv2d):
+            skipped.append(f"{where}.conv1 (stem): {_why_not_stem(module) or 'not converted'}")
+    return {"fused": fused, "not_fused": skipped}
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False) -> nn.Module:
+    """The fused twin of a model holding torchvision ResNet parts.
+
+    Replaces every torchvision ``BasicBlock`` / ``Bottleneck`` (exact classes) by its
+    fused block and, in every ``torchvision.models.resnet.ResNet`` (custom layer counts
+    too), the stem ``conv1 -> bn1 -> relu`` by one fused unit. Parameters, buffers and
+    ``state_dict`` keys are unchanged; outputs, gradients and running statistics match
+    the original. A block or stem that cannot be fused as a whole (another norm layer,
+    a subclass with its own forward, padding_mode other than zeros, ...) is left
+    untouched, and a warning lists each with the reason (see :func:`conversion_report`).
+
+    Args:
+        model: any nn.Module; typically a torchvision ResNet.
+        backend: the backend of the fused kernels (see resnet_fused.backends).
+        inplace: modify ``model`` itself; by default a deep copy is converted.
+    """
+    from .backends import BACKENDS
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    skipped = []
+    for name, module in list(model.named_modules()):
+        if type(module) in _BLOCKS:
+            why = _why_not_block(module)
+            if why:
+                skipped.append(f"{name}: {why}")
+                continue
+            _set_child(model, name, _BLOCKS[type(module)].from_block(module, backend=backend))
+        elif isinstance(module, (BasicBlock, Bottleneck)):
+            skipped.append(f"{name}: {type(module).__name__} subclasses a torchvision block")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ResNet) and not isinstance(module.conv1, FusedStemConv2d):
+            why = _why_not_stem(module)
+            if why:
+                skipped.append(f"{name or '<model>'}: {why}")
+                continue
+            bn = _share_bn(module.bn1, FoldedBatchNorm2d)
+            module.conv1 = FusedStemConv2d.from_modules(module.conv1, bn, backend=backend)
+            module.bn1 = bn
+            module.relu = FoldedReLU()
+    if skipped:
+        warnings.warn(
+            "resnet_fused.convert left these parts unfused (they run as before):\n  "
+            + "\n  ".join(skipped),
+            stacklevel=2,
+        )
+    return model
+
+
+def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Plain torchvision modules again (for export): the inverse of :func:`convert`,
+    sharing (or, without ``inplace``, copying) the same parameters and buffers."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (FusedBasicBlock, FusedBottleneck)):
+            _set_child(model, name, module.to_torchvision())
+    for _name, module in list(model.named_modules()):
+        if isinstance(module, ResNet) and isinstance(module.conv1, FusedStemConv2d):
+            module.conv1 = _share_conv(module.conv1)
+            module.bn1 = _share_bn(module.bn1)
+            module.relu = nn.ReLU(inplace=True)
+    return model
+
+
+for _cls in (FusedBasicBlock, FusedBottleneck, FusedStemConv2d, FoldedBatchNorm2d, FoldedReLU):
+    torch.serialization.add_safe_globals([_cls])

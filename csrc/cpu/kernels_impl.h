@@ -226,61 +226,80 @@ void contiguous_moments(const scalar_t* x, int64_t len, at::opmath_type<scalar_t
 }
 
 // Per-channel mean (of x - shift[c]) and M2 of `rows` rows of C channels (a
-// channels_last tile), corrected two-pass as in contiguous_moments. Channel blocks
-// outside, rows inside: the accumulators stay in registers and the tile (a few KB)
-// stays in cache for the second pass.
+// channels_last tile), corrected two-pass as in contiguous_moments. Rows outside,
+// channels inside: each pass streams the tile sequentially (it stays in L2 for the
+// second pass) and the per-channel sums live in small arrays (L1). Per channel the rows
+// are summed in order, as a channel-outer loop would.
 template <typename scalar_t>
 void rows_moments(const scalar_t* x, int64_t rows, int64_t C,
                   const at::opmath_type<scalar_t>* shift, at::opmath_type<scalar_t>* mean,
                   at::opmath_type<scalar_t>* m2) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(rows);
-  int64_t c = 0;
+  std::vector<acc_t> sum(C, acc_t(0)), center(C), sd(C, acc_t(0)), sq(C, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* xr = x + r * C;
+    int64_t c = 0;
 #if RF_USE_VEC
-  using V = AccVec<scalar_t>;
-  using aVec = typename V::aVec;
-  constexpr int64_t h = aVec::size();
-  for (; c + V::kStep <= C; c += V::kStep) {
-    const aVec sh0 = aVec::loadu(shift + c), sh1 = aVec::loadu(shift + c + h);
-    aVec s0(0), s1(0), a, b;
-    for (int64_t r = 0; r < rows; ++r) {
-      V::load(x + r * C + c, a, b);
-      s0 += a - sh0;
-      s1 += b - sh1;
+    using V = AccVec<scalar_t>;
+    using aVec = typename V::aVec;
+    constexpr int64_t h = aVec::size();
+    for (; c + V::kStep <= C; c += V::kStep) {
+      aVec a, b;
+      V::load(xr + c, a, b);
+      (aVec::loadu(sum.data() + c) + (a - aVec::loadu(shift + c))).store(sum.data() + c);
+      (aVec::loadu(sum.data() + c + h) + (b - aVec::loadu(shift + c + h))).store(sum.data() + c + h);
     }
-    const aVec ce0 = sh0 + s0 * aVec(inv_rows), ce1 = sh1 + s1 * aVec(inv_rows);
-    aVec q0(0), q1(0), d0(0), d1(0);
-    for (int64_t r = 0; r < rows; ++r) {
-      V::load(x + r * C + c, a, b);
-      a -= ce0;
-      b -= ce1;
-      d0 += a;
-      d1 += b;
-      q0 = at::vec::fmadd(a, a, q0);
-      q1 = at::vec::fmadd(b, b, q1);
+#endif
+    for (; c < C; ++c) {
+      sum[c] += static_cast<acc_t>(xr[c]) - shift[c];
     }
-    const aVec k0 = d0 * aVec(inv_rows), k1 = d1 * aVec(inv_rows);
-    ((ce0 - sh0) + k0).store(mean + c);
-    ((ce1 - sh1) + k1).store(mean + c + h);
-    at::vec::maximum(q0 - d0 * k0, aVec(0)).store(m2 + c);
-    at::vec::maximum(q1 - d1 * k1, aVec(0)).store(m2 + c + h);
+  }
+  int64_t c0 = 0;
+#if RF_USE_VEC
+  {
+    using V = AccVec<scalar_t>;
+    using aVec = typename V::aVec;
+    constexpr int64_t h = aVec::size();
+    for (; c0 + V::kStep <= C; c0 += V::kStep) {
+      for (int64_t k : {int64_t(0), h}) {
+        const aVec sh = aVec::loadu(shift + c0 + k);
+        (sh + aVec::loadu(sum.data() + c0 + k) * aVec(inv_rows)).store(center.data() + c0 + k);
+      }
+    }
   }
 #endif
-  for (; c < C; ++c) {
-    acc_t sum = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      sum += static_cast<acc_t>(x[r * C + c]) - shift[c];
+  for (; c0 < C; ++c0) {
+    center[c0] = shift[c0] + sum[c0] * inv_rows;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* xr = x + r * C;
+    int64_t c = 0;
+#if RF_USE_VEC
+    using V = AccVec<scalar_t>;
+    using aVec = typename V::aVec;
+    constexpr int64_t h = aVec::size();
+    for (; c + V::kStep <= C; c += V::kStep) {
+      aVec a, b;
+      V::load(xr + c, a, b);
+      a -= aVec::loadu(center.data() + c);
+      b -= aVec::loadu(center.data() + c + h);
+      (aVec::loadu(sd.data() + c) + a).store(sd.data() + c);
+      (aVec::loadu(sd.data() + c + h) + b).store(sd.data() + c + h);
+      at::vec::fmadd(a, a, aVec::loadu(sq.data() + c)).store(sq.data() + c);
+      at::vec::fmadd(b, b, aVec::loadu(sq.data() + c + h)).store(sq.data() + c + h);
     }
-    const acc_t center = shift[c] + sum * inv_rows;
-    acc_t sq = 0, sd = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const acc_t d = static_cast<acc_t>(x[r * C + c]) - center;
-      sd += d;
-      sq += d * d;
+#endif
+    for (; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(xr[c]) - center[c];
+      sd[c] += d;
+      sq[c] += d * d;
     }
-    const acc_t corr = sd * inv_rows;
-    mean[c] = (center - shift[c]) + corr;
-    m2[c] = std::max(sq - sd * corr, acc_t(0));
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t corr = sd[c] * inv_rows;
+    mean[c] = (center[c] - shift[c]) + corr;
+    m2[c] = std::max(sq[c] - sd[c] * corr, acc_t(0));
   }
 }
 
@@ -492,45 +511,39 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
         acc_t* dyx = p_dyx.data() + t * C;
         const int64_t r0 = t * rows_per_tile;
         const int64_t r1 = std::min(M, r0 + rows_per_tile);
-        // Channel blocks outside, rows of the tile inside: sums stay in registers.
-        int64_t c = 0;
+        // Rows outside, channels inside: every tensor streams through once, in order;
+        // the tile's per-channel sums live in dy/dyx (2*C values, L1). Per channel the
+        // rows are summed in order, as a channel-outer loop would.
+        for (int64_t row = r0; row < r1; ++row) {
+          int64_t c = 0;
 #if RF_USE_VEC
-        using V = AccVec<scalar_t>;
-        using aVec = typename V::aVec;
-        constexpr int64_t h = aVec::size();
-        for (; c + V::kStep <= C; c += V::kStep) {
-          const aVec m0 = aVec::loadu(mean + c), m1 = aVec::loadu(mean + c + h);
-          const aVec sc0 = aVec::loadu(scale + c), sc1 = aVec::loadu(scale + c + h);
-          const aVec bi0 = aVec::loadu(bias + c), bi1 = aVec::loadu(bias + c + h);
-          aVec dy0(0), dy1(0), dyx0(0), dyx1(0), ga, gb, xa, xb, oa(0), ob(0);
-          for (int64_t row = r0; row < r1; ++row) {
+          using V = AccVec<scalar_t>;
+          using aVec = typename V::aVec;
+          constexpr int64_t h = aVec::size();
+          for (; c + V::kStep <= C; c += V::kStep) {
             const int64_t off = row * C + c;
+            aVec ga, gb, xa, xb, oa(0), ob(0);
             V::load(grad + off, ga, gb);
             V::load(x + off, xa, xb);
             if (mask == BnMask::kFromOut) {
               V::load(out + off, oa, ob);
             }
-            xa -= m0;
-            xb -= m1;
-            ga = masked_grad_vec<scalar_t>(mask, ga, xa, sc0, bi0, oa);
-            gb = masked_grad_vec<scalar_t>(mask, gb, xb, sc1, bi1, ob);
+            xa -= aVec::loadu(mean + c);
+            xb -= aVec::loadu(mean + c + h);
+            ga = masked_grad_vec<scalar_t>(mask, ga, xa, aVec::loadu(scale + c),
+                                           aVec::loadu(bias + c), oa);
+            gb = masked_grad_vec<scalar_t>(mask, gb, xb, aVec::loadu(scale + c + h),
+                                           aVec::loadu(bias + c + h), ob);
             if (masked != nullptr) {
               V::store(masked + off, ga, gb);
             }
-            dy0 += ga;
-            dy1 += gb;
-            dyx0 = at::vec::fmadd(ga, xa, dyx0);
-            dyx1 = at::vec::fmadd(gb, xb, dyx1);
+            (aVec::loadu(dy + c) + ga).store(dy + c);
+            (aVec::loadu(dy + c + h) + gb).store(dy + c + h);
+            at::vec::fmadd(ga, xa, aVec::loadu(dyx + c)).store(dyx + c);
+            at::vec::fmadd(gb, xb, aVec::loadu(dyx + c + h)).store(dyx + c + h);
           }
-          dy0.store(dy + c);
-          dy1.store(dy + c + h);
-          dyx0.store(dyx + c);
-          dyx1.store(dyx + c + h);
-        }
 #endif
-        for (; c < C; ++c) {
-          acc_t sdy = 0, sdyx = 0;
-          for (int64_t row = r0; row < r1; ++row) {
+          for (; c < C; ++c) {
             const int64_t off = row * C + c;
             const acc_t xmu = static_cast<acc_t>(x[off]) - mean[c];
             const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[off]), xmu,
@@ -538,11 +551,9 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
             if (masked != nullptr) {
               masked[off] = static_cast<scalar_t>(gv);
             }
-            sdy += gv;
-            sdyx += gv * xmu;
+            dy[c] += gv;
+            dyx[c] += gv * xmu;
           }
-          dy[c] = sdy;
-          dyx[c] = sdyx;
         }
       }
     });

@@ -6,8 +6,8 @@
 #   OUT=/tmp/x STAGES="build test bench" bash benchmarks/gpu_suite.sh
 #
 # Variables: PYTHON (default python3), STAGES (any of build test bench; default all),
-# TEST_ARGS (extra pytest arguments), BENCH_LEVELS (default "layer op"), LAYER_ARGS /
-# OP_ARGS (extra `resnet_fused bench` arguments per level), TEST_TIMEOUT / BENCH_TIMEOUT
+# TEST_ARGS (extra pytest arguments), BENCH_LEVELS (default "layer model op"), LAYER_ARGS /
+# MODEL_ARGS / OP_ARGS (extra `resnet_fused bench` arguments per level), TEST_TIMEOUT / BENCH_TIMEOUT
 # (seconds, each), TORCH_CUDA_ARCH_LIST (default: this GPU's).
 # The tests pin one Triton conv configuration (RESNET_FUSED_CONV_CONFIG) so that they do
 # not autotune every shape; the benchmarks autotune.
@@ -56,10 +56,11 @@ if [[ " $STAGES " == *" test "* ]]; then
 fi
 
 if [[ " $STAGES " == *" bench "* ]]; then
-  for level in ${BENCH_LEVELS:-layer op}; do
+  for level in ${BENCH_LEVELS:-layer model op}; do
     start=$SECONDS
     args=${OP_ARGS:-}
     [[ $level == layer ]] && args=${LAYER_ARGS:-}
+    [[ $level == model ]] && args=${MODEL_ARGS:-}
     timeout "${BENCH_TIMEOUT:-240}" $PY -m resnet_fused bench --level "$level" --device cuda \
         --out "$OUT" $args >"$OUT/bench_$level.log" 2>&1
     rc=$?

@@ -10,6 +10,18 @@ from .functional import batch_norm_act
 __all__ = ["FusedBatchNormAct2d", "FusedConvBNReLU2d"]
 
 
+def bn_update_factor(bn: nn.BatchNorm2d, training: bool) -> float:
+    """The running-statistics factor of this call, with nn.BatchNorm2d.forward's
+    bookkeeping: in training, num_batches_tracked += 1, and momentum=None gives the
+    cumulative average 1/num_batches_tracked."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    return factor
+
+
 class FusedBatchNormAct2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` followed by an optional residual add and ReLU, fused.
 
@@ -60,12 +72,7 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
-        # The same bookkeeping as nn.BatchNorm2d.forward.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = bn_update_factor(self, self.training)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
         return batch_norm_act(
@@ -165,11 +172,7 @@ def conv_bn_forward(
     track_running_stats) in ``training`` mode, the cached fold in eval mode."""
     from .functional_conv import conv_bn_act
 
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / float(bn.num_batches_tracked)
+    factor = bn_update_factor(bn, training)
     bn_training = training or (bn.running_mean is None and bn.running_var is None)
     use_running = not training or bn.track_running_stats
     folded = None

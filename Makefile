@@ -35,7 +35,7 @@ test: install
 	$(PY) -m pytest
 
 bench: install
-	$(PY) -m resnet_fused bench --quick --min-run-time 0.3 --out $(BENCH_OUT)
+	$(PY) -m resnet_fused bench --out $(BENCH_OUT)
 
 info: install
 	$(PY) -m resnet_fused info

@@ -1,4 +1,4 @@
-"""Op-level benchmark (add+ReLU so far) on this machine; a thin wrapper over
+"""Op-level benchmark (add+ReLU, BN+ReLU, BN+add+ReLU) on this machine; a thin wrapper over
 ``resnet-fused bench --level op``. Example:
 
     python benchmarks/bench_op.py --device cpu --batch 8 --out benchmarks/results

@@ -7,9 +7,11 @@
 #
 # Variables: PYTHON (default python3), STAGES (any of build test bench; default all),
 # TEST_ARGS (extra pytest arguments), BENCH_LEVELS (default "layer model op"), LAYER_ARGS /
-# MODEL_ARGS / OP_ARGS (extra `resnet_fused bench` arguments per level), TEST_TIMEOUT / BENCH_TIMEOUT
+# MODEL_ARGS / OP_ARGS (`resnet_fused bench` arguments per level; defaults: a quick bf16
+# layer selection, ResNet-50 with AMP, the quick channels_last op selection), TEST_TIMEOUT / BENCH_TIMEOUT
 # (seconds, each), TORCH_CUDA_ARCH_LIST (default: this GPU's).
-# The tests pin one Triton conv configuration (RESNET_FUSED_CONV_CONFIG) so that they do
+# With the default timeouts the whole run (build, tests, three benchmark levels) ends
+# within 9 minutes. The tests pin one Triton conv configuration (RESNET_FUSED_CONV_CONFIG) so that they do
 # not autotune every shape; the benchmarks autotune.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +47,7 @@ if [[ " $STAGES " == *" test "* ]]; then
   xdist=()
   if $PY -c "import xdist" 2>/dev/null; then xdist=(-n "${TEST_WORKERS:-8}"); fi
   RESNET_FUSED_CONV_CONFIG=${RESNET_FUSED_CONV_CONFIG:-128,64,32,4,3} \
-  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -v -rfE -p no:cacheprovider "${xdist[@]}" \
+  timeout "${TEST_TIMEOUT:-180}" $PY -m pytest -v -rfE -p no:cacheprovider "${xdist[@]}" \
       ${TEST_ARGS:-} >"$OUT/tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40
@@ -58,10 +60,10 @@ fi
 if [[ " $STAGES " == *" bench "* ]]; then
   for level in ${BENCH_LEVELS:-layer model op}; do
     start=$SECONDS
-    args=${OP_ARGS:-}
-    [[ $level == layer ]] && args=${LAYER_ARGS:-}
-    [[ $level == model ]] && args=${MODEL_ARGS:-}
-    timeout "${BENCH_TIMEOUT:-240}" $PY -m resnet_fused bench --level "$level" --device cuda \
+    args=${OP_ARGS:---quick --layouts channels_last --providers eager,cuda,triton}
+    [[ $level == layer ]] && args=${LAYER_ARGS:---quick --dtype bf16 --min-run-time 0.1}
+    [[ $level == model ]] && args=${MODEL_ARGS:---models resnet50}
+    timeout "${BENCH_TIMEOUT:-100}" $PY -m resnet_fused bench --level "$level" --device cuda \
         --out "$OUT" $args >"$OUT/bench_$level.log" 2>&1
     rc=$?
     grep -v "^W1\|Warning" "$OUT/bench_$level.log" | tail -n 30

@@ -12,6 +12,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build information and usable backends")
+    check = sub.add_parser(
+        "check", help="quick correctness self-check of every usable backend (exit 1 on mismatch)"
+    )
+    check.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     bench = sub.add_parser("bench", help="run the benchmarks on this machine")
     from .bench.cli import add_bench_arguments
 
@@ -23,6 +27,15 @@ def main(argv: list[str] | None = None) -> int:
 
         print(format_info())
         return 0
+    if args.command == "check":
+        import torch
+
+        from .check import run_check
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            print("check: --device cuda, but no CUDA GPU is available here", file=sys.stderr)
+            return 2
+        return run_check(None if args.device == "auto" else [args.device])
     if args.command == "bench":
         from .bench.cli import run_bench
 

@@ -334,6 +334,8 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False) -
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not inplace:
         model = copy.deepcopy(model)
+    if type(model) in _BLOCKS and not _why_not_block(model):
+        return _BLOCKS[type(model)].from_block(model, backend=backend)  # a bare block
     skipped = []
     for name, module in list(model.named_modules()):
         if type(module) in _BLOCKS:
@@ -370,6 +372,8 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    if isinstance(model, (FusedBasicBlock, FusedBottleneck)):
+        return model.to_torchvision()
     for name, module in list(model.named_modules()):
         if isinstance(module, (FusedBasicBlock, FusedBottleneck)):
             _set_child(model, name, module.to_torchvision())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
 import resnet_fused
 from resnet_fused.__main__ import main
@@ -15,6 +16,8 @@ def test_bench_writes_csv_and_summary(tmp_path, capsys):
     rc = main(
         [
             "bench",
+            "--level",
+            "op",
             "--device",
             "cpu",
             "--quick",
@@ -63,3 +66,57 @@ def test_bench_writes_csv_and_summary(tmp_path, capsys):
 def test_bench_rejects_unknown_provider(capsys):
     assert main(["bench", "--device", "cpu", "--providers", "cudnn", "--out", "/nonexistent"]) == 2
     assert "not available here" in capsys.readouterr().err
+
+
+def _bench(tmp_path, *args):
+    return main(
+        ["bench", "--device", "cpu", "--min-run-time", "0.01", "--out", str(tmp_path), *args]
+    )
+
+
+@pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
+def test_layer_block_model_levels_write_csv_png_md(tmp_path):
+    assert _bench(tmp_path, "--level", "layer", "--layers", "l4.conv3 1x1", "--batch", "1") == 0
+    assert _bench(tmp_path, "--level", "block", "--blocks", "r18.layer3", "--batch", "1") == 0
+    model_args = ["--level", "model", "--model", "resnet18", "--mode", "eval", "--batch", "1"]
+    assert _bench(tmp_path, *model_args, "--image-size", "32", "--layouts", "channels_last") == 0
+    expected = {
+        "layer": ("layer", "mode", "provider", "median_ms", "tflops", "speedup_vs_eager"),
+        "block": ("block", "mode", "provider", "median_ms", "images_per_s", "speedup_vs_eager"),
+        "model": ("model", "mode", "provider", "median_ms", "images_per_s", "peak_mb"),
+    }
+    for level, columns in expected.items():
+        (csv_path,) = tmp_path.glob(f"{level}_*.csv")
+        rows = list(csv.DictReader(csv_path.open()))
+        assert rows and all(c in rows[0] for c in ("device", "torch", "date", *columns))
+        assert {"eager"} < {r["provider"] for r in rows}
+        assert all(float(r["median_ms"]) > 0 for r in rows)
+        assert csv_path.with_suffix(".md").read_text().startswith("#")
+        png = csv_path.with_suffix(".png")
+        assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    model_rows = list(csv.DictReader(next(tmp_path.glob("model_*.csv")).open()))
+    assert {r["mode"] for r in model_rows} == {"eval"}
+
+
+def test_bench_bad_arguments_exit_2(capsys, tmp_path):
+    assert _bench(tmp_path, "--level", "model", "--model", "resnet7") == 2
+    assert "unknown torchvision model(s) ['resnet7']" in capsys.readouterr().err
+    assert _bench(tmp_path, "--level", "layer", "--providers", "cuda") == 2
+    assert "not available here" in capsys.readouterr().err
+    assert _bench(tmp_path, "--level", "layer", "--layers", "l9.conv1") == 2
+    assert "unknown layer" in capsys.readouterr().err
+    assert (
+        main(["bench", "--device", "cuda", "--out", str(tmp_path)])
+        == (0 if torch.cuda.is_available() else 2)
+        or torch.cuda.is_available()
+    )
+    with pytest.raises(SystemExit):
+        main(["bench", "--level", "kernel"])
+
+
+@pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
+def test_check_passes(capsys):
+    assert main(["check", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "cases match the fp64 reference" in out and "MISMATCH" not in out
+    assert " cpu " in out and "conv_bn_add_relu eval" in out

@@ -8,27 +8,42 @@ import sys
 
 import torch
 
-from . import layer, model, op, report
+from . import block, goals, layer, model, op, report
 from .timing import device_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = ("add_relu", "bn_relu", "bn_add_relu")
+LAYOUTS = ("channels_last", "nchw")
+
+
+LEVELS = ("suite", "op", "layer", "block", "model")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--level",
-        choices=["op", "layer", "model"],
-        default="op",
-        help="op: the elementwise/BN ops; layer: ResNet-50's Conv+BN+(add)+ReLU units; "
-        "model: whole ResNets, converted vs eager vs compile",
+        choices=LEVELS,
+        default="suite",
+        help="suite (default): a quick selection of every level (under 3 minutes on a "
+        "2-core CPU); op: the elementwise/BN ops; layer: ResNet-50's Conv+BN+(add)+ReLU "
+        "units; block: ResNet blocks; model: whole ResNets, converted vs eager vs compile",
     )
     parser.add_argument(
-        "--models", default="resnet18,resnet50", help="model level: torchvision model names"
+        "--models",
+        "--model",
+        dest="models",
+        default="resnet18,resnet50",
+        help="model level: comma-separated torchvision model names",
     )
     parser.add_argument("--image-size", type=int, default=224, help="model level: image size")
     parser.add_argument(
         "--amp", action="store_true", help="model level: bf16 autocast (default on a GPU)"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["train", "eval", "both"],
+        default="both",
+        help="layer/block/model levels: training step, inference, or both",
     )
     parser.add_argument(
         "--ops",
@@ -41,19 +56,23 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated layer names of the layer level (default: all ResNet-50 convs; "
         "--quick: a selection)",
     )
+    parser.add_argument(
+        "--blocks", default=None, help="comma-separated block names of the block level"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
-        "--batch", type=int, default=None, help="batch size (default: 8 on CPU, 256 on GPU)"
+        "--batch", type=int, default=None, help="batch size (default: per level and device)"
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument(
-        "--layouts", default="channels_last,nchw", help="comma-separated: channels_last,nchw"
+        "--layouts", default=None, help="comma-separated: channels_last,nchw (default: per level)"
     )
     parser.add_argument(
         "--providers",
         default=None,
-        help="comma-separated: eager,compile,cpu,cuda,triton (layer level also: conv,auto) "
-        "(default: all here)",
+        help="comma-separated: eager, compile, compile-max (max-autotune), the fused "
+        "backends cpu/cuda/triton (op, layer), conv/auto (layer), fused/fused-<backend> "
+        "(block, model) (default: all here but compile on a CPU)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument(
@@ -70,127 +89,167 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class _BadArgs(ValueError):
+    pass
+
+
+def _providers(args, valid: list[str], default: list[str], first=("eager",)) -> list[str]:
+    providers = args.providers.split(",") if args.providers else default
+    unknown = [p for p in providers if p not in valid]
+    if unknown:
+        raise _BadArgs(f"provider(s) {unknown} not available here; choose from {valid}")
+    providers = [p for p in first if p not in providers] + providers
+    # torch.compile before the fused providers, so that rows can show both ratios.
+    return sorted(providers, key=lambda p: (p not in first, not p.startswith("compile")))
+
+
+def _modes(args, train: str, eval_: str) -> tuple[str, ...]:
+    return {"train": (train,), "eval": (eval_,), "both": (train, eval_)}[args.mode]
+
+
+def _tag(device: torch.device) -> str:
+    return report.slug(device_name(device).split("(")[0]) or device.type
+
+
+class _Writer:
+    """Rows to a CSV after every measurement (a timeout keeps what ran), then markdown
+    and a PNG plot."""
+
+    def __init__(self, stem: str) -> None:
+        self.stem, self.rows = stem, []
+
+    def __call__(self, row: dict) -> None:
+        self.rows.append(row)
+        report.write_csv(self.rows, self.stem + ".csv")
+
+    def finish(self, markdown: str, label_keys: tuple[str, ...], title: str) -> None:
+        with open(self.stem + ".md", "w") as f:
+            f.write(markdown)
+        png = report.plot(self.rows, self.stem + ".png", label_keys, title)
+        print(f"wrote {self.stem}.csv, .md" + (", .png" if png else ""))
+
+
 def run_bench(args: argparse.Namespace) -> int:
     try:
         device = _device(args.device)
-    except ValueError as exc:
+        levels = ("op", "layer", "block", "model") if args.level == "suite" else (args.level,)
+        if args.level == "suite":  # its own folder: the per-level full reports stay apart
+            args.out = os.path.join(args.out, "suite")
+        for level in levels:
+            run = {"op": _run_op, "layer": _run_layer, "block": _run_block, "model": _run_model}
+            print(f"== {level} level ==", flush=True)
+            run[level](args, device, suite=args.level == "suite")
+    except (_BadArgs, ValueError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
+    if args.level == "suite":
+        path = os.path.join(args.out, f"suite_{_tag(device)}.md")
+        with open(path, "w") as f:
+            f.write(goals.report(args.out, _tag(device), device))
+        print(f"wrote {path}")
+    return 0
+
+
+def _run_op(args, device, suite=False) -> None:
     batch = args.batch or (256 if device.type == "cuda" else 8)
     dtype = DTYPES[args.dtype]
-    if args.level == "layer":
-        return run_layer_bench(args, device, dtype)
-    if args.level == "model":
-        return run_model_bench(args, device)
-    valid = ["eager", "compile", *op.fused_providers(device)]
-    providers = args.providers.split(",") if args.providers else valid
-    unknown = [p for p in providers if p not in valid]
-    if unknown:
-        print(
-            f"bench: provider(s) {unknown} not available here; choose from {valid}", file=sys.stderr
-        )
-        return 2
-    if "eager" not in providers:
-        providers = ["eager", *providers]  # ratios are against eager
+    valid = ["eager", "compile", "compile-max", *op.fused_providers(device)]
+    default = [p for p in valid if p != "compile-max"]
+    if device.type == "cpu":
+        default = [p for p in default if p != "compile"]
+    providers = _providers(args, valid, default)
     ops = args.ops.split(",")
-    bad_ops = [o for o in ops if o not in OPS]
-    layouts = tuple(args.layouts.split(","))
-    bad_layouts = [x for x in layouts if x not in ("channels_last", "nchw")]
-    if bad_ops or bad_layouts:
-        print(f"bench: unknown op(s)/layout(s) {bad_ops + bad_layouts}", file=sys.stderr)
-        return 2
-
+    layouts = tuple((args.layouts or "channels_last,nchw").split(","))
+    bad = [o for o in ops if o not in OPS] + [x for x in layouts if x not in LAYOUTS]
+    if bad:
+        raise _BadArgs(f"unknown op(s)/layout(s) {bad}")
     cases = []
     if "add_relu" in ops:
         cases += op.add_relu_cases(batch, dtype, layouts)
-    bn_cases = op.batch_norm_act_cases(batch, dtype, layouts, quick=args.quick)
-    cases += [c for c in bn_cases if c.op in ops]
-    rows = op.run_cases(cases, device, providers, min_run_time=args.min_run_time)
+    cases += [c for c in op.batch_norm_act_cases(batch, dtype, layouts, quick=args.quick or suite)
+              if c.op in ops]  # fmt: skip
+    if suite:  # one shape per op, channels_last
+        seen, picked = set(), []
+        for c in cases:
+            if c.layout == "channels_last" and (c.op, c.mode) not in seen:
+                seen.add((c.op, c.mode))
+                picked.append(c)
+        cases = picked
+    out = _Writer(os.path.join(args.out, f"op_{_tag(device)}"))
+    rows = op.run_cases(
+        cases, device, providers, min_run_time=0.2 if suite else args.min_run_time,
+        progress=report.Progress(len(cases) * len(providers)),
+    )  # fmt: skip
+    for row in rows:
+        out(row)
+    out.finish(summarise(rows), ("op", "shape", "layout", "mode"), "op level")
 
-    tag = report.slug(device_name(device).split("(")[0]) or device.type
-    csv_path = os.path.join(args.out, f"op_{tag}.csv")
-    md_path = os.path.join(args.out, f"op_{tag}.md")
-    report.write_csv(rows, csv_path)
-    with open(md_path, "w") as f:
-        f.write(summarise(rows))
-    print(f"wrote {csv_path} and {md_path}")
-    return 0
 
-
-def run_layer_bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
+def _run_layer(args, device, suite=False) -> None:
+    dtype = DTYPES[args.dtype]
     batch = args.batch or (256 if device.type == "cuda" else 4)
-    valid = layer.providers_here(device)
-    default = [p for p in valid if p != "compile"]
-    providers = args.providers.split(",") if args.providers else default
-    unknown = [p for p in providers if p not in valid]
-    if unknown:
-        print(
-            f"bench: provider(s) {unknown} not available here; choose from {valid}", file=sys.stderr
-        )
-        return 2
-    providers = [p for p in ("conv", "eager") if p not in providers] + providers
-    layouts = (
-        tuple(args.layouts.split(","))
-        if args.layouts != "channels_last,nchw"
-        else ("channels_last",)
-    )
-    try:
-        selected = layer.layers(args.layers.split(",") if args.layers else None, args.quick)
-    except ValueError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 2
-    tag = report.slug(device_name(device).split("(")[0]) or device.type
-    stem = os.path.join(args.out, f"layer_{tag}_{args.dtype}")
-    rows: list[dict] = []
-
-    def save(row: dict) -> None:  # after every measurement: a timeout keeps what ran
-        rows.append(row)
-        report.write_csv(rows, stem + ".csv")
-
+    valid = [*layer.providers_here(device), "compile-max"]
+    default = [p for p in valid if not p.startswith("compile")]
+    providers = _providers(args, valid, default, first=("conv", "eager"))
+    layouts = tuple((args.layouts or "channels_last").split(","))
+    names = args.layers.split(",") if args.layers else None
+    if suite and names is None:
+        names = ["l1.conv2 3x3", "l3.conv3 1x1", "l2.down 1x1/2"]
+    selected = layer.layers(names, args.quick)
+    modes = _modes(args, "train forward+backward", "eval forward")
+    out = _Writer(os.path.join(args.out, f"layer_{_tag(device)}_{args.dtype}"))
+    total = len(selected) * len(layouts) * len(modes) * len(providers)
     layer.run_layers(
-        selected, batch, device, dtype, providers, layouts, args.min_run_time, on_row=save
-    )
-    with open(stem + ".md", "w") as f:
-        f.write(layer.summarise(rows))
-    print(f"wrote {stem}.csv and {stem}.md")
-    return 0
+        selected, batch, device, dtype, providers, layouts,
+        0.2 if suite else args.min_run_time, progress=report.Progress(total), on_row=out,
+        modes=modes,
+    )  # fmt: skip
+    out.finish(layer.summarise(out.rows), ("layer", "mode"), "layer level")
 
 
-def run_model_bench(args: argparse.Namespace, device: torch.device) -> int:
+def _run_block(args, device, suite=False) -> None:
+    dtype = DTYPES[args.dtype]
+    batch = args.batch or (256 if device.type == "cuda" else 4)
+    fused = ["fused"] + [f"fused-{b}" for b in op.fused_providers(device)]
+    valid = ["eager", "compile", "compile-max", *fused]
+    default = ["eager", "fused"] + (["compile"] if device.type == "cuda" else [])
+    providers = _providers(args, valid, default)
+    names = args.blocks.split(",") if args.blocks else None
+    selected = block.blocks(names, args.quick or suite)
+    modes = _modes(args, "train", "eval")
+    out = _Writer(os.path.join(args.out, f"block_{_tag(device)}_{args.dtype}"))
+    block.run_blocks(
+        selected, batch, device, dtype, providers, modes, 0.2 if suite else args.min_run_time,
+        progress=report.Progress(len(selected) * len(modes) * len(providers)), on_row=out,
+    )  # fmt: skip
+    out.finish(block.summarise(out.rows), ("block", "mode"), "block level")
+
+
+def _run_model(args, device, suite=False) -> None:
     batch = args.batch or (256 if device.type == "cuda" else 8)
     fused = ["fused"] + [f"fused-{b}" for b in op.fused_providers(device)]
-    valid = ["eager", "compile", *fused]
-    default = ["eager", "fused", "compile"] if device.type == "cuda" else ["eager", "fused"]
-    providers = args.providers.split(",") if args.providers else default
-    unknown = [p for p in providers if p not in valid]
-    if unknown:
-        print(f"bench: provider(s) {unknown} not available; choose from {valid}", file=sys.stderr)
-        return 2
-    providers = [p for p in ("eager",) if p not in providers] + providers
+    valid = ["eager", "compile", "compile-max", *fused]
+    default = ["eager", "fused"] + (["compile"] if device.type == "cuda" else [])
+    providers = _providers(args, valid, default)
     names = args.models.split(",")
-    bad = [n for n in names if not hasattr(__import__("torchvision").models, n)]
+    if suite and args.models == "resnet18,resnet50" and device.type == "cpu":
+        names = ["resnet50"]
+    import torchvision
+
+    bad = [n for n in names if not callable(getattr(torchvision.models, n, None))]
     if bad:
-        print(f"bench: unknown torchvision model(s) {bad}", file=sys.stderr)
-        return 2
+        raise _BadArgs(f"unknown torchvision model(s) {bad}")
     amp = args.amp or device.type == "cuda"
-    tag = report.slug(device_name(device).split("(")[0]) or device.type
-    stem = os.path.join(args.out, f"model_{tag}")
-    rows: list[dict] = []
-
-    def save(row: dict) -> None:
-        rows.append(row)
-        report.write_csv(rows, stem + ".csv")
-
-    layouts = tuple(args.layouts.split(","))
+    layouts = tuple((args.layouts or "channels_last,nchw").split(","))
+    modes = _modes(args, "train", "eval")
+    out = _Writer(os.path.join(args.out, f"model_{_tag(device)}"))
+    per = len(providers) * ("channels_last" in layouts) + ("nchw" in layouts)
     model.run_models(
         names, batch, args.image_size, device, providers, layouts, amp,
         max(args.min_run_time, 1.0) if device.type == "cpu" else args.min_run_time,
-        on_row=save,
+        progress=report.Progress(len(names) * len(modes) * per), on_row=out, modes=modes,
     )  # fmt: skip
-    with open(stem + ".md", "w") as f:
-        f.write(model.summarise(rows))
-    print(f"wrote {stem}.csv and {stem}.md")
-    return 0
+    out.finish(model.summarise(out.rows), ("model", "mode", "layout"), "model level")
 
 
 def summarise(rows: list[dict]) -> str:

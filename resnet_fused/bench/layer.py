@@ -141,13 +141,15 @@ def make_unit(layer: Layer, provider: str, device, dtype, training: bool) -> nn.
     relu = layer.tail != "bn"
     if provider == "conv":
         unit: nn.Module = _ConvOnly(conv)
-    elif provider in ("eager", "compile"):
+    elif provider == "eager" or provider.startswith("compile"):
         unit = _EagerUnit(conv, bn, relu)
     else:
         unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn, relu, backend=provider)
     unit.train(training)
-    if provider == "compile":
-        return torch.compile(unit, dynamic=False)
+    if provider.startswith("compile"):
+        from .op import compiled
+
+        return compiled(unit, provider)
     return unit
 
 
@@ -192,6 +194,7 @@ def run_layers(
     min_run_time: float = 0.5,
     progress: Callable[[str], None] = print,
     on_row: Callable[[dict], None] | None = None,
+    modes=MODES,
 ) -> list[dict]:
     if device.type == "cpu":
         keep_freed_host_memory()
@@ -201,7 +204,7 @@ def run_layers(
     for layer in selected:
         for layout in layouts:
             fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            for mode in MODES:
+            for mode in modes:
                 training = mode.startswith("train")
                 backward = "backward" in mode
                 io = batch * (
@@ -211,7 +214,7 @@ def run_layers(
                 sets = [_inputs(layer, batch, device, dtype, fmt, backward) for _ in range(nsets)]
                 base = {}
                 for provider in providers:
-                    if provider == "compile":
+                    if provider.startswith("compile"):
                         torch._dynamo.reset()
                     unit = make_unit(layer, provider, device, dtype, training)
                     t = measure(rotating(_step(unit, backward), sets), device, min_run_time)
@@ -267,7 +270,7 @@ def summarise(rows: list[dict]) -> str:
 
     env = rows[0]
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fused = [p for p in providers if p not in ("conv", "eager", "compile")]
+    fused = [p for p in providers if p not in ("conv", "eager") and not p.startswith("compile")]
     lines = [
         "# Layer benchmark: Conv -> BN -> (add) -> ReLU units of ResNet-50",
         "",

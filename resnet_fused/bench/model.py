@@ -32,8 +32,10 @@ def _model(name: str, provider: str, device, fmt, training: bool):
     if provider.startswith("fused"):
         backend = provider.split("-", 1)[1] if "-" in provider else "auto"
         model = resnet_fused.convert(model, backend=backend, inplace=True)
-    if provider == "compile":
-        model = torch.compile(model)
+    if provider.startswith("compile"):
+        from .op import compiled
+
+        model = compiled(model, provider)
     return model
 
 
@@ -66,13 +68,14 @@ def run_models(
     min_run_time: float = 1.0,
     progress: Callable[[str], None] = print,
     on_row: Callable[[dict], None] | None = None,
+    modes=("train", "eval"),
 ) -> list[dict]:
     if device.type == "cpu":
         keep_freed_host_memory()
     env = environment(device)
     rows = []
     for name in names:
-        for mode in ("train", "eval"):
+        for mode in modes:
             training = mode == "train"
             base = {}
             for layout in layouts:
@@ -83,7 +86,7 @@ def run_models(
                 for provider in providers:
                     if provider != "eager" and layout != "channels_last":
                         continue  # the fused and compiled models are timed channels_last
-                    if provider == "compile":
+                    if provider.startswith("compile"):
                         torch._dynamo.reset()
                     model = _model(name, provider, device, fmt, training)
                     step = _step(model, training, amp, device)

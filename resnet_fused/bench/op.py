@@ -46,6 +46,13 @@ TRAFFIC = {
 }
 
 
+def compiled(fn, provider: str):
+    """torch.compile for provider "compile" (default mode) or "compile-max"
+    (mode="max-autotune")."""
+    mode = "max-autotune" if provider == "compile-max" else None
+    return torch.compile(fn, dynamic=False, mode=mode)
+
+
 def fused_providers(device: torch.device) -> list[str]:
     """The fused backends worth timing here (never Triton's interpreter)."""
     out = []
@@ -80,14 +87,14 @@ def _make_fn(case: Case, provider: str) -> Callable:
     if case.op == "add_relu":
         if provider == "eager":
             return _eager_add_relu
-        if provider == "compile":
-            return torch.compile(_eager_add_relu, dynamic=False)
+        if provider.startswith("compile"):
+            return compiled(_eager_add_relu, provider)
         return lambda x, r: resnet_fused.add_relu(x, r, backend=provider)
     if provider == "eager":
         return lambda x, r, rm, rv, w, b: _eager_bn_act(x, r, rm, rv, w, b, training)
-    if provider == "compile":
-        compiled = torch.compile(_eager_bn_act, dynamic=False)
-        return lambda x, r, rm, rv, w, b: compiled(x, r, rm, rv, w, b, training)
+    if provider.startswith("compile"):
+        fn = compiled(_eager_bn_act, provider)
+        return lambda x, r, rm, rv, w, b: fn(x, r, rm, rv, w, b, training)
     return lambda x, r, rm, rv, w, b: resnet_fused.batch_norm_act(
         x, rm, rv, w, b, training, residual=r, backend=provider
     )
@@ -174,7 +181,7 @@ def run_cases(
         sets = [(*a, g) for a, g in (_inputs(case, device, backward) for _ in range(nsets))]
         eager_s = None
         for provider in providers:
-            if provider == "compile":
+            if provider.startswith("compile"):
                 torch._dynamo.reset()  # a fresh cache per case: no recompile limit reached
             fn = _make_fn(case, provider)
             step = _step(fn, backward)

@@ -33,3 +33,95 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def ratio_table(rows: list[dict], group_keys: tuple[str, ...], providers: list[str]) -> str:
+    """Geometric means per group of each provider's speed-up against eager and (when it
+    was timed) against torch.compile, from the rows' median_ms."""
+    has_compile = "compile" in providers
+    others = [p for p in providers if p != "eager"]
+    header = [*group_keys, *[f"{p} ×eager" for p in others]]
+    if has_compile:
+        header += [f"{p} ×compile" for p in others if p != "compile"]
+    table = []
+    groups = list(dict.fromkeys(tuple(r[k] for k in group_keys) for r in rows))
+    for group in groups:
+        sel = [r for r in rows if tuple(r[k] for k in group_keys) == group]
+        by_case: dict[tuple, dict[str, float]] = {}
+        for r in sel:
+            case = tuple((k, v) for k, v in r.items() if k not in _PER_PROVIDER)
+            by_case.setdefault(case, {})[r["provider"]] = float(r["median_ms"])
+        cells = []
+        for ref in ["eager"] + (["compile"] if has_compile else []):
+            for p in others:
+                if ref == "compile" and p == "compile":
+                    continue
+                g = geomean(c[ref] / c[p] for c in by_case.values() if ref in c and p in c)
+                cells.append(f"{g:.2f}×")
+        table.append([*map(str, group), *cells])
+    return markdown_table(header, table)
+
+
+# Columns that differ between the providers of one measured case.
+_PER_PROVIDER = {
+    "provider", "median_ms", "iqr_ms", "gbps", "fraction_of_copy", "speedup_vs_eager",
+    "speedup_vs_compile", "saved_mb", "peak_mb", "tflops", "images_per_s", "ratio_vs_conv",
+    "auto_pick", "speedup_vs_eager_cl", "layout_provider",
+}  # fmt: skip
+
+
+def plot(rows: list[dict], path: str, label_keys: tuple[str, ...], title: str) -> str | None:
+    """A PNG bar chart of every provider's speed-up against eager per case; returns the
+    path, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != "eager"]
+    cases: dict[str, dict[str, float]] = {}
+    eager: dict[str, float] = {}
+    for r in rows:
+        label = " ".join(str(r[k]) for k in label_keys)
+        if r["provider"] == "eager":
+            eager[label] = float(r["median_ms"])
+        else:
+            cases.setdefault(label, {})[r["provider"]] = float(r["median_ms"])
+    labels = [c for c in cases if c in eager]
+    if not labels or not providers:
+        return None
+    height = 0.8 / len(providers)
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(labels) * max(1, len(providers)) + 1.5))
+    for i, p in enumerate(providers):
+        values = [eager[c] / cases[c][p] if p in cases[c] else 0.0 for c in labels]
+        ax.barh([j + i * height for j in range(len(labels))], values, height, label=p)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks([j + 0.4 - height / 2 for j in range(len(labels))])
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up against eager (×)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class Progress:
+    """A progress bar in front of each line printed while the benchmarks run."""
+
+    def __init__(self, total: int, width: int = 20, stream=None) -> None:
+        import sys
+
+        self.total, self.done, self.width = max(total, 1), 0, width
+        self.stream = stream or sys.stdout
+
+    def __call__(self, line: str) -> None:
+        self.done += 1
+        filled = min(self.width, self.width * self.done // self.total)
+        bar = "#" * filled + "." * (self.width - filled)
+        print(f"[{bar}] {self.done:3d}/{self.total} {line}", file=self.stream, flush=True)

@@ -1,0 +1,12 @@
+"""Block-level benchmark on this machine; a thin wrapper over
+``resnet-fused bench --level block`` (see ``resnet-fused bench --help``). Example:
+
+    python benchmarks/bench_block.py --device cpu --out benchmarks/results
+"""
+
+import sys
+
+from resnet_fused.__main__ import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "--level", "block", *sys.argv[1:]]))

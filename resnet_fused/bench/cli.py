@@ -280,6 +280,9 @@ def summarise(rows: list[dict]) -> str:
             cells.append(f"{g:.2f}×")
         table.append([op_name, mode, *cells])
     lines.append(report.markdown_table(["op", "mode", *others], table))
+    if any(p.startswith("compile") for p in providers):
+        lines += ["", "Against eager and against torch.compile:", ""]
+        lines.append(report.ratio_table(rows, ("op", "mode"), providers))
     lines += ["", "## Every measurement", ""]
     header = [
         "op",

@@ -24,7 +24,14 @@ from torch import nn
 
 import resnet_fused
 
-from .timing import environment, keep_freed_host_memory, measure, rotating, rotation_count
+from .timing import (
+    environment,
+    keep_freed_host_memory,
+    matmul_rate,
+    measure,
+    rotating,
+    rotation_count,
+)
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,7 @@ def run_layers(
     if device.type == "cpu":
         keep_freed_host_memory()
     env = environment(device)
+    env["matmul_tflops"] = round(matmul_rate(device, dtype), 3)
     rows = []
     elsize = torch.empty((), dtype=dtype).element_size()
     for layer in selected:
@@ -233,6 +241,9 @@ def run_layers(
                         "median_ms": round(t.median_s * 1e3, 4),
                         "iqr_ms": round(t.iqr_s * 1e3, 4),
                         "tflops": round(work / t.median_s / 1e12, 3),
+                        "fraction_of_matmul": round(
+                            work / t.median_s / 1e12 / env["matmul_tflops"], 3
+                        ),
                         "speedup_vs_eager": (
                             round(base["eager"] / t.median_s, 3) if "eager" in base else ""
                         ),
@@ -277,6 +288,8 @@ def summarise(rows: list[dict]) -> str:
         f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda'] or '-'}; {env['date']}; dtype {rows[0]['dtype']} "
         "(BatchNorm parameters fp32).",
+        f"Measured {rows[0]['dtype']} matrix-product rate (the ceiling): "
+        f"{env.get('matmul_tflops', '-')} TFLOP/s. "
         "TFLOP/s count the convolution's 2*MACs (x3 for forward+backward). ×eager is the "
         "speed-up over the unfused eager unit; ×conv is the unit's speed relative to the "
         "convolution alone (1.0 = the fused unit costs no more than its convolution).",
@@ -304,6 +317,7 @@ def summarise(rows: list[dict]) -> str:
             table,
         )
     )
+    lines += ["", report.ratio_table(rows, ("layout", "mode"), providers)]
     lines += ["", "## Every measurement (ms; TFLOP/s)", ""]
     header = ["layer", "layout", "mode", *[f"{p}" for p in providers]]
     if fused:

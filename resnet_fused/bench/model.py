@@ -143,6 +143,8 @@ def summarise(rows: list[dict]) -> str:
         "×eager(cl) is the speed-up over the eager torchvision model in channels_last.",
         "",
     ]
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    lines += [report.ratio_table(rows, ("model", "mode"), providers), ""]
     header = ["model", "mode", "provider", "layout", "ms", "images/s", "×eager(cl)", "peak MB"]
     table = [
         [

@@ -66,7 +66,7 @@ def ratio_table(rows: list[dict], group_keys: tuple[str, ...], providers: list[s
 _PER_PROVIDER = {
     "provider", "median_ms", "iqr_ms", "gbps", "fraction_of_copy", "speedup_vs_eager",
     "speedup_vs_compile", "saved_mb", "peak_mb", "tflops", "images_per_s", "ratio_vs_conv",
-    "auto_pick", "speedup_vs_eager_cl", "layout_provider",
+    "auto_pick", "speedup_vs_eager_cl", "layout_provider", "fraction_of_matmul",
 }  # fmt: skip
 
 

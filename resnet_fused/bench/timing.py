@@ -121,6 +121,16 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
     return 2 * n * 4 / t.median_s / 1e9
 
 
+def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Measured dense matrix-product rate in TFLOP/s (random operands), the arithmetic
+    ceiling for the convolution benchmarks."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = measure(lambda: a @ b, device, 0.3)
+    return 2 * n**3 / t.median_s / 1e12
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -164,7 +164,9 @@ class _BatchNormAct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, mean, var, eps, relu, batch_stats, backend):
+    def forward(
+        ctx, input, weight, bias, residual, mean, var, eps, relu, batch_stats, backend, sync
+    ):
         kernels = _bn_kernels(backend)
         out = kernels.forward(input, mean, var, weight, bias, residual, eps, relu)
         # The ReLU mask comes from `out` with a residual, else from input (needs bias).
@@ -174,6 +176,7 @@ class _BatchNormAct(torch.autograd.Function):
             input, mean, var, weight, bias if keep_bias else None, out if keep_out else None
         )
         ctx.eps, ctx.relu, ctx.batch_stats, ctx.backend = eps, relu, batch_stats, backend
+        ctx.sync = sync  # distributed.SyncInfo or None
         ctx.has_residual = residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -202,6 +205,13 @@ class _BatchNormAct(torch.autograd.Function):
             if sum_dy is None:  # running statistics, no parameter gradients: sums unused
                 sum_dy = sum_dy_xhat = torch.zeros_like(mean, dtype=stats_dtype(input.dtype))
             mask_from_input = relu and not ctx.has_residual
+            # Synchronised BN: the input gradient needs the sums over every rank; the
+            # parameter gradients stay local (DDP averages them).
+            sum_dy_e, sum_dy_xhat_e = sum_dy, sum_dy_xhat
+            if ctx.sync is not None and batch_stats:
+                from .distributed import all_reduce_sums
+
+                sum_dy_e, sum_dy_xhat_e = all_reduce_sums(sum_dy, sum_dy_xhat, ctx.sync)
             grad_input = kernels.backward_elemt(
                 masked,
                 input,
@@ -209,8 +219,8 @@ class _BatchNormAct(torch.autograd.Function):
                 var,
                 weight,
                 bias,
-                sum_dy,
-                sum_dy_xhat,
+                sum_dy_e,
+                sum_dy_xhat_e,
                 eps,
                 mask_from_input,
                 batch_stats,
@@ -218,7 +228,7 @@ class _BatchNormAct(torch.autograd.Function):
         grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
         grad_bias = sum_dy.to(bias_dtype) if need_bias else None
         grad_residual = masked if need_residual else None
-        return grad_input, grad_weight, grad_bias, grad_residual, *([None] * 6)
+        return grad_input, grad_weight, grad_bias, grad_residual, *([None] * 7)
 
 
 def _check_batch_norm_act_args(
@@ -257,6 +267,8 @@ def batch_norm_act(
     residual: Tensor | None = None,
     relu: bool = True,
     backend: str = "auto",
+    sync: bool = False,
+    process_group=None,
 ) -> Tensor:
     """Fused ``relu(batch_norm(input) + residual)`` (residual and ReLU optional).
 
@@ -274,6 +286,9 @@ def batch_norm_act(
         residual: Tensor like ``input``, added after the affine transform.
         relu: apply ReLU at the end.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        sync: in training, synchronise the batch statistics over ``process_group``
+            (default: the world group) like ``nn.SyncBatchNorm``; a warning and local
+            statistics when torch.distributed is not initialised.
 
     Returns:
         Tensor like ``input`` (channels_last input gives channels_last output).
@@ -285,7 +300,15 @@ def batch_norm_act(
     impl = resolve_backend(backend, input.device)
     kernels = _bn_kernels(impl)
     batch_stats = training or running_mean is None
-    if batch_stats:
+    from .distributed import sync_group, synchronise
+
+    group = sync_group(process_group, sync and training)
+    sync_info = None
+    if group is not None:
+        mean, var, sync_info = synchronise(
+            kernels, input, running_mean, running_var, momentum, group
+        )
+    elif batch_stats:
         size_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
         if size_per_channel == 1:
             raise ValueError(
@@ -305,5 +328,5 @@ def batch_norm_act(
     if not _needs_autograd(*(t for t in tensors if t is not None)):
         return kernels.forward(input, mean, var, weight, bias, residual, float(eps), relu)
     return _BatchNormAct.apply(
-        input, weight, bias, residual, mean, var, float(eps), relu, batch_stats, impl
+        input, weight, bias, residual, mean, var, float(eps), relu, batch_stats, impl, sync_info
     )

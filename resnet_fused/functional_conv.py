@@ -308,13 +308,14 @@ class _TritonConvStats(torch.autograd.Function):
 
 def _train_forward(
     impl, x, w, conv_b, bn_w, bn_b, rm, rv, geometry, momentum, eps, residual, relu, update,
-    bn_impl=None,
+    bn_impl=None, group=None,
 ):  # fmt: skip
     """Training forward: the convolution on ``impl`` (Triton: with the statistics
-    epilogue), BatchNorm(+add)+ReLU on ``bn_impl`` (default: ``impl``)."""
+    epilogue), BatchNorm(+add)+ReLU on ``bn_impl`` (default: ``impl``); with a process
+    ``group`` the local statistics are synchronised before the apply."""
     bn_impl = impl if bn_impl is None else bn_impl
     stride, padding, dilation, groups = geometry
-    rm_u, rv_u = (rm, rv) if update else (None, None)
+    rm_u, rv_u = (rm, rv) if update and group is None else (None, None)
     if impl == "triton" and groups == 1 and conv_b is None and x.dtype in _TRITON_CONV_DTYPES:
         if _needs_autograd(x, w):
             y, mean, var = _TritonConvStats.apply(x, w, geometry, rm_u, rv_u, float(momentum))
@@ -325,12 +326,22 @@ def _train_forward(
             )  # fmt: skip
     else:
         y = F.conv2d(x, w, conv_b, stride, padding, dilation, groups)
-        _check_batch_size(y)
+        if group is None:
+            _check_batch_size(y)
         mean, var = _bn_kernels(bn_impl).stats(y.detach(), rm_u, rv_u, float(momentum))
+    sync = None
+    if group is not None:
+        from .distributed import finish_sync
+
+        count = y.numel() // y.shape[1]
+        rm_s, rv_s = (rm, rv) if update else (None, None)
+        mean, var, sync = finish_sync(mean, var, count, rm_s, rv_s, momentum, group)
     kernels = _bn_kernels(bn_impl)
     if not _needs_autograd(*(t for t in (y, bn_w, bn_b, residual) if t is not None)):
         return kernels.forward(y, mean, var, bn_w, bn_b, residual, float(eps), relu)
-    return _BatchNormAct.apply(y, bn_w, bn_b, residual, mean, var, float(eps), relu, True, bn_impl)
+    return _BatchNormAct.apply(
+        y, bn_w, bn_b, residual, mean, var, float(eps), relu, True, bn_impl, sync
+    )
 
 
 def _check_batch_size(y_or_shape) -> None:
@@ -424,6 +435,8 @@ def conv_bn_act(
     residual: Tensor | None = None,
     relu: bool = True,
     backend: str = "auto",
+    sync_bn: bool = False,
+    process_group=None,
     _folded: tuple[Tensor, Tensor, Tensor | None] | None = None,
 ) -> Tensor:
     """Fused ``relu(batch_norm(conv2d(input, conv_weight, conv_bias)) + residual)``.
@@ -446,6 +459,8 @@ def conv_bn_act(
         residual: Tensor like the output, added after BatchNorm, before ReLU.
         relu: apply ReLU at the end.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        sync_bn, process_group: in training, synchronise the BatchNorm statistics over
+            the group (default: world), like ``nn.SyncBatchNorm``.
 
     Returns:
         Tensor[N, C_out, H_out, W_out] in input's dtype. Differentiable in input,
@@ -457,7 +472,8 @@ def conv_bn_act(
             input, conv_weight, bn_weight, bn_bias, running_mean, running_var,
             conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
             groups=groups, training=training, momentum=momentum, eps=eps,
-            residual=residual, relu=relu, backend=backend, _folded=_folded,
+            residual=residual, relu=relu, backend=backend, sync_bn=sync_bn,
+            process_group=process_group, _folded=_folded,
         )  # fmt: skip
     stride, padding, dilation = _check_args(
         input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, stride,
@@ -470,7 +486,11 @@ def conv_bn_act(
         p, q = conv_ops.conv_output_hw(
             input.shape[2], input.shape[3], conv_weight.shape[2:], stride, padding, dilation
         )
-        _check_batch_size((input.shape[0], conv_weight.shape[0], p, q))
+        from .distributed import sync_group
+
+        group = sync_group(process_group, sync_bn and training)
+        if group is None:
+            _check_batch_size((input.shape[0], conv_weight.shape[0], p, q))
         update = training and running_mean is not None
 
         # "auto" on CUDA chooses the convolution (cuDNN or Triton with the statistics
@@ -490,7 +510,11 @@ def conv_bn_act(
                 impl, input, conv_weight, conv_bias, bn_weight, bn_bias, rm, rv, geometry,
                 momentum, eps, residual, relu, update,
                 bn_impl if bn_impl is not None and impl in ("cuda", "triton") else None,
+                group,
             )  # fmt: skip
+
+        if group is not None:  # no timing trials: they would run collectives
+            return run(resolve_backend(backend, input.device))
 
         impl = _resolve_conv_backend(
             backend, input, conv_weight, geometry, True, residual, relu,

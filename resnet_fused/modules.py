@@ -166,10 +166,16 @@ def conv_bn_forward(
     backend: str,
     training: bool,
     cache: FoldCache | None = None,
+    sync: bool = False,
+    process_group=None,
 ) -> Tensor:
     """``relu(bn(conv(input)) + residual)`` with ``conv`` and ``bn`` used as modules: the
     same bookkeeping as ``nn.BatchNorm2d.forward`` (num_batches_tracked, momentum=None,
-    track_running_stats) in ``training`` mode, the cached fold in eval mode."""
+    track_running_stats) in ``training`` mode, the cached fold in eval mode. Training
+    statistics are synchronised over ``process_group`` when ``sync`` (or when ``bn`` is
+    an ``nn.SyncBatchNorm``, over its group)."""
+    if isinstance(bn, nn.SyncBatchNorm):
+        sync, process_group = True, process_group or bn.process_group
     from .functional_conv import conv_bn_act
 
     factor = bn_update_factor(bn, training)
@@ -199,6 +205,8 @@ def conv_bn_forward(
         residual=residual,
         relu=relu,
         backend=backend,
+        sync_bn=sync,
+        process_group=process_group,
         _folded=folded,
     )
 

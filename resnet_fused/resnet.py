@@ -65,8 +65,8 @@ def _why_not_unit(conv: object, bn: object, where: str) -> str | None:
     """Why (conv, bn) cannot run as one fused unit; None when it can."""
     if type(conv) is not nn.Conv2d:
         return f"{where}: {type(conv).__name__} is not a plain nn.Conv2d"
-    if type(bn) is not nn.BatchNorm2d:
-        return f"{where}: {type(bn).__name__} is not a plain nn.BatchNorm2d"
+    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        return f"{where}: {type(bn).__name__} is not a plain nn.BatchNorm2d or nn.SyncBatchNorm"
     if conv.padding_mode != "zeros":
         return f"{where}: conv padding_mode={conv.padding_mode!r}"
     if conv.out_channels != bn.num_features:
@@ -95,15 +95,19 @@ class _FusedBlock(nn.Module):
 
     backend: str
 
-    def _init_fused(self, backend: str) -> None:
+    def _init_fused(self, backend: str, sync_bn: bool = False, process_group=None) -> None:
         self.backend = backend
+        self.sync_bn, self.process_group = sync_bn, process_group
         self._fold_caches: dict[str, FoldCache] = {}
 
     def _unit(self, name: str, conv, bn, x, residual=None, relu=True) -> Tensor:
         cache = self._fold_caches.get(name)
         if cache is None:
             cache = self._fold_caches[name] = FoldCache()
-        return conv_bn_forward(conv, bn, x, residual, relu, self.backend, self.training, cache)
+        return conv_bn_forward(
+            conv, bn, x, residual, relu, self.backend, self.training, cache,
+            getattr(self, "sync_bn", False), getattr(self, "process_group", None),
+        )  # fmt: skip
 
     def _identity(self, x: Tensor) -> Tensor:
         if self.downsample is None:
@@ -252,12 +256,14 @@ class FusedStemConv2d(nn.Conv2d):
         stem.__dict__["_bn"] = bn  # not a submodule: bn stays registered as model.bn1
         stem.backend = backend
         stem._fold_cache = FoldCache()
+        stem.sync_bn, stem.process_group = False, None
         return stem
 
     def forward(self, input: Tensor) -> Tensor:
         return conv_bn_forward(
-            self, self._bn, input, None, True, self.backend, self.training, self._fold_cache
-        )
+            self, self._bn, input, None, True, self.backend, self.training, self._fold_cache,
+            self.sync_bn, self.process_group,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fused with bn1 and relu, backend={self.backend!r}"
@@ -310,7 +316,14 @@ def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False) -> nn.Module:
+def convert(
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    inplace: bool = False,
+    sync_bn: bool = False,
+    process_group=None,
+) -> nn.Module:
     """The fused twin of a model holding torchvision ResNet parts.
 
     Replaces every torchvision ``BasicBlock`` / ``Bottleneck`` (exact classes) by its
@@ -325,6 +338,10 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False) -
         model: any nn.Module; typically a torchvision ResNet.
         backend: the backend of the fused kernels (see resnet_fused.backends).
         inplace: modify ``model`` itself; by default a deep copy is converted.
+        sync_bn: synchronise every fused BatchNorm's training statistics over
+            ``process_group`` (default: the world group) through torch.distributed, like
+            ``nn.SyncBatchNorm`` (works on CPU with gloo too). ``nn.SyncBatchNorm`` layers
+            in the model are synchronised over their own group either way.
     """
     from .backends import BACKENDS
 
@@ -334,8 +351,13 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False) -
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not inplace:
         model = copy.deepcopy(model)
+
+    def configure(fused):
+        fused.sync_bn, fused.process_group = sync_bn, process_group
+        return fused
+
     if type(model) in _BLOCKS and not _why_not_block(model):
-        return _BLOCKS[type(model)].from_block(model, backend=backend)  # a bare block
+        return configure(_BLOCKS[type(model)].from_block(model, backend=backend))  # bare block
     skipped = []
     for name, module in list(model.named_modules()):
         if type(module) in _BLOCKS:
@@ -343,7 +365,8 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False) -
             if why:
                 skipped.append(f"{name}: {why}")
                 continue
-            _set_child(model, name, _BLOCKS[type(module)].from_block(module, backend=backend))
+            fused = _BLOCKS[type(module)].from_block(module, backend=backend)
+            _set_child(model, name, configure(fused))
         elif isinstance(module, (BasicBlock, Bottleneck)):
             skipped.append(f"{name}: {type(module).__name__} subclasses a torchvision block")
     for name, module in list(model.named_modules()):
@@ -353,7 +376,10 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False) -
                 skipped.append(f"{name or '<model>'}: {why}")
                 continue
             bn = _share_bn(module.bn1, FoldedBatchNorm2d)
-            module.conv1 = FusedStemConv2d.from_modules(module.conv1, bn, backend=backend)
+            stem = configure(FusedStemConv2d.from_modules(module.conv1, bn, backend=backend))
+            if isinstance(module.bn1, nn.SyncBatchNorm):
+                stem.sync_bn, stem.process_group = True, module.bn1.process_group
+            module.conv1 = stem
             module.bn1 = bn
             module.relu = FoldedReLU()
     if skipped:

@@ -28,6 +28,11 @@ def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> 
         raise ValueError(
             f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}"
         )
+    check_device_dtype(t, name, ref, ref_name)
+
+
+def check_device_dtype(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    """``t`` must be on ``ref``'s device and have its dtype."""
     if t.device != ref.device:
         raise ValueError(
             f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}"
@@ -60,6 +65,18 @@ def check_bn_input(input: object) -> None:
             f"input must be a 4-D tensor (N, C, H, W), got {input.dim()}-D with shape "
             f"{tuple(input.shape)}"
         )
+
+
+def check_bn_options(running_mean, running_var, momentum, eps, training, relu) -> None:
+    """The BatchNorm arguments shared by batch_norm_act and conv_bn_act."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    check_number(momentum, "momentum")
+    check_number(eps, "eps", minimum=0.0)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
 
 
 def check_number(value: object, name: str, *, minimum: float | None = None) -> None:

@@ -64,17 +64,6 @@ def gather_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, 
     return mean_g, var_g, total
 
 
-@torch.no_grad()
-def update_running(running_mean, running_var, mean, var, total, momentum: float) -> None:
-    """nn.BatchNorm2d's running-statistics update with the global batch statistics."""
-    if running_mean is not None:
-        new = running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum
-        running_mean.copy_(new)
-    if running_var is not None:
-        unbiased = var * total / (total - 1).clamp_min(1)
-        running_var.copy_(running_var.to(var.dtype) * (1 - momentum) + unbiased * momentum)
-
-
 def synchronise(kernels, input: Tensor, running_mean, running_var, momentum: float, group):
     """Local statistics of ``input`` (no running update), gathered over ``group``; updates
     the running statistics with the global ones. Returns (mean, var, SyncInfo)."""
@@ -84,8 +73,10 @@ def synchronise(kernels, input: Tensor, running_mean, running_var, momentum: flo
 
 
 def finish_sync(mean, var, count, running_mean, running_var, momentum, group):
+    from .reference import update_running_stats
+
     mean_g, var_g, total = gather_stats(mean, var, count, group)
-    update_running(running_mean, running_var, mean_g, var_g, total, momentum)
+    update_running_stats(running_mean, running_var, mean_g, var_g, total, momentum)
     return mean_g, var_g, SyncInfo(group, count / total)
 
 

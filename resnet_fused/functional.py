@@ -17,9 +17,9 @@ from . import ops, reference
 from ._layout import stats_dtype
 from ._validation import (
     check_bn_input,
+    check_bn_options,
     check_floating,
     check_like,
-    check_number,
     check_optional_per_channel,
 )
 from .backends import resolve_backend
@@ -242,16 +242,9 @@ def _check_batch_norm_act_args(
         (bias, "bias"),
     ):
         check_optional_per_channel(t, name, input)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be tensors or both be None")
     if residual is not None:
         check_like(residual, "residual", input, "input")
-    check_number(momentum, "momentum")
-    check_number(eps, "eps", minimum=0.0)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if not isinstance(relu, bool):
-        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+    check_bn_options(running_mean, running_var, momentum, eps, training, relu)
 
 
 def batch_norm_act(

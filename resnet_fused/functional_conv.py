@@ -30,7 +30,13 @@ from torch import Tensor
 
 from . import conv_ops, ops, reference
 from ._layout import stats_dtype
-from ._validation import check_floating, check_number, check_optional_per_channel
+from ._validation import (
+    check_bn_input,
+    check_bn_options,
+    check_device_dtype,
+    check_floating,
+    check_optional_per_channel,
+)
 from .backends import resolve_backend, unavailable_reason
 from .functional import _BatchNormAct, _bn_kernels, _needs_autograd
 
@@ -60,26 +66,14 @@ def _check_args(
     input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, stride,
     padding, dilation, groups, training, momentum, eps, residual, relu,
 ):  # fmt: skip
-    check_floating(input, "input")
-    if input.dim() != 4:
-        raise ValueError(
-            f"input must be a 4-D tensor (N, C, H, W), got {input.dim()}-D with shape "
-            f"{tuple(input.shape)}"
-        )
+    check_bn_input(input)
     check_floating(conv_weight, "conv_weight")
     if conv_weight.dim() != 4:
         raise ValueError(
             "conv_weight must be a 4-D tensor (C_out, C_in/groups, kH, kW), got "
             f"{conv_weight.dim()}-D with shape {tuple(conv_weight.shape)}"
         )
-    if conv_weight.device != input.device:
-        raise ValueError(
-            f"conv_weight must be on the device of input ({input.device}), got {conv_weight.device}"
-        )
-    if conv_weight.dtype != input.dtype:
-        raise TypeError(
-            f"conv_weight must have the dtype of input ({input.dtype}), got {conv_weight.dtype}"
-        )
+    check_device_dtype(conv_weight, "conv_weight", input, "input")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     c_out, c_in_g = conv_weight.shape[0], conv_weight.shape[1]
@@ -101,10 +95,7 @@ def _check_args(
     what = f"conv_weight with C_out = {c_out} output channels"
     if conv_bias is not None:
         check_optional_per_channel(conv_bias, "conv_bias", input, c_out, what)
-        if conv_bias.dtype != input.dtype:
-            raise TypeError(
-                f"conv_bias must have the dtype of input ({input.dtype}), got {conv_bias.dtype}"
-            )
+        check_device_dtype(conv_bias, "conv_bias", input, "input")
     for t, name in (
         (bn_weight, "bn_weight"),
         (bn_bias, "bn_bias"),
@@ -112,14 +103,7 @@ def _check_args(
         (running_var, "running_var"),
     ):
         check_optional_per_channel(t, name, input, c_out, what)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be tensors or both be None")
-    check_number(momentum, "momentum")
-    check_number(eps, "eps", minimum=0.0)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if not isinstance(relu, bool):
-        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+    check_bn_options(running_mean, running_var, momentum, eps, training, relu)
     p, q = conv_ops.conv_output_hw(
         input.shape[2], input.shape[3], conv_weight.shape[2:], stride, padding, dilation
     )
@@ -136,14 +120,7 @@ def _check_args(
             raise ValueError(
                 f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}"
             )
-        if residual.device != input.device:
-            raise ValueError(
-                f"residual must be on the device of input ({input.device}), got {residual.device}"
-            )
-        if residual.dtype != input.dtype:
-            raise TypeError(
-                f"residual must have the dtype of input ({input.dtype}), got {residual.dtype}"
-            )
+        check_device_dtype(residual, "residual", input, "input")
     return stride, padding, dilation
 
 

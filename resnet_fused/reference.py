@@ -65,15 +65,25 @@ def bn_stats(
     x = input.to(acc)
     mean = x.mean(dim=dims)
     var = (x - _per_channel(mean, x.dim())).square().mean(dim=dims)
-    m = input.numel() // input.shape[1]
-    with torch.no_grad():
-        if running_mean is not None:
-            new = running_mean.to(acc) * (1 - momentum) + mean * momentum
-            running_mean.copy_(new)
-        if running_var is not None:
-            new = running_var.to(acc) * (1 - momentum) + var * (momentum * m / (m - 1))
-            running_var.copy_(new)
+    update_running_stats(
+        running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum
+    )
     return mean, var
+
+
+@torch.no_grad()
+def update_running_stats(running_mean, running_var, mean, var, count, momentum: float) -> None:
+    """In place, as nn.BatchNorm2d: running_mean <- (1 - momentum)*running_mean +
+    momentum*mean; running_var likewise with the unbiased variance var*count/(count - 1).
+    ``count`` (values per channel) may be an int or a tensor."""
+    if running_mean is not None:
+        running_mean.copy_(running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
+    if running_var is not None:
+        if isinstance(count, torch.Tensor):
+            factor = momentum * count / (count - 1).clamp_min(1)
+        else:
+            factor = momentum * count / (count - 1)
+        running_var.copy_(running_var.to(var.dtype) * (1 - momentum) + var * factor)
 
 
 def _affine(input, mean, var, weight, bias, eps):

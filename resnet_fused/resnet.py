@@ -90,23 +90,65 @@ def _why_not_downsample(ds: object) -> str | None:
 
 
 class _FusedBlock(nn.Module):
-    """Shared forward machinery: ``(conv, bn)`` pairs run through conv_bn_forward with a
-    fold cache each."""
+    """A torchvision block's submodules (same objects, same names) with a fused forward:
+    each (conv, bn) pair runs through conv_bn_forward with its own fold cache.
+    Subclasses name the torchvision class and the submodules they take over."""
 
-    backend: str
+    _torchvision: type[nn.Module]
+    _children: tuple[str, ...]
+    expansion: int
 
-    def _init_fused(self, backend: str, sync_bn: bool = False, process_group=None) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        block = self._torchvision(
+            inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer
+        )
+        self._adopt(block, backend)
+
+    def _adopt(self, block: nn.Module, backend: str) -> None:
+        for name in self._children:
+            setattr(self, name, getattr(block, name))
+        self.stride = block.stride
         self.backend = backend
-        self.sync_bn, self.process_group = sync_bn, process_group
+        self.sync_bn, self.process_group = False, None
         self._fold_caches: dict[str, FoldCache] = {}
+
+    @classmethod
+    def from_block(cls, block: nn.Module, *, backend: str = "auto") -> _FusedBlock:
+        """A fused block holding ``block``'s own submodules (shared, not copied)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._adopt(block, backend)
+        return fused.train(block.training)
+
+    def to_torchvision(self) -> nn.Module:
+        """The torchvision block around the same submodules."""
+        block = self._torchvision.__new__(self._torchvision)
+        nn.Module.__init__(block)
+        for name in self._children:
+            setattr(block, name, getattr(self, name))
+        block.stride = self.stride
+        return block.train(self.training)
 
     def _unit(self, name: str, conv, bn, x, residual=None, relu=True) -> Tensor:
         cache = self._fold_caches.get(name)
         if cache is None:
             cache = self._fold_caches[name] = FoldCache()
         return conv_bn_forward(
-            conv, bn, x, residual, relu, self.backend, self.training, cache,
-            getattr(self, "sync_bn", False), getattr(self, "process_group", None),
+            conv, bn, x, residual, relu, self.backend, self.training, cache, self.sync_bn,
+            self.process_group,
         )  # fmt: skip
 
     def _identity(self, x: Tensor) -> Tensor:
@@ -120,111 +162,33 @@ class _FusedBlock(nn.Module):
 
 class FusedBasicBlock(_FusedBlock):
     """torchvision's ``BasicBlock``, fused: ``relu(bn2(conv2(relu(bn1(conv1(x))))) +
-    identity)`` as two fused Conv+BN(+add)+ReLU units (plus the downsample unit)."""
+    identity)`` as two fused Conv+BN(+add)+ReLU units (plus the downsample unit).
+    Constructor arguments as torchvision's, plus ``backend``."""
 
     expansion = 1
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer=None,
-        *,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        block = BasicBlock(
-            inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer
-        )
-        self._adopt(block, backend)
-
-    def _adopt(self, block: BasicBlock, backend: str) -> None:
-        self.conv1, self.bn1, self.relu = block.conv1, block.bn1, block.relu
-        self.conv2, self.bn2 = block.conv2, block.bn2
-        self.downsample, self.stride = block.downsample, block.stride
-        self._init_fused(backend)
-
-    @classmethod
-    def from_block(cls, block: BasicBlock, *, backend: str = "auto") -> FusedBasicBlock:
-        """A fused block holding ``block``'s own submodules (shared, not copied)."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused._adopt(block, backend)
-        return fused.train(block.training)
+    _torchvision = BasicBlock
+    _children = ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")
 
     def forward(self, x: Tensor) -> Tensor:
         identity = self._identity(x)
         out = self._unit("1", self.conv1, self.bn1, x)
         return self._unit("2", self.conv2, self.bn2, out, residual=identity)
 
-    def to_torchvision(self) -> BasicBlock:
-        block = BasicBlock.__new__(BasicBlock)
-        nn.Module.__init__(block)
-        block.conv1, block.bn1, block.relu = self.conv1, self.bn1, self.relu
-        block.conv2, block.bn2 = self.conv2, self.bn2
-        block.downsample, block.stride = self.downsample, self.stride
-        return block.train(self.training)
-
 
 class FusedBottleneck(_FusedBlock):
     """torchvision's ``Bottleneck`` (v1.5: stride on the 3x3), fused: three fused
-    Conv+BN+ReLU units, the last with the identity or downsample branch added."""
+    Conv+BN+ReLU units, the last with the identity or downsample branch added.
+    Constructor arguments as torchvision's, plus ``backend``."""
 
     expansion = 4
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer=None,
-        *,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        block = Bottleneck(
-            inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer
-        )
-        self._adopt(block, backend)
-
-    def _adopt(self, block: Bottleneck, backend: str) -> None:
-        self.conv1, self.bn1 = block.conv1, block.bn1
-        self.conv2, self.bn2 = block.conv2, block.bn2
-        self.conv3, self.bn3 = block.conv3, block.bn3
-        self.relu, self.downsample, self.stride = block.relu, block.downsample, block.stride
-        self._init_fused(backend)
-
-    @classmethod
-    def from_block(cls, block: Bottleneck, *, backend: str = "auto") -> FusedBottleneck:
-        """A fused block holding ``block``'s own submodules (shared, not copied)."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused._adopt(block, backend)
-        return fused.train(block.training)
+    _torchvision = Bottleneck
+    _children = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample")
 
     def forward(self, x: Tensor) -> Tensor:
         identity = self._identity(x)
         out = self._unit("1", self.conv1, self.bn1, x)
         out = self._unit("2", self.conv2, self.bn2, out)
         return self._unit("3", self.conv3, self.bn3, out, residual=identity)
-
-    def to_torchvision(self) -> Bottleneck:
-        block = Bottleneck.__new__(Bottleneck)
-        nn.Module.__init__(block)
-        block.conv1, block.bn1 = self.conv1, self.bn1
-        block.conv2, block.bn2 = self.conv2, self.bn2
-        block.conv3, block.bn3 = self.conv3, self.bn3
-        block.relu, block.downsample, block.stride = self.relu, self.downsample, self.stride
-        return block.train(self.training)
 
 
 # --- the stem -------------------------------------------------------------------------------

@@ -1402,6 +1402,28 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input,
   return {mean, var};
 }
 
+// The BN forward kernels (NHWC or NCHW, widest aligned vector) over x (+ residual) -> out;
+// shared by bn_act_forward and bias_act.
+template <typename scalar_t, typename acc_t>
+void launch_bn_forward(const scalar_t* xp, const scalar_t* rp, scalar_t* op,
+                       const BnParams<acc_t>& p, bool relu, bool channels_last, int64_t N,
+                       int64_t C, int64_t HW, c10::DeviceIndex device, cudaStream_t stream) {
+  const int vec = pick_vec<scalar_t>(channels_last ? C : HW, {xp, rp, op});
+  with_vec<scalar_t>(vec, [&](auto vec_c) {
+    constexpr int VEC = decltype(vec_c)::value;
+    if (channels_last) {
+      const auto kernel = bn_fwd_nhwc_kernel<scalar_t, VEC>;
+      const Plan plan = plan_for(kernel, N, C, HW, true, VEC, device);
+      kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nhwc);
+    } else {
+      const auto kernel = bn_fwd_nchw_kernel<scalar_t, VEC>;
+      const Plan plan = plan_for(kernel, N, C, HW, false, VEC, device);
+      kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nchw);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 at::Tensor bn_act_forward_cuda(const at::Tensor& input, const at::Tensor& mean,
                                const at::Tensor& var, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias,
@@ -1435,20 +1457,8 @@ at::Tensor bn_act_forward_cuda(const at::Tensor& input, const at::Tensor& mean,
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = data_or_null<scalar_t>(r);
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const int vec = pick_vec<scalar_t>(channels_last ? C : HW, {xp, rp, op});
-    with_vec<scalar_t>(vec, [&](auto vec_c) {
-      constexpr int VEC = decltype(vec_c)::value;
-      if (channels_last) {
-        const auto kernel = bn_fwd_nhwc_kernel<scalar_t, VEC>;
-        const Plan plan = plan_for(kernel, N, C, HW, true, VEC, device);
-        kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nhwc);
-      } else {
-        const auto kernel = bn_fwd_nchw_kernel<scalar_t, VEC>;
-        const Plan plan = plan_for(kernel, N, C, HW, false, VEC, device);
-        kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nchw);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_bn_forward<scalar_t, acc_t>(xp, rp, op, p, relu, channels_last, N, C, HW, device,
+                                       stream);
   });
   return out;
 }
@@ -1633,20 +1643,8 @@ void bias_act_launch(const at::Tensor& x, const std::optional<at::Tensor>& bias,
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = data_or_null<scalar_t>(r);
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const int vec = pick_vec<scalar_t>(channels_last ? C : HW, {xp, rp, op});
-    with_vec<scalar_t>(vec, [&](auto vec_c) {
-      constexpr int VEC = decltype(vec_c)::value;
-      if (channels_last) {
-        const auto kernel = bn_fwd_nhwc_kernel<scalar_t, VEC>;
-        const Plan plan = plan_for(kernel, N, C, HW, true, VEC, device);
-        kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nhwc);
-      } else {
-        const auto kernel = bn_fwd_nchw_kernel<scalar_t, VEC>;
-        const Plan plan = plan_for(kernel, N, C, HW, false, VEC, device);
-        kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nchw);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_bn_forward<scalar_t, acc_t>(xp, rp, op, p, relu, channels_last, N, C, HW, device,
+                                       stream);
   });
 }
 

@@ -50,15 +50,30 @@ def _share_conv(conv: nn.Conv2d, cls: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
     return new.train(conv.training)
 
 
-def _share_bn(bn: nn.BatchNorm2d, cls: type[nn.BatchNorm2d] = nn.BatchNorm2d) -> nn.BatchNorm2d:
+def _share_bn(
+    bn: nn.BatchNorm2d, cls: type[nn.BatchNorm2d] = nn.BatchNorm2d, process_group=None
+) -> nn.BatchNorm2d:
     new = cls(
         bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta"
     )
+    if isinstance(new, nn.SyncBatchNorm):
+        new.process_group = process_group
     for name in ("weight", "bias"):
         setattr(new, name, getattr(bn, name))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         new._buffers[name] = bn._buffers.get(name)
     return new.train(bn.training)
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` sharing the process groups (of nn.SyncBatchNorm or synchronised
+    fused modules), which cannot be copied."""
+    memo = {}
+    for module in model.modules():
+        group = module.__dict__.get("process_group")
+        if group is not None:
+            memo[id(group)] = group
+    return copy.deepcopy(model, memo)
 
 
 def _why_not_unit(conv: object, bn: object, where: str) -> str | None:
@@ -134,12 +149,18 @@ class _FusedBlock(nn.Module):
         return fused.train(block.training)
 
     def to_torchvision(self) -> nn.Module:
-        """The torchvision block around the same submodules."""
+        """The torchvision block around the same submodules; a block synchronising its
+        BatchNorm (``convert(..., sync_bn=True)``) gets ``nn.SyncBatchNorm`` layers over
+        its group, sharing the parameters and buffers."""
         block = self._torchvision.__new__(self._torchvision)
         nn.Module.__init__(block)
         for name in self._children:
             setattr(block, name, getattr(self, name))
         block.stride = self.stride
+        if self.sync_bn:
+            for name, bn in list(block.named_modules()):
+                if type(bn) is nn.BatchNorm2d:
+                    _set_child(block, name, _share_bn(bn, nn.SyncBatchNorm, self.process_group))
         return block.train(self.training)
 
     def _unit(self, name: str, conv, bn, x, residual=None, relu=True) -> Tensor:
@@ -314,7 +335,7 @@ def convert(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
 
     def configure(fused):
         fused.sync_bn, fused.process_group = sync_bn, process_group
@@ -357,11 +378,13 @@ def convert(
 
 def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Plain torchvision modules again (for export): the inverse of :func:`convert`,
-    sharing (or, without ``inplace``, copying) the same parameters and buffers."""
+    sharing (or, without ``inplace``, copying) the same parameters and buffers.
+    Synchronised BatchNorm (``nn.SyncBatchNorm`` in the original model, or ``convert(...,
+    sync_bn=True)``) comes back as ``nn.SyncBatchNorm`` over the same process group."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
     if isinstance(model, (FusedBasicBlock, FusedBottleneck)):
         return model.to_torchvision()
     for name, module in list(model.named_modules()):
@@ -369,8 +392,12 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             _set_child(model, name, module.to_torchvision())
     for _name, module in list(model.named_modules()):
         if isinstance(module, ResNet) and isinstance(module.conv1, FusedStemConv2d):
-            module.conv1 = _share_conv(module.conv1)
-            module.bn1 = _share_bn(module.bn1)
+            stem = module.conv1
+            module.conv1 = _share_conv(stem)
+            if stem.sync_bn:
+                module.bn1 = _share_bn(module.bn1, nn.SyncBatchNorm, stem.process_group)
+            else:
+                module.bn1 = _share_bn(module.bn1)
             module.relu = nn.ReLU(inplace=True)
     return model
 

@@ -120,3 +120,28 @@ def test_check_passes(capsys):
     out = capsys.readouterr().out
     assert "cases match the fp64 reference" in out and "MISMATCH" not in out
     assert " cpu " in out and "conv_bn_add_relu eval" in out
+
+
+@pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_sync_level_times_the_same_maths(tmp_path, capsys):
+    """Two gloo ranks: every provider runs, and the fused synchronised step gives the
+    eager synchronised BatchNorm's output and input gradient (checked by the benchmark
+    before timing and written to the CSV)."""
+    cases = "bn_add_relu c2048,r50.layer3 block"
+    assert _bench(tmp_path, "--level", "sync", "--sync-cases", cases, "--batch", "2") == 0
+    (csv_path,) = tmp_path.glob("sync_*.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [(r["case"], r["provider"]) for r in rows] == [
+        (c, p) for c in cases.split(",") for p in ("eager", "fused", "fused-local")
+    ]
+    assert all(float(r["median_ms"]) > 0 and r["world"] == "2" for r in rows)
+    diffs = {(r["case"], r["provider"]): float(r["max_rel_diff"]) for r in rows}
+    for case in cases.split(","):
+        assert diffs[case, "fused"] < 1e-4, diffs
+        assert diffs[case, "fused-local"] > 1e-2, diffs  # local statistics differ: the check bites
+    md = csv_path.with_suffix(".md").read_text()
+    assert md.startswith("# Synchronised BatchNorm") and "fused ×eager" in md
+    assert _bench(tmp_path, "--level", "sync", "--world", "1") == 2
+    assert "--world must be at least 2" in capsys.readouterr().err
+    assert _bench(tmp_path, "--level", "sync", "--providers", "SyncBatchNorm") == 2

@@ -56,33 +56,68 @@ def _running_stats(model):
     ]
 
 
-def _worker(rank: int, world: int, init_file: str, kind: str, out_dir: str) -> None:
+def _average_gradients(model: nn.Module) -> None:
+    """What DDP does to the gradients, for the model compiled without DDP."""
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
+
+
+def _dist_setup(rank: int, world: int, init_file: str, device: str) -> torch.device:
+    """CPU: gloo. GPU: NCCL with a device per rank, or, with fewer GPUs than ranks, gloo
+    with every rank on GPU 0. TF32 off: fp32 results are compared at fp32 accuracy."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    backend, dev = "gloo", torch.device("cpu")
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        nccl = torch.cuda.device_count() >= world and dist.is_nccl_available()
+        backend, dev = (
+            ("nccl", torch.device("cuda", rank)) if nccl else ("gloo", torch.device("cuda", 0))
+        )
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    return dev
+
+
+def _worker(rank, world, init_file, kind, out_dir, mode, device="cpu", backend="cpu") -> None:
+    dev = _dist_setup(rank, world, init_file, device)
     try:
-        model = resnet_fused.convert(_build(kind), backend="cpu", sync_bn=True)
-        ddp = nn.parallel.DistributedDataParallel(model)
+        model = resnet_fused.convert(_build(kind), backend=backend, sync_bn=True).to(dev)
+        if mode == "fullgraph":
+            # One graph per direction, collectives included (an error on any graph break).
+            ddp = torch.compile(model, fullgraph=True)
+        else:
+            ids = [dev.index] if dev.type == "cuda" else None
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            if mode == "ddp+compile":
+                ddp = torch.compile(ddp)
         x, w = _data(kind)
+        x, w = x.to(dev), w.to(dev)
         lo = sum(SIZES[:rank])
         xs, ws = x[lo : lo + SIZES[rank]], w[lo : lo + SIZES[rank]]
         for _ in range(2):  # two steps: statistics and gradients both move
             ddp.zero_grad(set_to_none=True)
             out = ddp(xs)
             (out * ws).sum().backward()
+            if mode == "fullgraph":
+                _average_gradients(model)
         result = {
-            "out": out.detach(),
-            "grads": {k: p.grad.clone() for k, p in model.named_parameters()},
-            "stats": _running_stats(model),
+            "out": out.detach().cpu(),
+            "grads": {k: p.grad.cpu() for k, p in model.named_parameters()},
+            "stats": [t.cpu() for t in _running_stats(model)],
         }
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _run_ranks(kind: str, tmp_path, timeout: float = 240.0) -> list[dict]:
+def _run_ranks(
+    kind: str, tmp_path, mode: str = "eager", device="cpu", backend="cpu", timeout=240.0
+) -> list[dict]:
     init_file = str(tmp_path / "init")
     ctx = mp.start_processes(
-        _worker, args=(len(SIZES), init_file, kind, str(tmp_path)), nprocs=len(SIZES),
+        _worker, args=(len(SIZES), init_file, kind, str(tmp_path), mode, device, backend),
+        nprocs=len(SIZES),
         join=False, start_method="spawn",
     )  # fmt: skip
     deadline = time.monotonic() + timeout
@@ -95,10 +130,29 @@ def _run_ranks(kind: str, tmp_path, timeout: float = 240.0) -> list[dict]:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("kind", ["block", "resnet18"])
-def test_sync_bn_ddp_matches_single_process(kind, tmp_path):
-    results = _run_ranks(kind, tmp_path)
+@pytest.mark.parametrize(
+    "kind,mode",
+    [("block", "eager"), ("resnet18", "eager"), ("block", "ddp+compile"), ("block", "fullgraph")],
+)
+def test_sync_bn_ddp_matches_single_process(kind, mode, tmp_path):
+    """DDP (eager or torch.compile'd), or the model compiled with fullgraph=True (the
+    all_gather / all_reduce traced into the graphs) with the gradients averaged by hand."""
+    _check_against_single_process(kind, _run_ranks(kind, tmp_path, mode))
 
+
+_GPU_CASES = [("block", "auto"), ("block", "triton"), ("resnet18", "auto")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind,backend", _GPU_CASES)
+def test_sync_bn_ddp_on_gpu(kind, backend, tmp_path):
+    """On GPUs: NCCL with one GPU per rank, or with a single GPU both ranks on it over
+    gloo (a simulated group); the fused CUDA/Triton kernels around the collectives."""
+    results = _run_ranks(kind, tmp_path, "eager", "cuda", backend)
+    _check_against_single_process(kind, results)
+
+
+def _check_against_single_process(kind: str, results: list[dict]) -> None:
     reference = _build(kind)  # unfused torchvision, one process, the whole batch
     reference.train()
     x, w = _data(kind)
@@ -132,3 +186,57 @@ def test_sync_bn_without_process_group_warns_and_is_local():
         rd._warned = False
         out = model(x)
     torch.testing.assert_close(out, plain(x), rtol=1e-4, atol=1e-4)
+
+
+def _unfuse_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        group = dist.new_group(list(range(world)))
+        report = {}
+        # convert(sync_bn=True) over a group, and a model already holding nn.SyncBatchNorm.
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(_build("resnet18"), group)
+        ref = _build("resnet18").state_dict()
+        for name, fused in (
+            (
+                "sync_bn",
+                resnet_fused.convert(_build("resnet18"), sync_bn=True, process_group=group),
+            ),
+            ("SyncBatchNorm", resnet_fused.convert(synced)),
+        ):
+            for inplace in (False, True):
+                plain = resnet_fused.unfuse(fused, inplace=inplace)
+                bns = [m for m in plain.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                report[name, inplace] = {
+                    "n_bn": len(bns),
+                    "all_sync": all(type(m) is nn.SyncBatchNorm for m in bns),
+                    "same_group": all(m.process_group is group for m in bns),
+                    "torchvision": type(plain.layer1[0]) is torchvision.models.resnet.BasicBlock
+                    and type(plain.conv1) is nn.Conv2d,
+                    "state_dict": list(sd := plain.state_dict()) == list(ref)
+                    and all(torch.equal(sd[k], ref[k]) for k in ref),
+                }
+        torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_unfuse_gives_sync_batchnorm_back(tmp_path):
+    ctx = mp.start_processes(
+        _unfuse_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+        join=False, start_method="spawn",
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("distributed workers did not finish within 120 s")
+    for rank in range(2):
+        report = torch.load(tmp_path / f"rank{rank}.pt")
+        assert len(report) == 4
+        for key, r in report.items():
+            assert r == {
+                "n_bn": 20, "all_sync": True, "same_group": True, "torchvision": True,
+                "state_dict": True,
+            }, key  # fmt: skip

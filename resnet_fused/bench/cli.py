@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import block, goals, layer, model, op, report
+from . import block, goals, layer, model, op, report, sync
 from .timing import device_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -16,7 +16,7 @@ OPS = ("add_relu", "bn_relu", "bn_add_relu")
 LAYOUTS = ("channels_last", "nchw")
 
 
-LEVELS = ("suite", "op", "layer", "block", "model")
+LEVELS = ("suite", "op", "layer", "block", "model", "sync")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,8 +26,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default="suite",
         help="suite (default): a quick selection of every level (under 3 minutes on a "
         "2-core CPU); op: the elementwise/BN ops; layer: ResNet-50's Conv+BN+(add)+ReLU "
-        "units; block: ResNet blocks; model: whole ResNets, converted vs eager vs compile",
+        "units; block: ResNet blocks; model: whole ResNets, converted vs eager vs compile; "
+        "sync: synchronised BatchNorm over --world ranks (torch.distributed), fused vs "
+        "nn.SyncBatchNorm / eager (not part of the suite)",
     )
+    parser.add_argument(
+        "--world", type=int, default=2, help="sync level: number of ranks (processes)"
+    )
+    parser.add_argument("--sync-cases", default=None, help="sync level: comma-separated case names")
     parser.add_argument(
         "--models",
         "--model",
@@ -136,7 +142,8 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.level == "suite":  # its own folder: the per-level full reports stay apart
             args.out = os.path.join(args.out, "suite")
         for level in levels:
-            run = {"op": _run_op, "layer": _run_layer, "block": _run_block, "model": _run_model}
+            run = {"op": _run_op, "layer": _run_layer, "block": _run_block, "model": _run_model,
+                   "sync": _run_sync}  # fmt: skip
             print(f"== {level} level ==", flush=True)
             run[level](args, device, suite=args.level == "suite")
     except (_BadArgs, ValueError) as exc:
@@ -250,6 +257,24 @@ def _run_model(args, device, suite=False) -> None:
         progress=report.Progress(len(names) * len(modes) * per), on_row=out, modes=modes,
     )  # fmt: skip
     out.finish(model.summarise(out.rows), ("model", "mode", "layout"), "model level")
+
+
+def _run_sync(args, device, suite=False) -> None:
+    dtype = DTYPES[args.dtype]
+    batch = args.batch or (32 if device.type == "cuda" else 4)
+    if args.world < 2:
+        raise _BadArgs(f"--world must be at least 2 for the sync level, got {args.world}")
+    valid = sync.providers_here(device)
+    providers = _providers(args, valid, valid)
+    providers = [p for p in sync.PROVIDERS if p in providers]
+    names = args.sync_cases.split(",") if args.sync_cases else None
+    selected = sync.cases(names, args.quick)
+    out = _Writer(os.path.join(args.out, f"sync_{_tag(device)}_{args.dtype}"))
+    print(f"{args.world} ranks, {len(selected)} cases x {len(providers)} providers", flush=True)
+    sync.run_sync(
+        selected, batch, args.world, device, dtype, providers, args.min_run_time, on_row=out
+    )
+    out.finish(sync.summarise(out.rows), ("case",), "sync level (training step)")
 
 
 def summarise(rows: list[dict]) -> str:

@@ -1,0 +1,408 @@
+"""Synchronised BatchNorm across ranks: the fused path against PyTorch's.
+
+Spawns ``world`` processes in one torch.distributed group and times a training step
+(forward + backward, statistics synchronised over the group) on every rank:
+
+* CPU: gloo; each rank gets ``cores // world`` threads.
+* GPUs, at least ``world`` of them: NCCL, one device per rank.
+* Fewer GPUs than ranks (a *simulated* group): gloo with every rank on device 0; the
+  collectives go through host memory and the ranks share the GPU, alike for every provider.
+
+Providers:
+
+* ``SyncBatchNorm``: ``nn.SyncBatchNorm`` + ReLU (+ add); GPU only (PyTorch refuses CPU).
+* ``eager``: the same statistics in eager torch ops, summed over the ranks with one
+  differentiable all_reduce (forward and backward), in the manner of
+  ``torch.distributed.nn.functional.all_reduce`` (what runs on CPU).
+* ``fused``: ``resnet_fused.batch_norm_act(..., sync=True)`` /
+  ``resnet_fused.convert(block, sync_bn=True)``.
+* ``fused-local``: the fused path without synchronisation, for what the communication costs.
+
+Cases: BN+ReLU and BN+add+ReLU at ResNet-50 shapes, and two ResNet-50 bottleneck blocks.
+A step's time is the slowest rank's; the median over the steps is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PROVIDERS = ("SyncBatchNorm", "eager", "fused", "fused-local")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    kind: str  # "bn_relu", "bn_add_relu" or "block"
+    channels: int
+    hw: int
+    planes: int = 0  # block: bottleneck width
+
+
+CASES = [
+    Case("bn_relu c64", "bn_relu", 64, 56),
+    Case("bn_add_relu c256", "bn_add_relu", 256, 56),
+    Case("bn_relu c512", "bn_relu", 512, 28),
+    Case("bn_add_relu c1024", "bn_add_relu", 1024, 14),
+    Case("bn_add_relu c2048", "bn_add_relu", 2048, 7),
+    Case("r50.layer1 block", "block", 256, 56, 64),
+    Case("r50.layer3 block", "block", 1024, 14, 256),
+]
+QUICK_CASES = ["bn_relu c64", "bn_add_relu c1024", "r50.layer3 block"]
+
+
+def cases(names: list[str] | None = None, quick: bool = False) -> list[Case]:
+    by_name = {c.name: c for c in CASES}
+    if names:
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"unknown sync case(s) {unknown}; choose from {list(by_name)}")
+        return [by_name[n] for n in names]
+    return [by_name[n] for n in QUICK_CASES] if quick else list(CASES)
+
+
+def providers_here(device: torch.device) -> list[str]:
+    return [p for p in PROVIDERS if p != "SyncBatchNorm" or device.type == "cuda"]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the group; the gradient of every rank's input is the sum of the ranks'
+    output gradients."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        import torch.distributed as dist
+
+        ctx.group = group
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class EagerSyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are summed over a process group in eager
+    torch ops (Σx, Σx², count through one differentiable all_reduce): the baseline where
+    nn.SyncBatchNorm cannot run."""
+
+    def __init__(self, *args, process_group=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        xf = x.float()
+        s1, s2 = xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))
+        count = torch.full_like(s1, x.numel() // x.shape[1])
+        group = self.process_group or torch.distributed.group.WORLD
+        total = _AllReduceSum.apply(torch.stack([s1, s2, count]), group)
+        n = total[2]
+        mean = total[0] / n
+        var = (total[1] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        shift = self.bias - mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
+def _bottleneck(case: Case) -> nn.Module:
+    from torchvision.models.resnet import Bottleneck
+
+    model = Bottleneck(case.channels, case.planes)  # identity shortcut: the input's shape
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.5)
+    return model
+
+
+def _swap_bn(module: nn.Module, make: Callable[[nn.BatchNorm2d], nn.Module]) -> nn.Module:
+    for name, child in list(module.named_children()):
+        if type(child) is nn.BatchNorm2d:
+            new = make(child)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            _swap_bn(child, make)
+    return module
+
+
+def _step_fn(case, provider, batch, device, dtype, seed):
+    """This rank's training step (forward + backward) as a no-argument callable, and the
+    first step's (output, input gradient) for checking the providers against each other.
+    Every provider gets the same input (per rank), parameters and output gradient."""
+    import resnet_fused
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, case.channels, case.hw, case.hw)
+
+    def tensor(*s):
+        return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+
+    x = tensor(*shape).to(memory_format=torch.channels_last).requires_grad_()
+    residual = None
+    torch.manual_seed(0)
+    if case.kind == "block":
+        model = _bottleneck(case)
+    else:
+        model = nn.BatchNorm2d(case.channels)
+        with torch.no_grad():
+            model.weight.uniform_(0.5, 1.5)
+            model.bias.normal_(0.0, 0.5)
+        if case.kind == "bn_add_relu":
+            residual = tensor(*shape).to(memory_format=torch.channels_last).requires_grad_()
+    if provider == "SyncBatchNorm":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif provider == "eager":
+        model = _swap_bn(nn.Sequential(model), lambda bn: EagerSyncBatchNorm2d(bn.num_features))[0]
+    model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    sync = provider == "fused"
+    if case.kind == "block":
+        if provider.startswith("fused"):
+            model = resnet_fused.convert(model, inplace=True, sync_bn=sync)
+
+        def forward():
+            return model(x)
+
+    elif provider.startswith("fused"):
+        bn = model
+
+        def forward():
+            return resnet_fused.batch_norm_act(
+                x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum,
+                bn.eps, residual=residual, sync=sync,
+            )  # fmt: skip
+
+    else:
+
+        def forward():
+            y = model(x)
+            return F.relu(y + residual if residual is not None else y)
+
+    leaves = [x, *model.parameters()] + ([residual] if residual is not None else [])
+    # Every case keeps the input's shape (the blocks have no stride or downsample).
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1000))
+    grad = grad.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = forward()
+        out.backward(grad)
+        return out
+
+    out = step().detach().float().clone()
+    return step, (out, x.grad.detach().float().clone())
+
+
+def _rel_err(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _time_steps(step, device, min_run_time: float) -> list[float]:
+    """Per-step times of the slowest rank (the same list on every rank)."""
+    import torch.distributed as dist
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def one() -> float:
+        sync()
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        one()
+    first = torch.tensor([one()], dtype=torch.float64)
+    dist.all_reduce(first, op=dist.ReduceOp.MAX)  # every rank picks the same count
+    n = int(min(200, max(5, min_run_time / max(first.item(), 1e-6))))
+    times = torch.tensor([one() for _ in range(n)], dtype=torch.float64)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    return times.tolist()
+
+
+def _worker(rank, world, init_file, device_type, dtype, batch, case_list, providers,
+            min_run_time, out_dir):  # fmt: skip
+    import torch.distributed as dist
+
+    ngpu = torch.cuda.device_count() if device_type == "cuda" else 0
+    backend = "nccl" if device_type == "cuda" and ngpu >= world else "gloo"
+    if device_type == "cuda":
+        device = torch.device("cuda", rank if backend == "nccl" else 0)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or world) // world))
+    dist.init_process_group(
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+        **({"device_id": device} if backend == "nccl" else {}),
+    )  # fmt: skip
+    try:
+        results = []
+        for case in case_list:
+            first = None
+            for provider in providers:
+                step, check = _step_fn(case, provider, batch, device, dtype, seed=rank)
+                # The first provider's first step is the reference for the others (same
+                # maths, same inputs): output and input gradient, worst over the ranks.
+                first = first or check
+                err = torch.tensor([max(_rel_err(c, f) for c, f in zip(check, first, strict=True))])
+                dist.all_reduce(err, op=dist.ReduceOp.MAX)
+                times = _time_steps(step, device, min_run_time)
+                results.append((case, provider, times, err.item()))
+                if rank == 0:
+                    print(f"  {case.name:20s} {provider:13s} {1e3 * statistics.median(times):9.3f}"
+                          f" ms  (max rel. difference {err.item():.1e})", flush=True)  # fmt: skip
+                del step, check
+        if rank == 0:
+            torch.save({"results": results, "dist_backend": backend, "gpus": ngpu},
+                       os.path.join(out_dir, "sync_results.pt"))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def run_sync(
+    selected: list[Case],
+    batch: int,
+    world: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    providers: list[str],
+    min_run_time: float = 0.5,
+    on_row: Callable[[dict], None] | None = None,
+    timeout: float = 1200.0,
+) -> list[dict]:
+    """Times every (case, provider) with ``world`` ranks; a row per measurement."""
+    import torch.multiprocessing as mp
+
+    from .timing import environment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(
+            _worker,
+            args=(world, os.path.join(tmp, "init"), device.type, dtype, batch, selected,
+                  providers, min_run_time, tmp),
+            nprocs=world, join=False, start_method="spawn",
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"the {world} benchmark ranks did not finish in {timeout} s")
+        saved = torch.load(os.path.join(tmp, "sync_results.pt"), weights_only=False)
+    env = environment(device)
+    backend = saved["dist_backend"]
+    if device.type == "cuda" and saved["gpus"] < world:
+        backend += f" (simulated: {world} ranks on 1 GPU)"
+    rows, base = [], {}
+    for case, provider, times, err in saved["results"]:
+        med = statistics.median(times)
+        q = statistics.quantiles(times, n=4) if len(times) >= 4 else [med, med, med]
+        base[case.name, provider] = med
+        ref = "SyncBatchNorm" if (case.name, "SyncBatchNorm") in base else "eager"
+        row = {
+            **env,
+            "case": case.name,
+            "shape": f"{batch}x{case.channels}x{case.hw}x{case.hw}",
+            "world": world,
+            "dist_backend": backend,
+            "dtype": str(dtype).replace("torch.", ""),
+            "mode": "train forward+backward",
+            "provider": provider,
+            "median_ms": round(med * 1e3, 4),
+            "iqr_ms": round((q[2] - q[0]) * 1e3, 4),
+            "steps": len(times),
+            "max_rel_diff": f"{err:.1e}",
+            "speedup_vs_eager": round(base[case.name, "eager"] / med, 3)
+            if (case.name, "eager") in base
+            else "",
+            "speedup_vs_baseline": round(base[case.name, ref] / med, 3)
+            if (case.name, ref) in base
+            else "",
+        }
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def summarise(rows: list[dict]) -> str:
+    from . import report
+
+    env = rows[0]
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    baseline = "SyncBatchNorm" if "SyncBatchNorm" in providers else "eager"
+    lines = [
+        "# Synchronised BatchNorm benchmark: fused vs PyTorch",
+        "",
+        f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
+        f"CUDA {env['cuda'] or '-'}; {env['date']}; dtype {env['dtype']}; channels_last.",
+        f"{env['world']} ranks over {env['dist_backend']}; a training step (forward + "
+        "backward) per measurement, the slowest rank's time, median over the steps. "
+        "Shapes are per rank.",
+        "",
+        "Providers: `SyncBatchNorm` = nn.SyncBatchNorm + ReLU (+ add) (GPU only); `eager` = "
+        "the same statistics in eager torch ops summed with one differentiable all_reduce "
+        "(forward and backward); `fused` = resnet_fused with sync; "
+        "`fused-local` = resnet_fused without synchronisation (what communication costs).",
+        "",
+        "Before timing, every provider's first step is compared with the first provider's "
+        "(output and input gradient, same inputs and parameters, worst rank): `diff` is "
+        "the largest difference relative to the largest value. `fused-local` uses this "
+        "rank's statistics only, so it differs by design.",
+        "",
+        f"## Geometric-mean speed-up of `fused` against `{baseline}`",
+        "",
+    ]
+    table = []
+    for kind, is_block in (("ops", False), ("blocks", True)):
+        sel = [r for r in rows
+               if r["case"].endswith("block") == is_block and r["provider"] == "fused"]  # fmt: skip
+        if sel:
+            g = report.geomean(r["speedup_vs_baseline"] for r in sel)
+            table.append([kind, f"{g:.2f}×"])
+    lines.append(report.markdown_table(["cases", f"fused ×{baseline}"], table))
+    lines += ["", "## Every measurement", ""]
+    header = ["case", "shape/rank", *[f"{p} ms" for p in providers], f"fused ×{baseline}"]
+    header_diff = [f"{p} diff" for p in providers[1:]]
+    if "eager" in providers and baseline != "eager":
+        header.append("fused ×eager")
+    table = []
+    for key in dict.fromkeys((r["case"], r["shape"]) for r in rows):
+        by = {r["provider"]: r for r in rows if (r["case"], r["shape"]) == key}
+        cells = [*key, *[f"{by[p]['median_ms']:.3f}" if p in by else "-" for p in providers]]
+        f = by.get("fused")
+        cells.append(f"{f['speedup_vs_baseline']:.2f}" if f else "-")
+        if "eager" in providers and baseline != "eager":
+            cells.append(f"{f['speedup_vs_eager']:.2f}" if f else "-")
+        cells += [by[p]["max_rel_diff"] if p in by else "-" for p in providers[1:]]
+        table.append(cells)
+    lines.append(report.markdown_table(header + header_diff, table))
+    lines.append("")
+    return "\n".join(lines)

@@ -6,9 +6,10 @@
 #   OUT=/tmp/x STAGES="build test bench" bash benchmarks/gpu_suite.sh
 #
 # Variables: PYTHON (default python3), STAGES (any of build test bench; default all),
-# TEST_ARGS (extra pytest arguments), BENCH_LEVELS (default "layer model op"), LAYER_ARGS /
-# MODEL_ARGS / OP_ARGS (`resnet_fused bench` arguments per level; defaults: a quick bf16
-# layer selection, ResNet-50 with AMP, the quick channels_last op selection), TEST_TIMEOUT / BENCH_TIMEOUT
+# TEST_ARGS (extra pytest arguments), BENCH_LEVELS (default "layer model op"; "sync" too),
+# LAYER_ARGS / MODEL_ARGS / OP_ARGS / SYNC_ARGS (`resnet_fused bench` arguments per level;
+# defaults: a quick bf16 layer selection, ResNet-50 with AMP, the quick channels_last op
+# selection, every synchronised-BN case over 2 ranks), TEST_TIMEOUT / BENCH_TIMEOUT
 # (seconds, each), TORCH_CUDA_ARCH_LIST (default: this GPU's).
 # With the default timeouts the whole run (build, tests, three benchmark levels) ends
 # within 9 minutes. The tests pin one Triton conv configuration (RESNET_FUSED_CONV_CONFIG) so that they do
@@ -63,6 +64,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
     args=${OP_ARGS:---quick --layouts channels_last --providers eager,cuda,triton}
     [[ $level == layer ]] && args=${LAYER_ARGS:---quick --dtype bf16 --min-run-time 0.1}
     [[ $level == model ]] && args=${MODEL_ARGS:---models resnet50}
+    [[ $level == sync ]] && args=${SYNC_ARGS:---min-run-time 0.3}
     timeout "${BENCH_TIMEOUT:-100}" $PY -m resnet_fused bench --level "$level" --device cuda \
         --out "$OUT" $args >"$OUT/bench_$level.log" 2>&1
     rc=$?

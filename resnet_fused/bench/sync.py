@@ -217,7 +217,11 @@ def _step_fn(case, provider, batch, device, dtype, seed):
 
 
 def _rel_err(a, b) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+    """‖a − b‖ / ‖b‖. Not the largest elementwise difference: where a pre-activation is
+    within rounding of zero, two correct computations may differ in that element's ReLU
+    mask, so a gradient element differs by a whole gradient value (a few elements of
+    millions at these sizes, ~1e-4 in this norm)."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _time_steps(step, device, min_run_time: float) -> list[float]:
@@ -277,7 +281,7 @@ def _worker(rank, world, init_file, device_type, dtype, batch, case_list, provid
                 results.append((case, provider, times, err.item()))
                 if rank == 0:
                     print(f"  {case.name:20s} {provider:13s} {1e3 * statistics.median(times):9.3f}"
-                          f" ms  (max rel. difference {err.item():.1e})", flush=True)  # fmt: skip
+                          f" ms  (rel. difference {err.item():.1e})", flush=True)  # fmt: skip
                 del step, check
         if rank == 0:
             torch.save({"results": results, "dist_backend": backend, "gpus": ngpu},
@@ -338,7 +342,7 @@ def run_sync(
             "median_ms": round(med * 1e3, 4),
             "iqr_ms": round((q[2] - q[0]) * 1e3, 4),
             "steps": len(times),
-            "max_rel_diff": f"{err:.1e}",
+            "rel_diff": f"{err:.1e}",
             "speedup_vs_eager": round(base[case.name, "eager"] / med, 3)
             if (case.name, "eager") in base
             else "",
@@ -374,8 +378,11 @@ def summarise(rows: list[dict]) -> str:
         "",
         "Before timing, every provider's first step is compared with the first provider's "
         "(output and input gradient, same inputs and parameters, worst rank): `diff` is "
-        "the largest difference relative to the largest value. `fused-local` uses this "
-        "rank's statistics only, so it differs by design.",
+        "‖a − b‖ / ‖b‖, the worse of the two. Elements whose pre-activation lies within "
+        "rounding of zero may take the other side of the ReLU, so a few gradient elements "
+        "of millions differ by a whole value (~1e-4 at 25M elements); one rank's statistics "
+        "instead of the group's give 5e-2 to 2e-1 on these inputs. "
+        "`fused-local` uses this rank's statistics only, so it differs by design.",
         "",
         f"## Geometric-mean speed-up of `fused` against `{baseline}`",
         "",
@@ -401,7 +408,7 @@ def summarise(rows: list[dict]) -> str:
         cells.append(f"{f['speedup_vs_baseline']:.2f}" if f else "-")
         if "eager" in providers and baseline != "eager":
             cells.append(f"{f['speedup_vs_eager']:.2f}" if f else "-")
-        cells += [by[p]["max_rel_diff"] if p in by else "-" for p in providers[1:]]
+        cells += [by[p]["rel_diff"] if p in by else "-" for p in providers[1:]]
         table.append(cells)
     lines.append(report.markdown_table(header + header_diff, table))
     lines.append("")

@@ -224,6 +224,15 @@ def _rel_err(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _max_over_ranks(values: list[float], device) -> list[float]:
+    """Elementwise maximum over the ranks (on ``device``: NCCL takes CUDA tensors only)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def _time_steps(step, device, min_run_time: float) -> list[float]:
     """Per-step times of the slowest rank (the same list on every rank)."""
     import torch.distributed as dist
@@ -242,12 +251,9 @@ def _time_steps(step, device, min_run_time: float) -> list[float]:
 
     for _ in range(3):
         one()
-    first = torch.tensor([one()], dtype=torch.float64)
-    dist.all_reduce(first, op=dist.ReduceOp.MAX)  # every rank picks the same count
-    n = int(min(200, max(5, min_run_time / max(first.item(), 1e-6))))
-    times = torch.tensor([one() for _ in range(n)], dtype=torch.float64)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)
-    return times.tolist()
+    (first,) = _max_over_ranks([one()], device)  # every rank picks the same count
+    n = int(min(200, max(5, min_run_time / max(first, 1e-6))))
+    return _max_over_ranks([one() for _ in range(n)], device)
 
 
 def _worker(rank, world, init_file, device_type, dtype, batch, case_list, providers,
@@ -275,13 +281,13 @@ def _worker(rank, world, init_file, device_type, dtype, batch, case_list, provid
                 # The first provider's first step is the reference for the others (same
                 # maths, same inputs): output and input gradient, worst over the ranks.
                 first = first or check
-                err = torch.tensor([max(_rel_err(c, f) for c, f in zip(check, first, strict=True))])
-                dist.all_reduce(err, op=dist.ReduceOp.MAX)
+                err = max(_rel_err(c, f) for c, f in zip(check, first, strict=True))
+                (err,) = _max_over_ranks([err], device)
                 times = _time_steps(step, device, min_run_time)
-                results.append((case, provider, times, err.item()))
+                results.append((case, provider, times, err))
                 if rank == 0:
                     print(f"  {case.name:20s} {provider:13s} {1e3 * statistics.median(times):9.3f}"
-                          f" ms  (rel. difference {err.item():.1e})", flush=True)  # fmt: skip
+                          f" ms  (rel. difference {err:.1e})", flush=True)  # fmt: skip
                 del step, check
         if rank == 0:
             torch.save({"results": results, "dist_backend": backend, "gpus": ngpu},

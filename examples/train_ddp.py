@@ -32,13 +32,26 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--backend", default="auto", help="resnet_fused backend")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto",
+        help="auto: a GPU per rank when there are GPUs, else CPU",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
-    use_cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        parser.error("launch with torchrun, e.g. torchrun --nproc-per-node 2 " + sys.argv[0])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        parser.error(
+            f"local rank {local_rank} needs a GPU of its own, but this machine has "
+            f"{torch.cuda.device_count()}: use --nproc-per-node {torch.cuda.device_count()} "
+            "or --device cpu"
+        )
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else "cpu"
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     try:

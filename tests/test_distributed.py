@@ -107,6 +107,7 @@ def _worker(rank, world, init_file, kind, out_dir, mode, device="cpu", backend="
             "stats": [t.cpu() for t in _running_stats(model)],
         }
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # every rank tears the group down together
     finally:
         dist.destroy_process_group()
 
@@ -216,6 +217,7 @@ def _unfuse_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                     and all(torch.equal(sd[k], ref[k]) for k in ref),
                 }
         torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

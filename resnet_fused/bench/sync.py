@@ -292,8 +292,17 @@ def _worker(rank, world, init_file, device_type, dtype, batch, case_list, provid
         if rank == 0:
             torch.save({"results": results, "dist_backend": backend, "gpus": ngpu},
                        os.path.join(out_dir, "sync_results.pt"))  # fmt: skip
+        dist.barrier()  # every rank tears the group down together
     finally:
         dist.destroy_process_group()
+    # Done and saved: leave without interpreter finalisation. Once in a CI run a rank
+    # aborted there ("terminate called without an active exception", after the group was
+    # destroyed and the results written), which would fail a finished benchmark.
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_sync(

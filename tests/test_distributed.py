@@ -97,8 +97,9 @@ def _worker(rank, world, init_file, kind, out_dir, mode, device="cpu", backend="
         xs, ws = x[lo : lo + SIZES[rank]], w[lo : lo + SIZES[rank]]
         for _ in range(2):  # two steps: statistics and gradients both move
             ddp.zero_grad(set_to_none=True)
-            out = ddp(xs)
-            (out * ws).sum().backward()
+            with torch.autocast(dev.type, torch.bfloat16, enabled=mode == "autocast"):
+                out = ddp(xs)
+            (out.float() * ws).sum().backward()
             if mode == "fullgraph":
                 _average_gradients(model)
         result = {
@@ -133,12 +134,19 @@ def _run_ranks(
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize(
     "kind,mode",
-    [("block", "eager"), ("resnet18", "eager"), ("block", "ddp+compile"), ("block", "fullgraph")],
+    [
+        ("block", "eager"),
+        ("resnet18", "eager"),
+        ("block", "ddp+compile"),
+        ("block", "fullgraph"),
+        ("block", "autocast"),
+    ],
 )
 def test_sync_bn_ddp_matches_single_process(kind, mode, tmp_path):
-    """DDP (eager or torch.compile'd), or the model compiled with fullgraph=True (the
-    all_gather / all_reduce traced into the graphs) with the gradients averaged by hand."""
-    _check_against_single_process(kind, _run_ranks(kind, tmp_path, mode))
+    """DDP (eager or torch.compile'd, or under bf16 autocast), or the model compiled with
+    fullgraph=True (the all_gather / all_reduce traced into the graphs) with the
+    gradients averaged by hand."""
+    _check_against_single_process(kind, _run_ranks(kind, tmp_path, mode), mode == "autocast")
 
 
 _GPU_CASES = [("block", "auto"), ("block", "triton"), ("resnet18", "auto")]
@@ -153,28 +161,39 @@ def test_sync_bn_ddp_on_gpu(kind, backend, tmp_path):
     _check_against_single_process(kind, results)
 
 
-def _check_against_single_process(kind: str, results: list[dict]) -> None:
+def _check_against_single_process(kind: str, results: list[dict], autocast=False) -> None:
     reference = _build(kind)  # unfused torchvision, one process, the whole batch
+    if autocast:
+        # bf16 rounding differs between eager and fused (both are ~5% from fp64 in the
+        # gradients at this tiny batch), so under autocast the reference is the fused
+        # model in one process: the comparison isolates the synchronisation.
+        reference = resnet_fused.convert(reference, backend="cpu")
     reference.train()
     x, w = _data(kind)
     for _ in range(2):
         reference.zero_grad(set_to_none=True)
-        out = reference(x)
-        (out * w).sum().backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = reference(x)
+        (out.float() * w).sum().backward()
+
     # DDP averages gradients over ranks; the single process sums over the whole batch.
     world = len(SIZES)
+    # Stated tolerances; under bf16 autocast the gradients see bf16 rounding on a split
+    # batch (measured 2.5e-3 relative) and the outputs one bf16 step at most.
+    tol_out, tol_grad, tol_stats = (1e-2, 1e-2, 1e-4) if autocast else (1e-4, 1e-3, 1e-5)
     lo = 0
     for rank, res in enumerate(results):
-        torch.testing.assert_close(res["out"], out[lo : lo + SIZES[rank]], rtol=1e-4, atol=1e-4)
+        ref_out = out[lo : lo + SIZES[rank]].to(res["out"].dtype)
+        torch.testing.assert_close(res["out"], ref_out, rtol=tol_out, atol=tol_out)
         lo += SIZES[rank]
         errs = {
             k: ((res["grads"][k] * world - p.grad).norm() / p.grad.norm()).item()
             for k, p in reference.named_parameters()
         }
         worst = sorted(errs.items(), key=lambda kv: -kv[1])[:4]
-        assert worst[0][1] < 1e-3, f"relative gradient errors: {worst}"
+        assert worst[0][1] < tol_grad, f"relative gradient errors: {worst}"
         for a, b in zip(res["stats"], _running_stats(reference), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=tol_stats, atol=tol_stats / 10)
 
 
 def test_sync_bn_without_process_group_warns_and_is_local():

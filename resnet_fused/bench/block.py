@@ -54,13 +54,9 @@ QUICK_BLOCKS = ["r18.layer2.0", "r50.layer3"]
 
 
 def blocks(names: list[str] | None = None, quick: bool = False) -> list[Block]:
-    by_name = {b.name: b for b in BLOCKS}
-    if names:
-        unknown = [n for n in names if n not in by_name]
-        if unknown:
-            raise ValueError(f"unknown block(s) {unknown}; choose from {list(by_name)}")
-        return [by_name[n] for n in names]
-    return [by_name[n] for n in QUICK_BLOCKS] if quick else list(BLOCKS)
+    from .report import select
+
+    return select(BLOCKS, names, quick, QUICK_BLOCKS, "block(s)")
 
 
 def _flops(block: nn.Module, x: torch.Tensor) -> int:

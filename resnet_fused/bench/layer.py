@@ -94,15 +94,9 @@ MODES = ("train forward+backward", "eval forward")
 
 
 def layers(names: list[str] | None = None, quick: bool = False) -> list[Layer]:
-    if names:
-        by_name = {layer.name: layer for layer in RESNET50_LAYERS}
-        unknown = [n for n in names if n not in by_name]
-        if unknown:
-            raise ValueError(f"unknown layer(s) {unknown}; choose from {list(by_name)}")
-        return [by_name[n] for n in names]
-    if quick:
-        return [layer for layer in RESNET50_LAYERS if layer.name in QUICK_LAYERS]
-    return list(RESNET50_LAYERS)
+    from .report import select
+
+    return select(RESNET50_LAYERS, names, quick, QUICK_LAYERS, "layer(s)")
 
 
 def flops(layer: Layer, batch: int) -> int:

@@ -13,6 +13,18 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
+def select(items: list, names: list[str] | None, quick: bool, quick_names, what: str) -> list:
+    """``items`` (each with a ``name``) by name in the given order, else the quick
+    selection or all; a ValueError naming the unknown ones and the choices."""
+    if names:
+        by_name = {item.name: item for item in items}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"unknown {what} {unknown}; choose from {list(by_name)}")
+        return [by_name[n] for n in names]
+    return [item for item in items if item.name in quick_names] if quick else list(items)
+
+
 def write_csv(rows: list[dict], path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     columns: list[str] = []

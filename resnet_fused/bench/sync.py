@@ -60,13 +60,9 @@ QUICK_CASES = ["bn_relu c64", "bn_add_relu c1024", "r50.layer3 block"]
 
 
 def cases(names: list[str] | None = None, quick: bool = False) -> list[Case]:
-    by_name = {c.name: c for c in CASES}
-    if names:
-        unknown = [n for n in names if n not in by_name]
-        if unknown:
-            raise ValueError(f"unknown sync case(s) {unknown}; choose from {list(by_name)}")
-        return [by_name[n] for n in names]
-    return [by_name[n] for n in QUICK_CASES] if quick else list(CASES)
+    from .report import select
+
+    return select(CASES, names, quick, QUICK_CASES, "sync case(s)")
 
 
 def providers_here(device: torch.device) -> list[str]:

@@ -157,10 +157,19 @@ class _FusedBlock(nn.Module):
         for name in self._children:
             setattr(block, name, getattr(self, name))
         block.stride = self.stride
-        if self.sync_bn:
-            for name, bn in list(block.named_modules()):
-                if type(bn) is nn.BatchNorm2d:
-                    _set_child(block, name, _share_bn(bn, nn.SyncBatchNorm, self.process_group))
+        if self.sync_bn:  # new modules only: this fused block's own stay as they are
+
+            def synced(bn):
+                if type(bn) is not nn.BatchNorm2d:
+                    return bn
+                return _share_bn(bn, nn.SyncBatchNorm, self.process_group)
+
+            for name in self._children:
+                if name.startswith("bn"):
+                    setattr(block, name, synced(getattr(block, name)))
+            if block.downsample is not None:
+                conv, bn = block.downsample
+                block.downsample = nn.Sequential(conv, synced(bn))
         return block.train(self.training)
 
     def _unit(self, name: str, conv, bn, x, residual=None, relu=True) -> Tensor:

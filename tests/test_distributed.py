@@ -282,3 +282,18 @@ def test_train_ddp_example_runs_under_torchrun():
     match = re.search(r"2 ranks: held-out accuracy ([\d.]+)%", proc.stdout)
     assert match, proc.stdout[-2000:]
     assert float(match.group(1)) > 75.0, proc.stdout[-2000:]
+
+
+def test_to_torchvision_leaves_the_fused_block_alone():
+    """A synchronised fused block's to_torchvision() gives nn.SyncBatchNorm layers
+    (sharing parameters and buffers) without changing the fused block's own modules."""
+    fused = resnet_fused.convert(_build("block"), backend="cpu", sync_bn=True)
+    before = {name: type(m) for name, m in fused.named_modules()}
+    plain = fused.to_torchvision()
+    assert {name: type(m) for name, m in fused.named_modules()} == before
+    bns = {n: m for n, m in plain.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert sorted(bns) == ["bn1", "bn2", "bn3", "downsample.1"]
+    assert all(type(m) is nn.SyncBatchNorm for m in bns.values())
+    assert plain.bn1.weight is fused.bn1.weight and plain.bn1.running_mean is fused.bn1.running_mean
+    assert plain.downsample[0] is fused.downsample[0]
+    assert plain.downsample[1].weight is fused.downsample[1].weight

@@ -112,10 +112,10 @@ class EagerSyncBatchNorm2d(nn.BatchNorm2d):
         mean = total[0] / n
         var = (total[1] / n - mean * mean).clamp_min(0)
         with torch.no_grad():
+            from ..reference import update_running_stats
+
             self.num_batches_tracked += 1
-            m = self.momentum
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+            update_running_stats(self.running_mean, self.running_var, mean, var, n, self.momentum)
         scale = torch.rsqrt(var + self.eps) * self.weight
         shift = self.bias - mean * scale
         return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)

@@ -160,12 +160,15 @@ _MKLDNN_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(
 )
 
 
-def _mkldnn_ok(x: Tensor) -> bool:
+def _mkldnn_ok(x: Tensor, add_relu: bool = False) -> bool:
     """oneDNN's fused convolution for fp32/bf16 (skipped when torch.backends.mkldnn is
     disabled, as aten's convolution would skip oneDNN). Not under torch.compile, whose
     CPU backend does its own oneDNN fusion: there the aten convolution + the C++ epilogue
-    are traced instead."""
+    are traced instead. Not for add+ReLU on bf16 NCHW: there the binary op falls back to
+    aten's add_relu, which has no bf16 kernel (an internal assert in torch)."""
     if torch.compiler.is_compiling():
+        return False
+    if add_relu and x.dtype == torch.bfloat16 and _conv_format(x) != torch.channels_last:
         return False
     return (
         _MKLDNN_POINTWISE
@@ -183,7 +186,7 @@ def _eval_forward(impl, x, w, b, residual, stride, padding, dilation, groups, re
             x, w_packed, list(w.shape[2:]), list(stride), list(padding), list(dilation),
             b, residual, relu,
         )  # fmt: skip
-    if impl == "cpu" and _mkldnn_ok(x):
+    if impl == "cpu" and _mkldnn_ok(x, residual is not None and relu):
         bias = b.to(x.dtype) if b is not None else None
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(

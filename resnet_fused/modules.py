@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -112,12 +114,14 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
 
 class FoldCache:
     """The eval-mode fold (W', b', packed W') of one conv + BN pair and the key it was
-    made for. Not state: copies and pickles start empty."""
+    made for, as ONE attribute ``entry = (key, value)``, so that a reader on another
+    thread never pairs one fold's key with another fold's value. Not state: copies and
+    pickles start empty."""
 
-    __slots__ = ("key", "value")
+    __slots__ = ("entry",)
 
     def __init__(self) -> None:
-        self.key = self.value = None
+        self.entry = None
 
     def __deepcopy__(self, memo) -> FoldCache:
         return FoldCache()
@@ -126,35 +130,99 @@ class FoldCache:
         return (FoldCache, ())
 
 
+class _TensorKey:
+    """What identifies one input of a fold: the tensor (weakly: a replaced parameter is
+    not kept alive), its storage (strongly, so that its address cannot be reused by a
+    new tensor while the entry exists), data pointer, version counter, dtype, shape."""
+
+    __slots__ = ("ref", "state", "storage")
+
+    def __init__(self, t: Tensor) -> None:
+        self.ref = weakref.ref(t)
+        self.storage = t.untyped_storage()
+        self.state = (t.data_ptr(), t._version, t.device, t.dtype, t.shape, t.stride())
+
+    def matches(self, t: Tensor) -> bool:
+        return self.ref() is t and self.state == (
+            t.data_ptr(), t._version, t.device, t.dtype, t.shape, t.stride()
+        )  # fmt: skip
+
+
+def _fold_key(tensors, eps: float, dtype: torch.dtype) -> tuple:
+    return tuple(None if t is None else _TensorKey(t) for t in tensors), eps, dtype
+
+
+def _key_matches(key: tuple, tensors, eps: float, dtype: torch.dtype) -> bool:
+    keys, k_eps, k_dtype = key
+    return (
+        k_eps == eps
+        and k_dtype == dtype
+        and all(
+            (k is None and t is None) or (k is not None and t is not None and k.matches(t))
+            for k, t in zip(keys, tensors, strict=True)
+        )
+    )
+
+
 def _cached_fold(
     conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, cache: FoldCache, pack: bool
 ):
-    """(W', b', packed W' or None) from ``cache``, refolded when any input changed (keyed
-    on each tensor's identity, storage and version counter, plus eps and dtype). None
-    while autograd needs the fold (conv_bn_act then folds differentiably) and under
-    torch.compile (which traces the fold op instead)."""
+    """(W', b', packed W' or None) from ``cache``, refolded when any input changed (the
+    tensor object, its storage or version counter, eps, dtype). None while autograd
+    needs the fold (conv_bn_act then folds differentiably) and under torch.compile
+    (which traces the fold op instead). Thread-safe: the key is taken before folding, so
+    a parameter changed during the fold only makes the next call refold."""
     from .functional_conv import fold_conv_bn
 
     tensors = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
     if torch.compiler.is_compiling():
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        cache.key = cache.value = None
+        cache.entry = None
         return None
-    key = (
-        tuple(
-            None if t is None else (id(t), t.data_ptr(), t._version, t.device, t.dtype)
-            for t in tensors
-        ),
-        bn.eps,
-        dtype,
-    )
-    if cache.key == key:
-        return cache.value
+    entry = cache.entry  # read once
+    if entry is not None and _key_matches(entry[0], tensors, bn.eps, dtype):
+        return entry[1]
+    key = _fold_key(tensors, bn.eps, dtype)
     with torch.no_grad():
         w, b = fold_conv_bn(*tensors[:2], *tensors[2:], bn.eps, dtype=dtype)
-    cache.key, cache.value = key, (w, b, _maybe_pack(w, conv.groups) if pack else None)
-    return cache.value
+    value = (w, b, _maybe_pack(w, conv.groups) if pack else None)
+    cache.entry = (key, value)
+    return value
+
+
+def own_hooks(m: nn.Module | None) -> bool:
+    """True when ``m`` carries forward, forward-pre or backward hooks of its own."""
+    return m is not None and bool(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    )
+
+
+def has_hooks(*modules: nn.Module | None) -> bool:
+    """True when calling any of ``modules`` would run hooks: their own, or a global module
+    hook. A fused unit does not call its modules, so where hooks exist it runs them
+    unfused instead (hooks honoured)."""
+    from torch.nn.modules import module as _module
+
+    if (
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    ):
+        return True
+    return any(own_hooks(m) for m in modules)
+
+
+def unfused_unit(
+    conv: nn.Module, bn: nn.Module, input: Tensor, residual: Tensor | None, relu: bool
+) -> Tensor:
+    """``relu(bn(conv(input)) + residual)`` through the modules themselves (their hooks
+    run), for units whose modules carry hooks."""
+    out = bn(conv(input))
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
 
 
 def conv_bn_forward(
@@ -164,20 +232,22 @@ def conv_bn_forward(
     residual: Tensor | None,
     relu: bool,
     backend: str,
-    training: bool,
     cache: FoldCache | None = None,
     sync: bool = False,
     process_group=None,
 ) -> Tensor:
-    """``relu(bn(conv(input)) + residual)`` with ``conv`` and ``bn`` used as modules: the
-    same bookkeeping as ``nn.BatchNorm2d.forward`` (num_batches_tracked, momentum=None,
-    track_running_stats) in ``training`` mode, the cached fold in eval mode. Training
-    statistics are synchronised over ``process_group`` when ``sync`` (or when ``bn`` is
-    an ``nn.SyncBatchNorm``, over its group)."""
+    """``relu(bn(conv(input)) + residual)`` with ``conv`` and ``bn`` used as modules,
+    exactly as calling them would: ``bn``'s own ``training`` flag, ``momentum``, ``eps``,
+    ``track_running_stats`` and buffers are read now, with the bookkeeping of
+    ``nn.BatchNorm2d.forward`` (num_batches_tracked, momentum=None); in eval mode the
+    cached fold. Training statistics are synchronised over ``process_group`` when
+    ``sync`` (or when ``bn`` is an ``nn.SyncBatchNorm``, over its group). Callers check
+    for hooks first (:func:`has_hooks`): this never calls the modules."""
     if isinstance(bn, nn.SyncBatchNorm):
         sync, process_group = True, process_group or bn.process_group
     from .functional_conv import conv_bn_act
 
+    training = bn.training
     factor = bn_update_factor(bn, training)
     bn_training = training or (bn.running_mean is None and bn.running_var is None)
     use_running = not training or bn.track_running_stats
@@ -286,10 +356,11 @@ class FusedConvBNReLU2d(nn.Module):
         return fused.train(conv.training)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if has_hooks(self.conv, self.bn):  # run the modules themselves: their hooks fire
+            return unfused_unit(self.conv, self.bn, input, residual, self.relu)
         return conv_bn_forward(
-            self.conv, self.bn, input, residual, self.relu, self.backend, self.training,
-            self._fold_cache,
-        )  # fmt: skip
+            self.conv, self.bn, input, residual, self.relu, self.backend, self._fold_cache
+        )
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, backend={self.backend!r}"

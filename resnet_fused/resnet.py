@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .modules import FoldCache, _conv_padding, conv_bn_forward
+from .modules import FoldCache, _conv_padding, conv_bn_forward, has_hooks, own_hooks
 
 __all__ = [
     "FoldedBatchNorm2d",
@@ -99,6 +99,14 @@ def _why_not_downsample(ds: object) -> str | None:
     if type(ds) is not nn.Sequential or len(ds) != 2:
         return "downsample is not nn.Sequential(conv, bn)"
     return _why_not_unit(ds[0], ds[1], "downsample")
+
+
+_SYNC_HOOKS_ERROR = (
+    "{what} carries hooks, so it runs unfused (so that the hooks fire), which cannot "
+    "synchronise a plain nn.BatchNorm2d over a process group: convert the model with "
+    "nn.SyncBatchNorm.convert_sync_batchnorm before resnet_fused.convert(sync_bn=True), or "
+    "remove the hooks"
+)
 
 
 # --- blocks ---------------------------------------------------------------------------------
@@ -177,9 +185,28 @@ class _FusedBlock(nn.Module):
         if cache is None:
             cache = self._fold_caches[name] = FoldCache()
         return conv_bn_forward(
-            conv, bn, x, residual, relu, self.backend, self.training, cache, self.sync_bn,
-            self.process_group,
-        )  # fmt: skip
+            conv, bn, x, residual, relu, self.backend, cache, self.sync_bn, self.process_group
+        )
+
+    def _submodules(self) -> list[nn.Module]:
+        mods = [getattr(self, name) for name in self._children]
+        return mods + (list(self.downsample) if self.downsample is not None else [])
+
+    def hooked(self) -> list[str]:
+        """The submodules carrying hooks (while any do, the block runs unfused)."""
+        names = [n for n in self._children if own_hooks(getattr(self, n))]
+        if self.downsample is not None:
+            names += [f"downsample.{i}" for i, m in enumerate(self.downsample) if own_hooks(m)]
+        return names
+
+    def forward(self, x: Tensor) -> Tensor:
+        if has_hooks(*self._submodules()):
+            # Hooks on a submodule (or global hooks): torchvision's own forward over the
+            # same submodules, so that every hook fires with the values it expects.
+            if self.sync_bn and any(type(m) is nn.BatchNorm2d for m in self._submodules()):
+                raise RuntimeError(_SYNC_HOOKS_ERROR.format(what="a submodule of this block"))
+            return self._torchvision.forward(self, x)
+        return self._fused_forward(x)
 
     def _identity(self, x: Tensor) -> Tensor:
         if self.downsample is None:
@@ -199,7 +226,7 @@ class FusedBasicBlock(_FusedBlock):
     _torchvision = BasicBlock
     _children = ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _fused_forward(self, x: Tensor) -> Tensor:
         identity = self._identity(x)
         out = self._unit("1", self.conv1, self.bn1, x)
         return self._unit("2", self.conv2, self.bn2, out, residual=identity)
@@ -214,7 +241,7 @@ class FusedBottleneck(_FusedBlock):
     _torchvision = Bottleneck
     _children = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _fused_forward(self, x: Tensor) -> Tensor:
         identity = self._identity(x)
         out = self._unit("1", self.conv1, self.bn1, x)
         out = self._unit("2", self.conv2, self.bn2, out)
@@ -227,36 +254,67 @@ class FusedBottleneck(_FusedBlock):
 class FoldedBatchNorm2d(nn.BatchNorm2d):
     """A ResNet stem's ``bn1`` whose work the preceding :class:`FusedStemConv2d` does:
     it keeps the parameters and buffers (same ``state_dict`` keys) and passes its input
-    through unchanged."""
+    through unchanged, except while the stem's modules carry hooks: then the stem runs
+    unfused and this is an ordinary ``nn.BatchNorm2d``."""
 
     def forward(self, input: Tensor) -> Tensor:
+        stem = self.__dict__.get("_stem")
+        if stem is not None and stem.hooked():
+            if stem.sync_bn:
+                raise RuntimeError(_SYNC_HOOKS_ERROR.format(what="the stem"))
+            return super().forward(input)
         return input
 
 
 class FoldedReLU(nn.Identity):
-    """A ResNet stem's ``relu``, done by the preceding :class:`FusedStemConv2d`."""
+    """A ResNet stem's ``relu``, done by the preceding :class:`FusedStemConv2d` (an
+    ordinary ReLU while the stem's modules carry hooks)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        stem = self.__dict__.get("_stem")
+        if stem is not None and stem.hooked():
+            return torch.relu(input)
+        return input
 
 
 class FusedStemConv2d(nn.Conv2d):
     """A ResNet stem's ``conv1`` computing ``relu(bn1(conv1(x)))`` in one fused unit; the
     model's ``bn1`` (a :class:`FoldedBatchNorm2d` holding the statistics) and ``relu``
-    then pass through. Same ``state_dict`` keys as the torchvision stem."""
+    then pass through. Same ``state_dict`` keys as the torchvision stem. While ``conv1``,
+    ``bn1`` or ``relu`` carries hooks, each of the three does its own part instead, so
+    every hook sees the values it would see in the unconverted model."""
 
     @classmethod
     def from_modules(
-        cls, conv: nn.Conv2d, bn: FoldedBatchNorm2d, *, backend: str = "auto"
+        cls,
+        conv: nn.Conv2d,
+        bn: FoldedBatchNorm2d,
+        relu: FoldedReLU | None = None,
+        *,
+        backend: str = "auto",
     ) -> FusedStemConv2d:
         stem = _share_conv(conv, cls)
-        stem.__dict__["_bn"] = bn  # not a submodule: bn stays registered as model.bn1
+        # Not submodules: bn and relu stay registered as model.bn1 and model.relu.
+        stem.__dict__["_bn"] = bn
+        stem.__dict__["_relu"] = relu
+        bn.__dict__["_stem"] = stem
+        if relu is not None:
+            relu.__dict__["_stem"] = stem
         stem.backend = backend
         stem._fold_cache = FoldCache()
         stem.sync_bn, stem.process_group = False, None
         return stem
 
+    def hooked(self) -> bool:
+        """True while the stem runs unfused because conv1, bn1 or relu carries hooks."""
+        return has_hooks(self, self._bn, self.__dict__.get("_relu"))
+
     def forward(self, input: Tensor) -> Tensor:
+        if self.hooked():
+            return super().forward(input)  # the convolution alone; bn1 and relu follow
         return conv_bn_forward(
-            self, self._bn, input, None, True, self.backend, self.training, self._fold_cache,
-            self.sync_bn, self.process_group,
+            self, self._bn, input, None, True, self.backend, self._fold_cache, self.sync_bn,
+            self.process_group,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -269,6 +327,9 @@ def _why_not_stem(model: ResNet) -> str | None:
         return "stem: the model overrides ResNet.forward"
     if type(model.relu) is not nn.ReLU:
         return f"stem: relu is {type(model.relu).__name__}, not nn.ReLU"
+    hooked = [n for n in ("conv1", "bn1", "relu") if own_hooks(getattr(model, n))]
+    if hooked:
+        return f"stem: {', '.join(hooked)} carries hooks (converting would replace the module)"
     return _why_not_unit(model.conv1, model.bn1, "stem")
 
 
@@ -279,6 +340,8 @@ _BLOCKS = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
 
 
 def _why_not_block(block: nn.Module) -> str | None:
+    if own_hooks(block):
+        return "the block carries hooks (converting would replace the module)"
     names = ["1", "2"] if type(block) is BasicBlock else ["1", "2", "3"]
     for n in names:
         why = _why_not_unit(getattr(block, f"conv{n}"), getattr(block, f"bn{n}"), f"conv{n}/bn{n}")
@@ -292,7 +355,14 @@ def conversion_report(model: nn.Module) -> dict[str, list[str]]:
     fused, skipped = [], []
     for name, module in model.named_modules():
         where = name or "<model>"
-        if isinstance(module, (FusedBasicBlock, FusedBottleneck, FusedStemConv2d)):
+        if isinstance(module, (FusedBasicBlock, FusedBottleneck)) and has_hooks(
+            *module._submodules()
+        ):
+            why = ", ".join(module.hooked()) or "global module hooks"
+            skipped.append(f"{where}: runs unfused while hooks are registered ({why})")
+        elif isinstance(module, FusedStemConv2d) and module.hooked():
+            skipped.append(f"{where} (stem): runs unfused while conv1, bn1 or relu has hooks")
+        elif isinstance(module, (FusedBasicBlock, FusedBottleneck, FusedStemConv2d)):
             fused.append(where)
         elif isinstance(module, (BasicBlock, Bottleneck)):
             if type(module) not in _BLOCKS:
@@ -370,12 +440,13 @@ def convert(
                 skipped.append(f"{name or '<model>'}: {why}")
                 continue
             bn = _share_bn(module.bn1, FoldedBatchNorm2d)
-            stem = configure(FusedStemConv2d.from_modules(module.conv1, bn, backend=backend))
+            relu = FoldedReLU()
+            stem = configure(FusedStemConv2d.from_modules(module.conv1, bn, relu, backend=backend))
             if isinstance(module.bn1, nn.SyncBatchNorm):
                 stem.sync_bn, stem.process_group = True, module.bn1.process_group
             module.conv1 = stem
             module.bn1 = bn
-            module.relu = FoldedReLU()
+            module.relu = relu
     if skipped:
         warnings.warn(
             "resnet_fused.convert left these parts unfused (they run as before):\n  "

@@ -175,12 +175,13 @@ DTYPES = [
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize(("dtype", "pdtype"), DTYPES, ids=["fp16", "bf16", "fp16-params", "fp64"])
-def test_dtypes(backend, mode, dtype, pdtype):
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_dtypes(backend, mode, dtype, pdtype, layout):
     device = backend_device(backend)
     if dtype in (torch.float16, torch.bfloat16) and device == "cpu" and backend == "triton":
         pytest.skip("half-precision tl.dot is not supported by Triton's CPU interpreter")
-    _case(backend, "3x3s2", mode, dtype=dtype, pdtype=pdtype, residual=False)
-    _case(backend, "1x1expand", mode, dtype=dtype, pdtype=pdtype, residual=True)
+    _case(backend, "3x3s2", mode, dtype=dtype, pdtype=pdtype, residual=False, layout=layout)
+    _case(backend, "1x1expand", mode, dtype=dtype, pdtype=pdtype, residual=True, layout=layout)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -293,10 +294,10 @@ def test_module_fold_cache_is_refreshed(backend):
     x = torch.randn(2, 4, 6, 6, device=device)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), seq(x), rtol=1e-4, atol=1e-4)
-        cached = fused._fold_cache.value
+        cached = fused._fold_cache.entry
         assert cached is not None
         fused(x)
-        assert fused._fold_cache.value is cached  # reused while nothing changed
+        assert fused._fold_cache.entry is cached  # reused while nothing changed
         # An optimizer step on the conv weight.
         opt = torch.optim.SGD(fused.parameters(), lr=0.5)
         conv.weight.grad = torch.randn_like(conv.weight)

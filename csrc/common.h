@@ -2,6 +2,8 @@
 //
 // Every public op checks its arguments here (TORCH_CHECK with the argument's name),
 // so a direct torch.ops.resnet_fused.* call never reaches a kernel with bad input.
+// Included by the CPU (.cpp) and the CUDA (.cu, nvcc) translation units alike, so it stays
+// host-only and light: ATen tensor headers, no CUDA and no torch/library.h.
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
@@ -151,6 +153,34 @@ inline void check_bn_backward_elemt_args(const at::Tensor& grad, const at::Tenso
   check_bn_affine_args(input, mean, var, weight, bias);
   check_per_channel(sum_dy, "sum_dy", input);
   check_per_channel(sum_dy_xhat, "sum_dy_xhat", input);
+}
+
+// ---------------------------------------------------------------------------------------
+// BatchNorm family: per-channel operands in the accumulation type (both backends).
+// ---------------------------------------------------------------------------------------
+
+inline bool present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+// The accumulation dtype of the BN family for `input`: fp64 for fp64 input, else fp32
+// (at::opmath_type of the input's dtype).
+inline at::ScalarType acc_dtype(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A per-channel tensor in the accumulation dtype, contiguous (itself when it already is).
+inline at::Tensor per_channel_acc(const at::Tensor& t, at::ScalarType acc) {
+  return t.to(acc).contiguous();
+}
+
+// per_channel_acc of an optional tensor; undefined when absent.
+inline at::Tensor optional_per_channel_acc(const std::optional<at::Tensor>& t,
+                                           at::ScalarType acc) {
+  if (present(t)) {
+    return per_channel_acc(*t, acc);
+  }
+  return at::Tensor();
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+// bn_act_backward_reduce and bn_act_backward_elemt on the CPU: the backward of the
+// BatchNorm -> (residual add) -> ReLU decomposition (maths in resnet_fused/reference.py).
+// The entry points check arguments, bring operands into the working layout (NCHW or
+// channels_last, see bn_memory_format), fold the per-channel parameters into arrays in the
+// accumulation type (cpu/bn_host.h) and call the vectorised, threaded loops of
+// cpu/kernels_impl.h. Traffic: backward_reduce reads grad_out and input (+ out) and
+// optionally writes the masked gradient; backward_elemt reads grad and input and writes
+// grad_input.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "common.h"
+#include "cpu/bn_host.h"
+#include "cpu/isa.h"
+
+namespace resnet_fused {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out, double eps,
+    bool relu, bool write_masked_grad) {
+  check_bn_backward_reduce_args(grad_out, input, mean, var, weight, bias, out);
+  const bool has_out = out.has_value() && out->defined();
+  const at::ScalarType acc = acc_dtype(input);
+  const int64_t C = input.size(1);
+  const at::MemoryFormat fmt = bn_memory_format(input);
+  at::Tensor sum_dy = at::zeros({C}, input.options().dtype(acc));
+  at::Tensor sum_dy_xmu = at::zeros({C}, input.options().dtype(acc));
+  at::Tensor masked = write_masked_grad ? empty_in_format(input, fmt) : input.new_empty({0});
+  if (input.numel() == 0) {
+    return {sum_dy, sum_dy_xmu, masked};
+  }
+  const at::Tensor x = bn_in_format(input, fmt);
+  const at::Tensor g = bn_in_format(grad_out, fmt);
+  const at::Tensor o = relu && has_out ? bn_in_format(*out, fmt) : at::Tensor();
+  const cpu::BnMask mask =
+      !relu ? cpu::BnMask::kNone : (has_out ? cpu::BnMask::kFromOut : cpu::BnMask::kFromInput);
+  const Affine a = fold_affine(input, mean, var, weight, bias, eps);
+  cpu::kernels().bn_backward_reduce(
+      input.scalar_type(), g.const_data_ptr(), x.const_data_ptr(),
+      o.defined() ? o.const_data_ptr() : nullptr,
+      write_masked_grad ? masked.mutable_data_ptr() : nullptr, geometry(x, fmt),
+      a.mean.const_data_ptr(), a.scale.const_data_ptr(), a.bias.const_data_ptr(), mask,
+      sum_dy.mutable_data_ptr(), sum_dy_xmu.mutable_data_ptr());
+  return {sum_dy, sum_dy_xmu * a.invstd, masked};
+}
+
+at::Tensor bn_act_backward_elemt_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                     const at::Tensor& mean, const at::Tensor& var,
+                                     const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias,
+                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat,
+                                     double eps, bool relu_mask_from_input, bool batch_stats) {
+  check_bn_backward_elemt_args(grad, input, mean, var, weight, bias, sum_dy, sum_dy_xhat);
+  const at::MemoryFormat fmt = bn_memory_format(input);
+  at::Tensor dx = empty_in_format(input, fmt);
+  if (input.numel() == 0) {
+    return dx;
+  }
+  const at::ScalarType acc = acc_dtype(input);
+  const at::Tensor x = bn_in_format(input, fmt);
+  const at::Tensor g = bn_in_format(grad, fmt);
+  const Affine a = fold_affine(input, mean, var, weight, bias, eps);
+  // dx = scale*(g - sum_dy/m - xhat*sum_dy_xhat/m) = g*scale + (x - mean)*k + c.
+  at::Tensor k, c;
+  if (batch_stats) {
+    const double m = static_cast<double>(input.numel() / input.size(1));
+    k = (-(a.scale * a.invstd) * per_channel_acc(sum_dy_xhat, acc) / m).contiguous();
+    c = (-a.scale * per_channel_acc(sum_dy, acc) / m).contiguous();
+  } else {
+    k = at::zeros({input.size(1)}, input.options().dtype(acc));
+    c = k;
+  }
+  cpu::kernels().bn_backward_elemt(
+      input.scalar_type(), g.const_data_ptr(), x.const_data_ptr(), dx.mutable_data_ptr(),
+      geometry(x, fmt), a.mean.const_data_ptr(), a.scale.const_data_ptr(),
+      a.bias.const_data_ptr(), k.const_data_ptr(), c.const_data_ptr(),
+      relu_mask_from_input ? cpu::BnMask::kFromInput : cpu::BnMask::kNone);
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("bn_act_backward_reduce", &bn_act_backward_reduce_cpu);
+  m.impl("bn_act_backward_elemt", &bn_act_backward_elemt_cpu);
+}
+
+}  // namespace resnet_fused

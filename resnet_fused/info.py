@@ -46,7 +46,9 @@ def info() -> dict:
             for device in devices
         },
         "auto": {
-            device: dict(zip(("backend", "fallback"), auto_backend(torch.device(device))))
+            device: dict(
+                zip(("backend", "fallback"), auto_backend(torch.device(device)), strict=True)
+            )
             for device in devices
         },
     }

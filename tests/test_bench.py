@@ -113,8 +113,7 @@ def test_bench_device_cuda_runs_or_refuses_on_every_machine(capsys, tmp_path):
     """A real assertion with and without a GPU: a GPU runs a tiny op benchmark on it, a
     machine without one refuses with exit code 2 and says why."""
     rc = main(["bench", "--device", "cuda", "--level", "op", "--ops", "add_relu", "--quick",
-               "--layouts", "nchw", "--batch", "1", "--providers", "eager", "--rounds", "3",
-               "--min-run-time", "0.01", "--out", str(tmp_path)])  # fmt: skip
+               "--layouts", "nchw", "--batch", "1", "--providers", "eager", "--min-run-time", "0.01", "--out", str(tmp_path)])  # fmt: skip
     if torch.cuda.is_available():
         assert rc == 0
         (csv_path,) = tmp_path.glob("op_*.csv")
@@ -153,7 +152,7 @@ def test_providers_are_timed_interleaved_with_the_ratio_spread(tmp_path):
 def test_model_level_prints_no_blank_peak_on_cpu(tmp_path, capsys):
     assert _bench(tmp_path, "--level", "model", "--model", "resnet18", "--mode", "eval",
                   "--batch", "1", "--image-size", "32", "--layouts", "channels_last",
-                  "--providers", "eager", "--rounds", "3") == 0  # fmt: skip
+                  "--providers", "eager") == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "peak  MB" not in out and "peak n/a (CPU)" in out
     md = next(tmp_path.glob("model_*.md")).read_text()

@@ -174,15 +174,21 @@ def summarise(rows: list[dict]) -> str:
         "",
         f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda'] or '-'}; {env['date']}; dtype {env['dtype']}; channels_last.",
+        harness.TIMING_NOTE.format(rounds=env.get("rounds", harness.ROUNDS)),
         "",
         report.ratio_table(rows, ("mode",), providers),
         "",
     ]
+    others = [p for p in providers if p != "eager"]
     header = ["block", "shape", "mode", *[f"{p} ms" for p in providers]]
+    header += [f"{p} ×eager (range)" for p in others] if "eager" in providers else []
     table = []
     for key in dict.fromkeys((r["block"], r["shape"], r["mode"]) for r in rows):
         by = {r["provider"]: r for r in rows if (r["block"], r["shape"], r["mode"]) == key}
-        table.append([*key, *[f"{by[p]['median_ms']:.3f}" if p in by else "-" for p in providers]])
+        cells = [*key, *[f"{by[p]['median_ms']:.3f}" if p in by else "-" for p in providers]]
+        if "eager" in providers:
+            cells += [harness.ratio_spread(by[p]) if p in by else "-" for p in others]
+        table.append(cells)
     lines.append(report.markdown_table(header, table))
     lines.append("")
     return "\n".join(lines)

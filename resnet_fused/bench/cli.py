@@ -82,7 +82,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument(
-        "--min-run-time", type=float, default=0.5, help="seconds of timing per measurement (CPU)"
+        "--min-run-time",
+        type=float,
+        default=0.5,
+        help="seconds of timing per provider and case, over all rounds (at least 0.1 on a GPU)",
     )
     parser.add_argument(
         "--rounds",

@@ -5,7 +5,8 @@ A level supplies its cases and, per case, one no-argument *step* per provider (a
 training step, an inference, an op's forward+backward). :func:`measure_case` then
 
 1. calls every step once and compares what it returns with the baseline provider's
-   (``‖a − b‖ / ‖b‖`` over the returned tensors, the worst of them); a provider that
+   (``‖a − b‖ / ‖b‖`` over the returned tensors, the worst of them, leaving out the
+   largest 0.1% of element differences: ReLU kinks within rounding); a provider that
    differs by more than the tolerance is refused with a :class:`MismatchError` — a
    sanity gate against timing different maths, not the correctness test (the test
    suite compares every backend with the fp64 reference);
@@ -110,21 +111,27 @@ def _tensors(value) -> list[torch.Tensor]:
 
 def rel_diff(value, ref) -> float:
     """The worst ``‖a − b‖ / ‖b‖`` over the tensors of two step results, position by
-    position. Not an elementwise maximum: where a pre-activation lies within rounding of
-    zero two correct computations may put it on either side of a ReLU."""
+    position, leaving out the largest 0.1% of the element differences (at least one).
+    Where a pre-activation lies within rounding of zero two correct computations may put
+    it on either side of a ReLU: that element's gradient then differs by a whole value
+    (one such element of 1.6M gives ~1e-3 in the plain norm), while different maths
+    differs everywhere."""
     worst = 0.0
     for a, b in zip(_tensors(value), _tensors(ref), strict=False):
-        a, b = a.detach().float(), b.detach().float()
-        worst = max(worst, ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
+        d = (a.detach().double() - b.detach().double()).flatten().abs()
+        n, drop = d.numel(), max(1, math.ceil(1e-3 * d.numel()))
+        if n > drop:
+            d = d[d <= d.kthvalue(n - drop).values]
+        worst = max(worst, (d.norm() / b.detach().double().norm().clamp_min(1e-30)).item())
     return worst
 
 
 def default_tolerance(dtype: torch.dtype, device: torch.device, amp: bool = False) -> float:
-    """The gate's bound on :func:`rel_diff`: fp32 on a CPU agrees to ~1e-6 (a few ReLU
-    kinks flipping in a gradient give ~1e-4); bf16/fp16, autocast and TF32 convolutions
-    on a GPU round at ~1e-3 per op."""
+    """The gate's bound on :func:`rel_diff`: fp32 on a CPU agrees to ~1e-6; bf16/fp16,
+    autocast and TF32 convolutions on a GPU round at ~1e-3 per op. Different maths
+    (another normalisation, a missing ReLU or residual) differs by 5e-2 and more."""
     low = amp or dtype in (torch.float16, torch.bfloat16) or device.type == "cuda"
-    return 5e-2 if low else 1e-3
+    return 3e-2 if low else 1e-3
 
 
 # ---------------------------------------------------------------------------------------

@@ -286,7 +286,8 @@ def summarise(rows: list[dict]) -> str:
         f"{env.get('matmul_tflops', '-')} TFLOP/s. "
         "TFLOP/s count the convolution's 2*MACs (x3 for forward+backward). ×eager is the "
         "speed-up over the unfused eager unit; ×conv is the unit's speed relative to the "
-        "convolution alone (1.0 = the fused unit costs no more than its convolution).",
+        "convolution alone (1.0 = the fused unit costs no more than its convolution). "
+        + harness.TIMING_NOTE.format(rounds=env.get("rounds", harness.ROUNDS)),
         "",
         "## Geometric means",
         "",
@@ -316,6 +317,8 @@ def summarise(rows: list[dict]) -> str:
     header = ["layer", "layout", "mode", *[f"{p}" for p in providers]]
     if fused:
         header.append("auto pick" if "auto" in providers else "")
+    ranged = [p for p in providers if p != "eager"] if "eager" in providers else []
+    header += [f"{p} ×eager (range)" for p in ranged]
     table = []
     keys = list(dict.fromkeys((r["layer"], r["layout"], r["mode"]) for r in rows))
     for key in keys:
@@ -325,7 +328,8 @@ def summarise(rows: list[dict]) -> str:
             for p in providers
         ]
         extra = [by["auto"].get("auto_pick", "")] if "auto" in by else ([""] if fused else [])
-        table.append([*key, *cells, *extra])
+        spreads = [harness.ratio_spread(by[p]) if p in by else "-" for p in ranged]
+        table.append([*key, *cells, *extra, *spreads])
     lines.append(report.markdown_table(header, table))
     lines.append("")
     return "\n".join(lines)

@@ -42,6 +42,7 @@ from .timing import environment, keep_freed_host_memory, rotating, rotation_coun
 
 __all__ = [
     "ROUNDS",
+    "TIMING_NOTE",
     "MismatchError",
     "Stats",
     "Writer",
@@ -50,6 +51,7 @@ __all__ = [
     "interleave",
     "measure_case",
     "ratio_columns",
+    "ratio_spread",
     "refuse_reference",
     "rel_diff",
     "rotating",
@@ -309,13 +311,6 @@ TIMING_NOTE = (
     "in a rotated order; times are medians over the rounds, ratios are medians of the "
     "per-round ratios with their range (min–max over the rounds) in brackets."
 )
-
-
-def device_line(env: dict, extra: str = "") -> str:
-    return (
-        f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
-        f"CUDA {env['cuda'] or '-'}; {env['date']}" + (f"; {extra}" if extra else "") + "."
-    )
 
 
 # ---------------------------------------------------------------------------------------

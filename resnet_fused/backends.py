@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -23,6 +24,14 @@ CONCRETE_BACKENDS = ("torch", "cpu", "cuda", "triton")
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says why."""
+
+
+class ReferenceFallbackWarning(RuntimeWarning):
+    """``backend="auto"`` runs the pure-PyTorch reference because the compiled extension
+    did not import (warned once per process)."""
+
+
+_WARNED_FALLBACK = False
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -86,21 +95,53 @@ def is_available(backend: str, device: torch.device | str) -> bool:
     return unavailable_reason(backend, torch.device(device)) is None
 
 
+def auto_backend(device: torch.device) -> tuple[str, str | None]:
+    """What ``backend="auto"`` runs for tensors of ``device``, and why it is the
+    reference when the compiled kernels would have run but could not (else ``None``).
+    Warns nothing; :func:`resolve_backend` does."""
+    device = torch.device(device)
+    order = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(device.type, ())
+    for candidate in order:
+        if unavailable_reason(candidate, device) is None:
+            return candidate, None
+    if order and not _extension.is_loaded():
+        return "torch", (
+            f"the compiled extension resnet_fused._C did not import "
+            f"({_extension.IMPORT_ERROR}); rebuild it with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    return "torch", None
+
+
+def _warn_fallback(reason: str) -> None:
+    global _WARNED_FALLBACK
+    if _WARNED_FALLBACK:
+        return
+    _WARNED_FALLBACK = True
+    warnings.warn(
+        f'resnet_fused: backend="auto" runs the slow pure-PyTorch reference ("torch") '
+        f"because {reason}",
+        ReferenceFallbackWarning,
+        stacklevel=3,
+    )
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn a user's ``backend=`` into a concrete, available backend for ``device``.
 
     ``"auto"`` picks the C++ kernels for the device when built (``"cpu"`` on CPU,
     ``"cuda"`` on CUDA), then Triton on CUDA, then the reference. It never picks
-    Triton's interpreter, which is for tests only.
+    Triton's interpreter, which is for tests only. When it falls back to the reference
+    because the compiled extension did not import, it warns once
+    (:class:`ReferenceFallbackWarning`, naming the import error and the fix).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        order = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(device.type, ())
-        for candidate in order:
-            if unavailable_reason(candidate, device) is None:
-                return candidate
-        return "torch"
+        chosen, why = auto_backend(device)
+        if why is not None:
+            _warn_fallback(why)
+        return chosen
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise BackendUnavailableError(reason)

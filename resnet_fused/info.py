@@ -8,7 +8,7 @@ import platform
 import torch
 
 from . import _extension
-from .backends import CONCRETE_BACKENDS, unavailable_reason
+from .backends import CONCRETE_BACKENDS, auto_backend, unavailable_reason
 
 
 def _version(package: str) -> str | None:
@@ -19,8 +19,10 @@ def _version(package: str) -> str | None:
 
 
 def info() -> dict:
-    """Versions, the extension's build information, and each backend's availability
-    per device type (``None`` = usable, otherwise the reason it is not)."""
+    """Versions, the extension's build information, each backend's availability per
+    device type (``None`` = usable, otherwise the reason it is not), and what
+    ``backend="auto"`` runs per device type (``{"backend": ..., "fallback": reason}``,
+    the reason set when it runs the reference because the extension did not import)."""
     devices = ["cpu"]
     gpus = []
     if torch.cuda.is_available():
@@ -41,6 +43,12 @@ def info() -> dict:
         "build": _extension.build_info(),
         "backends": {
             device: {b: unavailable_reason(b, torch.device(device)) for b in CONCRETE_BACKENDS}
+            for device in devices
+        },
+        "auto": {
+            device: dict(
+                zip(("backend", "fallback"), auto_backend(torch.device(device)), strict=True)
+            )
             for device in devices
         },
     }
@@ -72,4 +80,10 @@ def format_info(report: dict | None = None) -> str:
         lines.append(f"  backends for {device} tensors:")
         for backend, reason in table.items():
             lines.append(f"    {backend:7s} {'usable' if reason is None else 'no: ' + reason}")
+        auto = report.get("auto", {}).get(device)
+        if auto is not None:
+            line = f"    auto -> {auto['backend']}"
+            if auto["fallback"]:
+                line += f" (the pure-PyTorch reference, because {auto['fallback']})"
+            lines.append(line)
     return "\n".join(lines)

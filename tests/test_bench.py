@@ -105,13 +105,59 @@ def test_bench_bad_arguments_exit_2(capsys, tmp_path):
     assert "not available here" in capsys.readouterr().err
     assert _bench(tmp_path, "--level", "layer", "--layers", "l9.conv1") == 2
     assert "unknown layer" in capsys.readouterr().err
-    assert (
-        main(["bench", "--device", "cuda", "--out", str(tmp_path)])
-        == (0 if torch.cuda.is_available() else 2)
-        or torch.cuda.is_available()
-    )
     with pytest.raises(SystemExit):
         main(["bench", "--level", "kernel"])
+
+
+def test_bench_device_cuda_runs_or_refuses_on_every_machine(capsys, tmp_path):
+    """A real assertion with and without a GPU: a GPU runs a tiny op benchmark on it, a
+    machine without one refuses with exit code 2 and says why."""
+    rc = main(["bench", "--device", "cuda", "--level", "op", "--ops", "add_relu", "--quick",
+               "--layouts", "nchw", "--batch", "1", "--providers", "eager", "--min-run-time", "0.01", "--out", str(tmp_path)])  # fmt: skip
+    if torch.cuda.is_available():
+        assert rc == 0
+        (csv_path,) = tmp_path.glob("op_*.csv")
+        rows = list(csv.DictReader(csv_path.open()))
+        assert rows and all(r["cuda"] and float(r["median_ms"]) > 0 for r in rows)
+        assert {r["device"] for r in rows} == {torch.cuda.get_device_name()}
+    else:
+        assert rc == 2
+        assert "no CUDA GPU is available here" in capsys.readouterr().err
+        assert not list(tmp_path.glob("*.csv"))
+
+
+def test_providers_are_timed_interleaved_with_the_ratio_spread(tmp_path):
+    """Every row carries its rounds and the range of its per-round ratio to eager; the
+    markdown shows the range."""
+    providers = "eager,cpu" if resnet_fused.is_available("cpu", "cpu") else "eager"
+    assert _bench(tmp_path, "--level", "op", "--ops", "add_relu", "--quick", "--layouts",
+                  "nchw", "--batch", "1", "--providers", providers, "--rounds", "5") == 0  # fmt: skip
+    (csv_path,) = tmp_path.glob("op_*.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert {r["provider"] for r in rows} == set(providers.split(","))
+    for r in rows:
+        assert r["rounds"] == "5"
+        lo, med, hi = (float(r[f"speedup_vs_eager{s}"]) for s in ("_min", "", "_max"))
+        assert 0 < lo <= med <= hi
+        if r["provider"] == "eager":
+            assert lo == med == hi == 1.0  # its own rounds: exactly 1
+    md = csv_path.with_suffix(".md").read_text()
+    assert "timed interleaved: 5 rounds" in md
+    if "cpu" in providers:
+        r = next(r for r in rows if r["provider"] == "cpu")
+        lo, hi = float(r["speedup_vs_eager_min"]), float(r["speedup_vs_eager_max"])
+        assert f"({lo:.2f}–{hi:.2f})" in md
+
+
+def test_model_level_prints_no_blank_peak_on_cpu(tmp_path, capsys):
+    assert _bench(tmp_path, "--level", "model", "--model", "resnet18", "--mode", "eval",
+                  "--batch", "1", "--image-size", "32", "--layouts", "channels_last",
+                  "--providers", "eager") == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "peak  MB" not in out and "peak n/a (CPU)" in out
+    md = next(tmp_path.glob("model_*.md")).read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| resnet18 | eval | eager"))
+    assert row.rstrip().endswith("| n/a (CPU) |") and "|  |" not in row
 
 
 @pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")

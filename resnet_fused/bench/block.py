@@ -18,7 +18,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import resnet_fused
 
-from .timing import environment, keep_freed_host_memory, measure
+from . import harness
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,33 @@ def _flops(block: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
+def _build(spec: Block, provider: str, device, dtype, training: bool) -> nn.Module:
+    torch.manual_seed(0)  # the same weights for every provider
+    block = spec.build().to(device=device, dtype=dtype)
+    block = block.to(memory_format=torch.channels_last).train(training)
+    if provider.startswith("fused"):
+        backend = provider.split("-", 1)[1] if "-" in provider else "auto"
+        block = resnet_fused.convert(block, backend=backend, inplace=True)
+    elif provider.startswith("compile"):
+        from .op import compiled
+
+        block = compiled(block, provider)
+    return block
+
+
+def _step(block: nn.Module, x: torch.Tensor, g: torch.Tensor, training: bool) -> Callable:
+    params = [p for p in block.parameters() if p.requires_grad]
+
+    def step():
+        if not training:
+            with torch.no_grad():
+                return block(x)
+        out = block(x)
+        return torch.autograd.grad(out, [x, *params], g)[:1]  # the input's compared
+
+    return step
+
+
 def run_blocks(
     selected: list[Block],
     batch: int,
@@ -84,42 +111,35 @@ def run_blocks(
     min_run_time: float = 0.5,
     progress: Callable[[str], None] = print,
     on_row: Callable[[dict], None] | None = None,
+    rounds: int = harness.ROUNDS,
 ) -> list[dict]:
-    if device.type == "cpu":
-        keep_freed_host_memory()
-    env = environment(device)
+    harness.refuse_reference(providers, device)
+    env = harness.start(device)
     rows = []
     for spec in selected:
         for mode in modes:
             training = mode == "train"
-            x = torch.randn(batch, spec.inplanes, spec.hw, spec.hw, device=device, dtype=dtype)
-            x = x.to(memory_format=torch.channels_last).requires_grad_(training)
-            base = {}
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, spec.inplanes, spec.hw, spec.hw, generator=gen)
+            x = x.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+            x.requires_grad_(training)
+            reference = spec.build().to(device=device, dtype=dtype).train(training)
+            work = _flops(reference, x.detach()) * (3 if training else 1)
+            with torch.no_grad():
+                out_shape = reference(x.detach()).shape
+            del reference
+            g = torch.randn(out_shape, generator=gen).to(device=device, dtype=dtype)
+            g = g.to(memory_format=torch.channels_last)
+            if any(p.startswith("compile") for p in providers):
+                torch._dynamo.reset()
+            blocks_ = {p: _build(spec, p, device, dtype, training) for p in providers}
+            steps = {p: _step(b, x, g, training) for p, b in blocks_.items()}
+            measured = harness.measure_case(
+                steps, device, min_run_time, baseline="eager" if "eager" in steps else None,
+                tolerance=harness.default_tolerance(dtype, device), rounds=rounds,
+            )  # fmt: skip
             for provider in providers:
-                torch.manual_seed(0)
-                block = spec.build().to(device=device, dtype=dtype)
-                block = block.to(memory_format=torch.channels_last).train(training)
-                work = _flops(block, x.detach()) * (3 if training else 1)
-                if provider.startswith("fused"):
-                    backend = provider.split("-", 1)[1] if "-" in provider else "auto"
-                    block = resnet_fused.convert(block, backend=backend, inplace=True)
-                elif provider.startswith("compile"):
-                    from .op import compiled
-
-                    torch._dynamo.reset()
-                    block = compiled(block, provider)
-                g = torch.randn_like(block(x.detach()))
-                params = [p for p in block.parameters() if p.requires_grad]
-
-                def step(block=block, g=g, params=params, x=x, training=training):
-                    if not training:
-                        with torch.no_grad():
-                            return block(x)
-                    out = block(x)
-                    return torch.autograd.grad(out, [x, *params], g)
-
-                t = measure(step, device, min_run_time)
-                base[provider] = t.median_s
+                t = measured[provider]
                 row = {
                     **env,
                     "block": spec.name,
@@ -127,24 +147,20 @@ def run_blocks(
                     "dtype": str(dtype).replace("torch.", ""),
                     "mode": mode,
                     "provider": provider,
-                    "median_ms": round(t.median_s * 1e3, 4),
-                    "iqr_ms": round(t.iqr_s * 1e3, 4),
+                    **harness.timing_columns(t),
                     "images_per_s": round(batch / t.median_s, 2),
                     "tflops": round(work / t.median_s / 1e12, 4),
-                    "speedup_vs_eager": round(base["eager"] / t.median_s, 3)
-                    if "eager" in base
-                    else "",
-                    "speedup_vs_compile": round(base["compile"] / t.median_s, 3)
-                    if "compile" in base
-                    else "",
+                    **harness.ratio_columns("speedup_vs_eager", t, measured.get("eager")),
+                    **harness.ratio_columns("speedup_vs_compile", t, measured.get("compile")),
                 }
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
                 progress(
                     f"{spec.name:14s} {mode:5s} {provider:12s} {row['median_ms']:9.3f} ms "
-                    f"{row['images_per_s']:9.1f} img/s x{row['speedup_vs_eager']} eager"
+                    f"{row['images_per_s']:9.1f} img/s x{harness.ratio_spread(row)} eager"
                 )
+            del blocks_, steps
     return rows
 
 
@@ -158,15 +174,21 @@ def summarise(rows: list[dict]) -> str:
         "",
         f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda'] or '-'}; {env['date']}; dtype {env['dtype']}; channels_last.",
+        harness.TIMING_NOTE.format(rounds=env.get("rounds", harness.ROUNDS)),
         "",
         report.ratio_table(rows, ("mode",), providers),
         "",
     ]
+    others = [p for p in providers if p != "eager"]
     header = ["block", "shape", "mode", *[f"{p} ms" for p in providers]]
+    header += [f"{p} ×eager (range)" for p in others] if "eager" in providers else []
     table = []
     for key in dict.fromkeys((r["block"], r["shape"], r["mode"]) for r in rows):
         by = {r["provider"]: r for r in rows if (r["block"], r["shape"], r["mode"]) == key}
-        table.append([*key, *[f"{by[p]['median_ms']:.3f}" if p in by else "-" for p in providers]])
+        cells = [*key, *[f"{by[p]['median_ms']:.3f}" if p in by else "-" for p in providers]]
+        if "eager" in providers:
+            cells += [harness.ratio_spread(by[p]) if p in by else "-" for p in others]
+        table.append(cells)
     lines.append(report.markdown_table(header, table))
     lines.append("")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import block, goals, layer, model, op, report, sync
+from . import block, goals, harness, layer, model, op, report, sync
 from .timing import device_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -82,7 +82,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument(
-        "--min-run-time", type=float, default=0.5, help="seconds of timing per measurement (CPU)"
+        "--min-run-time",
+        type=float,
+        default=0.5,
+        help="seconds of timing per provider and case, over all rounds (at least 0.1 on a GPU)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=harness.ROUNDS,
+        help="alternating timing rounds per case: every provider is timed once per round, "
+        "in a rotated order; medians over the rounds (default: %(default)s)",
     )
     parser.add_argument("--out", default="results", help="output folder")
 
@@ -117,27 +127,15 @@ def _tag(device: torch.device) -> str:
     return report.slug(device_name(device).split("(")[0]) or device.type
 
 
-class _Writer:
-    """Rows to a CSV after every measurement (a timeout keeps what ran), then markdown
-    and a PNG plot."""
-
-    def __init__(self, stem: str) -> None:
-        self.stem, self.rows = stem, []
-
-    def __call__(self, row: dict) -> None:
-        self.rows.append(row)
-        report.write_csv(self.rows, self.stem + ".csv")
-
-    def finish(self, markdown: str, label_keys: tuple[str, ...], title: str) -> None:
-        with open(self.stem + ".md", "w") as f:
-            f.write(markdown)
-        png = report.plot(self.rows, self.stem + ".png", label_keys, title)
-        print(f"wrote {self.stem}.csv, .md" + (", .png" if png else ""))
+_Writer = harness.Writer
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    runs: dict[str, list[dict]] = {}  # this run's rows per level (the suite's verdicts)
     try:
         device = _device(args.device)
+        if args.rounds < 1:
+            raise _BadArgs(f"--rounds must be at least 1, got {args.rounds}")
         levels = ("op", "layer", "block", "model") if args.level == "suite" else (args.level,)
         if args.level == "suite":  # its own folder: the per-level full reports stay apart
             args.out = os.path.join(args.out, "suite")
@@ -145,19 +143,19 @@ def run_bench(args: argparse.Namespace) -> int:
             run = {"op": _run_op, "layer": _run_layer, "block": _run_block, "model": _run_model,
                    "sync": _run_sync}  # fmt: skip
             print(f"== {level} level ==", flush=True)
-            run[level](args, device, suite=args.level == "suite")
+            runs[level] = run[level](args, device, suite=args.level == "suite")
     except (_BadArgs, ValueError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     if args.level == "suite":
         path = os.path.join(args.out, f"suite_{_tag(device)}.md")
         with open(path, "w") as f:
-            f.write(goals.report(args.out, _tag(device), device))
+            f.write(goals.report(runs, _tag(device), device))
         print(f"wrote {path}")
     return 0
 
 
-def _run_op(args, device, suite=False) -> None:
+def _run_op(args, device, suite=False) -> list[dict]:
     batch = args.batch or (256 if device.type == "cuda" else 8)
     dtype = DTYPES[args.dtype]
     valid = ["eager", "compile", "compile-max", *op.fused_providers(device)]
@@ -183,16 +181,15 @@ def _run_op(args, device, suite=False) -> None:
                 picked.append(c)
         cases = picked
     out = _Writer(os.path.join(args.out, f"op_{_tag(device)}"))
-    rows = op.run_cases(
+    op.run_cases(
         cases, device, providers, min_run_time=0.2 if suite else args.min_run_time,
-        progress=report.Progress(len(cases) * len(providers)),
+        progress=report.Progress(len(cases) * len(providers)), rounds=args.rounds, on_row=out,
     )  # fmt: skip
-    for row in rows:
-        out(row)
-    out.finish(summarise(rows), ("op", "shape", "layout", "mode"), "op level")
+    out.finish(summarise(out.rows), ("op", "shape", "layout", "mode"), "op level")
+    return out.rows
 
 
-def _run_layer(args, device, suite=False) -> None:
+def _run_layer(args, device, suite=False) -> list[dict]:
     dtype = DTYPES[args.dtype]
     batch = args.batch or (256 if device.type == "cuda" else 4)
     valid = [*layer.providers_here(device), "compile-max"]
@@ -209,12 +206,13 @@ def _run_layer(args, device, suite=False) -> None:
     layer.run_layers(
         selected, batch, device, dtype, providers, layouts,
         0.2 if suite else args.min_run_time, progress=report.Progress(total), on_row=out,
-        modes=modes,
+        modes=modes, rounds=args.rounds,
     )  # fmt: skip
     out.finish(layer.summarise(out.rows), ("layer", "mode"), "layer level")
+    return out.rows
 
 
-def _run_block(args, device, suite=False) -> None:
+def _run_block(args, device, suite=False) -> list[dict]:
     dtype = DTYPES[args.dtype]
     batch = args.batch or (256 if device.type == "cuda" else 4)
     fused = ["fused"] + [f"fused-{b}" for b in op.fused_providers(device)]
@@ -228,11 +226,13 @@ def _run_block(args, device, suite=False) -> None:
     block.run_blocks(
         selected, batch, device, dtype, providers, modes, 0.2 if suite else args.min_run_time,
         progress=report.Progress(len(selected) * len(modes) * len(providers)), on_row=out,
+        rounds=args.rounds,
     )  # fmt: skip
     out.finish(block.summarise(out.rows), ("block", "mode"), "block level")
+    return out.rows
 
 
-def _run_model(args, device, suite=False) -> None:
+def _run_model(args, device, suite=False) -> list[dict]:
     batch = args.batch or (256 if device.type == "cuda" else 8)
     fused = ["fused"] + [f"fused-{b}" for b in op.fused_providers(device)]
     valid = ["eager", "compile", "compile-max", *fused]
@@ -255,11 +255,13 @@ def _run_model(args, device, suite=False) -> None:
         names, batch, args.image_size, device, providers, layouts, amp,
         max(args.min_run_time, 1.0) if device.type == "cpu" else args.min_run_time,
         progress=report.Progress(len(names) * len(modes) * per), on_row=out, modes=modes,
+        rounds=args.rounds,
     )  # fmt: skip
     out.finish(model.summarise(out.rows), ("model", "mode", "layout"), "model level")
+    return out.rows
 
 
-def _run_sync(args, device, suite=False) -> None:
+def _run_sync(args, device, suite=False) -> list[dict]:
     dtype = DTYPES[args.dtype]
     batch = args.batch or (32 if device.type == "cuda" else 4)
     if args.world < 2:
@@ -272,9 +274,11 @@ def _run_sync(args, device, suite=False) -> None:
     out = _Writer(os.path.join(args.out, f"sync_{_tag(device)}_{args.dtype}"))
     print(f"{args.world} ranks, {len(selected)} cases x {len(providers)} providers", flush=True)
     sync.run_sync(
-        selected, batch, args.world, device, dtype, providers, args.min_run_time, on_row=out
-    )
+        selected, batch, args.world, device, dtype, providers, args.min_run_time, on_row=out,
+        rounds=args.rounds,
+    )  # fmt: skip
     out.finish(sync.summarise(out.rows), ("case",), "sync level (training step)")
+    return out.rows
 
 
 def summarise(rows: list[dict]) -> str:
@@ -287,7 +291,8 @@ def summarise(rows: list[dict]) -> str:
         f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda'] or '-'}; {env['date']}; dtype {env['dtype']}.",
         f"Measured copy bandwidth: {env['copy_gbps']} GB/s. GB/s charge every provider the "
-        "fused op's minimal traffic, so GB/s ratios are speed ratios.",
+        "fused op's minimal traffic, so GB/s ratios are speed ratios. "
+        + harness.TIMING_NOTE.format(rounds=env.get("rounds", harness.ROUNDS)),
         "",
         "## Geometric-mean speed-up against eager",
         "",
@@ -329,7 +334,7 @@ def summarise(rows: list[dict]) -> str:
             [
                 *key,
                 *[f"{by[p]['median_ms']:.3f}" for p in providers],
-                *[f"{by[p]['speedup_vs_eager']:.2f}" for p in others],
+                *[harness.ratio_spread(by[p]) for p in others],
                 *[f"{100 * by[p]['fraction_of_copy']:.0f}%" for p in providers],
                 *[str(by[p]["saved_mb"]) for p in providers],
             ]

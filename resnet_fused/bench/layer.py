@@ -24,14 +24,8 @@ from torch import nn
 
 import resnet_fused
 
-from .timing import (
-    environment,
-    keep_freed_host_memory,
-    matmul_rate,
-    measure,
-    rotating,
-    rotation_count,
-)
+from . import harness
+from .timing import matmul_rate
 
 
 @dataclass(frozen=True)
@@ -179,8 +173,9 @@ def _step(unit: nn.Module, backward: bool) -> Callable:
 
     def forward_backward(x, r, g):
         out = unit(x, r)
-        leaves = [t for t in (x, r) if t is not None] + params
-        return torch.autograd.grad(out, leaves, g, allow_unused=True)
+        inputs = [t for t in (x, r) if t is not None]
+        grads = torch.autograd.grad(out, inputs + params, g, allow_unused=True)
+        return grads[: len(inputs)]  # every gradient computed; the inputs' compared
 
     return forward_backward
 
@@ -196,10 +191,10 @@ def run_layers(
     progress: Callable[[str], None] = print,
     on_row: Callable[[dict], None] | None = None,
     modes=MODES,
+    rounds: int = harness.ROUNDS,
 ) -> list[dict]:
-    if device.type == "cpu":
-        keep_freed_host_memory()
-    env = environment(device)
+    harness.refuse_reference(providers, device)
+    env = harness.start(device)
     env["matmul_tflops"] = round(matmul_rate(device, dtype), 3)
     rows = []
     elsize = torch.empty((), dtype=dtype).element_size()
@@ -212,16 +207,27 @@ def run_layers(
                 io = batch * (
                     layer.c_in * layer.hw**2 + 3 * layer.c_out * layer.out_hw**2
                 )  # x, r, g, out
-                nsets = rotation_count(io * elsize, device, cap=3)
-                sets = [_inputs(layer, batch, device, dtype, fmt, backward) for _ in range(nsets)]
-                base = {}
+                sets = harness.input_sets(
+                    lambda: _inputs(layer, batch, device, dtype, fmt, backward),  # noqa: B023
+                    io * elsize, device, cap=3,
+                )  # fmt: skip
+                if any(p.startswith("compile") for p in providers):
+                    torch._dynamo.reset()
+                if device.type == "cuda":
+                    resnet_fused.functional_conv._AUTO_CHOICES.clear()
+                units = {}
                 for provider in providers:
-                    if provider.startswith("compile"):
-                        torch._dynamo.reset()
-                    unit = make_unit(layer, provider, device, dtype, training)
-                    t = measure(rotating(_step(unit, backward), sets), device, min_run_time)
-                    base[provider] = t.median_s
-                    work = flops(layer, batch) * (3 if backward else 1)
+                    torch.manual_seed(0)  # the same weights for every provider
+                    units[provider] = make_unit(layer, provider, device, dtype, training)
+                steps = {p: harness.rotating(_step(u, backward), sets) for p, u in units.items()}
+                measured = harness.measure_case(
+                    steps, device, min_run_time, baseline="eager" if "eager" in steps else None,
+                    unchecked=("conv",), tolerance=harness.default_tolerance(dtype, device),
+                    rounds=rounds,
+                )  # fmt: skip
+                work = flops(layer, batch) * (3 if backward else 1)
+                for provider in providers:
+                    t = measured[provider]
                     row = {
                         **env,
                         "layer": layer.name,
@@ -232,32 +238,26 @@ def run_layers(
                         "layout": layout,
                         "mode": mode,
                         "provider": provider,
-                        "median_ms": round(t.median_s * 1e3, 4),
-                        "iqr_ms": round(t.iqr_s * 1e3, 4),
+                        **harness.timing_columns(t),
                         "tflops": round(work / t.median_s / 1e12, 3),
                         "fraction_of_matmul": round(
                             work / t.median_s / 1e12 / env["matmul_tflops"], 3
                         ),
-                        "speedup_vs_eager": (
-                            round(base["eager"] / t.median_s, 3) if "eager" in base else ""
-                        ),
-                        "ratio_vs_conv": (
-                            round(base["conv"] / t.median_s, 3) if "conv" in base else ""
-                        ),
+                        **harness.ratio_columns("speedup_vs_eager", t, measured.get("eager")),
+                        **harness.ratio_columns("ratio_vs_conv", t, measured.get("conv")),
                     }
                     if provider == "auto" and device.type == "cuda":
                         picks = set(resnet_fused.functional_conv.auto_choices().values())
                         row["auto_pick"] = "/".join(sorted(picks))
-                        resnet_fused.functional_conv._AUTO_CHOICES.clear()
                     rows.append(row)
                     if on_row is not None:
                         on_row(row)
                     progress(
                         f"{layer.name:18s} {layout:13s} {mode:22s} {provider:8s} "
                         f"{row['median_ms']:9.3f} ms {row['tflops']:8.2f} TFLOP/s "
-                        f"x{row['speedup_vs_eager']} eager, x{row['ratio_vs_conv']} conv"
+                        f"x{harness.ratio_spread(row)} eager, x{row['ratio_vs_conv']} conv"
                     )
-                    del unit
+                del units, steps, sets
     return rows
 
 
@@ -286,7 +286,8 @@ def summarise(rows: list[dict]) -> str:
         f"{env.get('matmul_tflops', '-')} TFLOP/s. "
         "TFLOP/s count the convolution's 2*MACs (x3 for forward+backward). ×eager is the "
         "speed-up over the unfused eager unit; ×conv is the unit's speed relative to the "
-        "convolution alone (1.0 = the fused unit costs no more than its convolution).",
+        "convolution alone (1.0 = the fused unit costs no more than its convolution). "
+        + harness.TIMING_NOTE.format(rounds=env.get("rounds", harness.ROUNDS)),
         "",
         "## Geometric means",
         "",
@@ -316,6 +317,8 @@ def summarise(rows: list[dict]) -> str:
     header = ["layer", "layout", "mode", *[f"{p}" for p in providers]]
     if fused:
         header.append("auto pick" if "auto" in providers else "")
+    ranged = [p for p in providers if p != "eager"] if "eager" in providers else []
+    header += [f"{p} ×eager (range)" for p in ranged]
     table = []
     keys = list(dict.fromkeys((r["layer"], r["layout"], r["mode"]) for r in rows))
     for key in keys:
@@ -325,7 +328,8 @@ def summarise(rows: list[dict]) -> str:
             for p in providers
         ]
         extra = [by["auto"].get("auto_pick", "")] if "auto" in by else ([""] if fused else [])
-        table.append([*key, *cells, *extra])
+        spreads = [harness.ratio_spread(by[p]) if p in by else "-" for p in ranged]
+        table.append([*key, *cells, *extra, *spreads])
     lines.append(report.markdown_table(header, table))
     lines.append("")
     return "\n".join(lines)

@@ -7,7 +7,9 @@ Providers (``layout`` is a separate axis):
 
 Modes: ``train`` (forward, cross-entropy, backward, SGD step) and ``eval`` (inference
 under ``torch.no_grad``). Images/s and, on CUDA, peak memory of the step above the
-model's own memory. On CUDA the step runs under bf16 autocast when ``amp`` is set.
+model's own memory (not measured on a CPU: "n/a (CPU)"). On CUDA the step runs under
+bf16 autocast when ``amp`` is set. Every provider and layout of one model and mode is
+timed interleaved (:mod:`.harness`), against eager channels_last.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torchvision
 
 import resnet_fused
 
-from .timing import environment, keep_freed_host_memory, measure
+from . import harness
 
 MODELS = ("resnet18", "resnet50")
 
@@ -57,6 +59,22 @@ def _step(model, training: bool, amp: bool, device) -> Callable:
     return run
 
 
+def _peak_mb(step, x, y, device) -> float | str:
+    """Peak memory of a step above what is allocated before it (MB); "n/a (CPU)" where
+    it is not measured."""
+    if device.type != "cuda":
+        return PEAK_NA
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(x, y)
+    torch.cuda.synchronize(device)
+    return round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
+
+
+PEAK_NA = "n/a (CPU)"
+
+
 def run_models(
     names,
     batch: int,
@@ -69,63 +87,68 @@ def run_models(
     progress: Callable[[str], None] = print,
     on_row: Callable[[dict], None] | None = None,
     modes=("train", "eval"),
+    rounds: int = harness.ROUNDS,
 ) -> list[dict]:
-    if device.type == "cpu":
-        keep_freed_host_memory()
-    env = environment(device)
+    harness.refuse_reference(providers, device)
+    env = harness.start(device)
     rows = []
+    # The fused and compiled models are timed channels_last; eager in every layout.
+    keys = [(p, layout) for layout in layouts for p in providers
+            if p == "eager" or layout == "channels_last"]  # fmt: skip
     for name in names:
         for mode in modes:
             training = mode == "train"
-            base = {}
-            for layout in layouts:
+            gen = torch.Generator().manual_seed(0)
+            x0 = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device)
+            y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+            xs = {
+                layout: x0.to(memory_format=torch.channels_last if layout == "channels_last"
+                              else torch.contiguous_format)
+                for layout in layouts
+            }  # fmt: skip
+            if any(p.startswith("compile") for p in providers):
+                torch._dynamo.reset()
+            fns, steps = {}, {}
+            for provider, layout in keys:
                 fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-                x = torch.randn(batch, 3, image_size, image_size, device=device)
-                x = x.to(memory_format=fmt)
-                y = torch.randint(0, 1000, (batch,), device=device)
-                for provider in providers:
-                    if provider != "eager" and layout != "channels_last":
-                        continue  # the fused and compiled models are timed channels_last
-                    if provider.startswith("compile"):
-                        torch._dynamo.reset()
-                    model = _model(name, provider, device, fmt, training)
-                    step = _step(model, training, amp, device)
-                    peak = ""
-                    if device.type == "cuda":
-                        step(x, y)
-                        torch.cuda.synchronize()
-                        before = torch.cuda.memory_allocated()
-                        torch.cuda.reset_peak_memory_stats()
-                        step(x, y)
-                        torch.cuda.synchronize()
-                        peak = round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
-                    t = measure(lambda s=step, a=x, b=y: s(a, b), device, min_run_time)
-                    key = f"{provider}/{layout}"
-                    base[key] = t.median_s
-                    ref = base.get("eager/channels_last")
-                    row = {
-                        **env,
-                        "model": name,
-                        "mode": mode,
-                        "layout": layout,
-                        "provider": provider,
-                        "batch": batch,
-                        "image_size": image_size,
-                        "amp": amp,
-                        "median_ms": round(t.median_s * 1e3, 3),
-                        "images_per_s": round(batch / t.median_s, 2),
-                        "speedup_vs_eager_cl": round(ref / t.median_s, 3) if ref else "",
-                        "peak_mb": peak,
-                    }
-                    rows.append(row)
-                    if on_row is not None:
-                        on_row(row)
-                    progress(
-                        f"{name:9s} {mode:5s} {layout:13s} {provider:14s} "
-                        f"{row['median_ms']:10.2f} ms {row['images_per_s']:9.1f} img/s "
-                        f"x{row['speedup_vs_eager_cl']} eager(cl) peak {peak} MB"
-                    )
-                    del model, step
+                model = _model(name, provider, device, fmt, training)
+                fns[provider, layout] = fn = _step(model, training, amp, device)
+                steps[provider, layout] = lambda fn=fn, x=xs[layout], y=y: fn(x, y)
+            base = ("eager", "channels_last")
+            measured = harness.measure_case(
+                steps, device, min_run_time,
+                baseline=base if base in steps else (keys[0] if keys else None),
+                tolerance=1e-1 if amp else harness.default_tolerance(torch.float32, device),
+                rounds=rounds,
+            )  # fmt: skip
+            for provider, layout in keys:
+                t = measured[provider, layout]
+                peak = _peak_mb(fns[provider, layout], xs[layout], y, device)
+                row = {
+                    **env,
+                    "model": name,
+                    "mode": mode,
+                    "layout": layout,
+                    "provider": provider,
+                    "batch": batch,
+                    "image_size": image_size,
+                    "amp": amp,
+                    **harness.timing_columns(t, digits=3),
+                    "images_per_s": round(batch / t.median_s, 2),
+                    **harness.ratio_columns("speedup_vs_eager_cl", t, measured.get(base)),
+                    "peak_mb": peak if peak != PEAK_NA else "",
+                }
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+                peak_text = f"{peak} MB" if peak != PEAK_NA else PEAK_NA
+                progress(
+                    f"{name:9s} {mode:5s} {layout:13s} {provider:14s} "
+                    f"{row['median_ms']:10.2f} ms {row['images_per_s']:9.1f} img/s "
+                    f"x{harness.ratio_spread(row, 'speedup_vs_eager_cl')} eager(cl) "
+                    f"peak {peak_text}"
+                )
+            del fns, steps
     return rows
 
 
@@ -140,7 +163,8 @@ def summarise(rows: list[dict]) -> str:
         f"CUDA {env['cuda'] or '-'}; {env['date']}; batch {env['batch']}, "
         f"{env['image_size']}x{env['image_size']} images, AMP {env['amp']}.",
         "train = forward + cross-entropy + backward + SGD step; eval = inference. "
-        "×eager(cl) is the speed-up over the eager torchvision model in channels_last.",
+        "×eager(cl) is the speed-up over the eager torchvision model in channels_last. "
+        + harness.TIMING_NOTE.format(rounds=env.get("rounds", harness.ROUNDS)),
         "",
     ]
     providers = list(dict.fromkeys(r["provider"] for r in rows))
@@ -154,8 +178,8 @@ def summarise(rows: list[dict]) -> str:
             r["layout"],
             f"{r['median_ms']:.2f}",
             f"{r['images_per_s']:.1f}",
-            f"{r['speedup_vs_eager_cl']}",
-            str(r["peak_mb"]),
+            harness.ratio_spread(r, "speedup_vs_eager_cl"),
+            str(r["peak_mb"]) if r["peak_mb"] != "" else PEAK_NA,
         ]
         for r in rows
     ]

@@ -17,14 +17,8 @@ import torch.nn.functional as F
 import resnet_fused
 from resnet_fused.backends import is_available
 
-from .timing import (
-    copy_bandwidth,
-    environment,
-    keep_freed_host_memory,
-    measure,
-    rotating,
-    rotation_count,
-)
+from . import harness
+from .timing import copy_bandwidth
 
 # Block outputs of torchvision ResNet-50 (C, H, W): where the residual add + ReLU runs.
 RESNET50_BLOCK_OUTPUTS = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
@@ -164,10 +158,10 @@ def run_cases(
     providers: list[str],
     min_run_time: float = 0.5,
     progress: Callable[[str], None] = print,
+    rounds: int = harness.ROUNDS,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    if device.type == "cpu":
-        keep_freed_host_memory()
-    env = environment(device)
+    env = harness.start(device)
     copy_gbps = copy_bandwidth(device)
     rows = []
     for case in cases:
@@ -177,19 +171,24 @@ def run_cases(
         elsize = torch.empty((), dtype=case.dtype).element_size()
         backward = "backward" in case.mode
         traffic = TRAFFIC[(case.op, case.mode)]
-        nsets = rotation_count((traffic + 2) * numel * elsize, device)
-        sets = [(*a, g) for a, g in (_inputs(case, device, backward) for _ in range(nsets))]
-        eager_s = None
+        sets = harness.input_sets(
+            lambda c=case, b=backward: (lambda a, g: (*a, g))(*_inputs(c, device, b)),
+            (traffic + 2) * numel * elsize,
+            device,
+        )
+        if any(p.startswith("compile") for p in providers):
+            torch._dynamo.reset()  # a fresh cache per case: no recompile limit reached
+        fns = {p: _make_fn(case, p) for p in providers}
+        steps = {p: harness.rotating(_step(fn, backward), sets) for p, fn in fns.items()}
+        measured = harness.measure_case(
+            steps, device, min_run_time, baseline="eager" if "eager" in steps else None,
+            tolerance=harness.default_tolerance(case.dtype, device), rounds=rounds,
+        )  # fmt: skip
         for provider in providers:
-            if provider.startswith("compile"):
-                torch._dynamo.reset()  # a fresh cache per case: no recompile limit reached
-            fn = _make_fn(case, provider)
-            step = _step(fn, backward)
-            t = measure(rotating(step, sets), device, min_run_time)
-            if provider == "eager":
-                eager_s = t.median_s
+            t = measured[provider]
             gbps = traffic * numel * elsize / t.median_s / 1e9
-            saved = _saved_bytes(fn, sets[0]) if backward else ""
+            saved = _saved_bytes(fns[provider], sets[0]) if backward else ""
+            step = _step(fns[provider], backward)
             peak = _peak_cuda_bytes(step, sets[0]) if device.type == "cuda" else ""
             row = {
                 **env,
@@ -199,21 +198,23 @@ def run_cases(
                 "layout": case.layout,
                 "mode": case.mode,
                 "provider": provider,
-                "median_ms": round(t.median_s * 1e3, 4),
-                "iqr_ms": round(t.iqr_s * 1e3, 4),
+                **harness.timing_columns(t),
                 "gbps": round(gbps, 2),
                 "copy_gbps": round(copy_gbps, 2),
                 "fraction_of_copy": round(gbps / copy_gbps, 3),
-                "speedup_vs_eager": round(eager_s / t.median_s, 3) if eager_s else "",
+                **harness.ratio_columns("speedup_vs_eager", t, measured.get("eager")),
                 "saved_mb": round(saved / 2**20, 3) if saved != "" else "",
                 "peak_mb": round(peak / 2**20, 3) if peak != "" else "",
             }
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
             progress(
                 f"{case.op:12s} {row['shape']:>16s} {case.layout:13s} {case.mode:23s} "
                 f"{provider:8s} {row['median_ms']:9.3f} ms {gbps:7.1f} GB/s "
-                f"({100 * gbps / copy_gbps:5.1f}% of copy) x{row['speedup_vs_eager']}"
+                f"({100 * gbps / copy_gbps:5.1f}% of copy) x{harness.ratio_spread(row)}"
             )
+        del steps, fns, sets
     return rows
 
 

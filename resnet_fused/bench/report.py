@@ -61,7 +61,7 @@ def ratio_table(rows: list[dict], group_keys: tuple[str, ...], providers: list[s
         sel = [r for r in rows if tuple(r[k] for k in group_keys) == group]
         by_case: dict[tuple, dict[str, float]] = {}
         for r in sel:
-            case = tuple((k, v) for k, v in r.items() if k not in _PER_PROVIDER)
+            case = tuple((k, v) for k, v in r.items() if not is_per_provider(k))
             by_case.setdefault(case, {})[r["provider"]] = float(r["median_ms"])
         cells = []
         for ref in ["eager"] + (["compile"] if has_compile else []):
@@ -78,8 +78,17 @@ def ratio_table(rows: list[dict], group_keys: tuple[str, ...], providers: list[s
 _PER_PROVIDER = {
     "provider", "median_ms", "iqr_ms", "gbps", "fraction_of_copy", "speedup_vs_eager",
     "speedup_vs_compile", "saved_mb", "peak_mb", "tflops", "images_per_s", "ratio_vs_conv",
-    "auto_pick", "speedup_vs_eager_cl", "layout_provider", "fraction_of_matmul",
+    "auto_pick", "speedup_vs_eager_cl", "layout_provider", "fraction_of_matmul", "rounds",
+    "rel_diff", "speedup_vs_baseline",
 }  # fmt: skip
+
+
+def is_per_provider(column: str) -> bool:
+    """Whether a column differs between the providers of one case (a time, a ratio and
+    its range, a check) rather than describing the case."""
+    return column in _PER_PROVIDER or (
+        column.endswith(("_min", "_max")) and column[:-4] in _PER_PROVIDER
+    )
 
 
 def plot(rows: list[dict], path: str, label_keys: tuple[str, ...], title: str) -> str | None:

@@ -35,6 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .harness import (
+    ROUNDS,
+    TIMING_NOTE,
+    MismatchError,
+    Stats,
+    interleave,
+    ratio_columns,
+    ratio_spread,
+    rel_diff,
+)
+
 PROVIDERS = ("SyncBatchNorm", "eager", "fused", "fused-local")
 
 
@@ -212,14 +223,6 @@ def _step_fn(case, provider, batch, device, dtype, seed):
     return step, (out, x.grad.detach().float().clone())
 
 
-def _rel_err(a, b) -> float:
-    """‖a − b‖ / ‖b‖. Not the largest elementwise difference: where a pre-activation is
-    within rounding of zero, two correct computations may differ in that element's ReLU
-    mask, so a gradient element differs by a whole gradient value (a few elements of
-    millions at these sizes, ~1e-4 in this norm)."""
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _max_over_ranks(values: list[float], device) -> list[float]:
     """Elementwise maximum over the ranks (on ``device``: NCCL takes CUDA tensors only)."""
     import torch.distributed as dist
@@ -229,31 +232,32 @@ def _max_over_ranks(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def _time_steps(step, device, min_run_time: float) -> list[float]:
-    """Per-step times of the slowest rank (the same list on every rank)."""
+def _rank_timer(device) -> Callable[[Callable[[], object], int], float]:
+    """The harness's timer for a group: every step starts after a barrier and is the
+    slowest rank's time; the median step (the same value on every rank, so every rank
+    picks the same number of steps)."""
     import torch.distributed as dist
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def one() -> float:
-        sync()
-        dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        return time.perf_counter() - t0
+    def timer(step, calls: int) -> float:
+        times = []
+        for _ in range(calls):
+            sync()
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(_max_over_ranks(times, device))
 
-    for _ in range(3):
-        one()
-    (first,) = _max_over_ranks([one()], device)  # every rank picks the same count
-    n = int(min(200, max(5, min_run_time / max(first, 1e-6))))
-    return _max_over_ranks([one() for _ in range(n)], device)
+    return timer
 
 
 def _worker(rank, world, init_file, device_type, dtype, batch, case_list, providers,
-            min_run_time, out_dir):  # fmt: skip
+            min_run_time, out_dir, rounds=ROUNDS):  # fmt: skip
     import torch.distributed as dist
 
     ngpu = torch.cuda.device_count() if device_type == "cuda" else 0
@@ -271,20 +275,24 @@ def _worker(rank, world, init_file, device_type, dtype, batch, case_list, provid
     try:
         results = []
         for case in case_list:
-            first = None
+            steps, checks = {}, {}
             for provider in providers:
-                step, check = _step_fn(case, provider, batch, device, dtype, seed=rank)
-                # The first provider's first step is the reference for the others (same
-                # maths, same inputs): output and input gradient, worst over the ranks.
-                first = first or check
-                err = max(_rel_err(c, f) for c, f in zip(check, first, strict=True))
-                (err,) = _max_over_ranks([err], device)
-                times = _time_steps(step, device, min_run_time)
-                results.append((case, provider, times, err))
+                steps[provider], checks[provider] = _step_fn(
+                    case, provider, batch, device, dtype, seed=rank
+                )
+            # The first provider's first step is the reference for the others (same
+            # maths, same inputs): output and input gradient, worst over the ranks.
+            errs = {p: rel_diff(checks[p], checks[providers[0]]) for p in providers}
+            errs = dict(zip(errs, _max_over_ranks(list(errs.values()), device), strict=True))
+            del checks
+            per_round = interleave(steps, device, min_run_time, rounds, _rank_timer(device))
+            for provider in providers:
+                results.append((case, provider, per_round[provider], errs[provider]))
                 if rank == 0:
-                    print(f"  {case.name:20s} {provider:13s} {1e3 * statistics.median(times):9.3f}"
-                          f" ms  (rel. difference {err:.1e})", flush=True)  # fmt: skip
-                del step, check
+                    med = 1e3 * statistics.median(per_round[provider])
+                    print(f"  {case.name:20s} {provider:13s} {med:9.3f} ms  "
+                          f"(rel. difference {errs[provider]:.1e})", flush=True)  # fmt: skip
+            del steps
         if rank == 0:
             torch.save({"results": results, "dist_backend": backend, "gpus": ngpu},
                        os.path.join(out_dir, "sync_results.pt"))  # fmt: skip
@@ -311,17 +319,25 @@ def run_sync(
     min_run_time: float = 0.5,
     on_row: Callable[[dict], None] | None = None,
     timeout: float = 1200.0,
+    rounds: int = ROUNDS,
 ) -> list[dict]:
-    """Times every (case, provider) with ``world`` ranks; a row per measurement."""
+    """Times every (case, provider) with ``world`` ranks, the providers of a case
+    interleaved (:mod:`.harness`); a row per measurement. ``fused-local`` differs by
+    design; any other provider that differs from the first beyond the harness's
+    tolerance is refused (:class:`~.harness.MismatchError`)."""
     import torch.multiprocessing as mp
 
-    from .timing import environment
+    from .harness import default_tolerance, start, timing_columns
 
+    if "fused" in providers:
+        from .harness import refuse_reference
+
+        refuse_reference(["fused"], device)
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(
             _worker,
             args=(world, os.path.join(tmp, "init"), device.type, dtype, batch, selected,
-                  providers, min_run_time, tmp),
+                  providers, min_run_time, tmp, rounds),
             nprocs=world, join=False, start_method="spawn",
         )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -331,16 +347,24 @@ def run_sync(
                     p.kill()
                 raise TimeoutError(f"the {world} benchmark ranks did not finish in {timeout} s")
         saved = torch.load(os.path.join(tmp, "sync_results.pt"), weights_only=False)
-    env = environment(device)
+    env = start(device)
     backend = saved["dist_backend"]
     if device.type == "cuda" and saved["gpus"] < world:
         backend += f" (simulated: {world} ranks on 1 GPU)"
-    rows, base = [], {}
+    tolerance = default_tolerance(dtype, device)
+    stats: dict[tuple[str, str], Stats] = {}
     for case, provider, times, err in saved["results"]:
-        med = statistics.median(times)
-        q = statistics.quantiles(times, n=4) if len(times) >= 4 else [med, med, med]
-        base[case.name, provider] = med
-        ref = "SyncBatchNorm" if (case.name, "SyncBatchNorm") in base else "eager"
+        stats[case.name, provider] = Stats(times, err)
+        if provider not in (providers[0], "fused-local") and not err <= tolerance:
+            raise MismatchError(
+                f"sync case {case.name!r}: provider {provider!r} differs from "
+                f"{providers[0]!r} by {err:.2e} (relative norm), over the tolerance "
+                f"{tolerance:.0e}"
+            )
+    rows = []
+    for case, provider, _times, err in saved["results"]:
+        t = stats[case.name, provider]
+        ref = "SyncBatchNorm" if (case.name, "SyncBatchNorm") in stats else "eager"
         row = {
             **env,
             "case": case.name,
@@ -350,16 +374,10 @@ def run_sync(
             "dtype": str(dtype).replace("torch.", ""),
             "mode": "train forward+backward",
             "provider": provider,
-            "median_ms": round(med * 1e3, 4),
-            "iqr_ms": round((q[2] - q[0]) * 1e3, 4),
-            "steps": len(times),
+            **timing_columns(t),
             "rel_diff": f"{err:.1e}",
-            "speedup_vs_eager": round(base[case.name, "eager"] / med, 3)
-            if (case.name, "eager") in base
-            else "",
-            "speedup_vs_baseline": round(base[case.name, ref] / med, 3)
-            if (case.name, ref) in base
-            else "",
+            **ratio_columns("speedup_vs_eager", t, stats.get((case.name, "eager"))),
+            **ratio_columns("speedup_vs_baseline", t, stats.get((case.name, ref))),
         }
         rows.append(row)
         if on_row is not None:
@@ -379,8 +397,8 @@ def summarise(rows: list[dict]) -> str:
         f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda'] or '-'}; {env['date']}; dtype {env['dtype']}; channels_last.",
         f"{env['world']} ranks over {env['dist_backend']}; a training step (forward + "
-        "backward) per measurement, the slowest rank's time, median over the steps. "
-        "Shapes are per rank.",
+        "backward) per measurement, the slowest rank's time after a barrier. "
+        "Shapes are per rank. " + TIMING_NOTE.format(rounds=env.get("rounds", ROUNDS)),
         "",
         "Providers: `SyncBatchNorm` = nn.SyncBatchNorm + ReLU (+ add) (GPU only); `eager` = "
         "the same statistics in eager torch ops summed with one differentiable all_reduce "
@@ -389,7 +407,8 @@ def summarise(rows: list[dict]) -> str:
         "",
         "Before timing, every provider's first step is compared with the first provider's "
         "(output and input gradient, same inputs and parameters, worst rank): `diff` is "
-        "‖a − b‖ / ‖b‖, the worse of the two. Elements whose pre-activation lies within "
+        "‖a − b‖ / ‖b‖, the worse of the two, leaving out the largest 0.1% of the element "
+        "differences. Elements whose pre-activation lies within "
         "rounding of zero may take the other side of the ReLU, so a few gradient elements "
         "of millions differ by a whole value (~1e-4 at 25M elements); one rank's statistics "
         "instead of the group's give 5e-2 to 2e-1 on these inputs. "
@@ -416,9 +435,9 @@ def summarise(rows: list[dict]) -> str:
         by = {r["provider"]: r for r in rows if (r["case"], r["shape"]) == key}
         cells = [*key, *[f"{by[p]['median_ms']:.3f}" if p in by else "-" for p in providers]]
         f = by.get("fused")
-        cells.append(f"{f['speedup_vs_baseline']:.2f}" if f else "-")
+        cells.append(ratio_spread(f, "speedup_vs_baseline") if f else "-")
         if "eager" in providers and baseline != "eager":
-            cells.append(f"{f['speedup_vs_eager']:.2f}" if f else "-")
+            cells.append(ratio_spread(f, "speedup_vs_eager") if f else "-")
         cells += [by[p]["rel_diff"] if p in by else "-" for p in providers[1:]]
         table.append(cells)
     lines.append(report.markdown_table(header + header_diff, table))

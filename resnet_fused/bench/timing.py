@@ -1,9 +1,11 @@
-"""Timing and machine ceilings.
+"""Machine ceilings, environment and input rotation.
 
-GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median).
-CPU: ``torch.utils.benchmark.Timer.adaptive_autorange`` (median over blocks).
-Warm-up is excluded in both. Inputs rotate through several buffers whose total exceeds
-the last-level cache, so repeated runs do not read from cache.
+The providers of a benchmark case are timed by :mod:`.harness` (interleaved rounds).
+:func:`measure` times one callable alone, for the machine's ceilings (copy bandwidth,
+matrix-product rate): ``triton.testing.do_bench`` on a GPU (CUDA events, L2 flushed
+between runs, median), ``torch.utils.benchmark.Timer.adaptive_autorange`` on a CPU
+(median over blocks); warm-up excluded. Inputs rotate through several buffers whose
+total exceeds the last-level cache, so repeated runs do not read from cache.
 """
 
 from __future__ import annotations

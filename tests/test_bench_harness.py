@@ -1,0 +1,104 @@
+"""The bench harness: interleaved rounds, per-round ratios, the check before timing,
+and the suite's verdicts (one run's rows, the default provider only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resnet_fused import backends
+from resnet_fused.bench import goals, harness
+
+CPU = torch.device("cpu")
+
+
+def test_rounds_alternate_the_providers_and_rotate_their_order():
+    order = []
+
+    def timer(step, calls):
+        order.append(step())
+        return 1.0
+
+    steps = {"eager": lambda: "eager", "a": lambda: "a", "b": lambda: "b"}
+    per_round = harness.interleave(steps, CPU, min_run_time=1.0, rounds=3, timer=timer)
+    timed = order[2 * len(steps) :]  # after two estimate calls per provider
+    assert timed == ["eager", "a", "b", "a", "b", "eager", "b", "eager", "a"]
+    assert {k: len(v) for k, v in per_round.items()} == {"eager": 3, "a": 3, "b": 3}
+
+
+def test_drift_does_not_become_a_ratio():
+    """Two providers of equal cost on a machine that slows down steadily: timed one
+    after the other the second would look slower by the drift; interleaved, every
+    per-round ratio stays near 1 and their spread is reported."""
+    clock = {"t": 0}
+
+    def timer(step, calls):  # each block costs 1 unit, times the machine's slowdown
+        clock["t"] += 1
+        return 1.0 + 0.05 * clock["t"]
+
+    stats = harness.measure_case(
+        {"eager": lambda: torch.ones(3), "fused": lambda: torch.ones(3)}, CPU, 1.0,
+        baseline="eager", rounds=9, timer=timer,
+    )  # fmt: skip
+    med, lo, hi = stats["fused"].ratio(stats["eager"])
+    assert 0.95 < lo <= med <= hi < 1.06, (lo, med, hi)
+    cols = harness.ratio_columns("speedup_vs_eager", stats["fused"], stats["eager"])
+    assert cols["speedup_vs_eager_min"] <= cols["speedup_vs_eager"] <= cols["speedup_vs_eager_max"]
+
+
+def test_a_provider_computing_something_else_is_refused_before_timing():
+    timed = []
+
+    def timer(step, calls):
+        timed.append(step)
+        return 1.0
+
+    steps = {"eager": lambda: torch.ones(4), "fused": lambda: torch.ones(4) * 1.5,
+             "conv": lambda: torch.zeros(4)}  # fmt: skip
+    with pytest.raises(harness.MismatchError, match="'fused' differs from 'eager'"):
+        harness.measure_case(steps, CPU, 1.0, baseline="eager", unchecked=("conv",),
+                             timer=timer)  # fmt: skip
+    assert not timed
+    steps["fused"] = lambda: torch.ones(4) * (1 + 1e-5)
+    stats = harness.measure_case(steps, CPU, 1.0, baseline="eager", unchecked=("conv",),
+                                 timer=timer, rounds=3)  # fmt: skip
+    assert stats["conv"].rel_diff is None and 0 < stats["fused"].rel_diff < 1e-4
+
+
+def _op_rows(provider_ms: dict[str, float], dtype="float32", batch_shape="8x256x56x56"):
+    rows = []
+    for p, ms in provider_ms.items():
+        ratio = provider_ms["eager"] / ms
+        rows.append({"device": "x", "op": "bn_add_relu", "shape": batch_shape, "dtype": dtype,
+                     "layout": "channels_last", "mode": "train forward+backward",
+                     "provider": p, "median_ms": ms, "speedup_vs_eager": round(ratio, 3),
+                     "speedup_vs_eager_min": round(ratio, 3),
+                     "speedup_vs_eager_max": round(ratio, 3)})  # fmt: skip
+    return rows
+
+
+def _verdict(text: str, measure: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if measure in ln)
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_suite_verdict_comes_from_the_default_provider_of_this_run(monkeypatch):
+    monkeypatch.setattr(backends, "auto_backend", lambda device: ("cpu", None))
+    measure = "BN+add+ReLU train forward+backward"  # goal 1.5x
+    # triton (not what auto runs) would meet the goal; cpu (auto's backend) does not.
+    rows = _op_rows({"eager": 3.0, "cpu": 2.5, "triton": 1.5})
+    cells = _verdict(goals.report({"op": rows}, "t", CPU), measure)
+    assert cells[3:] == ["1.20×", "cpu", "1", "missed"], cells
+
+
+def test_suite_verdict_never_pairs_rows_of_different_cases(monkeypatch):
+    """An fp32 eager row and a bf16 fused row (or another batch) are different cases."""
+    monkeypatch.setattr(backends, "auto_backend", lambda device: ("cpu", None))
+    measure = "BN+add+ReLU train forward+backward"
+    rows = [r for r in _op_rows({"eager": 3.0, "cpu": 1.0}) if r["provider"] == "eager"]
+    rows += [r for r in _op_rows({"eager": 9.0, "cpu": 1.0}, dtype="bfloat16")
+             if r["provider"] == "cpu"]  # fmt: skip
+    rows += [r for r in _op_rows({"eager": 9.0, "cpu": 1.0}, batch_shape="2x256x56x56")
+             if r["provider"] == "cpu"]  # fmt: skip
+    cells = _verdict(goals.report({"op": rows}, "t", CPU), measure)
+    assert cells[3:] == ["-", "cpu", "0", "not measured"], cells

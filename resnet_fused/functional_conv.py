@@ -23,6 +23,8 @@ On CUDA, ``backend="auto"`` times the Triton and the cuDNN path once per layer s
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -335,12 +337,59 @@ def _check_batch_size(y_or_shape) -> None:
 
 # --- backend choice for "auto" on CUDA ----------------------------------------------------
 
-_AUTO_CHOICES: dict[tuple, str] = {}
+
+class _AutoChoices:
+    """The per-layer picks of ``backend="auto"``: a bounded LRU map (key -> backend),
+    safe to use from several threads. Timing happens outside the lock; two threads that
+    time the same new key at once both store the same kind of answer."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = capacity
+        self._picks: OrderedDict[tuple, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> str | None:
+        with self._lock:
+            choice = self._picks.get(key)
+            if choice is not None:
+                self._picks.move_to_end(key)
+            return choice
+
+    def put(self, key: tuple, choice: str) -> None:
+        with self._lock:
+            self._picks[key] = choice
+            self._picks.move_to_end(key)
+            while len(self._picks) > self.capacity:
+                self._picks.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._picks.clear()
+
+    def snapshot(self) -> dict[tuple, str]:
+        with self._lock:
+            return dict(self._picks)
+
+    def __len__(self) -> int:
+        return len(self._picks)
 
 
-def _auto_key(x, w, geometry, training, residual, relu) -> tuple:
+_AUTO_CHOICES = _AutoChoices()
+
+
+def _batch_bucket(n: int) -> int:
+    """Batch sizes share a pick within a power of two (a last, smaller batch of an epoch
+    does not time the layer again)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _auto_key(x, w, geometry, training, residual, relu, conv_bias=None) -> tuple:
+    """What a layer's timing depends on: shapes (batch bucketed), dtype, layout,
+    geometry, mode, epilogue, conv bias, TF32 mode (fp32 convolutions on cuDNN and
+    Triton follow ``torch.backends.cudnn.allow_tf32``) and device."""
     return (
-        tuple(x.shape),
+        _batch_bucket(x.shape[0]),
+        tuple(x.shape[1:]),
         x.dtype,
         _conv_format(x),
         tuple(w.shape),
@@ -348,30 +397,47 @@ def _auto_key(x, w, geometry, training, residual, relu) -> tuple:
         training,
         residual is not None,
         relu,
+        conv_bias is not None,
+        bool(torch.backends.cudnn.allow_tf32) if x.dtype == torch.float32 else None,
         x.device,
     )
 
 
-def _measure(fn, repeats: int = 5) -> float:
-    fn()  # warm-up: compiles and autotunes
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+def _measure(fn, device: torch.device, repeats: int = 5) -> float:
+    """Median time of ``fn`` in ms, with events recorded on ``device``'s current stream."""
+    with torch.cuda.device(device):
+        fn()  # warm-up: compiles and autotunes
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
 
 
 def auto_choices() -> dict[tuple, str]:
     """The per-shape picks ``backend="auto"`` made so far on CUDA (key -> backend)."""
-    return dict(_AUTO_CHOICES)
+    return _AUTO_CHOICES.snapshot()
 
 
-def _resolve_conv_backend(backend, x, w, geometry, training, residual, relu, run) -> str:
+def _choose(key: tuple, candidates, time_one) -> str:
+    """The cached pick for ``key``, else the fastest candidate by ``time_one(c)``."""
+    choice = _AUTO_CHOICES.get(key)
+    if choice is None:
+        times = {c: time_one(c) for c in candidates}
+        choice = min(times, key=times.get)
+        _AUTO_CHOICES.put(key, choice)
+    return choice
+
+
+def _resolve_conv_backend(
+    backend, x, w, geometry, training, residual, relu, run, conv_bias=None
+) -> str:
     """Like resolve_backend, but on CUDA "auto" times the cuDNN ("cuda") and Triton paths
     for this layer once and keeps the faster (override: RESNET_FUSED_CONV_BACKEND)."""
     impl = resolve_backend(backend, x.device)
@@ -383,14 +449,13 @@ def _resolve_conv_backend(backend, x, w, geometry, training, residual, relu, run
     candidates = [c for c in ("cuda", "triton") if unavailable_reason(c, x.device) is None]
     if len(candidates) < 2 or torch.compiler.is_compiling():
         return impl
-    key = _auto_key(x, w, geometry, training, residual, relu)
-    choice = _AUTO_CHOICES.get(key)
-    if choice is None:
+    key = _auto_key(x, w, geometry, training, residual, relu, conv_bias)
+
+    def time_one(c):
         with torch.no_grad():
-            times = {c: _measure(lambda c=c: run(c)) for c in candidates}
-        choice = min(times, key=times.get)
-        _AUTO_CHOICES[key] = choice
-    return choice
+            return _measure(lambda: run(c), x.device)
+
+    return _choose(key, candidates, time_one)
 
 
 # --- public function ------------------------------------------------------------------------
@@ -498,7 +563,7 @@ def conv_bn_act(
 
         impl = _resolve_conv_backend(
             backend, input, conv_weight, geometry, True, residual, relu,
-            lambda c: run(c, trial=True),
+            lambda c: run(c, trial=True), conv_bias,
         )  # fmt: skip
         return run(impl)
 
@@ -517,8 +582,21 @@ def conv_bn_act(
             )
         return _ConvBiasAct.apply(input, w_f, b_f, residual, geometry, relu, impl, packed)
 
+    def trial(impl):
+        # Time what the real call runs: with the packed weight it will be given (a
+        # module's cached fold), packing once here for a trial that has none.
+        nonlocal w_packed
+        if (
+            impl == "triton"
+            and w_packed is None
+            and groups == 1
+            and w_f.dtype in _TRITON_CONV_DTYPES
+        ):
+            w_packed = _triton_pack(w_f)
+        return run_eval(impl, w_packed if impl == "triton" else None)
+
     impl = _resolve_conv_backend(
-        backend, input, conv_weight, geometry, False, residual, relu, lambda c: run_eval(c)
+        backend, input, conv_weight, geometry, False, residual, relu, trial, conv_bias
     )
     return run_eval(impl, w_packed if impl == "triton" else None)
 

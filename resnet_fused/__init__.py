@@ -15,12 +15,18 @@ Backends: ``"auto"``, ``"torch"`` (reference), ``"cpu"`` (C++), ``"cuda"`` (C++/
 
 from __future__ import annotations
 
-from . import _extension, ops  # noqa: F401  (registers the ops and their fake kernels)
-from .backends import BACKENDS, BackendUnavailableError, is_available, resolve_backend
-from .functional import add_relu, add_relu_, batch_norm_act
-from .functional_conv import conv_bn_act, fold_conv_bn
-from .info import info
-from .modules import FusedBatchNormAct2d, FusedConvBNReLU2d
+import torch as _torch
+
+from ._compat import check_torch_version as _check_torch_version
+
+_check_torch_version(_torch.__version__)
+
+from . import _extension, ops  # noqa: E402, F401  (registers the ops and their fake kernels)
+from .backends import BACKENDS, BackendUnavailableError, is_available, resolve_backend  # noqa: E402
+from .functional import add_relu, add_relu_, batch_norm_act  # noqa: E402
+from .functional_conv import conv_bn_act, fold_conv_bn  # noqa: E402
+from .info import info  # noqa: E402
+from .modules import FusedBatchNormAct2d, FusedConvBNReLU2d  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
+from ._compat import compose_reference_under_compile
 from ._layout import stats_dtype
 from ._validation import (
     check_bn_input,
@@ -296,6 +297,11 @@ def batch_norm_act(
     from .distributed import sync_group, synchronise
 
     group = sync_group(process_group, sync and training)
+    if group is None and compose_reference_under_compile(impl, input, weight, bias, residual):
+        return reference.batch_norm_act(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            residual=residual, relu=relu,
+        )  # fmt: skip
     sync_info = None
     if group is not None:
         mean, var, sync_info = synchronise(

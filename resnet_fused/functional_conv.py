@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import conv_ops, ops, reference
+from ._compat import compose_reference_under_compile
 from ._layout import stats_dtype
 from ._validation import (
     check_bn_input,
@@ -526,6 +527,16 @@ def conv_bn_act(
     )  # fmt: skip
     geometry = (stride, padding, dilation, groups)
     batch_stats = training or running_mean is None
+    tensors = (input, conv_weight, conv_bias, bn_weight, bn_bias, residual)
+    if not (sync_bn and training) and compose_reference_under_compile(
+        resolve_backend(backend, input.device), *tensors
+    ):
+        return reference.conv_bn_act(
+            input, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+            conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
+            groups=groups, training=training, momentum=momentum, eps=eps, residual=residual,
+            relu=relu,
+        )  # fmt: skip
 
     if batch_stats:
         p, q = conv_ops.conv_output_hw(

@@ -358,17 +358,9 @@ def test_opcheck_triton_conv_ops(backend):
     torch.library.opcheck(lib.conv_bn_stats_triton.default, (x, wp, *geo, None, None, 0.1))
 
 
-TORCH_BEFORE_2_14 = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
-
-
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("training", [True, False])
 def test_compile_fullgraph(backend, training):
-    if backend == "torch" and TORCH_BEFORE_2_14:
-        pytest.skip(
-            "torch < 2.14: aot_eager returned all-zero gradients for the pure-PyTorch "
-            "backend's autograd.Function (seen on torch 2.11, not on 2.14)"
-        )
     device = backend_device(backend)
     compiler = "inductor" if backend in ("cpu", "cuda") else "aot_eager"
 
@@ -396,6 +388,14 @@ def test_compile_fullgraph(backend, training):
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-4, msg=f"grad {name}")
     torch.testing.assert_close(rm_c, rm_e)
     torch.testing.assert_close(rv_c, rv_e)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_compile_fullgraph_torch_backend_on_old_torch(training, monkeypatch):
+    """The path torch < 2.14 takes under compile for the "torch" backend (the reference
+    composition) gives eager's outputs, gradients and running statistics."""
+    monkeypatch.setattr(resnet_fused._compat, "OLD_COMPILED_AUTOGRAD", True)
+    test_compile_fullgraph("torch", training)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="TF32 is a CUDA mode")

@@ -349,3 +349,20 @@ def test_eval_model_from_several_threads():
             fused.layer1[0].conv1.weight.mul_(1.5)
             fused.layer2[0].conv2.weight = nn.Parameter(fused.layer2[0].conv2.weight * -1)
             model_bn.running_var.mul_(2.0)
+
+
+def test_supported_torch_versions_are_stated_and_older_ones_refused():
+    from resnet_fused import _compat
+
+    for ok in ("2.11.0", "2.14.1+cu130", "2.15.0.dev20270101", "3.0.0"):
+        _compat.check_torch_version(ok)
+    for old in ("2.6.0", "2.10.1+cpu"):
+        with pytest.raises(ImportError, match=r"needs torch >= 2\.11.*found torch " + old[:4]):
+            _compat.check_torch_version(old)
+    from pathlib import Path
+
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "torch>=2.11" in project["project"]["dependencies"]
+    assert "torch>=2.11" in project["build-system"]["requires"]

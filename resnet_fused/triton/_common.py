@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -42,3 +45,29 @@ def elementwise_grid(n: int, block: int) -> tuple[int]:
 def elementwise_block() -> int:
     # The interpreter pays per program, so give it big blocks.
     return 16384 if INTERPRETED else 2048
+
+
+# ---------------------------------------------------------------------------------------
+# Device guard: a Triton launch goes to the current CUDA device's current stream, so every
+# launcher runs with its input's device made current (a no-op for CPU tensors, which only
+# the interpreter runs).
+# ---------------------------------------------------------------------------------------
+def device_guard(device: torch.device):
+    """Context that makes ``device`` the current CUDA device (nothing for other devices)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_input_device(launcher):
+    """Run ``launcher`` under :func:`device_guard` of its first argument's device (the
+    input every other tensor argument must share a device with)."""
+
+    @functools.wraps(launcher)
+    def guarded(first, *args, **kwargs):
+        if not isinstance(first, torch.Tensor):
+            return launcher(first, *args, **kwargs)
+        with device_guard(first.device):
+            return launcher(first, *args, **kwargs)
+
+    return guarded

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._geometry import conv_output_hw, pair
 from ._common import INTERPRETED
 
 # Rows per stats tile of the partial statistics (tuned BLOCK_M must be a multiple in stats
@@ -330,13 +331,6 @@ def num_stats_tiles(M: int) -> int:
     return triton.cdiv(M, STATS_ROWS) if M > 0 else 0
 
 
-def output_size(
-    H: int, W: int, kernel_size: tuple, stride: tuple, padding: tuple, dilation: tuple
-) -> tuple[int, int]:
-    (R, S), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    return (H + 2 * ph - dh * (R - 1) - 1) // sh + 1, (W + 2 * pw - dw * (S - 1) - 1) // sw + 1
-
-
 @functools.lru_cache(maxsize=8)
 def _parse_config(spec: str) -> tuple[int, int, int, int, int]:
     try:
@@ -358,15 +352,6 @@ def _pinned_config() -> tuple[int, int, int, int, int] | None:
     if spec:
         return _parse_config(spec)
     return _INTERPRET_CONFIG if INTERPRETED else None
-
-
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) for i in t):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -400,18 +385,10 @@ def conv2d(
         raise ValueError(f"x must be a 4-D [N, Cin, H, W] tensor, got {shape}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"x: dtype {x.dtype} not supported (float16, bfloat16, float32)")
-    R, S = _pair(kernel_size, "kernel_size")
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
-    if R < 1 or S < 1:
-        raise ValueError(f"kernel_size must be positive, got {(R, S)}")
-    if sh < 1 or sw < 1:
-        raise ValueError(f"stride must be positive, got {(sh, sw)}")
-    if ph < 0 or pw < 0:
-        raise ValueError(f"padding must be non-negative, got {(ph, pw)}")
-    if dh < 1 or dw < 1:
-        raise ValueError(f"dilation must be positive, got {(dh, dw)}")
+    R, S = pair(kernel_size, "kernel_size", 1)
+    sh, sw = pair(stride, "stride", 1)
+    ph, pw = pair(padding, "padding", 0)
+    dh, dw = pair(dilation, "dilation", 1)
     N, Cin, H, W = x.shape
     if w_packed.dim() != 2 or w_packed.shape[0] != R * S * Cin:
         raise ValueError(
@@ -423,7 +400,7 @@ def conv2d(
     if w_packed.device != x.device:
         raise ValueError(f"w_packed is on {w_packed.device}, x on {x.device}")
     Cout = w_packed.shape[1]
-    P, Q = output_size(H, W, (R, S), (sh, sw), (ph, pw), (dh, dw))
+    P, Q = conv_output_hw(H, W, (R, S), (sh, sw), (ph, pw), (dh, dw))
     if P < 1 or Q < 1:
         raise ValueError(
             f"output size {(P, Q)} is not positive for input {(H, W)}, kernel_size {(R, S)}, "

@@ -54,17 +54,18 @@ def _pivot(x_ptr, ch, cmask, pivot_stride, ACC: tl.constexpr):
 
 @triton.jit
 def _stats_partial_kernel(
-    x_ptr, part_ptr, C, HW, R, n_col_tiles, n_tiles, tiles_per_prog, pivot_stride,
+    x_ptr, cnt_ptr, part_ptr, C, HW, R, n_col_tiles, n_tiles, tiles_per_prog, pivot_stride,
     BR: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, CL: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
-    """(count, mean - pivot, M2, sum) of a run of tiles -> part[0..3, split, channel]."""
+    """count -> cnt[split, channel] (int64); (mean - pivot, M2, sum) of a run of tiles ->
+    part[0..2, split, channel]."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
     ch, cmask = _channels(pid_c, C, BC)
     piv = _bc(_pivot(x_ptr, ch, cmask, pivot_stride, ACC))
-    cnt = tl.zeros([BC], ACC)
+    cnt = tl.zeros([BC], tl.int64)  # exact beyond 2^24
     mean = tl.zeros([BC], ACC)
     m2 = tl.zeros([BC], ACC)
     acc_x = tl.zeros([BR, BC, BK], ACC)  # plain per-lane sums, for the mean of small |mean|
@@ -85,33 +86,34 @@ def _stats_partial_kernel(
         s2 = _chan_sum(d * d, BR, BC)
         m2_b = tl.maximum(s2 - s1 * (s1 / nb), 0.0)
         # Chan merge of (cnt, mean, m2) with (nb, mean_b, m2_b); nb > 0.
-        n = cnt + nb
+        n = cnt + count
         delta = mean_b - mean
-        frac = nb / n
+        frac = nb / n.to(ACC)
         mean = mean + delta * frac
-        m2 = m2 + m2_b + delta * delta * cnt * frac
+        m2 = m2 + m2_b + delta * delta * cnt.to(ACC) * frac
         cnt = n
     base = part_ptr + pid_s * C + ch
     plane = n_splits * C
-    tl.store(base, cnt, mask=cmask)
-    tl.store(base + plane, mean, mask=cmask)
-    tl.store(base + 2 * plane, m2, mask=cmask)
-    tl.store(base + 3 * plane, _chan_sum(acc_x, BR, BC), mask=cmask)
+    tl.store(cnt_ptr + pid_s * C + ch, cnt, mask=cmask)
+    tl.store(base, mean, mask=cmask)
+    tl.store(base + plane, m2, mask=cmask)
+    tl.store(base + 2 * plane, _chan_sum(acc_x, BR, BC), mask=cmask)
 
 
 @triton.jit
 def _stats_finalize_kernel(
-    part_ptr, x_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, C, S, pivot_stride, rm_stride,
+    cnt_ptr, part_ptr, x_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, C, S, pivot_stride, rm_stride,
     rv_stride, keep_hi, keep_lo, mom_hi, mom_lo, momv_hi, momv_lo,
     HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Merge the S partials of each channel in split order (blocks of BLOCK_S partials
     combined exactly around their first mean, then Chan-merged), write mean and biased
-    var, update the running statistics in place in their own dtype."""
+    var, update the running statistics in place in their own dtype. Counts are int64
+    (cnt[S, C]); part[3, S, C] holds (mean - pivot, M2, sum)."""
     ch, cmask = _channels(tl.program_id(0), C, BLOCK_C)
     piv = _pivot(x_ptr, ch, cmask, pivot_stride, ACC)
-    cnt = tl.zeros([BLOCK_C], ACC)
+    cnt = tl.zeros([BLOCK_C], tl.int64)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     acc_x = tl.zeros([BLOCK_S, BLOCK_C], ACC)
@@ -120,25 +122,27 @@ def _stats_finalize_kernel(
         srow = s0 + tl.arange(0, BLOCK_S)
         pm = (srow < S)[:, None] & cmask[None, :]
         offs = srow[:, None] * C + ch[None, :]
-        n_t = tl.load(part_ptr + offs, mask=pm, other=0.0)
-        mean_t = tl.load(part_ptr + plane + offs, mask=pm, other=0.0)
-        m2_t = tl.load(part_ptr + 2 * plane + offs, mask=pm, other=0.0)
-        acc_x += tl.load(part_ptr + 3 * plane + offs, mask=pm, other=0.0)
-        shift = tl.load(part_ptr + plane + s0 * C + ch, mask=cmask, other=0.0)
-        nb = tl.sum(n_t, axis=0)
-        nb_safe = tl.where(nb > 0, nb, 1.0)
+        n_i = tl.load(cnt_ptr + offs, mask=pm, other=0)
+        n_t = n_i.to(ACC)
+        mean_t = tl.load(part_ptr + offs, mask=pm, other=0.0)
+        m2_t = tl.load(part_ptr + plane + offs, mask=pm, other=0.0)
+        acc_x += tl.load(part_ptr + 2 * plane + offs, mask=pm, other=0.0)
+        shift = tl.load(part_ptr + s0 * C + ch, mask=cmask, other=0.0)
+        nb_i = tl.sum(n_i, axis=0)
+        nb = nb_i.to(ACC)
+        nb_safe = tl.where(nb_i > 0, nb, 1.0)
         dm = tl.where(pm, mean_t - shift[None, :], 0.0)
         mean_b = shift + tl.sum(n_t * dm, axis=0) / nb_safe
         dev = tl.where(pm, mean_t - mean_b[None, :], 0.0)
         m2_b = tl.sum(m2_t, axis=0) + tl.sum(n_t * dev * dev, axis=0)
-        n = cnt + nb
-        n_safe = tl.where(n > 0, n, 1.0)
+        n = cnt + nb_i
+        n_safe = tl.where(n > 0, n.to(ACC), 1.0)
         delta = mean_b - mean
         frac = nb / n_safe
         mean = mean + delta * frac
-        m2 = m2 + m2_b + delta * delta * cnt * frac
+        m2 = m2 + m2_b + delta * delta * cnt.to(ACC) * frac
         cnt = n
-    cnt_safe = tl.where(cnt > 0, cnt, 1.0)
+    cnt_safe = tl.where(cnt > 0, cnt.to(ACC), 1.0)
     var = m2 / cnt_safe
     # The mean from whichever of (pivot + mean - pivot) and the plain sum has the smaller
     # magnitude, i.e. the finer fp32 grid: the pivot wins when |mean| >> std, the plain
@@ -186,15 +190,14 @@ def bn_stats(
     fmt = bn_memory_format(input)
     x = _in_fmt(input, fmt)
     p = _plan_for(x, fmt, stats=True)
-    part = torch.empty((4, p.splits, C), dtype=acc, device=input.device)
+    counts = torch.empty((p.splits, C), dtype=torch.int64, device=input.device)
+    part = torch.empty((3, p.splits, C), dtype=acc, device=input.device)
     pivot_stride = 1 if p.cl else p.HW
     _stats_partial_kernel[p.grid](
-        x, part, *p.args(), pivot_stride, ACC=compute_dtype(input.dtype), **p.meta()
+        x, counts, part, *p.args(), pivot_stride, ACC=compute_dtype(input.dtype), **p.meta()
     )
 
-    return merge_partials(
-        part[0].to(torch.int64), part[1:], x, pivot_stride, m, running_mean, running_var, momentum
-    )
+    return merge_partials(counts, part, x, pivot_stride, m, running_mean, running_var, momentum)
 
 
 def merge_partials(
@@ -215,12 +218,11 @@ def merge_partials(
     dev = part.device
     mean = torch.empty(C, dtype=acc, device=dev)
     var = torch.empty(C, dtype=acc, device=dev)
-    part = torch.cat([counts.to(acc)[None], part]).contiguous()
     var_factor = momentum * m / (m - 1) if m > 1 else float("nan")
     keep, mom, momv = (_split_float(v) for v in (1 - momentum, momentum, var_factor))
     block_s, block_c = _finalize_blocks(S, C)
     _stats_finalize_kernel[(triton.cdiv(C, block_c),)](
-        part, x, mean, var,
+        counts, part, x, mean, var,
         running_mean if running_mean is not None else mean,
         running_var if running_var is not None else var,
         C, S, pivot_stride,

@@ -251,20 +251,22 @@ _conv_tuned_fp32 = triton.autotune(
 # ---------------------------------------------------------------------------------------
 @triton.jit
 def _stats_merge_kernel(
-    in_ptr, piv_ptr, out_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr,
+    in_ptr, cnt_in_ptr, piv_ptr, out_ptr, cnt_out_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr,
     T, C, tiles_per_prog, momentum, rm_stride, rv_stride,
     IN_REL: tl.constexpr, FINAL: tl.constexpr, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
     RACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Merge tiles [t0, t1) of in[3, T, C] (count, mean, M2) per channel, in tile order.
-    Means are taken relative to piv[c] (IN_REL: they already are). FINAL: write mean,
-    biased var, update running stats; else write (count, mean - piv, M2) to out[3, S, C]
-    at split program_id(1)."""
+    Means are taken relative to piv[c] (IN_REL: they already are, and the counts come from
+    cnt_in[T, C] int64 instead of in's count plane). Counts are summed as int64, exact
+    beyond 2^24. FINAL: write mean, biased var, update running stats; else write
+    (count, mean - piv, M2) to cnt_out[S, C] (int64) and out[1:3, S, C] at split
+    program_id(1)."""
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = ch < C
     pid_s = tl.program_id(1)
     piv = tl.load(piv_ptr + ch, mask=cmask, other=0.0)
-    cnt = tl.zeros([BLOCK_C], tl.float32)
+    cnt = tl.zeros([BLOCK_C], tl.int64)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
     plane = (T + tl.zeros([], tl.int64)) * C  # int64 (T may be the constexpr 1)
@@ -274,15 +276,19 @@ def _stats_merge_kernel(
         t = tb + tl.arange(0, BLOCK_T)
         pm = (t < t1)[:, None] & cmask[None, :]
         offs = t.to(tl.int64)[:, None] * C + ch[None, :]
-        n_t = tl.load(in_ptr + offs, mask=pm, other=0.0)
+        if IN_REL:
+            n_i = tl.load(cnt_in_ptr + offs, mask=pm, other=0)
+        else:  # per-tile counts (<= STATS_ROWS) are exact in fp32
+            n_i = tl.load(in_ptr + offs, mask=pm, other=0.0).to(tl.int64)
+        n_t = n_i.to(tl.float32)
         mu = tl.load(in_ptr + plane + offs, mask=pm, other=0.0)
         m2_t = tl.load(in_ptr + 2 * plane + offs, mask=pm, other=0.0)
         if not IN_REL:
             mu = mu - piv[None, :]
         mu = tl.where(pm, mu, 0.0)
         # The block, exactly in registers: mean, deviations, corrected mean and M2.
-        nb = tl.sum(n_t, axis=0)
-        nb_safe = tl.where(nb > 0, nb, 1.0)
+        nb_i = tl.sum(n_i, axis=0)
+        nb_safe = tl.where(nb_i > 0, nb_i.to(tl.float32), 1.0)
         mb = tl.sum(n_t * mu, axis=0) / nb_safe
         e = tl.where(pm, mu - mb[None, :], 0.0)
         corr = tl.sum(n_t * e, axis=0)
@@ -290,14 +296,14 @@ def _stats_merge_kernel(
         m2b = tl.sum(m2_t, axis=0) + between
         mb = mb + corr / nb_safe
         # Chan merge of (cnt, mean, m2) with (nb, mb, m2b).
-        n = cnt + nb
-        frac = nb / tl.where(n > 0, n, 1.0)
+        n = cnt + nb_i
+        frac = nb_i.to(tl.float32) / tl.where(n > 0, n.to(tl.float32), 1.0)
         delta = mb - mean
         mean = mean + delta * frac
-        m2 = m2 + m2b + delta * delta * cnt * frac
+        m2 = m2 + m2b + delta * delta * cnt.to(tl.float32) * frac
         cnt = n
     if FINAL:
-        cnt_safe = tl.where(cnt > 0, cnt, 1.0)
+        cnt_safe = tl.where(cnt > 0, cnt.to(tl.float32), 1.0)
         var = m2 / cnt_safe
         mean_abs = piv + mean
         tl.store(mean_ptr + ch, mean_abs, mask=cmask)
@@ -312,13 +318,14 @@ def _stats_merge_kernel(
         if HAS_RV:
             pr = rv_ptr + ch.to(tl.int64) * rv_stride
             rv = tl.load(pr, mask=cmask, other=0.0).to(RACC)
-            unbiased = var.to(RACC) * cnt.to(RACC) / (cnt.to(RACC) - 1.0)
+            n64 = cnt.to(tl.float64)  # exact: m/(m - 1) is 1 in fp32 beyond 2^24
+            unbiased = var.to(RACC) * (n64 / (n64 - 1.0)).to(RACC)
             new = keep * rv + mom * unbiased
             tl.store(pr, new.to(rv_ptr.dtype.element_ty), mask=cmask)
     else:
         base = out_ptr + pid_s * C + ch
         S = tl.num_programs(1)
-        tl.store(base, cnt, mask=cmask)
+        tl.store(cnt_out_ptr + pid_s * C + ch, cnt, mask=cmask)
         tl.store(base + S * C, mean, mask=cmask)
         tl.store(base + 2 * S * C, m2, mask=cmask)
 
@@ -514,20 +521,22 @@ def finalize_stats(
             racc = tl.float64
     common = dict(BLOCK_C=block_c, num_warps=4)
     src, src_T, in_rel = part, T, False
+    src_cnt = torch.empty((1, C), dtype=torch.int64, device=dev)  # unused unless IN_REL
     if T > _MERGE_TILES_PER_PROG:
         splits = triton.cdiv(T, _MERGE_TILES_PER_PROG)
         inter = torch.empty((3, splits, C), dtype=torch.float32, device=dev)
+        inter_cnt = torch.empty((splits, C), dtype=torch.int64, device=dev)
         _stats_merge_kernel[(n_cblk, splits)](
-            part, piv, inter, mean, var, mean, var, T, C, _MERGE_TILES_PER_PROG, 0.0, 1, 1,
+            part, inter_cnt, piv, inter, inter_cnt, mean, var, mean, var, T, C, _MERGE_TILES_PER_PROG, 0.0, 1, 1,
             IN_REL=False, FINAL=False, HAS_RM=False, HAS_RV=False, RACC=tl.float32,
             BLOCK_T=min(triton.next_power_of_2(_MERGE_TILES_PER_PROG), _MERGE_BLOCK_T),
             **common,
         )  # fmt: skip
-        src, src_T, in_rel = inter, splits, True
+        src, src_cnt, src_T, in_rel = inter, inter_cnt, splits, True
     rm = running_mean if running_mean is not None else mean
     rv = running_var if running_var is not None else var
     _stats_merge_kernel[(n_cblk, 1)](
-        src, piv, src, mean, var, rm, rv, src_T, C, src_T, float(momentum),
+        src, src_cnt, piv, src, src_cnt, mean, var, rm, rv, src_T, C, src_T, float(momentum),
         rm.stride(0), rv.stride(0),
         IN_REL=in_rel, FINAL=True, HAS_RM=running_mean is not None,
         HAS_RV=running_var is not None, RACC=racc,

@@ -15,7 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import compute_dtype, elementwise_block, elementwise_grid, in_layout_of, is_dense
+from ._common import (
+    compute_dtype,
+    elementwise_block,
+    elementwise_grid,
+    in_layout_of,
+    is_dense,
+    on_input_device,
+)
 
 
 @triton.jit
@@ -49,12 +56,14 @@ def _launch_add_relu(x: torch.Tensor, r: torch.Tensor, out: torch.Tensor) -> Non
     )
 
 
+@on_input_device
 def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     _launch_add_relu(in_layout_of(x, out), in_layout_of(residual, out), out)
     return out
 
 
+@on_input_device
 def add_relu_(x: torch.Tensor, residual: torch.Tensor) -> None:
     if not is_dense(x):  # compute out of place, then copy back
         x.copy_(add_relu(x, residual))
@@ -62,6 +71,7 @@ def add_relu_(x: torch.Tensor, residual: torch.Tensor) -> None:
     _launch_add_relu(x, in_layout_of(residual, x), x)
 
 
+@on_input_device
 def relu_backward(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     grad_in = torch.empty_like(out)
     n = grad_in.numel()

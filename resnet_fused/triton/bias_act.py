@@ -17,7 +17,7 @@ import triton.language as tl
 from .._layout import bn_memory_format, stats_dtype
 from .._validation import check_bn_input, check_like, check_optional_per_channel
 from ._bn_tiles import _bc, _chan, _channels, _empty_bn, _in_fmt, _load_chan, _plan_for, _tile
-from ._common import compute_dtype
+from ._common import compute_dtype, on_input_device
 
 
 @triton.jit
@@ -75,6 +75,7 @@ def _launch_bias_act(
     )  # fmt: skip
 
 
+@on_input_device
 def bias_act(
     input: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, relu: bool
 ) -> torch.Tensor:
@@ -86,6 +87,7 @@ def bias_act(
     return out
 
 
+@on_input_device
 def bias_act_(
     input: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, relu: bool
 ) -> None:

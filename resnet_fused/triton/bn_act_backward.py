@@ -38,7 +38,7 @@ from ._bn_tiles import (
     _split_float,
     _tile,
 )
-from ._common import compute_dtype
+from ._common import compute_dtype, on_input_device
 
 
 @triton.jit
@@ -130,6 +130,7 @@ def _backward_elemt_kernel(
         tl.store(gi_ptr + offs, (g * scale).to(gi_ptr.dtype.element_ty), mask=mask)
 
 
+@on_input_device
 def bn_act_backward_reduce(
     grad_out: torch.Tensor,
     input: torch.Tensor,
@@ -180,6 +181,7 @@ def bn_act_backward_reduce(
     return sum_dy, sum_dy_xhat, masked
 
 
+@on_input_device
 def bn_act_backward_elemt(
     grad: torch.Tensor,
     input: torch.Tensor,

@@ -27,7 +27,7 @@ from ._bn_tiles import (
     _split_float,
     _tile,
 )
-from ._common import compute_dtype
+from ._common import compute_dtype, on_input_device
 
 
 @triton.jit
@@ -55,6 +55,7 @@ def _forward_kernel(
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@on_input_device
 def bn_act_forward(
     input: torch.Tensor,
     mean: torch.Tensor,

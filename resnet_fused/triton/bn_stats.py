@@ -41,7 +41,7 @@ from ._bn_tiles import (
     _split_float,
     _tile,
 )
-from ._common import compute_dtype
+from ._common import compute_dtype, on_input_device
 
 
 @triton.jit
@@ -164,6 +164,7 @@ def _stats_finalize_kernel(
         tl.store(p, new.to(rv_ptr.dtype.element_ty), mask=cmask)
 
 
+@on_input_device
 def bn_stats(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -200,6 +201,7 @@ def bn_stats(
     return merge_partials(counts, part, x, pivot_stride, m, running_mean, running_var, momentum)
 
 
+@on_input_device
 def merge_partials(
     counts: torch.Tensor,
     part: torch.Tensor,

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .._geometry import conv_output_hw, pair
-from ._common import INTERPRETED
+from ._common import INTERPRETED, on_input_device
 
 # Rows per stats tile of the partial statistics (tuned BLOCK_M must be a multiple in stats
 # mode). 128 rows: the partials add 3*4 bytes per 128 values written (under 5% of an fp16
@@ -372,6 +372,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@on_input_device
 def conv2d(
     x: torch.Tensor,
     w_packed: torch.Tensor,
@@ -481,6 +482,7 @@ def conv2d(
     return out, partials
 
 
+@on_input_device
 def finalize_stats(
     partials: torch.Tensor,
     running_mean: torch.Tensor | None,

@@ -34,7 +34,12 @@ when |mean| >> std: blocks of BLOCK_T tiles are combined exactly in registers, t
 Chan-merged into the running (count, mean, M2). Many tiles are first merged in parallel
 into splits of _MERGE_TILES_PER_PROG tiles (means kept relative to the pivot), then the
 splits in a second launch of the same kernel. The last launch writes mean, the biased var
-and updates the running statistics like nn.BatchNorm2d.
+and updates the running statistics like nn.BatchNorm2d. Merged counts are int64 (exact
+beyond 2^24 values per channel; the per-tile counts, <= STATS_ROWS, are exact in fp32).
+
+The autotuner (no RESNET_FUSED_CONV_CONFIG, not interpreted) keys on the whole geometry
+(M, P, Q, channels, kernel, stride, padding, dilation), the epilogue flags, the precision
+(TF32 or IEEE for fp32), the layout class of x and residual and every tensor's dtype.
 """
 
 from __future__ import annotations
@@ -88,9 +93,11 @@ FP32_CONFIGS = [
     _cfg(64, 128, 32, 4, 4),
     _cfg(64, 64, 32, 4, 4),
 ]
+# Everything the best tile configuration may depend on. The autotuner also appends the
+# dtype of every tensor argument. X_CL/RES_CL: the layout class of x and residual.
 _TUNE_KEY = [
-    "M", "Cout", "Cin", "R", "S", "stride_h", "stride_w",
-    "HAS_BIAS", "HAS_RES", "RELU", "STATS",
+    "M", "P", "Q", "Cout", "Cin", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w",
+    "dil_h", "dil_w", "HAS_BIAS", "HAS_RES", "RELU", "STATS", "PRECISION", "X_CL", "RES_CL",
 ]  # fmt: skip
 
 
@@ -106,6 +113,7 @@ def _conv_kernel(
     R: tl.constexpr, S: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
     FLAT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    X_CL: tl.constexpr, RES_CL: tl.constexpr,
     UPCAST: tl.constexpr, SROWS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -458,6 +466,7 @@ def conv2d(
     meta = dict(
         R=R, S=S, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
         STATS=bool(stats), FLAT_K=Cin < SMALL_CIN, PRECISION=precision,
+        X_CL=x.stride(1) == 1, RES_CL=res.stride(1) == 1,
         UPCAST=INTERPRETED and x.dtype == torch.bfloat16, SROWS=STATS_ROWS, GROUP=GROUP_M,
     )  # fmt: skip
     pinned = _pinned_config()

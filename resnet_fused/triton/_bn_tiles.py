@@ -276,11 +276,6 @@ def _split_float(v: float) -> tuple[float, float]:
     return hi, v - hi
 
 
-def _check_4d(input: torch.Tensor) -> None:
-    if input.dim() != 4:
-        raise ValueError(f"expected a 4-D (N, C, H, W) input, got shape {tuple(input.shape)}")
-
-
 def _in_fmt(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     return t.contiguous(memory_format=fmt)
 

@@ -17,7 +17,7 @@ import triton.language as tl
 from .._layout import bn_memory_format, stats_dtype
 from .._validation import check_bn_input, check_like, check_optional_per_channel
 from ._bn_tiles import _bc, _chan, _channels, _empty_bn, _in_fmt, _load_chan, _plan_for, _tile
-from ._common import compute_dtype, on_input_device
+from ._common import check_no_partial_overlap, compute_dtype, on_input_device
 
 
 @triton.jit
@@ -97,6 +97,8 @@ def bias_act_(
             "input of bias_act_ (in place) must be dense in NCHW (contiguous) or channels_last "
             f"layout, got shape {tuple(input.shape)} with strides {input.stride()}"
         )
+    if residual is not None:
+        check_no_partial_overlap(residual, "residual", input, "input")
     if input.numel():
         # Each element is loaded before it is stored, by the same program: x may be out.
         _launch_bias_act(input, bias, residual, relu, input, bn_memory_format(input))

@@ -22,13 +22,13 @@ import triton
 import triton.language as tl
 
 from .._layout import bn_memory_format, stats_dtype
+from .._validation import check_bn_input, check_like
 from ._bn_tiles import (
     _affine_params,
     _bc,
     _chan,
     _chan_sum,
     _channels,
-    _check_4d,
     _empty_bn,
     _finalize_blocks,
     _in_fmt,
@@ -38,7 +38,7 @@ from ._bn_tiles import (
     _split_float,
     _tile,
 )
-from ._common import compute_dtype, on_input_device
+from ._common import check_bn_affine_args, check_per_channel, compute_dtype, on_input_device
 
 
 @triton.jit
@@ -143,7 +143,11 @@ def bn_act_backward_reduce(
     relu: bool,
     write_masked_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_4d(input)
+    check_bn_input(input)
+    check_like(grad_out, "grad_out", input, "input")
+    check_bn_affine_args(input, mean, var, weight, bias)
+    if out is not None:
+        check_like(out, "out", input, "input")
     acc = stats_dtype(input.dtype)
     C = input.shape[1]
     fmt = bn_memory_format(input)
@@ -195,7 +199,11 @@ def bn_act_backward_elemt(
     relu_mask_from_input: bool,
     batch_stats: bool,
 ) -> torch.Tensor:
-    _check_4d(input)
+    check_bn_input(input)
+    check_like(grad, "grad", input, "input")
+    check_bn_affine_args(input, mean, var, weight, bias)
+    check_per_channel(sum_dy, "sum_dy", input)
+    check_per_channel(sum_dy_xhat, "sum_dy_xhat", input)
     acc = stats_dtype(input.dtype)
     fmt = bn_memory_format(input)
     grad_input = _empty_bn(input, fmt)

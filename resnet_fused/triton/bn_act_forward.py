@@ -15,19 +15,19 @@ import triton
 import triton.language as tl
 
 from .._layout import bn_memory_format, stats_dtype
+from .._validation import check_bn_input, check_like
 from ._bn_tiles import (
     _affine,
     _affine_params,
     _chan,
     _channels,
-    _check_4d,
     _empty_bn,
     _in_fmt,
     _plan_for,
     _split_float,
     _tile,
 )
-from ._common import compute_dtype, on_input_device
+from ._common import check_bn_affine_args, compute_dtype, on_input_device
 
 
 @triton.jit
@@ -66,7 +66,10 @@ def bn_act_forward(
     eps: float,
     relu: bool,
 ) -> torch.Tensor:
-    _check_4d(input)
+    check_bn_input(input)
+    check_bn_affine_args(input, mean, var, weight, bias)
+    if residual is not None:
+        check_like(residual, "residual", input, "input")
     fmt = bn_memory_format(input)
     out = _empty_bn(input, fmt)
     if out.numel() == 0:

@@ -29,12 +29,12 @@ import triton
 import triton.language as tl
 
 from .._layout import bn_memory_format, stats_dtype
+from .._validation import check_bn_input, check_optional_per_channel
 from ._bn_tiles import (
     _acc_scalar,
     _bc,
     _chan_sum,
     _channels,
-    _check_4d,
     _finalize_blocks,
     _in_fmt,
     _plan_for,
@@ -171,7 +171,9 @@ def bn_stats(
     running_var: torch.Tensor | None,
     momentum: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_4d(input)
+    check_bn_input(input)
+    check_optional_per_channel(running_mean, "running_mean", input)
+    check_optional_per_channel(running_var, "running_var", input)
     acc = stats_dtype(input.dtype)
     C = input.shape[1]
     m = input.numel() // C if C else 0

@@ -48,20 +48,34 @@ def sync_group(process_group, sync: bool):
 
 def gather_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, Tensor]:
     """Global (mean, biased var, total count) from every rank's local ones; deterministic
-    (merged in rank order) and exact for uneven per-rank counts."""
+    (merged in rank order) and exact for uneven per-rank counts. The total is a float64
+    tensor (exact: counts are integers far below 2^53)."""
     import torch.distributed as dist
 
-    local = torch.stack([torch.full_like(mean, float(count)), mean, var])
+    local = local_stats(mean, var, count)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, local.contiguous(), group=group)
-    g = torch.stack(gathered)  # [ranks, 3, C]
-    n = g[:, 0]
-    mu = torch.where(n > 0, g[:, 1], torch.zeros_like(g[:, 1]))
-    v = torch.where(n > 0, g[:, 2], torch.zeros_like(g[:, 2]))
+    dist.all_gather(gathered, local, group=group)
+    return merge_rank_stats(torch.stack(gathered), mean.dtype)
+
+
+def local_stats(mean: Tensor, var: Tensor, count: int) -> Tensor:
+    """What one rank contributes to the gather: [3, C] float64 = (count, mean, biased var).
+    float64, so that counts stay exact beyond 2^24 values per channel (fp32 would round
+    them) and the merge is done in float64."""
+    f64 = torch.float64
+    return torch.stack([torch.full_like(mean, float(count), dtype=f64), mean.to(f64), var.to(f64)])
+
+
+def merge_rank_stats(gathered: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, biased var) in ``dtype`` and the float64 total count per channel from the
+    gathered [ranks, 3, C] float64 local statistics, merged in rank order."""
+    n, mean, var = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+    mu = torch.where(n > 0, mean, torch.zeros_like(mean))
+    v = torch.where(n > 0, var, torch.zeros_like(var))
     total = n.sum(0)
     mean_g = (n * mu).sum(0) / total
     var_g = ((n * v).sum(0) + (n * (mu - mean_g) ** 2).sum(0)) / total
-    return mean_g, var_g, total
+    return mean_g.to(dtype), var_g.to(dtype), total
 
 
 def synchronise(kernels, input: Tensor, running_mean, running_var, momentum: float, group):
@@ -87,5 +101,5 @@ def all_reduce_sums(sum_dy: Tensor, sum_dy_xhat: Tensor, info: SyncInfo):
 
     both = torch.stack([sum_dy, sum_dy_xhat])
     dist.all_reduce(both, group=info.group)
-    both = both * info.scale
+    both = both * info.scale.to(both.dtype)
     return both[0], both[1]

@@ -297,3 +297,25 @@ def test_to_torchvision_leaves_the_fused_block_alone():
     assert plain.bn1.weight is fused.bn1.weight and plain.bn1.running_mean is fused.bn1.running_mean
     assert plain.downsample[0] is fused.downsample[0]
     assert plain.downsample[1].weight is fused.downsample[1].weight
+
+
+def test_gather_merge_counts_exact_beyond_fp32():
+    """Per-rank counts above 2^24 (8 ranks x 256 images at 112^2 exceed it) merge exactly:
+    the total count, and mean/var as the fp64 merge of the same (rounded) local stats."""
+    import resnet_fused.distributed as rd
+
+    counts = [2**24 + 1, 2**24 + 2, 3]
+    means = torch.tensor([[0.25, -1.0], [1.0, 2.0], [7.0, 0.5]], dtype=torch.float32)
+    variances = torch.tensor([[1.0, 0.5], [2.0, 0.25], [0.0, 3.0]], dtype=torch.float32)
+    gathered = torch.stack(
+        [rd.local_stats(m, v, c) for m, v, c in zip(means, variances, counts, strict=True)]
+    )
+    mean_g, var_g, total = rd.merge_rank_stats(gathered, torch.float32)
+    assert mean_g.dtype == torch.float32 and var_g.dtype == torch.float32
+    assert total.tolist() == [float(sum(counts))] * 2  # 2^25 + 6: not an fp32 number
+    n = torch.tensor(counts, dtype=torch.float64)[:, None]
+    m64, v64 = means.double(), variances.double()
+    mean_ref = (n * m64).sum(0) / n.sum()
+    var_ref = ((n * v64).sum(0) + (n * (m64 - mean_ref) ** 2).sum(0)) / n.sum()
+    torch.testing.assert_close(mean_g, mean_ref.float(), rtol=0, atol=0)
+    torch.testing.assert_close(var_g, var_ref.float(), rtol=0, atol=0)

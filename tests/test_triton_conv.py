@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 import pytest
 import torch.nn.functional as F
 
+from resnet_fused._geometry import conv_output_hw
 from resnet_fused.triton import conv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,7 +131,7 @@ def test_conv_strided_input(dtype):
 def test_conv_epilogue(case, dtype, with_bias, residual, relu):
     x, weight = _inputs(case, dtype)
     n, cout = x.shape[0], weight.shape[0]
-    p, q = conv.output_size(x.shape[2], x.shape[3], *case[6:])
+    p, q = conv_output_hw(x.shape[2], x.shape[3], *case[6:])
     bias = torch.randn(cout, device=DEVICE) if with_bias else None
     res = None
     if residual is not None:

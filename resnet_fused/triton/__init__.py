@@ -1,5 +1,16 @@
-"""Triton kernels. Importing this package does not import triton: the kernel modules
-are loaded on first use, so ``import resnet_fused`` stays fast and works without it."""
+"""Triton kernels, one module per op (its kernels and launcher):
+
+  add_relu.py         add_relu, add_relu_ (in place), relu_backward
+  bn_stats.py         BatchNorm batch statistics (+ running statistics update)
+  bn_act_forward.py   BatchNorm apply -> (residual add) -> ReLU
+  bn_act_backward.py  its backward: the reduction and the elementwise pass
+  bias_act.py         relu(input + bias [+ residual]) (eval epilogue, BN folded)
+  conv.py             implicit-GEMM conv2d with fused epilogues and BN statistics
+  _bn_tiles.py        the tiling planner and device helpers of the BatchNorm-family kernels
+  _common.py          helpers of every module (dtypes, layouts, the device guard)
+
+Importing this package does not import triton: the kernel modules are loaded on first
+use, so ``import resnet_fused`` stays fast and works without it."""
 
 from __future__ import annotations
 
@@ -7,7 +18,10 @@ import sys
 
 _KERNEL_MODULES = (
     "resnet_fused.triton.add_relu",
-    "resnet_fused.triton.batch_norm_act",
+    "resnet_fused.triton.bias_act",
+    "resnet_fused.triton.bn_act_backward",
+    "resnet_fused.triton.bn_act_forward",
+    "resnet_fused.triton.bn_stats",
     "resnet_fused.triton.conv",
 )
 

@@ -15,7 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import compute_dtype, elementwise_block, elementwise_grid, in_layout_of, is_dense
+from .._validation import check_floating, check_like
+from ._common import (
+    check_no_partial_overlap,
+    compute_dtype,
+    elementwise_block,
+    elementwise_grid,
+    in_layout_of,
+    is_dense,
+    on_input_device,
+)
 
 
 @triton.jit
@@ -49,20 +58,32 @@ def _launch_add_relu(x: torch.Tensor, r: torch.Tensor, out: torch.Tensor) -> Non
     )
 
 
+@on_input_device
 def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    check_floating(x, "x")
+    check_like(residual, "residual", x, "x")
     out = torch.empty_like(x)
     _launch_add_relu(in_layout_of(x, out), in_layout_of(residual, out), out)
     return out
 
 
+@on_input_device
 def add_relu_(x: torch.Tensor, residual: torch.Tensor) -> None:
+    check_floating(x, "x")
+    check_like(residual, "residual", x, "x")
+    if torch._debug_has_internal_overlap(x) == 1:
+        raise ValueError("x (written in place) must not have elements that share memory")
+    check_no_partial_overlap(residual, "residual", x, "x")
     if not is_dense(x):  # compute out of place, then copy back
         x.copy_(add_relu(x, residual))
         return
     _launch_add_relu(x, in_layout_of(residual, x), x)
 
 
+@on_input_device
 def relu_backward(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    check_floating(out, "out")
+    check_like(grad_out, "grad_out", out, "out")
     grad_in = torch.empty_like(out)
     n = grad_in.numel()
     if n:

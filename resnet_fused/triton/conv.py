@@ -34,7 +34,12 @@ when |mean| >> std: blocks of BLOCK_T tiles are combined exactly in registers, t
 Chan-merged into the running (count, mean, M2). Many tiles are first merged in parallel
 into splits of _MERGE_TILES_PER_PROG tiles (means kept relative to the pivot), then the
 splits in a second launch of the same kernel. The last launch writes mean, the biased var
-and updates the running statistics like nn.BatchNorm2d.
+and updates the running statistics like nn.BatchNorm2d. Merged counts are int64 (exact
+beyond 2^24 values per channel; the per-tile counts, <= STATS_ROWS, are exact in fp32).
+
+The autotuner (no RESNET_FUSED_CONV_CONFIG, not interpreted) keys on the whole geometry
+(M, P, Q, channels, kernel, stride, padding, dilation), the epilogue flags, the precision
+(TF32 or IEEE for fp32), the layout class of x and residual and every tensor's dtype.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED
+from .._geometry import conv_output_hw, pair
+from ._common import INTERPRETED, on_input_device
 
 # Rows per stats tile of the partial statistics (tuned BLOCK_M must be a multiple in stats
 # mode). 128 rows: the partials add 3*4 bytes per 128 values written (under 5% of an fp16
@@ -87,9 +93,11 @@ FP32_CONFIGS = [
     _cfg(64, 128, 32, 4, 4),
     _cfg(64, 64, 32, 4, 4),
 ]
+# Everything the best tile configuration may depend on. The autotuner also appends the
+# dtype of every tensor argument. X_CL/RES_CL: the layout class of x and residual.
 _TUNE_KEY = [
-    "M", "Cout", "Cin", "R", "S", "stride_h", "stride_w",
-    "HAS_BIAS", "HAS_RES", "RELU", "STATS",
+    "M", "P", "Q", "Cout", "Cin", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w",
+    "dil_h", "dil_w", "HAS_BIAS", "HAS_RES", "RELU", "STATS", "PRECISION", "X_CL", "RES_CL",
 ]  # fmt: skip
 
 
@@ -105,6 +113,7 @@ def _conv_kernel(
     R: tl.constexpr, S: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
     FLAT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    X_CL: tl.constexpr, RES_CL: tl.constexpr,
     UPCAST: tl.constexpr, SROWS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -250,20 +259,22 @@ _conv_tuned_fp32 = triton.autotune(
 # ---------------------------------------------------------------------------------------
 @triton.jit
 def _stats_merge_kernel(
-    in_ptr, piv_ptr, out_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr,
+    in_ptr, cnt_in_ptr, piv_ptr, out_ptr, cnt_out_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr,
     T, C, tiles_per_prog, momentum, rm_stride, rv_stride,
     IN_REL: tl.constexpr, FINAL: tl.constexpr, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
     RACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Merge tiles [t0, t1) of in[3, T, C] (count, mean, M2) per channel, in tile order.
-    Means are taken relative to piv[c] (IN_REL: they already are). FINAL: write mean,
-    biased var, update running stats; else write (count, mean - piv, M2) to out[3, S, C]
-    at split program_id(1)."""
+    Means are taken relative to piv[c] (IN_REL: they already are, and the counts come from
+    cnt_in[T, C] int64 instead of in's count plane). Counts are summed as int64, exact
+    beyond 2^24. FINAL: write mean, biased var, update running stats; else write
+    (count, mean - piv, M2) to cnt_out[S, C] (int64) and out[1:3, S, C] at split
+    program_id(1)."""
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = ch < C
     pid_s = tl.program_id(1)
     piv = tl.load(piv_ptr + ch, mask=cmask, other=0.0)
-    cnt = tl.zeros([BLOCK_C], tl.float32)
+    cnt = tl.zeros([BLOCK_C], tl.int64)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
     plane = (T + tl.zeros([], tl.int64)) * C  # int64 (T may be the constexpr 1)
@@ -273,15 +284,19 @@ def _stats_merge_kernel(
         t = tb + tl.arange(0, BLOCK_T)
         pm = (t < t1)[:, None] & cmask[None, :]
         offs = t.to(tl.int64)[:, None] * C + ch[None, :]
-        n_t = tl.load(in_ptr + offs, mask=pm, other=0.0)
+        if IN_REL:
+            n_i = tl.load(cnt_in_ptr + offs, mask=pm, other=0)
+        else:  # per-tile counts (<= STATS_ROWS) are exact in fp32
+            n_i = tl.load(in_ptr + offs, mask=pm, other=0.0).to(tl.int64)
+        n_t = n_i.to(tl.float32)
         mu = tl.load(in_ptr + plane + offs, mask=pm, other=0.0)
         m2_t = tl.load(in_ptr + 2 * plane + offs, mask=pm, other=0.0)
         if not IN_REL:
             mu = mu - piv[None, :]
         mu = tl.where(pm, mu, 0.0)
         # The block, exactly in registers: mean, deviations, corrected mean and M2.
-        nb = tl.sum(n_t, axis=0)
-        nb_safe = tl.where(nb > 0, nb, 1.0)
+        nb_i = tl.sum(n_i, axis=0)
+        nb_safe = tl.where(nb_i > 0, nb_i.to(tl.float32), 1.0)
         mb = tl.sum(n_t * mu, axis=0) / nb_safe
         e = tl.where(pm, mu - mb[None, :], 0.0)
         corr = tl.sum(n_t * e, axis=0)
@@ -289,14 +304,14 @@ def _stats_merge_kernel(
         m2b = tl.sum(m2_t, axis=0) + between
         mb = mb + corr / nb_safe
         # Chan merge of (cnt, mean, m2) with (nb, mb, m2b).
-        n = cnt + nb
-        frac = nb / tl.where(n > 0, n, 1.0)
+        n = cnt + nb_i
+        frac = nb_i.to(tl.float32) / tl.where(n > 0, n.to(tl.float32), 1.0)
         delta = mb - mean
         mean = mean + delta * frac
-        m2 = m2 + m2b + delta * delta * cnt * frac
+        m2 = m2 + m2b + delta * delta * cnt.to(tl.float32) * frac
         cnt = n
     if FINAL:
-        cnt_safe = tl.where(cnt > 0, cnt, 1.0)
+        cnt_safe = tl.where(cnt > 0, cnt.to(tl.float32), 1.0)
         var = m2 / cnt_safe
         mean_abs = piv + mean
         tl.store(mean_ptr + ch, mean_abs, mask=cmask)
@@ -311,13 +326,14 @@ def _stats_merge_kernel(
         if HAS_RV:
             pr = rv_ptr + ch.to(tl.int64) * rv_stride
             rv = tl.load(pr, mask=cmask, other=0.0).to(RACC)
-            unbiased = var.to(RACC) * cnt.to(RACC) / (cnt.to(RACC) - 1.0)
+            n64 = cnt.to(tl.float64)  # exact: m/(m - 1) is 1 in fp32 beyond 2^24
+            unbiased = var.to(RACC) * (n64 / (n64 - 1.0)).to(RACC)
             new = keep * rv + mom * unbiased
             tl.store(pr, new.to(rv_ptr.dtype.element_ty), mask=cmask)
     else:
         base = out_ptr + pid_s * C + ch
         S = tl.num_programs(1)
-        tl.store(base, cnt, mask=cmask)
+        tl.store(cnt_out_ptr + pid_s * C + ch, cnt, mask=cmask)
         tl.store(base + S * C, mean, mask=cmask)
         tl.store(base + 2 * S * C, m2, mask=cmask)
 
@@ -328,13 +344,6 @@ def _stats_merge_kernel(
 def num_stats_tiles(M: int) -> int:
     """Number of stats tiles T of the partials [3, T, Cout] for M = N*P*Q output rows."""
     return triton.cdiv(M, STATS_ROWS) if M > 0 else 0
-
-
-def output_size(
-    H: int, W: int, kernel_size: tuple, stride: tuple, padding: tuple, dilation: tuple
-) -> tuple[int, int]:
-    (R, S), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    return (H + 2 * ph - dh * (R - 1) - 1) // sh + 1, (W + 2 * pw - dw * (S - 1) - 1) // sw + 1
 
 
 @functools.lru_cache(maxsize=8)
@@ -360,15 +369,6 @@ def _pinned_config() -> tuple[int, int, int, int, int] | None:
     return _INTERPRET_CONFIG if INTERPRETED else None
 
 
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) for i in t):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t
-
-
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """[Cout, Cin, R, S] -> [R*S*Cin, Cout] contiguous, K ordered (r, s, cin)."""
     if weight.dim() != 4:
@@ -380,6 +380,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@on_input_device
 def conv2d(
     x: torch.Tensor,
     w_packed: torch.Tensor,
@@ -400,18 +401,10 @@ def conv2d(
         raise ValueError(f"x must be a 4-D [N, Cin, H, W] tensor, got {shape}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"x: dtype {x.dtype} not supported (float16, bfloat16, float32)")
-    R, S = _pair(kernel_size, "kernel_size")
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
-    if R < 1 or S < 1:
-        raise ValueError(f"kernel_size must be positive, got {(R, S)}")
-    if sh < 1 or sw < 1:
-        raise ValueError(f"stride must be positive, got {(sh, sw)}")
-    if ph < 0 or pw < 0:
-        raise ValueError(f"padding must be non-negative, got {(ph, pw)}")
-    if dh < 1 or dw < 1:
-        raise ValueError(f"dilation must be positive, got {(dh, dw)}")
+    R, S = pair(kernel_size, "kernel_size", 1)
+    sh, sw = pair(stride, "stride", 1)
+    ph, pw = pair(padding, "padding", 0)
+    dh, dw = pair(dilation, "dilation", 1)
     N, Cin, H, W = x.shape
     if w_packed.dim() != 2 or w_packed.shape[0] != R * S * Cin:
         raise ValueError(
@@ -423,7 +416,7 @@ def conv2d(
     if w_packed.device != x.device:
         raise ValueError(f"w_packed is on {w_packed.device}, x on {x.device}")
     Cout = w_packed.shape[1]
-    P, Q = output_size(H, W, (R, S), (sh, sw), (ph, pw), (dh, dw))
+    P, Q = conv_output_hw(H, W, (R, S), (sh, sw), (ph, pw), (dh, dw))
     if P < 1 or Q < 1:
         raise ValueError(
             f"output size {(P, Q)} is not positive for input {(H, W)}, kernel_size {(R, S)}, "
@@ -473,6 +466,7 @@ def conv2d(
     meta = dict(
         R=R, S=S, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
         STATS=bool(stats), FLAT_K=Cin < SMALL_CIN, PRECISION=precision,
+        X_CL=x.stride(1) == 1, RES_CL=res.stride(1) == 1,
         UPCAST=INTERPRETED and x.dtype == torch.bfloat16, SROWS=STATS_ROWS, GROUP=GROUP_M,
     )  # fmt: skip
     pinned = _pinned_config()
@@ -497,6 +491,7 @@ def conv2d(
     return out, partials
 
 
+@on_input_device
 def finalize_stats(
     partials: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -537,20 +532,22 @@ def finalize_stats(
             racc = tl.float64
     common = dict(BLOCK_C=block_c, num_warps=4)
     src, src_T, in_rel = part, T, False
+    src_cnt = torch.empty((1, C), dtype=torch.int64, device=dev)  # unused unless IN_REL
     if T > _MERGE_TILES_PER_PROG:
         splits = triton.cdiv(T, _MERGE_TILES_PER_PROG)
         inter = torch.empty((3, splits, C), dtype=torch.float32, device=dev)
+        inter_cnt = torch.empty((splits, C), dtype=torch.int64, device=dev)
         _stats_merge_kernel[(n_cblk, splits)](
-            part, piv, inter, mean, var, mean, var, T, C, _MERGE_TILES_PER_PROG, 0.0, 1, 1,
+            part, inter_cnt, piv, inter, inter_cnt, mean, var, mean, var, T, C, _MERGE_TILES_PER_PROG, 0.0, 1, 1,
             IN_REL=False, FINAL=False, HAS_RM=False, HAS_RV=False, RACC=tl.float32,
             BLOCK_T=min(triton.next_power_of_2(_MERGE_TILES_PER_PROG), _MERGE_BLOCK_T),
             **common,
         )  # fmt: skip
-        src, src_T, in_rel = inter, splits, True
+        src, src_cnt, src_T, in_rel = inter, inter_cnt, splits, True
     rm = running_mean if running_mean is not None else mean
     rv = running_var if running_var is not None else var
     _stats_merge_kernel[(n_cblk, 1)](
-        src, piv, src, mean, var, rm, rv, src_T, C, src_T, float(momentum),
+        src, src_cnt, piv, src, src_cnt, mean, var, rm, rv, src_T, C, src_T, float(momentum),
         rm.stride(0), rv.stride(0),
         IN_REL=in_rel, FINAL=True, HAS_RM=running_mean is not None,
         HAS_RV=running_var is not None, RACC=racc,

@@ -1,0 +1,149 @@
+"""BatchNorm -> (residual add) -> ReLU: bn_stats, bn_act_forward, bn_act_backward_reduce
+and bn_act_backward_elemt. Fake kernels of the C++ ops (csrc: cpu/batch_norm_act.cpp,
+cuda/batch_norm_act.cu) and the Triton ops (kernels: resnet_fused.triton.bn_stats,
+bn_act_forward, bn_act_backward)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _extension
+from .._layout import empty_bn_like, stats_dtype
+
+
+def _stats_fake(input: Tensor) -> tuple[Tensor, Tensor]:
+    c = input.shape[1]
+    acc = stats_dtype(input.dtype)
+    return input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc)
+
+
+def _bn_stats_fake(input, running_mean, running_var, momentum):
+    return _stats_fake(input)
+
+
+def _bn_act_forward_fake(input, mean, var, weight, bias, residual, eps, relu):
+    return empty_bn_like(input)
+
+
+def _bn_act_backward_reduce_fake(
+    grad_out, input, mean, var, weight, bias, out, eps, relu, write_masked_grad
+):
+    sum_dy, sum_dy_xhat = _stats_fake(input)
+    masked = empty_bn_like(input) if write_masked_grad else input.new_empty((0,))
+    return sum_dy, sum_dy_xhat, masked
+
+
+def _bn_act_backward_elemt_fake(
+    grad,
+    input,
+    mean,
+    var,
+    weight,
+    bias,
+    sum_dy,
+    sum_dy_xhat,
+    eps,
+    relu_mask_from_input,
+    batch_stats,
+):
+    return empty_bn_like(input)
+
+
+if _extension.is_loaded():
+    torch.library.register_fake("resnet_fused::bn_stats")(_bn_stats_fake)
+    torch.library.register_fake("resnet_fused::bn_act_forward")(_bn_act_forward_fake)
+    torch.library.register_fake("resnet_fused::bn_act_backward_reduce")(
+        _bn_act_backward_reduce_fake
+    )
+    torch.library.register_fake("resnet_fused::bn_act_backward_elemt")(_bn_act_backward_elemt_fake)
+
+
+def _kernels(name: str):
+    import importlib
+
+    return importlib.import_module(f"resnet_fused.triton.{name}")
+
+
+@torch.library.custom_op(
+    "resnet_fused::bn_stats_triton", mutates_args=("running_mean", "running_var")
+)
+def bn_stats_triton(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float
+) -> tuple[Tensor, Tensor]:
+    return _kernels("bn_stats").bn_stats(input, running_mean, running_var, momentum)
+
+
+bn_stats_triton.register_fake(_bn_stats_fake)
+
+
+@torch.library.custom_op("resnet_fused::bn_act_forward_triton", mutates_args=())
+def bn_act_forward_triton(
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    relu: bool,
+) -> Tensor:
+    return _kernels("bn_act_forward").bn_act_forward(
+        input, mean, var, weight, bias, residual, eps, relu
+    )
+
+
+bn_act_forward_triton.register_fake(_bn_act_forward_fake)
+
+
+@torch.library.custom_op("resnet_fused::bn_act_backward_reduce_triton", mutates_args=())
+def bn_act_backward_reduce_triton(
+    grad_out: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    out: Tensor | None,
+    eps: float,
+    relu: bool,
+    write_masked_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels("bn_act_backward").bn_act_backward_reduce(
+        grad_out, input, mean, var, weight, bias, out, eps, relu, write_masked_grad
+    )
+
+
+bn_act_backward_reduce_triton.register_fake(_bn_act_backward_reduce_fake)
+
+
+@torch.library.custom_op("resnet_fused::bn_act_backward_elemt_triton", mutates_args=())
+def bn_act_backward_elemt_triton(
+    grad: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    eps: float,
+    relu_mask_from_input: bool,
+    batch_stats: bool,
+) -> Tensor:
+    return _kernels("bn_act_backward").bn_act_backward_elemt(
+        grad,
+        input,
+        mean,
+        var,
+        weight,
+        bias,
+        sum_dy,
+        sum_dy_xhat,
+        eps,
+        relu_mask_from_input,
+        batch_stats,
+    )
+
+
+bn_act_backward_elemt_triton.register_fake(_bn_act_backward_elemt_fake)

@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from .functional import batch_norm_act
+from .functional.batch_norm_act import batch_norm_act
 
 __all__ = ["FusedBatchNormAct2d", "FusedConvBNReLU2d"]
 
@@ -172,7 +172,7 @@ def _cached_fold(
     needs the fold (conv_bn_act then folds differentiably) and under torch.compile
     (which traces the fold op instead). Thread-safe: the key is taken before folding, so
     a parameter changed during the fold only makes the next call refold."""
-    from .functional_conv import fold_conv_bn
+    from .functional.conv_bn_act import fold_conv_bn
 
     tensors = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
     if torch.compiler.is_compiling():
@@ -245,7 +245,7 @@ def conv_bn_forward(
     for hooks first (:func:`has_hooks`): this never calls the modules."""
     if isinstance(bn, nn.SyncBatchNorm):
         sync, process_group = True, process_group or bn.process_group
-    from .functional_conv import conv_bn_act
+    from .functional.conv_bn_act import conv_bn_act
 
     training = bn.training
     factor = bn_update_factor(bn, training)

@@ -123,7 +123,7 @@ def test_unaligned_and_tail(backend, offset):
     assert torch.equal(out, torch.relu(x + r))
     g = torch.randn(n + 1, device=device)[1:]
     assert torch.equal(
-        resnet_fused.functional._add_relu_kernels(backend).backward(g, out),
+        resnet_fused.functional.add_relu._add_relu_kernels(backend).backward(g, out),
         torch.where(out <= 0, 0.0, g),
     )
 

@@ -12,7 +12,8 @@ import torch
 from conftest import backend_params
 
 import resnet_fused
-from resnet_fused import functional_conv as fc
+from resnet_fused.functional import conv_bn_act as fc_unit
+from resnet_fused.functional import conv_choice as fc
 
 
 def _key(n=8, tf32=True, bias=False, dtype=torch.float32):
@@ -88,13 +89,15 @@ def test_eval_trial_uses_the_packed_weight_the_real_call_uses(backend, monkeypat
     b = torch.randn(8)
     packed = triton_conv.pack_weight(w)
     packs, trials = [], []
-    monkeypatch.setattr(fc, "_triton_pack", lambda t: packs.append(t) or triton_conv.pack_weight(t))
+    monkeypatch.setattr(
+        fc_unit, "_triton_pack", lambda t: packs.append(t) or triton_conv.pack_weight(t)
+    )
 
     def fake_resolve(backend, x, w, geometry, training, residual, relu, run, conv_bias=None):
         trials.append(run("triton"))
         return "triton"
 
-    monkeypatch.setattr(fc, "_resolve_conv_backend", fake_resolve)
+    monkeypatch.setattr(fc_unit, "_resolve_conv_backend", fake_resolve)
     with torch.no_grad():
         out = resnet_fused.conv_bn_act(
             x, w, None, None, torch.zeros(8), torch.ones(8), padding=1, backend="auto",

@@ -214,7 +214,7 @@ def run_layers(
                 if any(p.startswith("compile") for p in providers):
                     torch._dynamo.reset()
                 if device.type == "cuda":
-                    resnet_fused.functional_conv._AUTO_CHOICES.clear()
+                    resnet_fused.functional.conv_choice._AUTO_CHOICES.clear()
                 units = {}
                 for provider in providers:
                     torch.manual_seed(0)  # the same weights for every provider
@@ -247,7 +247,7 @@ def run_layers(
                         **harness.ratio_columns("ratio_vs_conv", t, measured.get("conv")),
                     }
                     if provider == "auto" and device.type == "cuda":
-                        picks = set(resnet_fused.functional_conv.auto_choices().values())
+                        picks = set(resnet_fused.auto_choices().values())
                         row["auto_pick"] = "/".join(sorted(picks))
                     rows.append(row)
                     if on_row is not None:

@@ -9,8 +9,7 @@ C++/CUDA ops are defined in ``csrc/resnet_fused.cpp`` (``TORCH_LIBRARY``) and ge
 fake kernels in the op's module. Triton ops are separate op names (one CUDA dispatch key
 holds one kernel) defined there with ``torch.library.custom_op``; their kernels
 (``resnet_fused.triton.<op>``) are imported on first use. Importing this package registers
-every op. The autograd wiring lives in :mod:`resnet_fused.functional` and
-:mod:`resnet_fused.functional_conv`.
+every op. The autograd wiring lives in :mod:`resnet_fused.functional`.
 """
 
 from __future__ import annotations

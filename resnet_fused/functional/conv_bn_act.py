@@ -22,26 +22,25 @@ On CUDA, ``backend="auto"`` times the Triton and the cuDNN path once per layer s
 
 from __future__ import annotations
 
-import os
-import threading
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import conv_ops, ops, reference
-from ._compat import compose_reference_under_compile
-from ._layout import stats_dtype
-from ._validation import (
+from .. import ops, reference
+from .._compat import compose_reference_under_compile
+from .._geometry import conv_output_hw, pair
+from .._layout import bn_memory_format, stats_dtype
+from .._validation import (
     check_bn_input,
     check_bn_options,
     check_device_dtype,
     check_floating,
     check_optional_per_channel,
 )
-from .backends import resolve_backend, unavailable_reason
-from .functional import _BatchNormAct, _bn_kernels, _needs_autograd
+from ..backends import resolve_backend, unavailable_reason
+from ._common import check_batch_size, needs_autograd
+from .batch_norm_act import _BatchNormAct, _bn_kernels
+from .conv_choice import _resolve_conv_backend
 
 __all__ = ["conv_bn_act", "fold_conv_bn"]
 
@@ -49,20 +48,6 @@ _TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --- arguments -----------------------------------------------------------------------
-
-
-def _pair(value, name: str, minimum: int) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
-    return int(value[0]), int(value[1])
 
 
 def _check_args(
@@ -92,9 +77,9 @@ def _check_args(
         )
     if c_out == 0 or conv_weight.shape[2] == 0 or conv_weight.shape[3] == 0:
         raise ValueError(f"conv_weight must not be empty, got shape {tuple(conv_weight.shape)}")
-    stride = _pair(stride, "stride", 1)
-    padding = _pair(padding, "padding", 0)
-    dilation = _pair(dilation, "dilation", 1)
+    stride = pair(stride, "stride", 1)
+    padding = pair(padding, "padding", 0)
+    dilation = pair(dilation, "dilation", 1)
     what = f"conv_weight with C_out = {c_out} output channels"
     if conv_bias is not None:
         check_optional_per_channel(conv_bias, "conv_bias", input, c_out, what)
@@ -107,7 +92,7 @@ def _check_args(
     ):
         check_optional_per_channel(t, name, input, c_out, what)
     check_bn_options(running_mean, running_var, momentum, eps, training, relu)
-    p, q = conv_ops.conv_output_hw(
+    p, q = conv_output_hw(
         input.shape[2], input.shape[3], conv_weight.shape[2:], stride, padding, dilation
     )
     if p <= 0 or q <= 0:
@@ -145,7 +130,7 @@ def fold_conv_bn(
     precision by :func:`torch.nn.utils.fusion.fuse_conv_bn_weights` and rounded once.
     Differentiable in every input (see ``resnet_fused::fold_conv_bn``)."""
     dtype = conv_weight.dtype if dtype is None else dtype
-    return conv_ops.fold_conv_bn(
+    return ops.fold_conv_bn(
         conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, float(eps), dtype
     )
 
@@ -171,7 +156,7 @@ def _mkldnn_ok(x: Tensor, add_relu: bool = False) -> bool:
     aten's add_relu, which has no bf16 kernel (an internal assert in torch)."""
     if torch.compiler.is_compiling():
         return False
-    if add_relu and x.dtype == torch.bfloat16 and _conv_format(x) != torch.channels_last:
+    if add_relu and x.dtype == torch.bfloat16 and bn_memory_format(x) != torch.channels_last:
         return False
     return (
         _MKLDNN_POINTWISE
@@ -185,7 +170,7 @@ def _eval_forward(impl, x, w, b, residual, stride, padding, dilation, groups, re
     if impl == "triton" and groups == 1 and x.dtype in _TRITON_CONV_DTYPES:
         if w_packed is None:
             w_packed = _triton_pack(w)
-        return conv_ops.conv_bias_act_triton(
+        return ops.conv_bias_act_triton(
             x, w_packed, list(w.shape[2:]), list(stride), list(padding), list(dilation),
             b, residual, relu,
         )  # fmt: skip
@@ -210,14 +195,8 @@ def _eval_forward(impl, x, w, b, residual, stride, padding, dilation, groups, re
     return y
 
 
-def _conv_format(x: Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _triton_pack(w: Tensor) -> Tensor:
-    from .triton import conv
+    from ..triton import conv
 
     return conv.pack_weight(w)
 
@@ -243,7 +222,7 @@ class _ConvBiasAct(torch.autograd.Function):
         need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
         g = grad_out
         if ctx.relu:
-            g = _relu_backward(ctx.impl)(g.contiguous(memory_format=_conv_format(out)), out)
+            g = _relu_backward(ctx.impl)(g.contiguous(memory_format=bn_memory_format(out)), out)
         grad_x = grad_w = None
         if need_x or need_w:
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
@@ -268,7 +247,7 @@ class _TritonConvStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, geometry, running_mean, running_var, momentum):
         stride, padding, dilation, _ = geometry
-        y, mean, var = conv_ops.conv_bn_stats_triton(
+        y, mean, var = ops.conv_bn_stats_triton(
             x, _triton_pack(w), list(w.shape[2:]), list(stride), list(padding), list(dilation),
             running_mean, running_var, momentum,
         )  # fmt: skip
@@ -300,163 +279,31 @@ def _train_forward(
     stride, padding, dilation, groups = geometry
     rm_u, rv_u = (rm, rv) if update and group is None else (None, None)
     if impl == "triton" and groups == 1 and conv_b is None and x.dtype in _TRITON_CONV_DTYPES:
-        if _needs_autograd(x, w):
+        if needs_autograd(x, w):
             y, mean, var = _TritonConvStats.apply(x, w, geometry, rm_u, rv_u, float(momentum))
         else:
-            y, mean, var = conv_ops.conv_bn_stats_triton(
+            y, mean, var = ops.conv_bn_stats_triton(
                 x, _triton_pack(w), list(w.shape[2:]), list(stride), list(padding),
                 list(dilation), rm_u, rv_u, float(momentum),
             )  # fmt: skip
     else:
         y = F.conv2d(x, w, conv_b, stride, padding, dilation, groups)
         if group is None:
-            _check_batch_size(y)
+            check_batch_size(y)
         mean, var = _bn_kernels(bn_impl).stats(y.detach(), rm_u, rv_u, float(momentum))
     sync = None
     if group is not None:
-        from .distributed import finish_sync
+        from ..distributed import finish_sync
 
         count = y.numel() // y.shape[1]
         rm_s, rv_s = (rm, rv) if update else (None, None)
         mean, var, sync = finish_sync(mean, var, count, rm_s, rv_s, momentum, group)
     kernels = _bn_kernels(bn_impl)
-    if not _needs_autograd(*(t for t in (y, bn_w, bn_b, residual) if t is not None)):
+    if not needs_autograd(*(t for t in (y, bn_w, bn_b, residual) if t is not None)):
         return kernels.forward(y, mean, var, bn_w, bn_b, residual, float(eps), relu)
     return _BatchNormAct.apply(
         y, bn_w, bn_b, residual, mean, var, float(eps), relu, True, bn_impl, sync
     )
-
-
-def _check_batch_size(y_or_shape) -> None:
-    shape = y_or_shape.shape if isinstance(y_or_shape, Tensor) else y_or_shape
-    if shape[0] * shape[2] * shape[3] == 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got input size "
-            f"{torch.Size(shape)}"
-        )
-
-
-# --- backend choice for "auto" on CUDA ----------------------------------------------------
-
-
-class _AutoChoices:
-    """The per-layer picks of ``backend="auto"``: a bounded LRU map (key -> backend),
-    safe to use from several threads. Timing happens outside the lock; two threads that
-    time the same new key at once both store the same kind of answer."""
-
-    def __init__(self, capacity: int = 1024) -> None:
-        self.capacity = capacity
-        self._picks: OrderedDict[tuple, str] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> str | None:
-        with self._lock:
-            choice = self._picks.get(key)
-            if choice is not None:
-                self._picks.move_to_end(key)
-            return choice
-
-    def put(self, key: tuple, choice: str) -> None:
-        with self._lock:
-            self._picks[key] = choice
-            self._picks.move_to_end(key)
-            while len(self._picks) > self.capacity:
-                self._picks.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._picks.clear()
-
-    def snapshot(self) -> dict[tuple, str]:
-        with self._lock:
-            return dict(self._picks)
-
-    def __len__(self) -> int:
-        return len(self._picks)
-
-
-_AUTO_CHOICES = _AutoChoices()
-
-
-def _batch_bucket(n: int) -> int:
-    """Batch sizes share a pick within a power of two (a last, smaller batch of an epoch
-    does not time the layer again)."""
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _auto_key(x, w, geometry, training, residual, relu, conv_bias=None) -> tuple:
-    """What a layer's timing depends on: shapes (batch bucketed), dtype, layout,
-    geometry, mode, epilogue, conv bias, TF32 mode (fp32 convolutions on cuDNN and
-    Triton follow ``torch.backends.cudnn.allow_tf32``) and device."""
-    return (
-        _batch_bucket(x.shape[0]),
-        tuple(x.shape[1:]),
-        x.dtype,
-        _conv_format(x),
-        tuple(w.shape),
-        geometry,
-        training,
-        residual is not None,
-        relu,
-        conv_bias is not None,
-        bool(torch.backends.cudnn.allow_tf32) if x.dtype == torch.float32 else None,
-        x.device,
-    )
-
-
-def _measure(fn, device: torch.device, repeats: int = 5) -> float:
-    """Median time of ``fn`` in ms, with events recorded on ``device``'s current stream."""
-    with torch.cuda.device(device):
-        fn()  # warm-up: compiles and autotunes
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(repeats):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def auto_choices() -> dict[tuple, str]:
-    """The per-shape picks ``backend="auto"`` made so far on CUDA (key -> backend)."""
-    return _AUTO_CHOICES.snapshot()
-
-
-def _choose(key: tuple, candidates, time_one) -> str:
-    """The cached pick for ``key``, else the fastest candidate by ``time_one(c)``."""
-    choice = _AUTO_CHOICES.get(key)
-    if choice is None:
-        times = {c: time_one(c) for c in candidates}
-        choice = min(times, key=times.get)
-        _AUTO_CHOICES.put(key, choice)
-    return choice
-
-
-def _resolve_conv_backend(
-    backend, x, w, geometry, training, residual, relu, run, conv_bias=None
-) -> str:
-    """Like resolve_backend, but on CUDA "auto" times the cuDNN ("cuda") and Triton paths
-    for this layer once and keeps the faster (override: RESNET_FUSED_CONV_BACKEND)."""
-    impl = resolve_backend(backend, x.device)
-    if backend != "auto" or x.device.type != "cuda":
-        return impl
-    forced = os.environ.get("RESNET_FUSED_CONV_BACKEND", "").strip()
-    if forced:
-        return resolve_backend(forced, x.device)
-    candidates = [c for c in ("cuda", "triton") if unavailable_reason(c, x.device) is None]
-    if len(candidates) < 2 or torch.compiler.is_compiling():
-        return impl
-    key = _auto_key(x, w, geometry, training, residual, relu, conv_bias)
-
-    def time_one(c):
-        with torch.no_grad():
-            return _measure(lambda: run(c), x.device)
-
-    return _choose(key, candidates, time_one)
 
 
 # --- public function ------------------------------------------------------------------------
@@ -539,14 +386,14 @@ def conv_bn_act(
         )  # fmt: skip
 
     if batch_stats:
-        p, q = conv_ops.conv_output_hw(
+        p, q = conv_output_hw(
             input.shape[2], input.shape[3], conv_weight.shape[2:], stride, padding, dilation
         )
-        from .distributed import sync_group
+        from ..distributed import sync_group
 
         group = sync_group(process_group, sync_bn and training)
         if group is None:
-            _check_batch_size((input.shape[0], conv_weight.shape[0], p, q))
+            check_batch_size((input.shape[0], conv_weight.shape[0], p, q))
         update = training and running_mean is not None
 
         # "auto" on CUDA chooses the convolution (cuDNN or Triton with the statistics
@@ -587,7 +434,7 @@ def conv_bn_act(
         w_packed = None
 
     def run_eval(impl, packed=None):
-        if not _needs_autograd(*(t for t in (input, w_f, b_f, residual) if t is not None)):
+        if not needs_autograd(*(t for t in (input, w_f, b_f, residual) if t is not None)):
             return _eval_forward(
                 impl, input, w_f, b_f, residual, stride, padding, dilation, groups, relu, packed
             )

@@ -1,9 +1,7 @@
-"""Public fused functions: argument checks, backend choice and autograd wiring.
-
-Each function validates its arguments, resolves ``backend`` to a concrete backend for the
-tensors' device (:func:`resnet_fused.backends.resolve_backend`) and runs an
-``autograd.Function`` whose forward and backward call that backend's ops.
-"""
+"""``batch_norm_act``: fused BatchNorm -> (residual add) -> ReLU (argument checks, backend
+choice, synchronisation, autograd wiring). The four ops (bn_stats, bn_act_forward,
+bn_act_backward_reduce, bn_act_backward_elemt) are in :mod:`resnet_fused.ops.batch_norm_act`,
+the maths in :mod:`resnet_fused.reference`."""
 
 from __future__ import annotations
 
@@ -13,117 +11,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import ops, reference
-from ._compat import compose_reference_under_compile
-from ._layout import stats_dtype
-from ._validation import (
+from .. import ops, reference
+from .._compat import compose_reference_under_compile
+from .._layout import stats_dtype
+from .._validation import (
     check_bn_input,
     check_bn_options,
-    check_floating,
     check_like,
     check_optional_per_channel,
 )
-from .backends import resolve_backend
+from ..backends import resolve_backend
+from ._common import needs_autograd
 
-__all__ = ["add_relu", "add_relu_", "batch_norm_act"]
-
-
-@dataclass(frozen=True)
-class _AddReLUKernels:
-    forward: Callable[[Tensor, Tensor], Tensor]
-    forward_inplace: Callable[[Tensor, Tensor], None]
-    backward: Callable[[Tensor, Tensor], Tensor]
+__all__ = ["batch_norm_act"]
 
 
-def _add_relu_kernels(backend: str) -> _AddReLUKernels:
-    if backend == "torch":
-        return _AddReLUKernels(reference.add_relu, reference.add_relu_, reference.relu_backward)
-    if backend == "triton":
-        return _AddReLUKernels(ops.add_relu_triton, ops.add_relu_triton_, ops.relu_backward_triton)
-    # "cpu" and "cuda": the same C++ op names, dispatched on the tensors' device.
-    lib = torch.ops.resnet_fused
-    return _AddReLUKernels(lib.add_relu.default, lib.add_relu_.default, lib.relu_backward.default)
-
-
-class _AddReLU(torch.autograd.Function):
-    """out = relu(x + residual); saves only ``out`` (the ReLU mask is ``out > 0``)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, residual: Tensor, backend: str) -> Tensor:
-        out = _add_relu_kernels(backend).forward(x, residual)
-        ctx.save_for_backward(out)
-        ctx.backend = backend
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (out,) = ctx.saved_tensors
-        grad = _add_relu_kernels(ctx.backend).backward(grad_out, out)
-        need_x, need_residual, _ = ctx.needs_input_grad
-        return (grad if need_x else None), (grad if need_residual else None), None
-
-
-class _AddReLUInplace(torch.autograd.Function):
-    """x <- relu(x + residual) in place; saves only the result."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, residual: Tensor, backend: str) -> Tensor:
-        _add_relu_kernels(backend).forward_inplace(x, residual)
-        ctx.mark_dirty(x)
-        ctx.save_for_backward(x)
-        ctx.backend = backend
-        return x
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (out,) = ctx.saved_tensors
-        grad = _add_relu_kernels(ctx.backend).backward(grad_out, out)
-        need_x, need_residual, _ = ctx.needs_input_grad
-        return (grad if need_x else None), (grad if need_residual else None), None
-
-
-def _needs_autograd(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def add_relu(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:
-    """Fused residual add + ReLU: ``relu(x + residual)``.
-
-    Args:
-        x: Tensor[N, C, H, W] (any shape, any layout), float32/float16/bfloat16/float64.
-        residual: tensor of the same shape, dtype and device as ``x``.
-        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
-
-    Returns:
-        A new tensor in the memory layout of ``x`` (e.g. channels_last stays so).
-        Differentiable in ``x`` and ``residual``.
-    """
-    check_floating(x, "x")
-    check_like(residual, "residual", x, "x")
-    impl = resolve_backend(backend, x.device)
-    if not _needs_autograd(x, residual):
-        return _add_relu_kernels(impl).forward(x, residual)
-    return _AddReLU.apply(x, residual, impl)
-
-
-def add_relu_(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:
-    """In-place :func:`add_relu`: ``x <- relu(x + residual)``; returns ``x``.
-
-    Saves no extra activation: the backward needs only the result, which is ``x``.
-    As for any in-place op, ``x`` must not be a leaf that requires grad.
-    """
-    check_floating(x, "x")
-    check_like(residual, "residual", x, "x")
-    impl = resolve_backend(backend, x.device)
-    if not _needs_autograd(x, residual):
-        _add_relu_kernels(impl).forward_inplace(x, residual)
-        return x
-    return _AddReLUInplace.apply(x, residual, impl)
-
-
-# ---------------------------------------------------------------------------------------
-# BatchNorm -> (residual add) -> ReLU
-# ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _BatchNormKernels:
     stats: Callable
@@ -210,7 +112,7 @@ class _BatchNormAct(torch.autograd.Function):
             # parameter gradients stay local (DDP averages them).
             sum_dy_e, sum_dy_xhat_e = sum_dy, sum_dy_xhat
             if ctx.sync is not None and batch_stats:
-                from .distributed import all_reduce_sums
+                from ..distributed import all_reduce_sums
 
                 sum_dy_e, sum_dy_xhat_e = all_reduce_sums(sum_dy, sum_dy_xhat, ctx.sync)
             grad_input = kernels.backward_elemt(
@@ -294,7 +196,7 @@ def batch_norm_act(
     impl = resolve_backend(backend, input.device)
     kernels = _bn_kernels(impl)
     batch_stats = training or running_mean is None
-    from .distributed import sync_group, synchronise
+    from ..distributed import sync_group, synchronise
 
     group = sync_group(process_group, sync and training)
     if group is None and compose_reference_under_compile(impl, input, weight, bias, residual):
@@ -324,7 +226,7 @@ def batch_norm_act(
     else:
         mean, var = running_mean, running_var
     tensors = (input, weight, bias, residual)
-    if not _needs_autograd(*(t for t in tensors if t is not None)):
+    if not needs_autograd(*(t for t in tensors if t is not None)):
         return kernels.forward(input, mean, var, weight, bias, residual, float(eps), relu)
     return _BatchNormAct.apply(
         input, weight, bias, residual, mean, var, float(eps), relu, batch_stats, impl, sync_info

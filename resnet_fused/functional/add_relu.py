@@ -1,0 +1,107 @@
+"""``add_relu`` / ``add_relu_``: fused residual add + ReLU (argument checks, backend
+choice, autograd wiring). The ops are in :mod:`resnet_fused.ops.add_relu`, the maths in
+:func:`resnet_fused.reference.add_relu`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import ops, reference
+from .._validation import check_floating, check_like
+from ..backends import resolve_backend
+from ._common import needs_autograd
+
+__all__ = ["add_relu", "add_relu_"]
+
+
+@dataclass(frozen=True)
+class _AddReLUKernels:
+    forward: Callable[[Tensor, Tensor], Tensor]
+    forward_inplace: Callable[[Tensor, Tensor], None]
+    backward: Callable[[Tensor, Tensor], Tensor]
+
+
+def _add_relu_kernels(backend: str) -> _AddReLUKernels:
+    if backend == "torch":
+        return _AddReLUKernels(reference.add_relu, reference.add_relu_, reference.relu_backward)
+    if backend == "triton":
+        return _AddReLUKernels(ops.add_relu_triton, ops.add_relu_triton_, ops.relu_backward_triton)
+    # "cpu" and "cuda": the same C++ op names, dispatched on the tensors' device.
+    lib = torch.ops.resnet_fused
+    return _AddReLUKernels(lib.add_relu.default, lib.add_relu_.default, lib.relu_backward.default)
+
+
+class _AddReLU(torch.autograd.Function):
+    """out = relu(x + residual); saves only ``out`` (the ReLU mask is ``out > 0``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, residual: Tensor, backend: str) -> Tensor:
+        out = _add_relu_kernels(backend).forward(x, residual)
+        ctx.save_for_backward(out)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (out,) = ctx.saved_tensors
+        grad = _add_relu_kernels(ctx.backend).backward(grad_out, out)
+        need_x, need_residual, _ = ctx.needs_input_grad
+        return (grad if need_x else None), (grad if need_residual else None), None
+
+
+class _AddReLUInplace(torch.autograd.Function):
+    """x <- relu(x + residual) in place; saves only the result."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, residual: Tensor, backend: str) -> Tensor:
+        _add_relu_kernels(backend).forward_inplace(x, residual)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        ctx.backend = backend
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (out,) = ctx.saved_tensors
+        grad = _add_relu_kernels(ctx.backend).backward(grad_out, out)
+        need_x, need_residual, _ = ctx.needs_input_grad
+        return (grad if need_x else None), (grad if need_residual else None), None
+
+
+def add_relu(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:
+    """Fused residual add + ReLU: ``relu(x + residual)``.
+
+    Args:
+        x: Tensor[N, C, H, W] (any shape, any layout), float32/float16/bfloat16/float64.
+        residual: tensor of the same shape, dtype and device as ``x``.
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns:
+        A new tensor in the memory layout of ``x`` (e.g. channels_last stays so).
+        Differentiable in ``x`` and ``residual``.
+    """
+    check_floating(x, "x")
+    check_like(residual, "residual", x, "x")
+    impl = resolve_backend(backend, x.device)
+    if not needs_autograd(x, residual):
+        return _add_relu_kernels(impl).forward(x, residual)
+    return _AddReLU.apply(x, residual, impl)
+
+
+def add_relu_(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:
+    """In-place :func:`add_relu`: ``x <- relu(x + residual)``; returns ``x``.
+
+    Saves no extra activation: the backward needs only the result, which is ``x``.
+    As for any in-place op, ``x`` must not be a leaf that requires grad.
+    """
+    check_floating(x, "x")
+    check_like(residual, "residual", x, "x")
+    impl = resolve_backend(backend, x.device)
+    if not needs_autograd(x, residual):
+        _add_relu_kernels(impl).forward_inplace(x, residual)
+        return x
+    return _AddReLUInplace.apply(x, residual, impl)

@@ -108,3 +108,38 @@ def test_eval_trial_uses_the_packed_weight_the_real_call_uses(backend, monkeypat
     torch.testing.assert_close(
         out, torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1)), rtol=1e-4, atol=1e-4
     )
+
+
+def test_timing_records_events_on_the_input_device(monkeypatch):
+    """The trial timing runs under the input's CUDA device (not the current one)."""
+    entered = []
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(torch.device(self.device))
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.recorded_in = None
+
+        def record(self):
+            self.recorded_in = entered[-1] if entered else "current device"
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            assert self.recorded_in == end.recorded_in == torch.device("cuda:1")
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    assert fc._measure(lambda: None, torch.device("cuda:1")) == 1.0
+    assert entered[0] == torch.device("cuda:1") and entered[-1] is None

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import resnet_fused
+from resnet_fused._geometry import conv_output_hw
 
 from . import harness
 from .timing import matmul_rate
@@ -44,7 +45,8 @@ class Layer:
 
     @property
     def out_hw(self) -> int:
-        return (self.hw + 2 * self.padding - self.kernel) // self.stride + 1
+        k, s, p = (self.kernel,) * 2, (self.stride,) * 2, (self.padding,) * 2
+        return conv_output_hw(self.hw, self.hw, k, s, p, (1, 1))[0]
 
 
 # Every distinct convolution of torchvision's ResNet-50 (v1.5: stride in the 3x3), with

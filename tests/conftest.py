@@ -24,11 +24,17 @@ import resnet_fused  # noqa: E402
 # every run), a modest number of examples, no per-example deadline (the Triton interpreter
 # and a shared machine make timings meaningless). RESNET_FUSED_HYPOTHESIS_EXAMPLES=500
 # selects "explore": that many examples per property, from a fresh random seed each run
-# (hypothesis prints the seed and a reproduction blob for any failure).
+# (hypothesis prints the seed and a reproduction blob for any failure, and replays saved
+# failures from its database, .hypothesis/, first).
 HYPOTHESIS_EXAMPLES_ENV = "RESNET_FUSED_HYPOTHESIS_EXAMPLES"
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile(
-    "ci", derandomize=True, deadline=None, suppress_health_check=_SLOW_OK, print_blob=True
+    "ci",
+    derandomize=True,
+    database=None,  # exactly the derandomized examples, not failures saved by other runs
+    deadline=None,
+    suppress_health_check=_SLOW_OK,
+    print_blob=True,
 )
 _explore_examples = os.environ.get(HYPOTHESIS_EXAMPLES_ENV, "").strip()
 if _explore_examples:

@@ -366,59 +366,63 @@ def module_cases(draw, backend):
     )
 
 
+def check_module(backend, case):
+    device = backend_device(backend)
+    n, c, h, w = case["shape"]
+    if n * h * w == 1:
+        n = 2
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype = case["dtype"]
+    kw = dict(momentum=case["momentum"], affine=case["affine"],
+              track_running_stats=case["track"])  # fmt: skip
+    fused = resnet_fused.FusedBatchNormAct2d(
+        c, **kw, relu=case["relu"], backend=backend, device=device, dtype=dtype
+    )
+    if case["affine"]:
+        with torch.no_grad():
+            fused.weight.copy_(_per_channel(c, dtype, device, gen, "weight"))
+            fused.bias.copy_(_per_channel(c, dtype, device, gen, "bias"))
+    eager = nn.BatchNorm2d(c, **kw, device=device, dtype=dtype)
+    eager.load_state_dict(fused.state_dict())
+    ref = copy.deepcopy(eager).double()
+
+    def run_eager(bn, x, r):
+        y = bn(x)
+        y = y + r if r is not None else y
+        return torch.relu(y) if case["relu"] else y
+
+    for step in range(4):
+        training = step < 3
+        for m in (fused, eager, ref):
+            m.train(training)
+        x = _tensor((n, c, h, w), dtype, device, case["layout"], gen, 2.0, 0.5)
+        r = _tensor((n, c, h, w), dtype, device, "nchw", gen) if case["residual"] else None
+        with torch.no_grad():
+            out = fused(x, r)
+            out_e = run_eager(eager, x, r)
+            out64 = run_eager(ref, x.double(), None if r is None else r.double())
+        assert_close_to_reference(out, out_e, out64, name=f"out step {step}")
+        for name in ("running_mean", "running_var"):
+            got = getattr(fused, name)
+            assert (got is None) == (getattr(ref, name) is None), name
+            if got is not None:
+                assert_close_to_reference(
+                    got, getattr(eager, name), getattr(ref, name), name=f"{name} {step}"
+                )
+        if case["track"]:
+            assert fused.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+
 @pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_batch_norm_act_module(backend):
     """FusedBatchNormAct2d over three training steps and one eval step equals
     nn.BatchNorm2d (+ residual) (+ ReLU): outputs, the running statistics (momentum=None
     is the cumulative average over num_batches_tracked) and num_batches_tracked."""
-    device = backend_device(backend)
 
     @settings(max_examples=_examples(backend))
     @given(case=module_cases(backend))
     def prop(case):
-        n, c, h, w = case["shape"]
-        if n * h * w == 1:
-            n = 2
-        gen = torch.Generator().manual_seed(case["seed"])
-        dtype = case["dtype"]
-        kw = dict(momentum=case["momentum"], affine=case["affine"],
-                  track_running_stats=case["track"])  # fmt: skip
-        fused = resnet_fused.FusedBatchNormAct2d(
-            c, **kw, relu=case["relu"], backend=backend, device=device, dtype=dtype
-        )
-        if case["affine"]:
-            with torch.no_grad():
-                fused.weight.copy_(_per_channel(c, dtype, device, gen, "weight"))
-                fused.bias.copy_(_per_channel(c, dtype, device, gen, "bias"))
-        eager = nn.BatchNorm2d(c, **kw, device=device, dtype=dtype)
-        eager.load_state_dict(fused.state_dict())
-        ref = copy.deepcopy(eager).double()
-
-        def run_eager(bn, x, r):
-            y = bn(x)
-            y = y + r if r is not None else y
-            return torch.relu(y) if case["relu"] else y
-
-        for step in range(4):
-            training = step < 3
-            for m in (fused, eager, ref):
-                m.train(training)
-            x = _tensor((n, c, h, w), dtype, device, case["layout"], gen, 2.0, 0.5)
-            r = _tensor((n, c, h, w), dtype, device, "nchw", gen) if case["residual"] else None
-            with torch.no_grad():
-                out = fused(x, r)
-                out_e = run_eager(eager, x, r)
-                out64 = run_eager(ref, x.double(), None if r is None else r.double())
-            assert_close_to_reference(out, out_e, out64, name=f"out step {step}")
-            for name in ("running_mean", "running_var"):
-                got = getattr(fused, name)
-                assert (got is None) == (getattr(ref, name) is None), name
-                if got is not None:
-                    assert_close_to_reference(
-                        got, getattr(eager, name), getattr(ref, name), name=f"{name} {step}"
-                    )
-            if case["track"]:
-                assert fused.num_batches_tracked.item() == ref.num_batches_tracked.item()
+        check_module(backend, case)
 
     prop()
 
@@ -819,3 +823,21 @@ def test_known_defect_torch_backend_bn_output_layout():
     x = torch.randn(2, 3, 4, 5).transpose(2, 3)
     out = resnet_fused.batch_norm_act(x, None, None, training=True, backend="torch")
     assert out.is_contiguous(memory_format=bn_memory_format(x))
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu", "triton")))
+@pytest.mark.xfail(
+    strict=True,
+    reason="fp32 BatchNorm statistics vs eager CPU's fp64 accumulation (acc_type<float> is "
+    "double on the CPU): with 2 values per channel (N=2, 1x1, 131 channels, no running "
+    "statistics), a channel whose two values are close relative to their magnitude "
+    "amplifies the fp32 rounding of the mean; every backend, the 'torch' reference "
+    "included, is 7.6e-6 off fp64 where eager is 1.5e-6 (bound 6.5e-6). Reproducer: "
+    "check_module(backend, case) with the case in this test",
+)
+def test_known_defect_fp32_statistics_two_values_per_channel(backend):
+    case = dict(
+        shape=(1, 131, 1, 1), dtype=torch.float32, layout="nchw", momentum=None,
+        affine=True, track=False, residual=False, relu=False, seed=311173,
+    )  # fmt: skip
+    check_module(backend, case)

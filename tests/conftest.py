@@ -16,8 +16,43 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import resnet_fused  # noqa: E402
+
+# Property-based tests (hypothesis). "ci", the default: derandomized (the same examples on
+# every run), a modest number of examples, no per-example deadline (the Triton interpreter
+# and a shared machine make timings meaningless). RESNET_FUSED_HYPOTHESIS_EXAMPLES=500
+# selects "explore": that many examples per property, from a fresh random seed each run
+# (hypothesis prints the seed and a reproduction blob for any failure, and replays saved
+# failures from its database, .hypothesis/, first).
+HYPOTHESIS_EXAMPLES_ENV = "RESNET_FUSED_HYPOTHESIS_EXAMPLES"
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,  # exactly the derandomized examples, not failures saved by other runs
+    deadline=None,
+    suppress_health_check=_SLOW_OK,
+    print_blob=True,
+)
+_explore_examples = os.environ.get(HYPOTHESIS_EXAMPLES_ENV, "").strip()
+if _explore_examples:
+    settings.register_profile(
+        "explore",
+        max_examples=int(_explore_examples),
+        derandomize=False,
+        deadline=None,
+        suppress_health_check=_SLOW_OK,
+        print_blob=True,
+    )
+settings.load_profile("explore" if _explore_examples else "ci")
+
+
+def hypothesis_examples(ci: int) -> int:
+    """Examples per property: ``ci`` in CI, RESNET_FUSED_HYPOTHESIS_EXAMPLES when set."""
+    return int(_explore_examples) if _explore_examples else ci
+
 
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 

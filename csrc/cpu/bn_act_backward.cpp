@@ -68,20 +68,20 @@ at::Tensor bn_act_backward_elemt_cpu(const at::Tensor& grad, const at::Tensor& i
   const at::Tensor x = bn_in_format(input, fmt);
   const at::Tensor g = bn_in_format(grad, fmt);
   const Affine a = fold_affine(input, mean, var, weight, bias, eps);
-  // dx = scale*(g - sum_dy/m - xhat*sum_dy_xhat/m) = g*scale + (x - mean)*k + c.
+  // Batch statistics: dx = scale*(g - sum_dy/m - xhat*sum_dy_xhat/m)
+  // = g*scale + (x - mean)*k + c. Running statistics: dx = g*scale (k and c null, so that
+  // an Inf or NaN input does not give (x - mean)*0 = NaN).
   at::Tensor k, c;
   if (batch_stats) {
     const double m = static_cast<double>(input.numel() / input.size(1));
     k = (-(a.scale * a.invstd) * per_channel_acc(sum_dy_xhat, acc) / m).contiguous();
     c = (-a.scale * per_channel_acc(sum_dy, acc) / m).contiguous();
-  } else {
-    k = at::zeros({input.size(1)}, input.options().dtype(acc));
-    c = k;
   }
   cpu::kernels().bn_backward_elemt(
       input.scalar_type(), g.const_data_ptr(), x.const_data_ptr(), dx.mutable_data_ptr(),
       geometry(x, fmt), a.mean.const_data_ptr(), a.scale.const_data_ptr(),
-      a.bias.const_data_ptr(), k.const_data_ptr(), c.const_data_ptr(),
+      a.bias.const_data_ptr(), batch_stats ? k.const_data_ptr() : nullptr,
+      batch_stats ? c.const_data_ptr() : nullptr,
       relu_mask_from_input ? cpu::BnMask::kFromInput : cpu::BnMask::kNone);
   return dx;
 }

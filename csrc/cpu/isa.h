@@ -52,7 +52,8 @@ struct Kernels {
                              const void* out, void* masked, const BnGeometry& g, const void* mean,
                              const void* scale, const void* bias, BnMask mask, void* sum_dy,
                              void* sum_dy_xmu);
-  // dx = g*scale + (x - mean)*k + c, with g = grad masked per `mask` (kNone or kFromInput).
+  // dx = g*scale + (x - mean)*k + c, with g = grad masked per `mask` (kNone or kFromInput);
+  // k and c null (running statistics): dx = g*scale.
   void (*bn_backward_elemt)(c10::ScalarType dtype, const void* grad, const void* x, void* dx,
                             const BnGeometry& g, const void* mean, const void* scale,
                             const void* bias, const void* k, const void* c, BnMask mask);

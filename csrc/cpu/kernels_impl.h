@@ -627,6 +627,10 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
                              BnMask mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = g.C;
+  // Running statistics (k, cst null): dx = g*scale only. The batch-statistics term
+  // (x - mean)*k + cst must not be evaluated there with k = cst = 0: an Inf or NaN input
+  // would turn it into NaN where eager's gradient g*scale is finite.
+  const bool batch = k != nullptr;
   if (g.channels_last) {
     const int64_t M = g.N * g.HW;
     at::parallel_for(0, M, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1)),
@@ -648,9 +652,14 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
           const aVec sa = aVec::loadu(scale + c), sb = aVec::loadu(scale + c + h);
           ga = masked_grad_vec<scalar_t>(mask, ga, xa, sa, aVec::loadu(bias + c), none);
           gb = masked_grad_vec<scalar_t>(mask, gb, xb, sb, aVec::loadu(bias + c + h), none);
-          ga = at::vec::fmadd(ga, sa, at::vec::fmadd(xa, aVec::loadu(k + c), aVec::loadu(cst + c)));
-          gb = at::vec::fmadd(gb, sb,
-                              at::vec::fmadd(xb, aVec::loadu(k + c + h), aVec::loadu(cst + c + h)));
+          if (batch) {
+            ga = at::vec::fmadd(ga, sa, at::vec::fmadd(xa, aVec::loadu(k + c), aVec::loadu(cst + c)));
+            gb = at::vec::fmadd(gb, sb,
+                                at::vec::fmadd(xb, aVec::loadu(k + c + h), aVec::loadu(cst + c + h)));
+          } else {
+            ga *= sa;
+            gb *= sb;
+          }
           V::store(dx + base + c, ga, gb);
         }
 #endif
@@ -658,7 +667,8 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
           const acc_t xmu = static_cast<acc_t>(x[base + c]) - mean[c];
           const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + c]), xmu,
                                                         scale[c], bias[c], nullptr, 0);
-          dx[base + c] = static_cast<scalar_t>(gv * scale[c] + (xmu * k[c] + cst[c]));
+          dx[base + c] = static_cast<scalar_t>(batch ? gv * scale[c] + (xmu * k[c] + cst[c])
+                                                     : gv * scale[c]);
         }
       }
     });
@@ -673,7 +683,8 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
 #if RF_USE_VEC
         using V = AccVec<scalar_t>;
         using aVec = typename V::aVec;
-        const aVec mv(mean[c]), sv(scale[c]), bv(bias[c]), kv(k[c]), cv(cst[c]), none(0);
+        const aVec mv(mean[c]), sv(scale[c]), bv(bias[c]), none(0);
+        const aVec kv(batch ? k[c] : acc_t(0)), cv(batch ? cst[c] : acc_t(0));
         aVec ga, gb, xa, xb;
         for (; i + V::kStep <= HW; i += V::kStep) {
           V::load(grad + base + i, ga, gb);
@@ -682,15 +693,20 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
           xb -= mv;
           ga = masked_grad_vec<scalar_t>(mask, ga, xa, sv, bv, none);
           gb = masked_grad_vec<scalar_t>(mask, gb, xb, sv, bv, none);
-          V::store(dx + base + i, at::vec::fmadd(ga, sv, at::vec::fmadd(xa, kv, cv)),
-                   at::vec::fmadd(gb, sv, at::vec::fmadd(xb, kv, cv)));
+          if (batch) {
+            V::store(dx + base + i, at::vec::fmadd(ga, sv, at::vec::fmadd(xa, kv, cv)),
+                     at::vec::fmadd(gb, sv, at::vec::fmadd(xb, kv, cv)));
+          } else {
+            V::store(dx + base + i, ga * sv, gb * sv);
+          }
         }
 #endif
         for (; i < HW; ++i) {
           const acc_t xmu = static_cast<acc_t>(x[base + i]) - mean[c];
           const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + i]), xmu,
                                                         scale[c], bias[c], nullptr, 0);
-          dx[base + i] = static_cast<scalar_t>(gv * scale[c] + (xmu * k[c] + cst[c]));
+          dx[base + i] = static_cast<scalar_t>(batch ? gv * scale[c] + (xmu * k[c] + cst[c])
+                                                     : gv * scale[c]);
         }
       }
     });

@@ -115,8 +115,9 @@ def _t(shape, device, layout, offset=0.0):
     return t.to(memory_format=torch.channels_last) if layout == "channels_last" else t
 
 
-def run_check(devices: list[str] | None = None, out=sys.stdout) -> int:
+def run_check(devices: list[str] | None = None, out=None) -> int:
     """Runs the self-check; returns 0 when everything matched, else 1."""
+    out = sys.stdout if out is None else out  # the stream of now, not of import time
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     failures = total = 0

@@ -167,7 +167,7 @@ def _key_matches(key: tuple, tensors, eps: float, dtype: torch.dtype) -> bool:
 def _cached_fold(
     conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, cache: FoldCache, pack: bool
 ):
-    """(W', b', packed W' or None) from ``cache``, refolded when any input changed (the
+    """(W', b', packed W' or None, whether W' and b' are finite) from ``cache``, refolded when any input changed (the
     tensor object, its storage or version counter, eps, dtype). None while autograd
     needs the fold (conv_bn_act then folds differentiably) and under torch.compile
     (which traces the fold op instead). Thread-safe: the key is taken before folding, so
@@ -186,7 +186,8 @@ def _cached_fold(
     key = _fold_key(tensors, bn.eps, dtype)
     with torch.no_grad():
         w, b = fold_conv_bn(*tensors[:2], *tensors[2:], bn.eps, dtype=dtype)
-    value = (w, b, _maybe_pack(w, conv.groups) if pack else None)
+    finite = bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())
+    value = (w, b, _maybe_pack(w, conv.groups) if pack else None, finite)
     cache.entry = (key, value)
     return value
 

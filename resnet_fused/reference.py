@@ -116,7 +116,7 @@ def bn_act_forward(
         y = y + residual.to(y.dtype)
     if relu:
         y = torch.relu(y)
-    return y.to(input.dtype)
+    return y.to(input.dtype).contiguous(memory_format=_layout(input))
 
 
 def _relu_mask(grad, input, mean, var, weight, bias, out, eps, relu):

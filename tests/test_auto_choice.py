@@ -101,7 +101,7 @@ def test_eval_trial_uses_the_packed_weight_the_real_call_uses(backend, monkeypat
     with torch.no_grad():
         out = resnet_fused.conv_bn_act(
             x, w, None, None, torch.zeros(8), torch.ones(8), padding=1, backend="auto",
-            _folded=(w, b, packed),
+            _folded=(w, b, packed, True),
         )  # fmt: skip
     assert trials and not packs, "the trial packed the weight that the real call gets packed"
     torch.testing.assert_close(out, trials[0])

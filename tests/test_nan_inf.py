@@ -142,17 +142,6 @@ def test_batch_norm_act(backend, mode, variant, where, value):
 # --- conv_bn_act --------------------------------------------------------------------------
 
 
-_ONEDNN_NAN = pytest.mark.xfail(
-    strict=True,
-    reason="conv_bn_act(backend='cpu', training=False) runs oneDNN's convolution with "
-    "ReLU/add post-ops (torch.ops.mkldnn._convolution_pointwise, functional_conv."
-    "_eval_forward), whose ReLU turns NaN into 0 where eager's torch.relu keeps NaN. "
-    "Reproducer: resnet_fused.conv_bn_act(torch.full((1, 1, 1, 1), float('nan')), "
-    "torch.ones(1, 1, 1, 1), None, None, torch.zeros(1), torch.ones(1), backend='cpu') "
-    "gives 0, backend='torch' and eager give nan",
-)
-
-
 def _conv_cases():
     """(backend, mode, where, value); +-Inf in the convolution weight only in training
     (in eval the fold gives d(out)/d(bn_weight) from sum(dW'*W), a single +-Inf term,
@@ -174,8 +163,6 @@ def _conv_cases():
                     if where == "conv_weight" and value != "nan" and mode == "eval":
                         continue
                     marks = list(backend.marks)
-                    if name == "cpu" and mode == "eval" and value == "nan":
-                        marks.append(_ONEDNN_NAN)
                     cases.append(
                         pytest.param(name, mode, where, value, marks=marks,
                                      id=f"{name}-{mode}-{where}-{value}")

@@ -163,9 +163,6 @@ def _check_grads(names, leaves, leaves64, out, eager_pre, ref_pre, grad, relu, l
 def _check_layout(out, x, backend):
     """Outputs take the input's BatchNorm layout (channels_last stays channels_last, any
     other strides give NCHW)."""
-    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-    if backend == "torch" and not dense:
-        return  # known defect: test_known_defect_torch_backend_bn_output_layout
     assert out.is_contiguous(memory_format=bn_memory_format(x)), (
         f"output strides {out.stride()} for input strides {x.stride()}"
     )
@@ -494,21 +491,12 @@ def conv_cases(draw, backend):
 HALF = (torch.float16, torch.bfloat16)
 
 
-def _conv_known_defects(backend, case, x, res):
-    """Known defects of conv_bn_act outside the CPU kernels, each reproduced by a strict
-    xfail test below: (the case crashes, the gradients that miss the tolerance)."""
+def _conv_known_defects(case, x):
+    """Gradients of conv_bn_act that miss the tolerance for a known reason, each reproduced
+    by a strict xfail test below."""
     folded = case["mode"] == "eval"  # eval with running statistics: BN folded into the conv
-    crash = (  # test_known_defect_cpu_eval_bf16_nchw_residual_relu_crashes
-        backend == "cpu"
-        and folded
-        and x.dtype == torch.bfloat16
-        and res is not None
-        and case["relu"]
-        and not x.is_contiguous(memory_format=torch.channels_last)
-    )
     # test_known_defect_eval_half_bn_weight_grad
-    leave_out = ("bn_weight",) if folded and x.dtype in HALF else ()
-    return crash, leave_out
+    return ("bn_weight",) if folded and x.dtype in HALF else ()
 
 
 def _eager_conv_broken(device, case, dtype) -> bool:
@@ -559,11 +547,9 @@ def check_conv_bn_act(backend, case, *, known_defects=True):
         res = _tensor((n, c_out, ho, wo), dtype, device, case["res_layout"], gen).requires_grad_()
     batch_stats = training or rm is None
     kw = dict(stride=s, padding=p, dilation=d, groups=groups, eps=eps)
-    crash, leave_out = _conv_known_defects(backend, case, x, res)
-    if not known_defects:
-        crash, leave_out = False, ()
-    if crash or _eager_conv_broken(device, case, dtype):
-        assume(False)  # not drawn (see the two functions above)
+    leave_out = _conv_known_defects(case, x) if known_defects else ()
+    if _eager_conv_broken(device, case, dtype):
+        assume(False)  # not drawn (see _eager_conv_broken)
 
     def fused(rm, rv):
         return resnet_fused.conv_bn_act(
@@ -796,17 +782,9 @@ def test_bias_act(backend):
 # --- known defects outside the CPU kernels (to be fixed; strict: they must fail today) ----
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="conv_bn_act(backend='cpu', training=False) with bf16 NCHW input, residual and "
-    "ReLU: oneDNN's _convolution_pointwise.binary raises 'INTERNAL ASSERT FAILED ... "
-    "Unsupported datatype for add_relu' (functional_conv._eval_forward); reproducer: "
-    "x = torch.randn(1, 2, 3, 3).bfloat16(); r = torch.randn(1, 2, 3, 3).bfloat16(); "
-    "w = torch.randn(2, 2, 1, 1).bfloat16(); resnet_fused.conv_bn_act(x, w, None, None, "
-    "torch.zeros(2), torch.ones(2), residual=r, backend='cpu')",
-)
-def test_known_defect_cpu_eval_bf16_nchw_residual_relu_crashes():
+def test_cpu_eval_bf16_nchw_residual_relu():
+    """Once a crash: oneDNN's _convolution_pointwise.binary with bf16 NCHW input, residual
+    and ReLU raised 'INTERNAL ASSERT FAILED ... Unsupported datatype for add_relu'."""
     x = torch.randn(1, 2, 3, 3).bfloat16()
     r = torch.randn(1, 2, 3, 3).bfloat16()
     w = torch.randn(2, 2, 1, 1).bfloat16()
@@ -841,15 +819,9 @@ def test_known_defect_eval_half_bn_weight_grad(backend):
     check_conv_bn_act(backend, case, known_defects=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backend='torch' (reference.bn_act_forward) returns the output in the input's "
-    "strides for inputs that are neither NCHW- nor channels_last-contiguous; the other "
-    "backends (and the fake kernels, empty_bn_like) return NCHW. Reproducer: "
-    "x = torch.randn(2, 3, 4, 5).transpose(2, 3); resnet_fused.batch_norm_act(x, None, "
-    "None, training=True, backend='torch').is_contiguous() is False",
-)
-def test_known_defect_torch_backend_bn_output_layout():
+def test_torch_backend_bn_output_layout():
+    """Once a defect: the "torch" backend kept a transposed input's strides where every
+    other backend (and the fake kernels) return NCHW."""
     x = torch.randn(2, 3, 4, 5).transpose(2, 3)
     out = resnet_fused.batch_norm_act(x, None, None, training=True, backend="torch")
     assert out.is_contiguous(memory_format=bn_memory_format(x))

@@ -148,13 +148,20 @@ _MKLDNN_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(
 )
 
 
-def _mkldnn_ok(x: Tensor, add_relu: bool = False) -> bool:
+def _non_finite(*tensors) -> bool:
+    """True when any tensor holds NaN or Inf (one read of each)."""
+    return any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _mkldnn_ok(x: Tensor, add_relu: bool = False, non_finite: bool = False) -> bool:
     """oneDNN's fused convolution for fp32/bf16 (skipped when torch.backends.mkldnn is
     disabled, as aten's convolution would skip oneDNN). Not under torch.compile, whose
     CPU backend does its own oneDNN fusion: there the aten convolution + the C++ epilogue
     are traced instead. Not for add+ReLU on bf16 NCHW: there the binary op falls back to
-    aten's add_relu, which has no bf16 kernel (an internal assert in torch)."""
-    if torch.compiler.is_compiling():
+    aten's add_relu, which has no bf16 kernel (an internal assert in torch). Not for a ReLU
+    over non-finite inputs: oneDNN's ReLU post-op turns NaN into 0 where torch.relu keeps
+    it (the caller checks the inputs only when a ReLU follows)."""
+    if torch.compiler.is_compiling() or non_finite:
         return False
     if add_relu and x.dtype == torch.bfloat16 and bn_memory_format(x) != torch.channels_last:
         return False
@@ -165,8 +172,11 @@ def _mkldnn_ok(x: Tensor, add_relu: bool = False) -> bool:
     )
 
 
-def _eval_forward(impl, x, w, b, residual, stride, padding, dilation, groups, relu, w_packed):
-    """act(conv2d(x, w) + b [+ residual]) on backend ``impl`` (no autograd)."""
+def _eval_forward(
+    impl, x, w, b, residual, stride, padding, dilation, groups, relu, w_packed, w_finite=None
+):
+    """act(conv2d(x, w) + b [+ residual]) on backend ``impl`` (no autograd). ``w_finite``:
+    whether w and b are known to be finite (a cached fold knows; None: look)."""
     if impl == "triton" and groups == 1 and x.dtype in _TRITON_CONV_DTYPES:
         if w_packed is None:
             w_packed = _triton_pack(w)
@@ -174,7 +184,11 @@ def _eval_forward(impl, x, w, b, residual, stride, padding, dilation, groups, re
             x, w_packed, list(w.shape[2:]), list(stride), list(padding), list(dilation),
             b, residual, relu,
         )  # fmt: skip
-    if impl == "cpu" and _mkldnn_ok(x, residual is not None and relu):
+    if impl == "cpu" and _mkldnn_ok(
+        x,
+        residual is not None and relu,
+        relu and (_non_finite(x, residual) or not (w_finite or not _non_finite(w, b))),
+    ):
         bias = b.to(x.dtype) if b is not None else None
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
@@ -330,7 +344,7 @@ def conv_bn_act(
     backend: str = "auto",
     sync_bn: bool = False,
     process_group=None,
-    _folded: tuple[Tensor, Tensor, Tensor | None] | None = None,
+    _folded: tuple[Tensor, Tensor, Tensor | None, bool | None] | None = None,
 ) -> Tensor:
     """Fused ``relu(batch_norm(conv2d(input, conv_weight, conv_bias)) + residual)``.
 
@@ -426,18 +440,19 @@ def conv_bn_act(
         return run(impl)
 
     if _folded is not None:
-        w_f, b_f, w_packed = _folded
+        w_f, b_f, w_packed, w_finite = _folded
     else:
         w_f, b_f = fold_conv_bn(
             conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps
         )
-        w_packed = None
+        w_packed = w_finite = None
 
     def run_eval(impl, packed=None):
         if not needs_autograd(*(t for t in (input, w_f, b_f, residual) if t is not None)):
             return _eval_forward(
-                impl, input, w_f, b_f, residual, stride, padding, dilation, groups, relu, packed
-            )
+                impl, input, w_f, b_f, residual, stride, padding, dilation, groups, relu, packed,
+                w_finite,
+            )  # fmt: skip
         return _ConvBiasAct.apply(input, w_f, b_f, residual, geometry, relu, impl, packed)
 
     def trial(impl):
@@ -495,5 +510,5 @@ def _conv_bn_act_autocast(input, conv_weight, *args, **kwargs) -> Tensor:
                 conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias,
                 kwargs["eps"], dtype=dtype,
             )  # fmt: skip
-            kwargs["_folded"] = (w_f, b_f, None)
+            kwargs["_folded"] = (w_f, b_f, None, None)
         return conv_bn_act(cast(input), cast(conv_weight), *args, **kwargs)

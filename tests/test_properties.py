@@ -144,18 +144,15 @@ def _leaves64(leaves):
     return [t.detach().double().requires_grad_() for t in leaves]
 
 
-def _check_grads(names, leaves, leaves64, out, eager_pre, ref_pre, grad, relu, leave_out=()):
+def _check_grads(names, leaves, leaves64, out, eager_pre, ref_pre, grad, relu):
     """Every gradient of the fused ``out`` against fp64, eager's and the reference's
-    gradients taken through the fused output's ReLU mask (except those in ``leave_out``:
-    known defects, each covered by a strict xfail test below)."""
+    gradients taken through the fused output's ReLU mask."""
     g_pre = through_fused_mask(grad, out) if relu else grad
     grads = torch.autograd.grad(out, leaves, grad)
     eager_grads = torch.autograd.grad(eager_pre, leaves, g_pre)
     ref_grads = torch.autograd.grad(ref_pre, leaves64, g_pre.double())
     for name, g, ge, g64 in zip(names, grads, eager_grads, ref_grads, strict=True):
         assert g.shape == g64.shape, name
-        if name in leave_out:
-            continue
         assert_close_to_reference(g, ge, g64, name=f"grad {name}")
     return dict(zip(names, grads, strict=True)), g_pre
 
@@ -491,14 +488,6 @@ def conv_cases(draw, backend):
 HALF = (torch.float16, torch.bfloat16)
 
 
-def _conv_known_defects(case, x):
-    """Gradients of conv_bn_act that miss the tolerance for a known reason, each reproduced
-    by a strict xfail test below."""
-    folded = case["mode"] == "eval"  # eval with running statistics: BN folded into the conv
-    # test_known_defect_eval_half_bn_weight_grad
-    return ("bn_weight",) if folded and x.dtype in HALF else ()
-
-
 def _eager_conv_broken(device, case, dtype) -> bool:
     """PyTorch's own bf16 CPU convolution weight gradient returns garbage (huge values,
     Inf, NaN; different from call to call) for a 1-pixel-wide input under a strided 3x3
@@ -513,7 +502,7 @@ def _eager_conv_broken(device, case, dtype) -> bool:
     )
 
 
-def check_conv_bn_act(backend, case, *, known_defects=True):
+def check_conv_bn_act(backend, case):
     device = backend_device(backend)
     gen = torch.Generator().manual_seed(case["seed"])
     dtype, pdtype = DTYPES[case["dtype"]]
@@ -547,7 +536,6 @@ def check_conv_bn_act(backend, case, *, known_defects=True):
         res = _tensor((n, c_out, ho, wo), dtype, device, case["res_layout"], gen).requires_grad_()
     batch_stats = training or rm is None
     kw = dict(stride=s, padding=p, dilation=d, groups=groups, eps=eps)
-    leave_out = _conv_known_defects(case, x) if known_defects else ()
     if _eager_conv_broken(device, case, dtype):
         assume(False)  # not drawn (see _eager_conv_broken)
 
@@ -591,9 +579,7 @@ def check_conv_bn_act(backend, case, *, known_defects=True):
     if relu:
         assert_relu_mask(out, eager_pre, ref_pre)
     grad = _tensor(tuple(out.shape), dtype, device, case["grad_layout"], gen)
-    grads, g_pre = _check_grads(
-        names, leaves, leaves64, out, eager_pre, ref_pre, grad, relu, leave_out
-    )
+    grads, g_pre = _check_grads(names, leaves, leaves64, out, eager_pre, ref_pre, grad, relu)
     if res is not None:
         assert torch.equal(grads["residual"], g_pre)
     if rm is not None:
@@ -800,23 +786,18 @@ def test_cpu_eval_bf16_nchw_residual_relu():
 
 
 @pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
-@pytest.mark.xfail(
-    strict=True,
-    reason="eval mode (BN folded) in bf16/fp16: the bn_weight gradient goes through the "
-    "gradient of the folded weight, rounded to the activation dtype by "
-    "aten.convolution_backward before fold_conv_bn's backward sums dW'*W over "
-    "C_in*kH*kW terms; with C_in = 67 and a 1x1 image its error is 2.3x eager's (6.8e-4 vs "
-    "eager 2.9e-4, bound 5.8e-4). Reproducer: check_conv_bn_act(backend, case) with the "
-    "case in this test (fp32 BN parameters, bf16 activations, eval, residual, no ReLU)",
-)
-def test_known_defect_eval_half_bn_weight_grad(backend):
+def test_eval_half_bn_weight_grad(backend):
+    """Once a defect: in eval with bf16/fp16 activations the bn_weight gradient went
+    through the folded weight's gradient, rounded to half precision before fold_conv_bn's
+    backward summed dW'*W over C_in*kH*kW terms (2.3x eager's error here); BN parameters
+    that need gradients now get them from the BN backward's fp32 sums."""
     case = dict(
         n=1, c_in=67, h=1, w=1, c_out=1, groups=1, kernel=1, stride=1, padding=0, dilation=1,
         conv_bias=False, dtype="bf16-fp32p", layout="nchw", res_layout="nchw",
         grad_layout="nchw", mode="eval", residual=True, relu=False, affine="both",
         momentum=0.1, seed=0,
     )  # fmt: skip
-    check_conv_bn_act(backend, case, known_defects=False)
+    check_conv_bn_act(backend, case)
 
 
 def test_torch_backend_bn_output_layout():

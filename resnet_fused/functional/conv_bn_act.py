@@ -45,6 +45,7 @@ from .conv_choice import _resolve_conv_backend
 __all__ = ["conv_bn_act", "fold_conv_bn"]
 
 _TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 # --- arguments -----------------------------------------------------------------------
@@ -439,6 +440,19 @@ def conv_bn_act(
         )  # fmt: skip
         return run(impl)
 
+    if input.dtype in _HALF and needs_autograd(*(t for t in (bn_weight, bn_bias) if t is not None)):
+        # BatchNorm parameters that need gradients with half-precision activations (e.g.
+        # fine-tuning the affine of a frozen BN under autocast): BN applied to the
+        # convolution's output, whose backward sums Σg, Σg·x̂ in fp32 as eager's does. The
+        # fold would give them through the folded weight's gradient, rounded to half
+        # precision before its C_in·kH·kW-term sums (about 2x eager's error).
+        impl = resolve_backend(backend, input.device)
+        y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+        return _BatchNormAct.apply(
+            y, bn_weight, bn_bias, residual, running_mean, running_var, float(eps), relu,
+            False, impl, None,
+        )  # fmt: skip
+
     if _folded is not None:
         w_f, b_f, w_packed, w_finite = _folded
     else:
@@ -493,6 +507,8 @@ def _conv_bn_act_autocast(input, conv_weight, *args, **kwargs) -> Tensor:
         and running_mean is not None
         and kwargs["_folded"] is None
         and isinstance(conv_weight, Tensor)
+        and not needs_autograd(*(t for t in (bn_weight, bn_bias) if isinstance(t, Tensor)))
+        # (see conv_bn_act: BN parameters needing gradients in half precision)
     )
     conv_bias = kwargs["conv_bias"]
     kwargs["conv_bias"] = cast(conv_bias)

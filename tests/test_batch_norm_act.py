@@ -456,3 +456,36 @@ def test_cpp_bn_ops_check_their_arguments():
         lib.bn_act_backward_reduce(x[:1], x, mean, var, None, None, None, 1e-5, True, False)
     with pytest.raises(RuntimeError, match="sum_dy must have shape"):
         lib.bn_act_backward_elemt(x, x, mean, var, None, None, mean[:2], var, 1e-5, True, True)
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_recomputed_relu_mask_matches_the_output(backend, training, layout):
+    """BN + ReLU recomputes its ReLU mask from the input in the backward: it must agree
+    with the forward's output element for element, also for pre-activations within
+    rounding of zero and in scalar tails (odd sizes). d(bias) = sum of the gradient over
+    the elements where out > 0, so one disagreeing element moves it by about |g| ~ 1."""
+    device = backend_device(backend)
+    n, c, h, w = 3, 37, 5, 3  # no vector-width multiple anywhere: scalar tails
+    x = torch.randn(n, c, h, w, device=device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = (torch.rand(c, device=device) + 0.5).requires_grad_()
+    rm, rv = torch.randn(c, device=device) * 0.1, torch.rand(c, device=device) + 0.5
+    with torch.no_grad():  # a bias putting many pre-activations within rounding of zero
+        if training:
+            mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+        else:
+            mean, var = rm, rv
+        scale = weight / torch.sqrt(var + 1e-5)
+        pick = x.detach()[0, :, 0, 0]
+        bias = (-(pick - mean) * scale).requires_grad_()
+    out = resnet_fused.batch_norm_act(
+        x, rm.clone(), rv.clone(), weight, bias, training, 0.1, 1e-5, backend=backend
+    )
+    g = torch.randn(out.shape, device=device)
+    _, _, gb = torch.autograd.grad(out, (x, weight, bias), g)
+    expected = (g.double() * (out.detach() > 0)).sum(dim=(0, 2, 3))
+    torch.testing.assert_close(gb.double(), expected, rtol=0, atol=1e-4)

@@ -123,6 +123,21 @@ constexpr at::opmath_type<scalar_t> zero_threshold() {
   }
 }
 
+// a*b + c for the BatchNorm affine and backward in scalar code, rounded as the vector
+// loops round it (at::vec::fmadd: one rounding) wherever those exist, so that the ReLU mask
+// the backward recomputes from the input agrees bit for bit with the forward's output and
+// scalar tails match the vector body; never left to the compiler's choice of contraction.
+// Without vector loops (RF_USE_VEC == 0: the baseline target has no FMA instruction) the
+// product and the sum are rounded separately, in the forward and the backward alike.
+template <typename T>
+inline T mul_add(T a, T b, T c) {
+#if RF_USE_VEC
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 template <typename T>
 inline T relu_scalar(T v) {
   return v < T(0) ? T(0) : v;
@@ -377,7 +392,7 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = g.C;
   auto element = [&](acc_t xv, acc_t m, acc_t s, acc_t b, acc_t r) {
-    const acc_t y = (xv - m) * s + b + r;
+    const acc_t y = mul_add(xv - m, s, b) + r;
     return relu ? relu_scalar(y) : y;
   };
   if (g.channels_last) {
@@ -468,7 +483,7 @@ inline at::opmath_type<scalar_t> masked_grad_scalar(BnMask mask, at::opmath_type
     return static_cast<acc_t>(out[offset]) <= acc_t(0) ? acc_t(0) : grad;
   }
   if (mask == BnMask::kFromInput) {
-    return xmu * s + b <= zero_threshold<scalar_t>() ? acc_t(0) : grad;
+    return mul_add(xmu, s, b) <= zero_threshold<scalar_t>() ? acc_t(0) : grad;
   }
   return grad;
 }
@@ -667,8 +682,8 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
           const acc_t xmu = static_cast<acc_t>(x[base + c]) - mean[c];
           const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + c]), xmu,
                                                         scale[c], bias[c], nullptr, 0);
-          dx[base + c] = static_cast<scalar_t>(batch ? gv * scale[c] + (xmu * k[c] + cst[c])
-                                                     : gv * scale[c]);
+          dx[base + c] = static_cast<scalar_t>(
+              batch ? mul_add(gv, scale[c], mul_add(xmu, k[c], cst[c])) : gv * scale[c]);
         }
       }
     });
@@ -705,8 +720,8 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
           const acc_t xmu = static_cast<acc_t>(x[base + i]) - mean[c];
           const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + i]), xmu,
                                                         scale[c], bias[c], nullptr, 0);
-          dx[base + i] = static_cast<scalar_t>(batch ? gv * scale[c] + (xmu * k[c] + cst[c])
-                                                     : gv * scale[c]);
+          dx[base + i] = static_cast<scalar_t>(
+              batch ? mul_add(gv, scale[c], mul_add(xmu, k[c], cst[c])) : gv * scale[c]);
         }
       }
     });

@@ -154,15 +154,15 @@ def _non_finite(*tensors) -> bool:
     return any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _mkldnn_ok(x: Tensor, add_relu: bool = False, non_finite: bool = False) -> bool:
+def _mkldnn_ok(x: Tensor, add_relu: bool = False) -> bool:
     """oneDNN's fused convolution for fp32/bf16 (skipped when torch.backends.mkldnn is
     disabled, as aten's convolution would skip oneDNN). Not under torch.compile, whose
     CPU backend does its own oneDNN fusion: there the aten convolution + the C++ epilogue
     are traced instead. Not for add+ReLU on bf16 NCHW: there the binary op falls back to
-    aten's add_relu, which has no bf16 kernel (an internal assert in torch). Not for a ReLU
-    over non-finite inputs: oneDNN's ReLU post-op turns NaN into 0 where torch.relu keeps
-    it (the caller checks the inputs only when a ReLU follows)."""
-    if torch.compiler.is_compiling() or non_finite:
+    aten's add_relu, which has no bf16 kernel (an internal assert in torch). (The caller
+    also leaves it out for a ReLU over non-finite inputs: oneDNN's ReLU post-op turns NaN
+    into 0 where torch.relu keeps it.)"""
+    if torch.compiler.is_compiling():
         return False
     if add_relu and x.dtype == torch.bfloat16 and bn_memory_format(x) != torch.channels_last:
         return False
@@ -185,10 +185,10 @@ def _eval_forward(
             x, w_packed, list(w.shape[2:]), list(stride), list(padding), list(dilation),
             b, residual, relu,
         )  # fmt: skip
-    if impl == "cpu" and _mkldnn_ok(
-        x,
-        residual is not None and relu,
-        relu and (_non_finite(x, residual) or not (w_finite or not _non_finite(w, b))),
+    if (
+        impl == "cpu"
+        and _mkldnn_ok(x, residual is not None and relu)
+        and not (relu and (_non_finite(x, residual) or not (w_finite or not _non_finite(w, b))))
     ):
         bias = b.to(x.dtype) if b is not None else None
         if residual is None:

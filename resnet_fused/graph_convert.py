@@ -487,6 +487,8 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         m = _module_of(root, node)
         if node in claimed or not isinstance(m, nn.modules.batchnorm._BatchNorm):
             continue
+        if isinstance(m, _class_domain()):  # resnet_fused's own (a fused stem's bn1)
+            continue
         if _why_not_bn(m):
             left.append((name(node), _why_not_bn(m)))
             continue
@@ -671,7 +673,15 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
     conversion.process_group = process_group if has_group else None
     conversion.errors = errors
     module.__dict__[_ATTR] = conversion
-    if sites:
+    if sites and isinstance(module, fx.GraphModule):
+        # A GraphModule (an FX-extracted backbone, ...) gets the rewritten graph itself, which
+        # its own copying and pickling keep (torchvision's feature extractors hold one graph
+        # per mode).
+        if hasattr(module, "train_graph") and hasattr(module, "eval_graph"):
+            module.train_graph, module.eval_graph = train, evalg
+        module.graph = train if module.training else evalg
+        module.recompile()
+    elif sites:
         module.__dict__["forward"] = conversion
     # Leaves that are not standard layers (hooked modules, untraceable ones, the user's
     # leaf classes): converted on their own.
@@ -716,6 +726,8 @@ def graph_report(model: nn.Module):
 
 
 def unfuse_graphs(model: nn.Module) -> None:
+    """Removes the generated forwards (a converted GraphModule keeps its rewritten graph:
+    unfuse it by converting the unconverted model again)."""
     for module in model.modules():
         if isinstance(module.__dict__.get(_ATTR), _GraphConversion):
             del module.__dict__[_ATTR]

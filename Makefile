@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 BENCH_OUT ?= benchmarks/results
 export MAX_JOBS ?= 2
 
-DEPS := torch torchvision triton ninja pybind11 pytest hypothesis numpy matplotlib scikit-learn setuptools wheel ruff
+DEPS := torch torchvision triton ninja pybind11 pytest hypothesis timm numpy matplotlib scikit-learn setuptools wheel ruff
 
 .PHONY: all venv install test bench lint format info clean
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from .graph_convert import convert_graphs, fused_conv_bn, graph_report, unfuse_graphs
 from .modules import FoldCache, _conv_padding, conv_bn_forward, has_hooks, own_hooks
 
 __all__ = [
@@ -181,6 +182,11 @@ class _FusedBlock(nn.Module):
         return block.train(self.training)
 
     def _unit(self, name: str, conv, bn, x, residual=None, relu=True) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # traced (feature extraction): one node per unit
+            return fused_conv_bn(
+                conv, bn, x, residual, relu=relu, backend=self.backend, sync=self.sync_bn,
+                process_group=self.process_group,
+            )  # fmt: skip
         cache = self._fold_caches.get(name)
         if cache is None:
             cache = self._fold_caches[name] = FoldCache()
@@ -312,6 +318,11 @@ class FusedStemConv2d(nn.Conv2d):
     def forward(self, input: Tensor) -> Tensor:
         if self.hooked():
             return super().forward(input)  # the convolution alone; bn1 and relu follow
+        if isinstance(input, torch.fx.Proxy):  # traced (feature extraction): one node
+            return fused_conv_bn(
+                self, self._bn, input, relu=True, backend=self.backend, sync=self.sync_bn,
+                process_group=self.process_group,
+            )  # fmt: skip
         return conv_bn_forward(
             self, self._bn, input, None, True, self.backend, self._fold_cache, self.sync_bn,
             self.process_group,
@@ -351,7 +362,15 @@ def _why_not_block(block: nn.Module) -> str | None:
 
 
 def conversion_report(model: nn.Module) -> dict[str, list[str]]:
-    """Which ResNet parts of ``model`` are fused and which are not (with the reason)."""
+    """What :func:`convert` fused in ``model`` and what it left alone, with the reason.
+
+    ``fused``: each torchvision block and stem converted to its fused class (its module
+    name), then each site fused on a traced graph (``"layer1.0.conv1, layer1.0.bn1,
+    layer1.0.relu (conv-bn-relu)"``). ``not_fused``: each torchvision part left as it was,
+    each Conv/BatchNorm/ReLU candidate left alone (multiple users, unsupported settings,
+    ...), each module that could not be traced (with the error), and each part running
+    unfused now because hooks are registered."""
+    graph_fused, graph_skipped = graph_report(model)
     fused, skipped = [], []
     for name, module in model.named_modules():
         where = name or "<model>"
@@ -370,8 +389,10 @@ def conversion_report(model: nn.Module) -> dict[str, list[str]]:
             else:
                 skipped.append(f"{where}: {_why_not_block(module) or 'not converted'}")
         if isinstance(module, ResNet) and not isinstance(module.conv1, FusedStemConv2d):
-            skipped.append(f"{where}.conv1 (stem): {_why_not_stem(module) or 'not converted'}")
-    return {"fused": fused, "not_fused": skipped}
+            conv1 = f"{name}.conv1" if name else "conv1"
+            if not any(entry.startswith(conv1 + ",") for entry in graph_fused):
+                skipped.append(f"{where}.conv1 (stem): {_why_not_stem(module) or 'not converted'}")
+    return {"fused": fused + graph_fused, "not_fused": skipped + graph_skipped}
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -387,16 +408,27 @@ def convert(
     inplace: bool = False,
     sync_bn: bool = False,
     process_group=None,
+    leaf_modules=(),
 ) -> nn.Module:
-    """The fused twin of a model holding torchvision ResNet parts.
+    """The fused twin of ``model``: every Conv2d->BatchNorm2d->(add)->ReLU, Conv2d->
+    BatchNorm2d, BatchNorm2d->(add)->ReLU and add->ReLU of its computation fused.
 
-    Replaces every torchvision ``BasicBlock`` / ``Bottleneck`` (exact classes) by its
+    Two mechanisms, one set of rules (see :func:`conversion_report`):
+
+    * torchvision's ResNet parts keep their fused classes. Replaces every torchvision ``BasicBlock`` / ``Bottleneck`` (exact classes) by its
     fused block and, in every ``torchvision.models.resnet.ResNet`` (custom layer counts
     too), the stem ``conv1 -> bn1 -> relu`` by one fused unit. Parameters, buffers and
     ``state_dict`` keys are unchanged; outputs, gradients and running statistics match
     the original. A block or stem that cannot be fused as a whole (another norm layer,
     a subclass with its own forward, padding_mode other than zeros, ...) is left
     untouched, and a warning lists each with the reason (see :func:`conversion_report`).
+    * Everything else (user-written blocks, timm's ResNets, VGG-style stacks, ...) is
+      traced with ``torch.fx`` and gets a generated ``forward`` calling the fused kernels
+      on the original modules (see :mod:`resnet_fused.graph_convert`): the module tree,
+      ``state_dict`` keys and the very parameter and buffer objects are unchanged.
+
+    Warns when parts are left unfused, and when the model has BatchNorm layers but
+    nothing was fused.
 
     Args:
         model: any nn.Module; typically a torchvision ResNet.
@@ -406,6 +438,9 @@ def convert(
             ``process_group`` (default: the world group) through torch.distributed, like
             ``nn.SyncBatchNorm`` (works on CPU with gloo too). ``nn.SyncBatchNorm`` layers
             in the model are synchronised over their own group either way.
+        process_group: the group for ``sync_bn`` (default: the world group).
+        leaf_modules: module classes the graph converter does not trace through (each
+            such module is then converted on its own, from its own forward).
     """
     from .backends import BACKENDS
 
@@ -447,10 +482,30 @@ def convert(
             module.conv1 = stem
             module.bn1 = bn
             module.relu = relu
+    leaf_modules = tuple(leaf_modules)
+    if not all(isinstance(c, type) and issubclass(c, nn.Module) for c in leaf_modules):
+        raise TypeError(f"leaf_modules must be nn.Module classes, got {leaf_modules!r}")
+    convert_graphs(
+        model, backend=backend, sync_bn=sync_bn, process_group=process_group,
+        leaf_modules=leaf_modules,
+    )  # fmt: skip
+    graph_fused, graph_skipped = graph_report(model)
+    skipped += graph_skipped
     if skipped:
         warnings.warn(
             "resnet_fused.convert left these parts unfused (they run as before):\n  "
             + "\n  ".join(skipped),
+            stacklevel=2,
+        )
+    fused_any = graph_fused or any(
+        isinstance(m, (_FusedBlock, FusedStemConv2d)) for m in model.modules()
+    )
+    if not fused_any and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        warnings.warn(
+            "resnet_fused.convert fused nothing in this model (see "
+            "resnet_fused.conversion_report for the reasons)",
             stacklevel=2,
         )
     return model
@@ -465,6 +520,7 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = _deepcopy(model)
+    unfuse_graphs(model)
     if isinstance(model, (FusedBasicBlock, FusedBottleneck)):
         return model.to_torchvision()
     for name, module in list(model.named_modules()):

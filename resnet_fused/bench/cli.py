@@ -39,7 +39,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         dest="models",
         default="resnet18,resnet50",
-        help="model level: comma-separated torchvision model names",
+        help="model level: comma-separated model names: torchvision (resnet50), timm "
+        "(timm:resnet50d) or tutorial_resnet18",
     )
     parser.add_argument("--image-size", type=int, default=224, help="model level: image size")
     parser.add_argument(
@@ -241,11 +242,9 @@ def _run_model(args, device, suite=False) -> list[dict]:
     names = args.models.split(",")
     if suite and args.models == "resnet18,resnet50" and device.type == "cpu":
         names = ["resnet50"]
-    import torchvision
-
-    bad = [n for n in names if not callable(getattr(torchvision.models, n, None))]
+    bad = [why for n in names if (why := model.unknown_model(n))]
     if bad:
-        raise _BadArgs(f"unknown torchvision model(s) {bad}")
+        raise _BadArgs("unknown model(s): " + "; ".join(bad))
     amp = args.amp or device.type == "cuda"
     layouts = tuple((args.layouts or "channels_last,nchw").split(","))
     modes = _modes(args, "train", "eval")

@@ -1,4 +1,8 @@
-"""Model-level benchmarks: whole torchvision ResNets, converted vs eager vs compile.
+"""Model-level benchmarks: whole ResNets, converted vs eager vs compile.
+
+Models (``--model``): torchvision names (``resnet50``), timm names (``timm:resnet50d``,
+``pretrained=False``; needs timm) and ``tutorial_resnet18`` (the user-written ResNet of
+:mod:`.tutorial`), all converted by the same ``resnet_fused.convert``.
 
 Providers (``layout`` is a separate axis):
     ``eager``     the torchvision model;
@@ -25,11 +29,40 @@ import resnet_fused
 from . import harness
 
 MODELS = ("resnet18", "resnet50")
+TUTORIAL = {"tutorial_resnet18": "tutorial_resnet18"}
+
+
+def unknown_model(name: str) -> str | None:
+    """Why ``name`` names no model this level can build; None when it does."""
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            return f"{name}: timm is not installed (pip install timm)"
+        if name[5:] not in timm.list_models():
+            return f"{name}: timm has no model {name[5:]!r}"
+        return None
+    if name in TUTORIAL or callable(getattr(torchvision.models, name, None)):
+        return None
+    return f"{name}: not a torchvision model, a timm:<name> or one of {sorted(TUTORIAL)}"
+
+
+def build_model(name: str) -> torch.nn.Module:
+    """A fresh, randomly initialised model (ImageNet classes) by benchmark name."""
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name[5:], pretrained=False)
+    if name in TUTORIAL:
+        from . import tutorial
+
+        return getattr(tutorial, TUTORIAL[name])()
+    return getattr(torchvision.models, name)()
 
 
 def _model(name: str, provider: str, device, fmt, training: bool):
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)().to(device=device, memory_format=fmt)
+    model = build_model(name).to(device=device, memory_format=fmt)
     model.train(training)
     if provider.startswith("fused"):
         backend = provider.split("-", 1)[1] if "-" in provider else "auto"
@@ -157,13 +190,13 @@ def summarise(rows: list[dict]) -> str:
 
     env = rows[0]
     lines = [
-        "# Model benchmark: torchvision ResNets, converted vs eager vs compile",
+        "# Model benchmark: whole ResNets, converted vs eager vs compile",
         "",
         f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda'] or '-'}; {env['date']}; batch {env['batch']}, "
         f"{env['image_size']}x{env['image_size']} images, AMP {env['amp']}.",
         "train = forward + cross-entropy + backward + SGD step; eval = inference. "
-        "×eager(cl) is the speed-up over the eager torchvision model in channels_last. "
+        "×eager(cl) is the speed-up over the same eager model in channels_last. "
         + harness.TIMING_NOTE.format(rounds=env.get("rounds", harness.ROUNDS)),
         "",
     ]

@@ -231,3 +231,28 @@ def test_bias_act(backend, dtype, where, value, relu):
         op_(xi, bias, res, relu)
         assert_same_nonfinite(xi, eager, name="bias_act_")
     assert_same_nonfinite(out, eager, name="bias_act")
+
+
+# --- chains of eval units on the CPU ----------------------------------------------------------
+
+
+def test_nan_reaches_the_output_through_a_converted_model():
+    """A NaN in one image of a batch reaches that image's output in eval (as in eager),
+    and a NaN written into a fused unit's output (in place) reaches the next unit's."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    fused = resnet_fused.convert(model)
+    x = torch.randn(2, 3, 32, 32)
+    x[1, 0, 5, 7] = float("nan")
+    with torch.no_grad():
+        eager, out = model(x), fused(x)
+        assert torch.equal(torch.isnan(out), torch.isnan(eager))
+        assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+
+        unit1 = resnet_fused.FusedConvBNReLU2d(3, 4, 3, padding=1).eval()
+        unit2 = resnet_fused.FusedConvBNReLU2d(4, 4, 3, padding=1).eval()
+        y = unit1(torch.randn(1, 3, 6, 6))
+        assert not torch.isnan(unit2(y)).any()
+        y[0, 1, 2, 2] = float("nan")  # after the unit: in place
+        assert torch.isnan(unit2(y)).any()

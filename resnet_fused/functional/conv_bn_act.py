@@ -22,6 +22,9 @@ On CUDA, ``backend="auto"`` times the Triton and the cuDNN path once per layer s
 
 from __future__ import annotations
 
+import math
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -149,9 +152,34 @@ _MKLDNN_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(
 )
 
 
+# Outputs of CPU eval units computed from finite inputs (id -> (weakref, version)): the
+# next unit's input is usually one, so the read that proves an input finite is paid once
+# per chain of fused units (the network's input, after a pooling, ...), not per unit. An
+# in-place change of the tensor (its version counter) voids the mark.
+_KNOWN_FINITE: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _mark_finite(t: Tensor) -> None:
+    key = id(t)
+    _KNOWN_FINITE[key] = (
+        weakref.ref(t, lambda _, key=key: _KNOWN_FINITE.pop(key, None)),
+        t._version,
+    )
+
+
+def _known_finite(t: Tensor) -> bool:
+    mark = _KNOWN_FINITE.get(id(t))
+    return mark is not None and mark[0]() is t and mark[1] == t._version
+
+
 def _non_finite(*tensors) -> bool:
-    """True when any tensor holds NaN or Inf (one read of each)."""
-    return any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors)
+    """True when any tensor may hold NaN or Inf: one vectorised read of each (a sum, which
+    is NaN or infinite if any element is; finite values whose sum overflows also say
+    True, which only costs the unfused path)."""
+    return any(
+        t is not None and not math.isfinite(t.sum(dtype=stats_dtype(t.dtype)).item())
+        for t in tensors
+    )
 
 
 def _mkldnn_ok(x: Tensor, add_relu: bool = False) -> bool:
@@ -185,21 +213,27 @@ def _eval_forward(
             x, w_packed, list(w.shape[2:]), list(stride), list(padding), list(dilation),
             b, residual, relu,
         )  # fmt: skip
-    if (
-        impl == "cpu"
-        and _mkldnn_ok(x, residual is not None and relu)
-        and not (relu and (_non_finite(x, residual) or not (w_finite or not _non_finite(w, b))))
-    ):
-        bias = b.to(x.dtype) if b is not None else None
-        if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, w, bias, list(padding), list(stride), list(dilation), groups,
-                "relu" if relu else "none", [], "",
-            )  # fmt: skip
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, w, bias, list(padding), list(stride), list(dilation), groups,
-            "add", None, "relu" if relu else None, [], "",
-        )  # fmt: skip
+    if impl == "cpu" and _mkldnn_ok(x, residual is not None and relu):
+        # oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps NaN: only where the
+        # inputs are finite (a NaN cannot then arise inside, short of overflowing fp32).
+        finite = (w_finite if w_finite is not None else not _non_finite(w, b)) and not any(
+            t is not None and not _known_finite(t) and _non_finite(t) for t in (x, residual)
+        )
+        if finite or not relu:
+            bias = b.to(x.dtype) if b is not None else None
+            if residual is None:
+                out = torch.ops.mkldnn._convolution_pointwise(
+                    x, w, bias, list(padding), list(stride), list(dilation), groups,
+                    "relu" if relu else "none", [], "",
+                )  # fmt: skip
+            else:
+                out = torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, residual, w, bias, list(padding), list(stride), list(dilation), groups,
+                    "add", None, "relu" if relu else None, [], "",
+                )  # fmt: skip
+            if finite:
+                _mark_finite(out)
+            return out
     y = F.conv2d(x, w, None, stride, padding, dilation, groups)
     if impl == "torch":
         return reference.bias_act(y, b, residual, relu)

@@ -18,6 +18,7 @@ timed interleaved (:mod:`.harness`), against eager channels_last.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -60,13 +61,15 @@ def build_model(name: str) -> torch.nn.Module:
     return getattr(torchvision.models, name)()
 
 
-def _model(name: str, provider: str, device, fmt, training: bool):
+def _model(name: str, provider: str, device, fmt, training: bool, convert_s: dict):
     torch.manual_seed(0)
     model = build_model(name).to(device=device, memory_format=fmt)
     model.train(training)
     if provider.startswith("fused"):
         backend = provider.split("-", 1)[1] if "-" in provider else "auto"
+        start = time.perf_counter()
         model = resnet_fused.convert(model, backend=backend, inplace=True)
+        convert_s[provider] = time.perf_counter() - start
     if provider.startswith("compile"):
         from .op import compiled
 
@@ -141,10 +144,10 @@ def run_models(
             }  # fmt: skip
             if any(p.startswith("compile") for p in providers):
                 torch._dynamo.reset()
-            fns, steps = {}, {}
+            fns, steps, convert_s = {}, {}, {}
             for provider, layout in keys:
                 fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-                model = _model(name, provider, device, fmt, training)
+                model = _model(name, provider, device, fmt, training, convert_s)
                 fns[provider, layout] = fn = _step(model, training, amp, device)
                 steps[provider, layout] = lambda fn=fn, x=xs[layout], y=y: fn(x, y)
             base = ("eager", "channels_last")
@@ -170,6 +173,7 @@ def run_models(
                     "images_per_s": round(batch / t.median_s, 2),
                     **harness.ratio_columns("speedup_vs_eager_cl", t, measured.get(base)),
                     "peak_mb": peak if peak != PEAK_NA else "",
+                    "convert_s": round(convert_s[provider], 3) if provider in convert_s else "",
                 }
                 rows.append(row)
                 if on_row is not None:
@@ -202,7 +206,10 @@ def summarise(rows: list[dict]) -> str:
     ]
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     lines += [report.ratio_table(rows, ("model", "mode"), providers), ""]
-    header = ["model", "mode", "provider", "layout", "ms", "images/s", "×eager(cl)", "peak MB"]
+    header = [
+        "model", "mode", "provider", "layout", "ms", "images/s", "×eager(cl)", "peak MB",
+        "convert s",
+    ]  # fmt: skip
     table = [
         [
             r["model"],
@@ -213,6 +220,7 @@ def summarise(rows: list[dict]) -> str:
             f"{r['images_per_s']:.1f}",
             harness.ratio_spread(r, "speedup_vs_eager_cl"),
             str(r["peak_mb"]) if r["peak_mb"] != "" else PEAK_NA,
+            str(r.get("convert_s", "")) or "-",
         ]
         for r in rows
     ]

@@ -207,8 +207,8 @@ def summarise(rows: list[dict]) -> str:
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     lines += [report.ratio_table(rows, ("model", "mode"), providers), ""]
     header = [
-        "model", "mode", "provider", "layout", "ms", "images/s", "×eager(cl)", "peak MB",
-        "convert s",
+        "model", "mode", "provider", "layout", "ms", "images/s", "×eager(cl)", "convert s",
+        "peak MB",
     ]  # fmt: skip
     table = [
         [
@@ -219,8 +219,8 @@ def summarise(rows: list[dict]) -> str:
             f"{r['median_ms']:.2f}",
             f"{r['images_per_s']:.1f}",
             harness.ratio_spread(r, "speedup_vs_eager_cl"),
-            str(r["peak_mb"]) if r["peak_mb"] != "" else PEAK_NA,
             str(r.get("convert_s", "")) or "-",
+            str(r["peak_mb"]) if r["peak_mb"] != "" else PEAK_NA,
         ]
         for r in rows
     ]

@@ -26,8 +26,8 @@ _spec.loader.exec_module(example)
 STEPS = 25
 # Stated tolerance: fused and unfused losses agree within 5% at every step (measured on
 # the development machine, backend "cpu": at most 2.4% relative over these 25 steps at
-# lr 0.02; the example's 138 steps at lr 0.05 agree to 1e-6 for ~60 steps and within
-# 1.4% at every step after). Deviation from the fp64 run over the 25 steps, measured:
+# lr 0.02; at lr 0.05 the example's curves agree to ~1e-6 for the first ~60 steps, then
+# drift apart chaotically, as fp32 and fp64 do). Deviation from the fp64 run over the 25 steps, measured:
 # fused 4.1e-4, unfused 4.5e-3 (2x rule + 1e-4 floor, as tests/test_digits.py).
 REL_TOL = 0.05
 

@@ -94,7 +94,10 @@ def _worker(rank, world, init_file, kind, out_dir, mode, device="cpu", backend="
     try:
         # a model holding nn.SyncBatchNorm is synchronised over their group without sync_bn
         sync_bn = kind != "tutorial_syncbn"
-        model = resnet_fused.convert(_build(kind), backend=backend, sync_bn=sync_bn).to(dev)
+        group = dist.new_group(list(range(world))) if mode == "group" else None
+        model = resnet_fused.convert(
+            _build(kind), backend=backend, sync_bn=sync_bn, process_group=group
+        ).to(dev)
         if mode == "allreduce":
             # DDP refuses any nn.SyncBatchNorm module on CPU ("SyncBatchNorm layers only work
             # with GPU modules", in its constructor): the model itself, gradients averaged
@@ -158,6 +161,7 @@ def _run_ranks(
         ("block", "fullgraph"),
         ("block", "autocast"),
         ("tutorial", "eager"),
+        ("tutorial", "group"),
         ("tutorial_syncbn", "allreduce"),
     ],
 )
@@ -165,7 +169,8 @@ def test_sync_bn_ddp_matches_single_process(kind, mode, tmp_path):
     """DDP (eager or torch.compile'd, or under bf16 autocast), or the model compiled with
     fullgraph=True (the all_gather / all_reduce traced into the graphs) with the
     gradients averaged by hand. The tutorial ResNet goes through the graph-level
-    converter: ``convert(sync_bn=True)`` under DDP, and with nn.SyncBatchNorm layers
+    converter: ``convert(sync_bn=True)`` under DDP (over the world group, and over a
+    group passed as ``process_group``), and with nn.SyncBatchNorm layers
     (which DDP does not accept on CPU) run directly with the gradients averaged by hand."""
     _check_against_single_process(kind, _run_ranks(kind, tmp_path, mode), mode == "autocast")
 

@@ -26,7 +26,7 @@ import resnet_fused
 from resnet_fused.bench.tutorial import TutorialResNet
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_digits import accuracy, load_data, train  # noqa: E402
+from train_digits import accuracy, load_data, train
 
 WIDTHS = (16, 32, 64, 128)
 

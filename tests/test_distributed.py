@@ -235,6 +235,36 @@ def test_sync_bn_without_process_group_warns_and_is_local():
     torch.testing.assert_close(out, plain(x), rtol=1e-4, atol=1e-4)
 
 
+def test_graph_sync_bn_refuses_to_run_hooked_batch_norm_unsynchronised():
+    """A graph-converted model (the tutorial ResNet) with ``sync_bn=True`` runs a site
+    whose modules carry hooks through the modules, and a module whose traced-through
+    container carries hooks through its original forward: a plain nn.BatchNorm2d there
+    would train on local statistics, silently. It raises instead (as the fused
+    torchvision blocks do); eval mode, nn.SyncBatchNorm layers (which synchronise
+    themselves) and models without sync_bn run with the hooks honoured."""
+    x, _ = _data("tutorial")
+    fired = []
+    for path in ("layer1.0.bn1", "layer2.0"):  # a fused BN; a traced-through block
+        fired.clear()
+        synced = resnet_fused.convert(_build("tutorial"), backend="cpu", sync_bn=True)
+        synced.get_submodule(path).register_forward_hook(lambda *a: fired.append(1))
+        synced.eval()
+        plain = _build("tutorial").eval()
+        torch.testing.assert_close(synced(x), plain(x), rtol=1e-4, atol=1e-4)
+        assert fired
+        synced.train()
+        with pytest.raises(RuntimeError, match="carries hooks.*convert_sync_batchnorm"):
+            synced(x)
+        for model in (
+            resnet_fused.convert(_build("tutorial_syncbn"), backend="cpu"),
+            resnet_fused.convert(_build("tutorial"), backend="cpu"),
+        ):
+            fired.clear()
+            model.get_submodule(path).register_forward_hook(lambda *a: fired.append(1))
+            torch.testing.assert_close(model(x), _build("tutorial")(x), rtol=1e-4, atol=1e-4)
+            assert fired
+
+
 def _unfuse_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

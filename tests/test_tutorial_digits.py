@@ -13,7 +13,6 @@ import copy
 import importlib.util
 import os
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused

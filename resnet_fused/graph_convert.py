@@ -25,6 +25,9 @@ Rules:
   a fused site whose modules carry hooks at call time runs through the modules themselves
   (hooks honoured) and is reported as running unfused; while a traced-through container
   carries hooks (or global module hooks exist), the module runs its original forward.
+  With ``sync_bn``, running a plain ``nn.BatchNorm2d`` that computes batch statistics
+  through the modules would not synchronise them: that raises (as the fused torchvision
+  blocks do) instead of silently training on each rank's own statistics.
 * Values a traced forward reads from ``self.training`` are baked into the graph: the
   module is traced in training and in eval mode and the generated forward picks the
   graph by the module's own ``training`` flag at call time.
@@ -70,6 +73,17 @@ def _tracer_of(*values):
     return None
 
 
+def _refuse_unsynchronised(bns, what: str) -> None:
+    """``sync_bn`` promised synchronised statistics: a plain ``nn.BatchNorm2d`` computing
+    batch statistics must not run through the module (local statistics, silently)."""
+    from .resnet import _SYNC_HOOKS_ERROR
+
+    for bn in bns:
+        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        if type(bn) is nn.BatchNorm2d and batch_stats:
+            raise RuntimeError(_SYNC_HOOKS_ERROR.format(what=what))
+
+
 def _relu(out: Tensor, relu: bool, relu_module: nn.Module | None) -> Tensor:
     if not relu:
         return out
@@ -111,6 +125,8 @@ def fused_conv_bn(
             "call_function", fused_conv_bn, (conv, bn, input, residual), kwargs
         )
     if has_hooks(conv, bn, relu_module):
+        if sync:
+            _refuse_unsynchronised([bn], "a module of this fused conv-BN site")
         out = bn(conv(input))
         if residual is not None:
             out = out + residual
@@ -162,6 +178,8 @@ def fused_bn(
             kwargs["process_group"] = process_group
         return tracer.create_proxy("call_function", fused_bn, (bn, input, residual), kwargs)
     if has_hooks(bn, relu_module) or (residual is not None and not _same_shape(input, residual)):
+        if sync and has_hooks(bn, relu_module):
+            _refuse_unsynchronised([bn], "a module of this fused BN site")
         out = bn(input)
         if residual is not None:
             out = out + residual
@@ -558,6 +576,7 @@ class _GraphConversion:
         self.watched = watched  # traced-through containers and removed Identity modules
         self.sites, self.left, self.error = sites, left, error
         self.process_group = None
+        self.sync_bn = False
         self._compile()
 
     def _compile(self) -> None:
@@ -580,6 +599,11 @@ class _GraphConversion:
         if has_hooks(*self.watched):
             # hooks on a traced-through container (or global hooks): the original forward,
             # which calls every module (converted children stay converted)
+            if getattr(self, "sync_bn", False):
+                bns = [module.get_submodule(s.bn) for s in self.sites if s.bn is not None]
+                _refuse_unsynchronised(
+                    bns, "a module the converter traced through (or a global hook)"
+                )
             return type(module).forward(module, *args, **kwargs)
         fn = self._fns["train" if module.training else "eval"]
         return fn(module, *args, **kwargs)
@@ -671,6 +695,7 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
         module, sources if sites else {}, import_block, watched, sites, left
     )
     conversion.process_group = process_group if has_group else None
+    conversion.sync_bn = sync_bn
     conversion.errors = errors
     module.__dict__[_ATTR] = conversion
     if sites and isinstance(module, fx.GraphModule):

@@ -20,15 +20,21 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 import resnet_fused
+from resnet_fused.bench.tutorial import TutorialResNet
 
 SIZES = [3, 2]  # images per rank: uneven on purpose
 
 
 def _build(kind: str) -> nn.Module:
+    """``block``: a torchvision Bottleneck; ``resnet18``: torchvision's; ``tutorial``: the
+    user-written tutorial ResNet (graph-level converter), ``tutorial_syncbn`` the same with
+    nn.SyncBatchNorm.convert_sync_batchnorm applied (before resnet_fused.convert)."""
     torch.manual_seed(0)
     if kind == "block":
         down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
         model = Bottleneck(16, 8, 2, down)
+    elif kind.startswith("tutorial"):
+        model = TutorialResNet((1, 1, 1, 1), (8, 16, 32, 64), num_classes=10, small_input=True)
     else:
         model = torchvision.models.resnet18(num_classes=10)
     with torch.no_grad():
@@ -36,12 +42,16 @@ def _build(kind: str) -> nn.Module:
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.2)
+    if kind == "tutorial_syncbn":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
 
 def _data(kind: str):
     g = torch.Generator().manual_seed(1)
-    shape = (sum(SIZES), 16, 8, 8) if kind == "block" else (sum(SIZES), 3, 32, 32)
+    # the tutorial ResNet at 16x16: its last stage's BatchNorm sees 2x2 values per image
+    side = 16 if kind.startswith("tutorial") else 32
+    shape = (sum(SIZES), 16, 8, 8) if kind == "block" else (sum(SIZES), 3, side, side)
     x = torch.randn(shape, generator=g)
     out_shape = (sum(SIZES), 32, 4, 4) if kind == "block" else (sum(SIZES), 10)
     return x, torch.randn(out_shape, generator=g)
@@ -51,7 +61,7 @@ def _running_stats(model):
     return [
         t.clone()
         for m in model.modules()
-        if isinstance(m, nn.BatchNorm2d)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)  # nn.SyncBatchNorm too
         for t in (m.running_mean, m.running_var)
     ]
 
@@ -82,8 +92,18 @@ def _dist_setup(rank: int, world: int, init_file: str, device: str) -> torch.dev
 def _worker(rank, world, init_file, kind, out_dir, mode, device="cpu", backend="cpu") -> None:
     dev = _dist_setup(rank, world, init_file, device)
     try:
-        model = resnet_fused.convert(_build(kind), backend=backend, sync_bn=True).to(dev)
-        if mode == "fullgraph":
+        # a model holding nn.SyncBatchNorm is synchronised over their group without sync_bn
+        sync_bn = kind != "tutorial_syncbn"
+        group = dist.new_group(list(range(world))) if mode == "group" else None
+        model = resnet_fused.convert(
+            _build(kind), backend=backend, sync_bn=sync_bn, process_group=group
+        ).to(dev)
+        if mode == "allreduce":
+            # DDP refuses any nn.SyncBatchNorm module on CPU ("SyncBatchNorm layers only work
+            # with GPU modules", in its constructor): the model itself, gradients averaged
+            # by hand as DDP would
+            ddp = model
+        elif mode == "fullgraph":
             # One graph per direction, collectives included (an error on any graph break).
             ddp = torch.compile(model, fullgraph=True)
         else:
@@ -100,7 +120,7 @@ def _worker(rank, world, init_file, kind, out_dir, mode, device="cpu", backend="
             with torch.autocast(dev.type, torch.bfloat16, enabled=mode == "autocast"):
                 out = ddp(xs)
             (out.float() * ws).sum().backward()
-            if mode == "fullgraph":
+            if mode in ("fullgraph", "allreduce"):
                 _average_gradients(model)
         result = {
             "out": out.detach().cpu(),
@@ -140,12 +160,18 @@ def _run_ranks(
         ("block", "ddp+compile"),
         ("block", "fullgraph"),
         ("block", "autocast"),
+        ("tutorial", "eager"),
+        ("tutorial", "group"),
+        ("tutorial_syncbn", "allreduce"),
     ],
 )
 def test_sync_bn_ddp_matches_single_process(kind, mode, tmp_path):
     """DDP (eager or torch.compile'd, or under bf16 autocast), or the model compiled with
     fullgraph=True (the all_gather / all_reduce traced into the graphs) with the
-    gradients averaged by hand."""
+    gradients averaged by hand. The tutorial ResNet goes through the graph-level
+    converter: ``convert(sync_bn=True)`` under DDP (over the world group, and over a
+    group passed as ``process_group``), and with nn.SyncBatchNorm layers
+    (which DDP does not accept on CPU) run directly with the gradients averaged by hand."""
     _check_against_single_process(kind, _run_ranks(kind, tmp_path, mode), mode == "autocast")
 
 
@@ -162,7 +188,8 @@ def test_sync_bn_ddp_on_gpu(kind, backend, tmp_path):
 
 
 def _check_against_single_process(kind: str, results: list[dict], autocast=False) -> None:
-    reference = _build(kind)  # unfused torchvision, one process, the whole batch
+    # unfused (plain BatchNorm2d), one process, the whole batch
+    reference = _build("tutorial" if kind == "tutorial_syncbn" else kind)
     if autocast:
         # bf16 rounding differs between eager and fused (both are ~5% from fp64 in the
         # gradients at this tiny batch), so under autocast the reference is the fused
@@ -206,6 +233,36 @@ def test_sync_bn_without_process_group_warns_and_is_local():
         rd._warned = False
         out = model(x)
     torch.testing.assert_close(out, plain(x), rtol=1e-4, atol=1e-4)
+
+
+def test_graph_sync_bn_refuses_to_run_hooked_batch_norm_unsynchronised():
+    """A graph-converted model (the tutorial ResNet) with ``sync_bn=True`` runs a site
+    whose modules carry hooks through the modules, and a module whose traced-through
+    container carries hooks through its original forward: a plain nn.BatchNorm2d there
+    would train on local statistics, silently. It raises instead (as the fused
+    torchvision blocks do); eval mode, nn.SyncBatchNorm layers (which synchronise
+    themselves) and models without sync_bn run with the hooks honoured."""
+    x, _ = _data("tutorial")
+    fired = []
+    for path in ("layer1.0.bn1", "layer2.0"):  # a fused BN; a traced-through block
+        fired.clear()
+        synced = resnet_fused.convert(_build("tutorial"), backend="cpu", sync_bn=True)
+        synced.get_submodule(path).register_forward_hook(lambda *a: fired.append(1))
+        synced.eval()
+        plain = _build("tutorial").eval()
+        torch.testing.assert_close(synced(x), plain(x), rtol=1e-4, atol=1e-4)
+        assert fired
+        synced.train()
+        with pytest.raises(RuntimeError, match="carries hooks.*convert_sync_batchnorm"):
+            synced(x)
+        for model in (
+            resnet_fused.convert(_build("tutorial_syncbn"), backend="cpu"),
+            resnet_fused.convert(_build("tutorial"), backend="cpu"),
+        ):
+            fired.clear()
+            model.get_submodule(path).register_forward_hook(lambda *a: fired.append(1))
+            torch.testing.assert_close(model(x), _build("tutorial")(x), rtol=1e-4, atol=1e-4)
+            assert fired
 
 
 def _unfuse_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -415,13 +415,14 @@ def convert(
 
     Two mechanisms, one set of rules (see :func:`conversion_report`):
 
-    * torchvision's ResNet parts keep their fused classes. Replaces every torchvision ``BasicBlock`` / ``Bottleneck`` (exact classes) by its
-    fused block and, in every ``torchvision.models.resnet.ResNet`` (custom layer counts
-    too), the stem ``conv1 -> bn1 -> relu`` by one fused unit. Parameters, buffers and
-    ``state_dict`` keys are unchanged; outputs, gradients and running statistics match
-    the original. A block or stem that cannot be fused as a whole (another norm layer,
-    a subclass with its own forward, padding_mode other than zeros, ...) is left
-    untouched, and a warning lists each with the reason (see :func:`conversion_report`).
+    * torchvision's ResNet parts keep their fused classes: every torchvision
+      ``BasicBlock`` / ``Bottleneck`` (exact classes) becomes its fused block and, in
+      every ``torchvision.models.resnet.ResNet`` (custom layer counts too), the stem
+      ``conv1 -> bn1 -> relu`` one fused unit. Parameters, buffers and ``state_dict``
+      keys are unchanged; outputs, gradients and running statistics match the original.
+      A block or stem that cannot be fused as a whole (another norm layer, a subclass
+      with its own forward, padding_mode other than zeros, ...) is left untouched, and a
+      warning lists each with the reason (see :func:`conversion_report`).
     * Everything else (user-written blocks, timm's ResNets, VGG-style stacks, ...) is
       traced with ``torch.fx`` and gets a generated ``forward`` calling the fused kernels
       on the original modules (see :mod:`resnet_fused.graph_convert`): the module tree,

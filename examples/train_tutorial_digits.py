@@ -13,11 +13,9 @@ Prints what the conversion fused, both loss curves and the held-out accuracies.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
-import time
 
 import torch
 from torch import nn
@@ -26,7 +24,7 @@ import resnet_fused
 from resnet_fused.bench.tutorial import TutorialResNet
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_digits import accuracy, load_data, train
+from train_digits import compare, load_data, parse_args
 
 WIDTHS = (16, 32, 64, 128)
 
@@ -52,16 +50,7 @@ def report_counts(model: nn.Module) -> dict[str, int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--channels-last", action="store_true")
-    args = parser.parse_args(argv)
-
-    x_train, y_train, x_test, y_test = load_data()
-    fmt = torch.channels_last if args.channels_last else None
+    args = parse_args(argv, __doc__.splitlines()[0])
     unfused = make_model()
     fused = resnet_fused.convert(copy.deepcopy(unfused), backend=args.backend)
     counts = report_counts(fused)
@@ -72,31 +61,7 @@ def main(argv=None) -> int:
     )
     for entry in resnet_fused.conversion_report(fused)["not_fused"]:
         print(f"  left alone: {entry}")
-    if fmt is not None:
-        unfused, fused = unfused.to(memory_format=fmt), fused.to(memory_format=fmt)
-    print(
-        f"digits: {len(x_train)} training / {len(x_test)} held-out images; "
-        f"{args.epochs} epochs, batch {args.batch_size}, backend {args.backend!r}"
-    )
-    curves, accs, times = {}, {}, {}
-    for name, model in (("unfused", unfused), ("fused", fused)):
-        start = time.perf_counter()
-        curves[name] = train(
-            model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, fmt=fmt,
-        )  # fmt: skip
-        times[name] = time.perf_counter() - start
-        accs[name] = accuracy(model, x_test, y_test, fmt)
-    steps = len(curves["unfused"])
-    print(f"\n{'step':>5} {'unfused loss':>13} {'fused loss':>11} {'|diff|':>9}")
-    for i in sorted({*range(0, steps, max(1, steps // 20)), steps - 1}):
-        lu, lf = curves["unfused"][i], curves["fused"][i]
-        print(f"{i + 1:5d} {lu:13.5f} {lf:11.5f} {abs(lu - lf):9.2e}")
-    print(
-        f"\nheld-out accuracy: unfused {100 * accs['unfused']:.2f}%, "
-        f"fused {100 * accs['fused']:.2f}%"
-    )
-    print(f"training time: unfused {times['unfused']:.1f} s, fused {times['fused']:.1f} s")
+    compare(unfused, fused, load_data(), args)
     return 0
 
 

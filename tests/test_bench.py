@@ -211,3 +211,19 @@ def test_model_level_takes_timm_and_tutorial_models(tmp_path, capsys):
     assert all(float(r["images_per_s"]) > 0 for r in rows)
     # the conversion's own time is reported for the fused provider (not a timed test)
     assert all((r["convert_s"] != "") == (r["provider"] == "fused") for r in rows)
+
+
+def test_model_summary_pairs_fused_with_eager():
+    """The per-provider convert_s column must not split one case in two (the summary's
+    geometric mean was nan when it did)."""
+    from resnet_fused.bench import model
+
+    base = dict(device="cpu", torch="x", triton="x", cuda="", date="d", batch=2,
+                image_size=32, amp=False, rounds=2, model="m", mode="eval")  # fmt: skip
+    rows = [
+        {**base, "layout": "channels_last", "provider": "eager", "median_ms": 2.0,
+         "images_per_s": 1.0, "peak_mb": "", "convert_s": ""},
+        {**base, "layout": "channels_last", "provider": "fused", "median_ms": 1.0,
+         "images_per_s": 2.0, "peak_mb": "", "convert_s": 0.1},
+    ]  # fmt: skip
+    assert "| m | eval | 2.00× |" in model.summarise(rows)

@@ -14,6 +14,7 @@ import importlib.util
 import os
 
 import torch
+from test_digits import assert_training_parity
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused
@@ -82,18 +83,4 @@ def test_training_parity_on_digits():
 
 
 def _training_parity():
-    x, y, _, _ = example.load_data()
-    unfused = example.make_model(widths=WIDTHS)
-    fused = resnet_fused.convert(copy.deepcopy(unfused), backend="cpu")
-    fp64 = copy.deepcopy(unfused).double()
-    kw = dict(epochs=6, lr=0.02, max_steps=STEPS)
-    lu = example.train(unfused, x, y, **kw)
-    lf = example.train(fused, x, y, **kw)
-    ld = example.train(fp64, x.double(), y, **kw)
-    assert len(lu) == len(lf) == STEPS
-    for i, (a, b) in enumerate(zip(lf, lu, strict=True)):
-        assert abs(a - b) <= REL_TOL * b, f"step {i + 1}: fused {a:.5f} vs unfused {b:.5f}"
-    dev_f = max(abs(a - b) for a, b in zip(lf, ld, strict=True))
-    dev_u = max(abs(a - b) for a, b in zip(lu, ld, strict=True))
-    assert dev_f <= 2 * dev_u + 1e-4, f"fused {dev_f:.2e} vs unfused {dev_u:.2e} from fp64"
-    assert lf[-1] < 0.25 * lf[0]  # it learns
+    assert_training_parity(example.make_model(widths=WIDTHS), STEPS, REL_TOL)

@@ -39,14 +39,17 @@ TORCH_VERSION = parse_version(torch.__version__)
 OLD_COMPILED_AUTOGRAD = TORCH_VERSION < (2, 14)
 
 
-def compose_reference_under_compile(impl: str, *tensors) -> bool:
+def compose_reference_under_compile(backend: str, device, *tensors) -> bool:
     """True where the "torch" backend must run the reference composition (plain autograd
     ops) rather than its autograd.Function: under torch.compile on torch < 2.14, when a
-    gradient is needed."""
+    gradient is needed. ``backend`` may be "auto" (resolved only once the cheap checks
+    pass: nothing is done per call on a current torch)."""
+    if not (OLD_COMPILED_AUTOGRAD and torch.compiler.is_compiling()):
+        return False
+    from .backends import resolve_backend
+
     return (
-        impl == "torch"
-        and OLD_COMPILED_AUTOGRAD
-        and torch.compiler.is_compiling()
+        resolve_backend(backend, device) == "torch"
         and torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in tensors)
     )

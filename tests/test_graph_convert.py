@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from test_resnet import _randomise_bn
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -97,16 +98,6 @@ class TutorialResNet(nn.Module):
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def _randomise_bn(model: nn.Module) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
 
 
 def _bn_state(model):

@@ -199,7 +199,9 @@ def batch_norm_act(
     from ..distributed import sync_group, synchronise
 
     group = sync_group(process_group, sync and training)
-    if group is None and compose_reference_under_compile(impl, input, weight, bias, residual):
+    if group is None and compose_reference_under_compile(
+        impl, input.device, input, weight, bias, residual
+    ):
         return reference.batch_norm_act(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             residual=residual, relu=relu,

@@ -425,7 +425,7 @@ def conv_bn_act(
     batch_stats = training or running_mean is None
     tensors = (input, conv_weight, conv_bias, bn_weight, bn_bias, residual)
     if not (sync_bn and training) and compose_reference_under_compile(
-        resolve_backend(backend, input.device), *tensors
+        backend, input.device, *tensors
     ):
         return reference.conv_bn_act(
             input, conv_weight, bn_weight, bn_bias, running_mean, running_var,

@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
 # The GPU check in one go, for a machine with a CUDA GPU and torch/triton installed:
 # build the extension in place, run the whole test suite on the GPU, run the GPU
-# benchmarks. Everything it writes goes under $OUT (default: ./gpu_out).
+# benchmarks. Everything it writes goes under $OUT (default: ./gpu_out), as it goes, so a
+# run cut by a timeout keeps what it finished.
 #
 #   OUT=/tmp/x STAGES="build test bench" bash benchmarks/gpu_suite.sh
 #
 # Variables: PYTHON (default python3), STAGES (any of build test bench; default all),
-# TEST_ARGS (extra pytest arguments), BENCH_LEVELS (default "layer model op"; "sync" too),
-# LAYER_ARGS / MODEL_ARGS / OP_ARGS / SYNC_ARGS (`resnet_fused bench` arguments per level;
-# defaults: a quick bf16 layer selection, ResNet-50 with AMP, the quick channels_last op
+# TEST_ARGS (extra pytest arguments), BENCH_LEVELS (default "profile layer model op";
+# "sync" too), PROFILE_ARGS / LAYER_ARGS / MODEL_ARGS / OP_ARGS / SYNC_ARGS (`resnet_fused
+# bench` arguments per level; defaults below: the deep 3x3 layers profiled per provider
+# in bf16, every ResNet-50 layer in bf16 with eager and auto (train and eval), the model
+# level's GPU default (ResNet-50 and ResNet-18 with AMP), the quick channels_last op
 # selection, every synchronised-BN case over 2 ranks), TEST_TIMEOUT / BENCH_TIMEOUT
-# (seconds, each), TORCH_CUDA_ARCH_LIST (default: this GPU's).
+# (seconds, each), TORCH_CUDA_ARCH_LIST (default: this GPU's), BENCH_DEVICE (default
+# cuda; cpu runs the bench stage's logic on a machine without a GPU).
 # $OUT/00_summary.txt collects what matters (GPU, build time, test counts and the name
 # of every failed test, each benchmark's markdown report); it sorts first, for
-# transfers that bring back only a few files. The test suite alone takes over 5 minutes
-# on an H200 with 14 workers (a run cut at 290 s had done about 95% of it), so on a
-# machine with a 10-minute limit per command run STAGES="build test" and STAGES="bench"
-# as two commands (the build stays in place). The tests pin one Triton conv configuration (RESNET_FUSED_CONV_CONFIG) so that they do
-# not autotune every shape; the benchmarks autotune.
+# transfers that bring back only a few files. The per-test lines (pytest -v) name every
+# failure even when a timeout cuts the run short.
+#
+# Durations on an H200: the test suite alone takes over 5 minutes with 14 workers (a run
+# cut at 290 s had done about 95% of it). With 10 minutes per command and about 15
+# minutes of device time per session (start-up included), a session runs two commands:
+#   OUT=$OUT STAGES="build test" TEST_TIMEOUT=360 bash benchmarks/gpu_suite.sh
+#   OUT=$OUT STAGES=bench BENCH_TIMEOUT=150 bash benchmarks/gpu_suite.sh
+# (the build stays in place between them). The tests pin one Triton conv configuration
+# (RESNET_FUSED_CONV_CONFIG) so that they do not autotune every shape; so does the bench
+# stage unless BENCH_AUTOTUNE=1 (autotuning each of ResNet-50's shapes costs minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -70,18 +80,36 @@ if [[ " $STAGES " == *" test "* ]]; then
 fi
 
 if [[ " $STAGES " == *" bench "* ]]; then
-  for level in ${BENCH_LEVELS:-layer model op}; do
+  if [[ "${BENCH_AUTOTUNE:-0}" != 1 ]]; then
+    export RESNET_FUSED_CONV_CONFIG=${RESNET_FUSED_CONV_CONFIG:-128,64,32,4,3}
+  fi
+  for level in ${BENCH_LEVELS:-profile layer model op}; do
     start=$SECONDS
-    args=${OP_ARGS:---quick --layouts channels_last --providers eager,cuda,triton}
-    [[ $level == layer ]] && args=${LAYER_ARGS:---quick --dtype bf16 --min-run-time 0.1}
-    [[ $level == model ]] && args=${MODEL_ARGS:---models resnet50}
-    [[ $level == sync ]] && args=${SYNC_ARGS:---min-run-time 0.3}
-    timeout "${BENCH_TIMEOUT:-100}" $PY -m resnet_fused bench --level "$level" --device cuda \
-        --out "$OUT" $args >"$OUT/bench_$level.log" 2>&1
+    args=(--quick --layouts channels_last --providers eager,cuda,triton,auto)
+    [[ -n ${OP_ARGS:-} ]] && eval "args=($OP_ARGS)"
+    if [[ $level == profile ]]; then
+      args=(--dtype bf16 --layers "l3.conv2 3x3,l4.conv2 3x3,l3.conv3 1x1")
+      [[ -n ${PROFILE_ARGS:-} ]] && eval "args=($PROFILE_ARGS)"
+    elif [[ $level == layer ]]; then
+      args=(--dtype bf16 --min-run-time 0.1 --providers eager,auto)
+      [[ -n ${LAYER_ARGS:-} ]] && eval "args=($LAYER_ARGS)"
+    elif [[ $level == model ]]; then
+      args=()
+      [[ -n ${MODEL_ARGS:-} ]] && eval "args=($MODEL_ARGS)"
+    elif [[ $level == sync ]]; then
+      args=(--min-run-time 0.3)
+      [[ -n ${SYNC_ARGS:-} ]] && eval "args=($SYNC_ARGS)"
+    fi
+    timeout "${BENCH_TIMEOUT:-150}" $PY -m resnet_fused bench --level "$level" \
+        --device "${BENCH_DEVICE:-cuda}" \
+        --out "$OUT" "${args[@]}" >"$OUT/bench_$level.log" 2>&1
     rc=$?
     grep -v "^W1\|Warning" "$OUT/bench_$level.log" | tail -n 30
     echo "bench $level: rc=$rc, $((SECONDS - start)) s" | tee -a "$SUMMARY"
-    for md in "$OUT"/"${level}"_*.md; do [[ -f $md ]] && cat "$md" >>"$SUMMARY"; done
+    for md in "$OUT"/"${level}"_*.md; do
+      # (the profile report's per-kernel tables stay in its own file)
+      [[ -f $md ]] && { [[ $level == profile ]] && sed -n '1,/^### /p' "$md" || cat "$md"; } >>"$SUMMARY"
+    done
     [[ $rc -ne 0 ]] && status=1
   done
 fi

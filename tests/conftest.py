@@ -15,6 +15,13 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# backend="auto" chooses between the fused kernels and eager ops by timing each new shape
+# (resnet_fused.functional.auto_choice): a choice that depends on the machine's load.
+# The suite pins the fused kernels so that every run tests the same code;
+# tests/test_auto_choice.py and the "auto" cases of the op tests cover the timed choice and
+# the eager pick. RESNET_FUSED_AUTO=time runs the whole suite as users get it.
+os.environ.setdefault("RESNET_FUSED_AUTO", "fused")
+
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
@@ -59,7 +66,13 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 def backend_device(backend: str) -> str:
     """The device a backend's tests run on here."""
-    return {"torch": "cpu", "cpu": "cpu", "cuda": "cuda", "triton": TRITON_DEVICE}[backend]
+    return {
+        "torch": "cpu",
+        "cpu": "cpu",
+        "cuda": "cuda",
+        "triton": TRITON_DEVICE,
+        "auto": "cuda" if HAS_CUDA else "cpu",
+    }[backend]
 
 
 def backend_params(backends=("torch", "cpu", "cuda", "triton")):
@@ -73,6 +86,21 @@ def backend_params(backends=("torch", "cpu", "cuda", "triton")):
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(backend, marks=marks, id=backend))
     return params
+
+
+AUTO_POLICIES = ("eager", "time")
+
+
+@pytest.fixture(params=AUTO_POLICIES)
+def auto_policy(request, monkeypatch):
+    """backend="auto" under each policy of RESNET_FUSED_AUTO but the suite's pinned
+    "fused": always eager, and timed per shape (fresh picks)."""
+    from resnet_fused.functional import auto_choice
+
+    monkeypatch.setenv(auto_choice.POLICY_ENV, request.param)
+    auto_choice._AUTO_CHOICES.clear()
+    yield request.param
+    auto_choice._AUTO_CHOICES.clear()
 
 
 @pytest.fixture(autouse=True)

@@ -59,6 +59,19 @@ def test_forward_backward_against_reference(backend, dtype, layout, shape):
         assert out.is_contiguous(memory_format=torch.channels_last), "layout of x not kept"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_auto_policies_against_reference(auto_policy, dtype, layout):
+    """backend="auto" always eager, and timed per shape (whichever it picks here)."""
+    for shape in SHAPES[:4]:
+        test_forward_backward_against_reference("auto", dtype, layout, shape)
+    x = _make(SHAPES[2], dtype, backend_device("auto"), layout, "x")
+    r = _make(SHAPES[2], dtype, backend_device("auto"), layout, "residual")
+    expected = torch.relu(x + r)
+    assert resnet_fused.add_relu_(x, r, backend="auto") is x
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])

@@ -124,6 +124,17 @@ def test_against_reference(backend, dtype, pdtype, layout, mode, variant):
     _run_case(backend, dtype, pdtype, layout, mode, variant, shape)
 
 
+@pytest.mark.parametrize(("dtype", "pdtype"), DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_auto_policies_against_reference(auto_policy, dtype, pdtype, layout, mode):
+    """backend="auto" always eager, and timed per shape: every variant, two steps (the
+    running statistics are updated once per call, never by a timing trial)."""
+    for i, variant in enumerate(VARIANTS):
+        shape = SHAPES[(i + LAYOUTS.index(layout)) % len(SHAPES)]
+        _run_case("auto", dtype, pdtype, layout, mode, variant, shape, steps=2)
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("momentum", [0.1, 0.5, 1.0, 0.0])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -227,3 +227,27 @@ def test_model_summary_pairs_fused_with_eager():
          "images_per_s": 2.0, "peak_mb": "", "convert_s": 0.1},
     ]  # fmt: skip
     assert "| m | eval | 2.00× |" in model.summarise(rows)
+
+
+@pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
+def test_profile_level_reports_kernels_and_the_op_trace_per_provider(tmp_path, capsys):
+    args = ["--level", "profile", "--device", "cpu", "--batch", "2", "--layers",
+            "l4.conv2 3x3", "--providers", "eager,cpu,auto"]  # fmt: skip
+    assert _bench(tmp_path, *args) == 0
+    md = next(tmp_path.glob("profile_*.md")).read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| layer | provider"))
+    for provider in ("eager", "cpu", "auto"):
+        row = next(
+            line for line in md.splitlines() if line.startswith(f"| l4.conv2 3x3 | {provider} |")
+        )
+        assert row.count("|") == header.count("|")
+    assert "### l4.conv2 3x3, eager" in md and "aten::native_batch_norm" in md
+    trace = next(tmp_path.glob("profile_*_ops.txt")).read_text()
+    eager = trace.split("## l4.conv2 3x3, cpu")[0]
+    fused = trace.split("## l4.conv2 3x3, cpu")[1].split("## l4.conv2 3x3, auto")[0]
+    assert "aten.native_batch_norm" in eager and "resnet_fused.bn_" not in eager
+    assert "resnet_fused.bn_act_forward.default: float32[2, 512, 7, 7] NHWC" in fused
+    assert "aten.native_batch_norm" not in fused
+    assert "aten.convolution_backward.default" in fused
+    assert _bench(tmp_path, "--level", "profile", "--device", "cpu", "--providers", "conv") == 2
+    assert "not available here" in capsys.readouterr().err

@@ -16,7 +16,7 @@ OPS = ("add_relu", "bn_relu", "bn_add_relu")
 LAYOUTS = ("channels_last", "nchw")
 
 
-LEVELS = ("suite", "op", "layer", "block", "model", "sync")
+LEVELS = ("suite", "op", "layer", "block", "model", "sync", "profile")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "2-core CPU); op: the elementwise/BN ops; layer: ResNet-50's Conv+BN+(add)+ReLU "
         "units; block: ResNet blocks; model: whole ResNets, converted vs eager vs compile; "
         "sync: synchronised BatchNorm over --world ranks (torch.distributed), fused vs "
-        "nn.SyncBatchNorm / eager (not part of the suite)",
+        "nn.SyncBatchNorm / eager; profile: where a layer's training step spends its time "
+        "per provider (torch.profiler kernels and an aten op trace; --layers, default the "
+        "deep 3x3 layers) (sync and profile are not part of the suite)",
     )
     parser.add_argument(
         "--world", type=int, default=2, help="sync level: number of ranks (processes)"
@@ -142,7 +144,7 @@ def run_bench(args: argparse.Namespace) -> int:
             args.out = os.path.join(args.out, "suite")
         for level in levels:
             run = {"op": _run_op, "layer": _run_layer, "block": _run_block, "model": _run_model,
-                   "sync": _run_sync}  # fmt: skip
+                   "sync": _run_sync, "profile": _run_profile}  # fmt: skip
             print(f"== {level} level ==", flush=True)
             runs[level] = run[level](args, device, suite=args.level == "suite")
     except (_BadArgs, ValueError) as exc:
@@ -159,7 +161,8 @@ def run_bench(args: argparse.Namespace) -> int:
 def _run_op(args, device, suite=False) -> list[dict]:
     batch = args.batch or (256 if device.type == "cuda" else 8)
     dtype = DTYPES[args.dtype]
-    valid = ["eager", "compile", "compile-max", *op.fused_providers(device)]
+    fused = op.fused_providers(device)
+    valid = ["eager", "compile", "compile-max", *fused, *(["auto"] if fused else [])]
     default = [p for p in valid if p != "compile-max"]
     if device.type == "cpu":
         default = [p for p in default if p != "compile"]
@@ -211,6 +214,22 @@ def _run_layer(args, device, suite=False) -> list[dict]:
     )  # fmt: skip
     out.finish(layer.summarise(out.rows), ("layer", "mode"), "layer level")
     return out.rows
+
+
+def _run_profile(args, device, suite=False) -> list[dict]:
+    from . import profile
+
+    dtype = DTYPES[args.dtype]
+    batch = args.batch or (256 if device.type == "cuda" else 4)
+    valid = [p for p in layer.providers_here(device) if p not in ("conv", "compile")]
+    providers = _providers(args, valid, valid)
+    names = args.layers.split(",") if args.layers else ["l3.conv2 3x3", "l4.conv2 3x3"]
+    path = profile.run_profiles(
+        layer.layers(names), batch, device, dtype, providers, args.out,
+        f"profile_{_tag(device)}_{args.dtype}",
+    )  # fmt: skip
+    print(f"wrote {path}")
+    return []
 
 
 def _run_block(args, device, suite=False) -> list[dict]:
@@ -340,4 +359,5 @@ def summarise(rows: list[dict]) -> str:
         )
     lines.append(report.markdown_table(header, table))
     lines.append("")
+    lines += report.never_slower(rows, ("op", "shape", "layout", "mode"))
     return "\n".join(lines)

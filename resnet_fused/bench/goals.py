@@ -26,14 +26,13 @@ GPU_GOALS = [
 
 def default_provider(level: str, rows: list[dict], device: torch.device) -> str:
     """The provider that stands for what ``backend="auto"`` runs at ``level``: the op
-    level names backends (the one auto resolves to here), the layer level has an
-    ``auto`` provider on a GPU with both conv paths (else the resolved backend), the
+    and layer levels' ``auto`` provider (else the backend auto resolves to here), the
     block and model levels call it ``fused``."""
     from resnet_fused.backends import auto_backend
 
     if level in ("block", "model"):
         return "fused"
-    if level == "layer" and any(r["provider"] == "auto" for r in rows):
+    if level in ("op", "layer") and any(r["provider"] == "auto" for r in rows):
         return "auto"
     return auto_backend(device)[0]
 
@@ -72,6 +71,16 @@ def report(runs: dict[str, list[dict]], tag: str, device: torch.device) -> str:
         verdict = ("met" if g >= goal else "missed") if measured else "not measured"
         table.append([level, what, f"{goal:.2f}×", f"{g:.2f}×" if measured else "-",
                       provider, str(n), verdict])  # fmt: skip
+    for level in ("op", "layer"):
+        rows = runs.get(level, [])
+        auto = [r for r in rows if r["provider"] == "auto" and str(r["speedup_vs_eager"])]
+        if not auto:
+            continue
+        worst = min(float(r["speedup_vs_eager"]) for r in auto)
+        beyond = sum(float(r["speedup_vs_eager_max"]) < 1.0 for r in auto)
+        verdict = "met" if beyond == 0 else f"missed ({beyond} slower in every round)"
+        table.append([level, "auto never slower than eager (smallest case)", "1.00×",
+                      f"{worst:.2f}×", "auto", str(len(auto)), verdict])  # fmt: skip
     lines = [
         f"# Benchmark suite on {tag}",
         "",

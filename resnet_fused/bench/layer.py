@@ -215,8 +215,8 @@ def run_layers(
                 )  # fmt: skip
                 if any(p.startswith("compile") for p in providers):
                     torch._dynamo.reset()
-                if device.type == "cuda":
-                    resnet_fused.functional.conv_choice._AUTO_CHOICES.clear()
+                if "auto" in providers:  # this case's picks, timed afresh
+                    resnet_fused.functional.auto_choice._AUTO_CHOICES.clear()
                 units = {}
                 for provider in providers:
                     torch.manual_seed(0)  # the same weights for every provider
@@ -248,7 +248,7 @@ def run_layers(
                         **harness.ratio_columns("speedup_vs_eager", t, measured.get("eager")),
                         **harness.ratio_columns("ratio_vs_conv", t, measured.get("conv")),
                     }
-                    if provider == "auto" and device.type == "cuda":
+                    if provider == "auto":
                         picks = set(resnet_fused.auto_choices().values())
                         row["auto_pick"] = "/".join(sorted(picks))
                     rows.append(row)
@@ -266,10 +266,9 @@ def run_layers(
 def providers_here(device: torch.device) -> list[str]:
     from .op import fused_providers
 
-    out = ["conv", "eager", "compile", *fused_providers(device)]
-    if device.type == "cuda" and {"cuda", "triton"} <= set(out):
-        out.append("auto")
-    return out
+    fused = fused_providers(device)
+    # "auto": what backend="auto" runs (the fastest of the fused paths and eager per shape)
+    return ["conv", "eager", "compile", *fused, *(["auto"] if fused else [])]
 
 
 def summarise(rows: list[dict]) -> str:
@@ -334,4 +333,5 @@ def summarise(rows: list[dict]) -> str:
         table.append([*key, *cells, *extra, *spreads])
     lines.append(report.markdown_table(header, table))
     lines.append("")
+    lines += report.never_slower(rows, ("layer", "layout", "mode"))
     return "\n".join(lines)

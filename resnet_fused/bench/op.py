@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import resnet_fused
 from resnet_fused.backends import is_available
+from resnet_fused.functional import auto_choice
 
 from . import harness
 from .timing import copy_bandwidth
@@ -178,6 +179,8 @@ def run_cases(
         )
         if any(p.startswith("compile") for p in providers):
             torch._dynamo.reset()  # a fresh cache per case: no recompile limit reached
+        if "auto" in providers:
+            auto_choice._AUTO_CHOICES.clear()  # this case's picks, timed afresh
         fns = {p: _make_fn(case, p) for p in providers}
         steps = {p: harness.rotating(_step(fn, backward), sets) for p, fn in fns.items()}
         measured = harness.measure_case(
@@ -206,6 +209,8 @@ def run_cases(
                 "saved_mb": round(saved / 2**20, 3) if saved != "" else "",
                 "peak_mb": round(peak / 2**20, 3) if peak != "" else "",
             }
+            if provider == "auto":
+                row["auto_pick"] = "/".join(sorted(set(auto_choice.auto_choices().values())))
             rows.append(row)
             if on_row is not None:
                 on_row(row)

@@ -83,6 +83,43 @@ _PER_PROVIDER = {
 }  # fmt: skip
 
 
+def never_slower(
+    rows: list[dict], label_keys: tuple[str, ...], provider: str = "auto",
+    ratio: str = "speedup_vs_eager",
+) -> list[str]:  # fmt: skip
+    """Markdown lines on whether ``provider`` (what ``backend="auto"`` runs) was ever
+    slower than eager: the smallest per-case ratio, the cases below 1.0×, and those slower
+    in every timing round (beyond the run's noise), with auto's picks. Empty when the rows
+    have no such provider."""
+    sel = [r for r in rows if r["provider"] == provider and str(r.get(ratio, "")) != ""]
+    if not sel:
+        return []
+    worst = min(sel, key=lambda r: float(r[ratio]))
+    below = [r for r in sel if float(r[ratio]) < 1.0]
+    beyond = [r for r in below if float(r.get(f"{ratio}_max", r[ratio])) < 1.0]
+
+    def label(r):
+        pick = f" [picked {r['auto_pick']}]" if r.get("auto_pick") else ""
+        return " ".join(str(r[k]) for k in label_keys) + pick
+
+    lines = [
+        f"## Is `{provider}` ever slower than eager?",
+        "",
+        f"{len(sel)} cases; smallest ratio {float(worst[ratio]):.2f}× ({label(worst)}); "
+        f"{len(below)} below 1.00×, {len(beyond)} of them slower in every round "
+        "(beyond this run's noise).",
+    ]
+    if below:
+        lines += [""] + [
+            f"* {label(r)}: {float(r[ratio]):.2f}× "
+            f"({float(r.get(f'{ratio}_min', r[ratio])):.2f}–"
+            f"{float(r.get(f'{ratio}_max', r[ratio])):.2f})"
+            + (" **every round slower**" if r in beyond else "")
+            for r in below
+        ]
+    return [*lines, ""]
+
+
 def is_per_provider(column: str) -> bool:
     """Whether a column differs between the providers of one case (a time, a ratio and
     its range, a check) rather than describing the case."""

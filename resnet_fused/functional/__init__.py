@@ -4,7 +4,7 @@ choice and ``torch.autograd.Function`` wiring, one module per fused op:
   add_relu.py        add_relu, add_relu_
   batch_norm_act.py  batch_norm_act (and the BatchNorm autograd.Function the conv unit reuses)
   conv_bn_act.py     conv_bn_act, fold_conv_bn
-  conv_choice.py     how backend="auto" picks the convolution on CUDA (auto_choices)
+  auto_choice.py     how backend="auto" picks fused or eager per shape (auto_choices)
   _common.py         what they share
 
 The public names are re-exported by :mod:`resnet_fused` (``resnet_fused.conv_bn_act``,
@@ -13,6 +13,6 @@ The public names are re-exported by :mod:`resnet_fused` (``resnet_fused.conv_bn_
 
 from __future__ import annotations
 
-from . import add_relu, batch_norm_act, conv_bn_act, conv_choice
+from . import add_relu, auto_choice, batch_norm_act, conv_bn_act
 
-__all__ = ["add_relu", "batch_norm_act", "conv_bn_act", "conv_choice"]
+__all__ = ["add_relu", "auto_choice", "batch_norm_act", "conv_bn_act"]

@@ -14,6 +14,7 @@ from .. import ops, reference
 from .._validation import check_floating, check_like
 from ..backends import resolve_backend
 from ._common import needs_autograd
+from .auto_choice import EAGER, batch_bucket, choose, grad_trial, layout_class
 
 __all__ = ["add_relu", "add_relu_"]
 
@@ -72,6 +73,34 @@ class _AddReLUInplace(torch.autograd.Function):
         return (grad if need_x else None), (grad if need_residual else None), None
 
 
+def _eager_add_relu(x: Tensor, residual: Tensor) -> Tensor:
+    return torch.add(x, residual).relu_()
+
+
+def _resolve(backend: str, x: Tensor, residual: Tensor) -> str:
+    """The backend, or for ``"auto"`` the faster of the fused kernels and eager at this
+    shape (timed once per key, forward and backward when autograd records the call)."""
+    impl = resolve_backend(backend, x.device)
+    if backend != "auto" or impl == "torch":
+        return impl
+    grad = needs_autograd(x, residual)
+    shape = (batch_bucket(x.shape[0]), *x.shape[1:]) if x.dim() else ()
+    key = ("add_relu", shape, x.dtype, layout_class(x), layout_class(residual), grad, x.device)
+
+    def forward(c, a, b):
+        return _eager_add_relu(a, b) if c == EAGER else add_relu(a, b, backend=c)
+
+    if grad:
+        trial = grad_trial(forward, (x, residual))
+    else:
+
+        def trial(c):
+            with torch.no_grad():
+                return forward(c, x, residual)
+
+    return choose(key, [impl, EAGER], trial, x.device)
+
+
 def add_relu(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:
     """Fused residual add + ReLU: ``relu(x + residual)``.
 
@@ -86,7 +115,9 @@ def add_relu(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:
     """
     check_floating(x, "x")
     check_like(residual, "residual", x, "x")
-    impl = resolve_backend(backend, x.device)
+    impl = _resolve(backend, x, residual)
+    if impl == EAGER:
+        return _eager_add_relu(x, residual)
     if not needs_autograd(x, residual):
         return _add_relu_kernels(impl).forward(x, residual)
     return _AddReLU.apply(x, residual, impl)
@@ -100,7 +131,10 @@ def add_relu_(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:
     """
     check_floating(x, "x")
     check_like(residual, "residual", x, "x")
-    impl = resolve_backend(backend, x.device)
+    # "auto": the pick of the out-of-place op at this shape (a trial must not write x).
+    impl = _resolve(backend, x, residual)
+    if impl == EAGER:
+        return x.add_(residual).relu_()
     if not needs_autograd(x, residual):
         _add_relu_kernels(impl).forward_inplace(x, residual)
         return x

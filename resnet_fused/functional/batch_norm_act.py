@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops, reference
@@ -22,6 +23,7 @@ from .._validation import (
 )
 from ..backends import resolve_backend
 from ._common import needs_autograd
+from .auto_choice import EAGER, batch_bucket, choose, grad_trial, layout_class
 
 __all__ = ["batch_norm_act"]
 
@@ -150,6 +152,64 @@ def _check_batch_norm_act_args(
     check_bn_options(running_mean, running_var, momentum, eps, training, relu)
 
 
+def _eager_batch_norm_act(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
+):  # fmt: skip
+    """What eager PyTorch runs: batch_norm (cuDNN/oneDNN), in-place add and ReLU."""
+    batch_stats = training or running_mean is None
+    out = F.batch_norm(
+        input, running_mean, running_var, weight, bias, batch_stats, float(momentum), float(eps)
+    )
+    if residual is not None:
+        out = out.add_(residual)
+    return out.relu_() if relu else out
+
+
+def _resolve_auto(
+    impl, input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
+    relu,
+) -> str:  # fmt: skip
+    """``"auto"``: the faster of the fused kernels (``impl``) and eager at this shape,
+    timed once per key (forward, and backward when autograd records the call)."""
+    tensors = (input, weight, bias, residual)
+    grad = needs_autograd(*(t for t in tensors if t is not None))
+    update = training and running_mean is not None
+    key = (
+        "batch_norm_act",
+        batch_bucket(input.shape[0]),
+        tuple(input.shape[1:]),
+        input.dtype,
+        None if weight is None else weight.dtype,
+        layout_class(input),
+        None if residual is None else layout_class(residual),
+        training or running_mean is None,
+        update,
+        relu,
+        grad,
+        input.device,
+    )
+
+    def forward(c, x, w, b, res):
+        # Trial runs leave the running statistics alone.
+        rm, rv = (running_mean.clone(), running_var.clone()) if update else (
+            running_mean, running_var)  # fmt: skip
+        if c == EAGER:
+            return _eager_batch_norm_act(x, rm, rv, w, b, training, momentum, eps, res, relu)
+        return batch_norm_act(
+            x, rm, rv, w, b, training, momentum, eps, residual=res, relu=relu, backend=c
+        )
+
+    if grad:
+        trial = grad_trial(forward, tensors)
+    else:
+
+        def trial(c):
+            with torch.no_grad():
+                return forward(c, *tensors)
+
+    return choose(key, [impl, EAGER], trial, input.device)
+
+
 def batch_norm_act(
     input: Tensor,
     running_mean: Tensor | None,
@@ -206,6 +266,17 @@ def batch_norm_act(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             residual=residual, relu=relu,
         )  # fmt: skip
+    if backend == "auto" and impl != "torch" and group is None:
+        impl = _resolve_auto(
+            impl, input, running_mean, running_var, weight, bias, training, momentum, eps,
+            residual, relu,
+        )  # fmt: skip
+        if impl == EAGER:
+            return _eager_batch_norm_act(
+                input, running_mean, running_var, weight, bias, training, momentum, eps,
+                residual, relu,
+            )  # fmt: skip
+        kernels = _bn_kernels(impl)
     sync_info = None
     if group is not None:
         mean, var, sync_info = synchronise(

@@ -16,8 +16,9 @@ On ``triton`` the convolution's epilogue also emits per-tile statistics, so the 
 statistics pass disappears. Backward: the fused BatchNorm backward, then
 ``aten.convolution_backward`` (cuDNN/oneDNN) for the input and weight gradients.
 
-On CUDA, ``backend="auto"`` times the Triton and the cuDNN path once per layer shape
-(like ``torch.backends.cudnn.benchmark``) and keeps the faster one.
+``backend="auto"`` times each fused path (on CUDA: Triton and cuDNN) and the eager ops once
+per layer shape (like ``torch.backends.cudnn.benchmark``) and keeps the fastest
+(:mod:`.auto_choice`).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from .._validation import (
 )
 from ..backends import resolve_backend, unavailable_reason
 from ._common import check_batch_size, needs_autograd
+from .auto_choice import EAGER, _resolve_conv_backend, grad_trial
 from .batch_norm_act import _BatchNormAct, _bn_kernels
-from .conv_choice import _resolve_conv_backend
 
 __all__ = ["conv_bn_act", "fold_conv_bn"]
 
@@ -355,6 +356,34 @@ def _train_forward(
     )
 
 
+def _eager_unit(
+    x, w, conv_b, bn_w, bn_b, rm, rv, geometry, training, momentum, eps, residual, relu
+):  # fmt: skip
+    """The unit as eager PyTorch runs it unconverted (``backend="auto"``'s ``"eager"``
+    pick): conv2d, batch_norm (cuDNN/oneDNN; updating the running statistics in
+    training), in-place add and ReLU, as torchvision's blocks do."""
+    stride, padding, dilation, groups = geometry
+    y = F.conv2d(x, w, conv_b, stride, padding, dilation, groups)
+    batch_stats = training or rm is None
+    y = F.batch_norm(y, rm, rv, bn_w, bn_b, batch_stats, float(momentum), float(eps))
+    if residual is not None:
+        y = y.add_(residual)
+    return y.relu_() if relu else y
+
+
+def _trial(forward, tensors, grad: bool):
+    """``"auto"``'s timing trial of ``forward(impl, *tensors)``: with its backward when the
+    call records autograd (what a training step runs), else under no_grad."""
+    if grad:
+        return grad_trial(forward, tensors)
+
+    def trial(impl):
+        with torch.no_grad():
+            return forward(impl, *tensors)
+
+    return trial
+
+
 # --- public function ------------------------------------------------------------------------
 
 
@@ -445,34 +474,40 @@ def conv_bn_act(
             check_batch_size((input.shape[0], conv_weight.shape[0], p, q))
         update = training and running_mean is not None
 
-        # "auto" on CUDA chooses the convolution (cuDNN or Triton with the statistics
-        # epilogue) by timing; BatchNorm then always runs on the CUDA kernels, so the
-        # backward (aten convolution_backward + BN backward) is the same for both and the
-        # forward decides.
+        # "auto" times the unit once per shape (forward, and backward when autograd
+        # records the call) on each fused backend and as eager ops, and keeps the fastest.
+        # On CUDA the fused candidates are the cuDNN and the Triton convolution (with the
+        # statistics epilogue); BatchNorm then always runs on the CUDA kernels.
         bn_impl = None
         if backend == "auto" and unavailable_reason("cuda", input.device) is None:
             bn_impl = "cuda"
 
-        def run(impl, trial=False):
-            # Trial runs (timing for "auto") must leave the running statistics alone.
-            rm, rv = running_mean, running_var
-            if trial and update:
-                rm, rv = rm.clone(), rv.clone()
+        def unit(impl, x, w, cb, bw, bb, res, rm, rv):
+            if impl == EAGER:
+                return _eager_unit(
+                    x, w, cb, bw, bb, rm, rv, geometry, True, momentum, eps, res, relu
+                )
             return _train_forward(
-                impl, input, conv_weight, conv_bias, bn_weight, bn_bias, rm, rv, geometry,
-                momentum, eps, residual, relu, update,
+                impl, x, w, cb, bw, bb, rm, rv, geometry, momentum, eps, res, relu, update,
                 bn_impl if bn_impl is not None and impl in ("cuda", "triton") else None,
                 group,
             )  # fmt: skip
 
         if group is not None:  # no timing trials: they would run collectives
-            return run(resolve_backend(backend, input.device))
+            impl = resolve_backend(backend, input.device)
+            return unit(impl, *tensors, running_mean, running_var)
 
+        def trial_unit(impl, *args):
+            # Trial runs (timing for "auto") must leave the running statistics alone.
+            rm, rv = (running_mean.clone(), running_var.clone()) if update else (None, None)
+            return unit(impl, *args, rm, rv)
+
+        grad = needs_autograd(*(t for t in tensors if t is not None))
         impl = _resolve_conv_backend(
             backend, input, conv_weight, geometry, True, residual, relu,
-            lambda c: run(c, trial=True), conv_bias,
+            _trial(trial_unit, tensors, grad), conv_bias, grad=grad,
         )  # fmt: skip
-        return run(impl)
+        return unit(impl, *tensors, running_mean, running_var)
 
     if input.dtype in _HALF and needs_autograd(*(t for t in (bn_weight, bn_bias) if t is not None)):
         # BatchNorm parameters that need gradients with half-precision activations (e.g.
@@ -507,6 +542,11 @@ def conv_bn_act(
         # Time what the real call runs: with the packed weight it will be given (a
         # module's cached fold), packing once here for a trial that has none.
         nonlocal w_packed
+        if impl == EAGER:
+            return _eager_unit(
+                input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                geometry, False, momentum, eps, residual, relu,
+            )  # fmt: skip
         if (
             impl == "triton"
             and w_packed is None
@@ -516,9 +556,18 @@ def conv_bn_act(
             w_packed = _triton_pack(w_f)
         return run_eval(impl, w_packed if impl == "triton" else None)
 
+    def no_grad_trial(impl):
+        # Eval units time the forward (inference is what they run).
+        with torch.no_grad():
+            return trial(impl)
+
+    grad = needs_autograd(*(t for t in (input, w_f, b_f, residual) if t is not None))
     impl = _resolve_conv_backend(
-        backend, input, conv_weight, geometry, False, residual, relu, trial, conv_bias
-    )
+        backend, input, conv_weight, geometry, False, residual, relu, no_grad_trial,
+        conv_bias, grad=grad,
+    )  # fmt: skip
+    if impl == EAGER:
+        return trial(EAGER)
     return run_eval(impl, w_packed if impl == "triton" else None)
 
 

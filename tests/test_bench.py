@@ -364,3 +364,104 @@ def test_model_goal_verdicts_follow_the_issue_goals():
     assert f"| {train} | 1.14× (1.14–1.14) | missed |" in md
     assert "indicative only" not in md  # the rows are in the goals' setting
     assert bench_model.verdicts(_goal_rows(eval_eager=(1.0, ""))) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+def test_model_level_cuda_graph_providers_capture_and_time(tmp_path):
+    """On a GPU: the whole training step and the inference of the torchvision and the
+    converted model are captured as CUDA graphs, checked against eager on their first
+    replay and timed; the fused graph dispatched fused ops when captured; peak memory is
+    measured; the resident-memory count equals the allocator's."""
+    from resnet_fused.bench import model as bench_model
+
+    device = torch.device("cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    net = _small_model().to(device)
+    assert torch.cuda.memory_allocated() - before == bench_model._resident_bytes(
+        net, None, (), device
+    )
+    del net
+    rc = main(["bench", "--device", "cuda", "--level", "model", "--model", "resnet18",
+               "--batch", "8", "--image-size", "64", "--layouts", "channels_last",
+               "--providers", "eager,fused,eager-graph,fused-graph", "--rounds", "2",
+               "--min-run-time", "0.05", "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    (csv_path,) = tmp_path.glob("model_*.csv")
+    rows = {(r["mode"], r["provider"]): r for r in csv.DictReader(csv_path.open())}
+    md = csv_path.with_suffix(".md").read_text()
+    assert "Not timed" not in md, md
+    for mode in ("train", "eval"):
+        for provider in ("eager-graph", "fused-graph"):
+            r = rows[mode, provider]
+            assert float(r["median_ms"]) > 0 and float(r["first_step_s"]) > 0
+            assert float(r["peak_mb"]) >= float(r["peak_step_mb"]) >= 0
+            assert float(r["graph_pool_mb"]) >= 0
+        assert int(rows[mode, "fused-graph"]["fused_op_calls"]) > 0
+        assert int(rows[mode, "eager-graph"]["fused_op_calls"]) == 0
+        assert float(rows[mode, "fused"]["peak_mb"]) > 0
+    assert "resnet18 training step captured as a CUDA graph and timed" in md
+
+
+@pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
+def test_graph_capture_sequence_on_a_cpu_stand_in(monkeypatch):
+    """The CUDA-graph providers' capture, run on a CPU with torch.cuda's calls replaced by
+    a recording stand-in (no GPU here; the GPU test above runs the real thing): warm-up
+    steps on a side stream, the fused-op count taken on the last of them, gradients set to
+    None before the capture, one step captured, and the model, its statistics and SGD's
+    momentum then back where they were, so that the first replay is the first step."""
+    from contextlib import contextmanager
+
+    from resnet_fused.bench import model as bench_model
+
+    log = []
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            log.append("wait_stream")
+
+    @contextmanager
+    def context(name):
+        log.append(f"enter {name}")
+        yield
+        log.append(f"exit {name}")
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    fake = dict(Stream=Stream, stream=lambda s: context("side stream"),
+                current_stream=lambda device=None: Stream(),
+                synchronize=lambda device=None: None, CUDAGraph=Graph,
+                graph=lambda g: context("capture"), memory_allocated=lambda device=None: 0,
+                memory_reserved=lambda device=None: 0, max_memory_allocated=lambda device=None: 0,
+                reset_peak_memory_stats=lambda device=None: None)  # fmt: skip
+    for name, value in fake.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    cpu = torch.device("cpu")
+    net = resnet_fused.convert(_small_model(), backend="cpu")
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    run, opt = bench_model._step(net, True, False, cpu, autocast_cache=False)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    steps = []
+
+    def step():
+        steps.append(list(log))
+        assert "enter capture" not in log or all(p.grad is None for p in net.parameters())
+        return run(x, y)
+
+    case = bench_model._Case(bench_model.parse_provider("fused-graph"), net, opt, step, cpu,
+                             (x, y))  # fmt: skip
+    assert case.first_step() > 0
+    assert log == ["wait_stream", "enter side stream", "exit side stream", "wait_stream",
+                   "enter capture", "exit capture", "replay"]  # fmt: skip
+    assert len(steps) == bench_model.GRAPH_WARMUP + 1  # the warm-up, then the capture
+    assert case.fused_ops() > 0 and case.graph_pool_mb == 0.0
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, initial[k]), k
+    assert all(s["momentum_buffer"].abs().max() == 0 for s in opt.state.values())
+    out = case.call()  # the stand-in's replay runs nothing: the captured step's output
+    assert log[-1] == "replay" and out.shape == ()

@@ -325,11 +325,11 @@ class _Case:
         self.graph_ops = self.graph_peak = self.graph_pool_mb = None
 
     def capture(self) -> None:
-        """Warm up on a side stream, capture one step as a CUDA graph, restore the state
-        the warm-up changed; ``call`` then replays the graph (static input and target:
-        the benchmark's batch; the returned value is the graph's static output)."""
+        """Warm up on a side stream, capture one step as a CUDA graph; ``call`` then
+        replays the graph (static input and target: the benchmark's batch; the returned
+        value is the graph's static output). The warm-up's updates are undone by
+        :meth:`first_step`, in place, so the graph's tensors stay the model's."""
         device, model, opt, step = self.device, self.model, self.opt, self.call
-        saved = snapshot_state(model, opt)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -350,7 +350,6 @@ class _Case:
         peak = torch.cuda.max_memory_allocated(device)
         self.graph_peak = (peak - before + own, peak - before)
         self.graph_pool_mb = round((torch.cuda.memory_reserved(device) - reserved) / 2**20, 1)
-        restore_state(saved, model, opt)
         self.graph = graph
 
         def replay():

@@ -258,8 +258,9 @@ def _fold_tensors(model) -> list[torch.Tensor]:
 def _block_sizes(device) -> dict[int, int]:
     """Address -> size of every allocated block of the CUDA caching allocator."""
     sizes = {}
+    index = torch.cuda.current_device() if device.index is None else device.index
     for seg in torch.cuda.memory_snapshot():
-        if seg.get("device", device.index or 0) != (device.index or 0):
+        if seg.get("device", index) != index:
             continue
         addr = seg["address"]
         for block in seg["blocks"]:
@@ -267,6 +268,16 @@ def _block_sizes(device) -> dict[int, int]:
                 sizes[block.get("address", addr)] = block["size"]
             addr = block.get("address", addr) + block["size"]
     return sizes
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` is on ``device`` (``cuda`` without an index: the current one)."""
+    if t.device.type != device.type:
+        return False
+    if device.type != "cuda":
+        return True
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return t.device.index == index
 
 
 def _resident_bytes(model, opt, tensors, device) -> int:
@@ -279,7 +290,7 @@ def _resident_bytes(model, opt, tensors, device) -> int:
     if opt is not None:
         candidates += [v for s in opt.state.values() for v in s.values()]
     for t in candidates:
-        if isinstance(t, torch.Tensor) and t.device == device:
+        if isinstance(t, torch.Tensor) and _on(t, device):
             s = t.untyped_storage()
             storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
     blocks = _block_sizes(device) if device.type == "cuda" else {}
@@ -413,9 +424,12 @@ def run_models(
 ) -> list[dict]:
     """Time every provider per model and mode. A graph provider whose capture fails is
     left out of its case with the reason appended to ``failures`` (and printed)."""
-    harness.refuse_reference(providers, device)
     refuse_graphs(providers, device)
     parsed = {p: parse_provider(p) for p in providers}
+    # fused-compile and fused-graph run backend "auto" too.
+    harness.refuse_reference(
+        [p if parsed[p].backend != "auto" else "fused" for p in providers], device
+    )
     env = {**harness.start(device), "device_type": device.type}
     rows = []
     # The fused, compiled and captured models are timed channels_last; eager in every layout.

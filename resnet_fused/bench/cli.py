@@ -40,9 +40,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--models",
         "--model",
         dest="models",
-        default="resnet18,resnet50",
+        default=None,
         help="model level: comma-separated model names: torchvision (resnet50), timm "
-        "(timm:resnet50d) or tutorial_resnet18",
+        "(timm:resnet50d) or tutorial_resnet18 (default: resnet50,resnet18 on a GPU, "
+        "resnet18,resnet50 on a CPU)",
     )
     parser.add_argument("--image-size", type=int, default=224, help="model level: image size")
     parser.add_argument(
@@ -81,7 +82,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated: eager, compile, compile-max (max-autotune), the fused "
         "backends cpu/cuda/triton (op, layer), conv/auto (layer), fused/fused-<backend> "
-        "(block, model) (default: all here but compile on a CPU)",
+        "(block, model), fused-compile, and (CUDA) eager-graph/fused-graph, the step "
+        "captured as a CUDA graph (model) (default: all here but compile on a CPU; model "
+        "level on a GPU: all but compile-max and fused-<backend>)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument(
@@ -254,13 +257,21 @@ def _run_block(args, device, suite=False) -> list[dict]:
 
 def _run_model(args, device, suite=False) -> list[dict]:
     batch = args.batch or (256 if device.type == "cuda" else 8)
-    fused = ["fused"] + [f"fused-{b}" for b in op.fused_providers(device)]
-    valid = ["eager", "compile", "compile-max", *fused]
-    default = ["eager", "fused"] + (["compile"] if device.type == "cuda" else [])
+    if args.providers:  # the CUDA-graph providers by name, before "not available here"
+        try:
+            model.refuse_graphs(args.providers.split(","), device)
+        except ValueError as exc:
+            raise _BadArgs(str(exc)) from None
+    valid = model.providers_here(device)
+    default = model.default_providers(device)
+    if suite:  # the suite's quick selection
+        default = ["eager", "fused"] + (["compile"] if device.type == "cuda" else [])
     providers = _providers(args, valid, default)
-    names = args.models.split(",")
-    if suite and args.models == "resnet18,resnet50" and device.type == "cpu":
-        names = ["resnet50"]
+    if args.models is None:
+        models = "resnet50,resnet18" if device.type == "cuda" else "resnet18,resnet50"
+        names = ["resnet50"] if suite and device.type == "cpu" else models.split(",")
+    else:
+        names = args.models.split(",")
     bad = [why for n in names if (why := model.unknown_model(n))]
     if bad:
         raise _BadArgs("unknown model(s): " + "; ".join(bad))
@@ -269,13 +280,14 @@ def _run_model(args, device, suite=False) -> list[dict]:
     modes = _modes(args, "train", "eval")
     out = _Writer(os.path.join(args.out, f"model_{_tag(device)}"))
     per = len(providers) * ("channels_last" in layouts) + ("nchw" in layouts)
+    failures: list[str] = []
     model.run_models(
         names, batch, args.image_size, device, providers, layouts, amp,
         max(args.min_run_time, 1.0) if device.type == "cpu" else args.min_run_time,
         progress=report.Progress(len(names) * len(modes) * per), on_row=out, modes=modes,
-        rounds=args.rounds,
+        rounds=args.rounds, failures=failures,
     )  # fmt: skip
-    out.finish(model.summarise(out.rows), ("model", "mode", "layout"), "model level")
+    out.finish(model.summarise(out.rows, failures), ("model", "mode", "layout"), "model level")
     return out.rows
 
 

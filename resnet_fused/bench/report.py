@@ -79,7 +79,8 @@ _PER_PROVIDER = {
     "provider", "median_ms", "iqr_ms", "gbps", "fraction_of_copy", "speedup_vs_eager",
     "speedup_vs_compile", "saved_mb", "peak_mb", "tflops", "images_per_s", "ratio_vs_conv",
     "auto_pick", "speedup_vs_eager_cl", "layout_provider", "fraction_of_matmul", "rounds",
-    "rel_diff", "speedup_vs_baseline", "convert_s",
+    "rel_diff", "speedup_vs_baseline", "convert_s", "first_step_s", "peak_step_mb",
+    "graph_pool_mb", "fused_op_calls",
 }  # fmt: skip
 
 

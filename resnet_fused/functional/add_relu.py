@@ -4,6 +4,7 @@ choice, autograd wiring). The ops are in :mod:`resnet_fused.ops.add_relu`, the m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class _AddReLUKernels:
     backward: Callable[[Tensor, Tensor], Tensor]
 
 
+@functools.cache  # one lookup of the op objects per backend (they are called per step)
 def _add_relu_kernels(backend: str) -> _AddReLUKernels:
     if backend == "torch":
         return _AddReLUKernels(reference.add_relu, reference.add_relu_, reference.relu_backward)

@@ -5,6 +5,7 @@ the maths in :mod:`resnet_fused.reference`."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ class _BatchNormKernels:
     backward_elemt: Callable
 
 
+@functools.cache  # one lookup of the op objects per backend (they are called per step)
 def _bn_kernels(backend: str) -> _BatchNormKernels:
     if backend == "torch":
         return _BatchNormKernels(

@@ -147,7 +147,11 @@ class _FusedBlock(nn.Module):
         self.stride = block.stride
         self.backend = backend
         self.sync_bn, self.process_group = False, None
-        self._fold_caches: dict[str, FoldCache] = {}
+        # One fold cache per unit, made here and not on the first forward: a dict that
+        # changes during a forward makes torch.compile recompile on the second call.
+        self._fold_caches: dict[str, FoldCache] = {
+            name: FoldCache() for name in ("1", "2", "3", "downsample")
+        }
 
     @classmethod
     def from_block(cls, block: nn.Module, *, backend: str = "auto") -> _FusedBlock:

@@ -265,6 +265,24 @@ def test_compile_fullgraph():
                 torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_compiled_converted_model_compiles_once(training):
+    """A second call of a compiled converted model reuses the first graph: nothing that
+    dynamo guards on (the blocks' fold caches) changes during a forward."""
+    model = resnet_fused.convert(_tiny_resnet()).train(training)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=counting_backend)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        compiled(x)
+    assert len(graphs) == 1, f"{len(graphs)} graphs compiled for 3 calls of one shape"
+
+
 def _tiny_resnet() -> ResNet:
     """torchvision's ResNet class with narrow custom stages (8 and 16 channels, one
     BasicBlock each, the second with a stride-2 downsample) and a 3x3 stem."""

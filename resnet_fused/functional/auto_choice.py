@@ -162,24 +162,39 @@ def _measure(fn, device: torch.device, repeats: int = 5) -> float:
     return _time_candidates(["only"], lambda _: fn(), device, repeats)["only"]
 
 
+# A timed sample lasts at least this long (a block of calls): single calls of a small op
+# are below a CPU timer's noise (a preempted OpenMP thread costs a scheduler tick).
+_SAMPLE_MS = {"cpu": 2.0, "cuda": 0.5}
+_MAX_CALLS_PER_SAMPLE = 64
+
+
 def _time_candidates(
     candidates: Sequence[str], trial: Callable[[str], object], device: torch.device,
     repeats: int = 5,
 ) -> dict[str, float]:  # fmt: skip
-    """Median ms of ``trial(c)`` for each candidate: one warm-up call each (compiles,
-    autotunes, allocates), then ``repeats`` rounds that time every candidate once in a
-    rotated order, so that a drifting machine charges them alike."""
+    """Median ms per call of ``trial(c)`` for each candidate: a warm-up call each
+    (compiles, autotunes, allocates), a second one that sizes the samples (blocks of
+    calls of at least ``_SAMPLE_MS``), then ``repeats`` rounds that time one sample of
+    every candidate in a rotated order, so that a drifting machine charges them alike."""
     ctx = torch.cuda.device(device) if device.type == "cuda" else _null()
     with ctx:
         for c in candidates:
             trial(c)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        once = min(_time_once(lambda c=c: trial(c), device) for c in candidates)
+        target = _SAMPLE_MS.get(device.type, 1.0)
+        calls = max(1, min(_MAX_CALLS_PER_SAMPLE, int(target / max(once, 1e-3)) + 1))
+
+        def block(c):
+            for _ in range(calls):
+                trial(c)
+
         samples: dict[str, list[float]] = {c: [] for c in candidates}
         for r in range(repeats):
             for i in range(len(candidates)):
                 c = candidates[(i + r) % len(candidates)]
-                samples[c].append(_time_once(lambda c=c: trial(c), device))
+                samples[c].append(_time_once(lambda c=c: block(c), device) / calls)
     return {c: sorted(s)[len(s) // 2] for c, s in samples.items()}
 
 

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops, reference
@@ -157,11 +156,13 @@ def _check_batch_norm_act_args(
 def _eager_batch_norm_act(
     input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
 ):  # fmt: skip
-    """What eager PyTorch runs: batch_norm (cuDNN/oneDNN), in-place add and ReLU."""
+    """What eager PyTorch runs: batch_norm (cuDNN/oneDNN), in-place add and ReLU. (The
+    aten call of F.batch_norm, whose checks batch_norm_act has made.)"""
     batch_stats = training or running_mean is None
-    out = F.batch_norm(
-        input, running_mean, running_var, weight, bias, batch_stats, float(momentum), float(eps)
-    )
+    out = torch.batch_norm(
+        input, weight, bias, running_mean, running_var, batch_stats, float(momentum),
+        float(eps), torch.backends.cudnn.enabled,
+    )  # fmt: skip
     if residual is not None:
         out = out.add_(residual)
     return out.relu_() if relu else out
@@ -268,6 +269,11 @@ def batch_norm_act(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             residual=residual, relu=relu,
         )  # fmt: skip
+    size_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
+    if batch_stats and group is None and size_per_channel == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
     if backend == "auto" and impl != "torch" and group is None:
         impl = _resolve_auto(
             impl, input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -285,12 +291,6 @@ def batch_norm_act(
             kernels, input, running_mean, running_var, momentum, group
         )
     elif batch_stats:
-        size_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
-        if size_per_channel == 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got input size "
-                f"{input.size()}"
-            )
         update = training and size_per_channel > 1
         mean, var = kernels.stats(
             input.detach(),

@@ -165,7 +165,7 @@ def _import_frontend(args, log: Log):
         old = os.environ.get("LD_LIBRARY_PATH", "")
         os.environ["LD_LIBRARY_PATH"] = folder + (os.pathsep + old if old else "")
     try:
-        import cudnn  # noqa: PLC0415
+        import cudnn
     except Exception as exc:  # the import error is the finding
         log(f"FE: import cudnn FAILED: {type(exc).__name__}: {exc}")
         return None, site
@@ -212,7 +212,7 @@ def _cpp_check(log: Log, torch, site: str | None) -> None:
             fe_inc = cand
     cudnn_inc = None
     try:
-        import nvidia.cudnn  # noqa: PLC0415
+        import nvidia.cudnn
 
         for base in list(nvidia.cudnn.__path__):
             if os.path.isfile(os.path.join(base, "include", "cudnn.h")):
@@ -221,7 +221,7 @@ def _cpp_check(log: Log, torch, site: str | None) -> None:
         pass
     cands = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
     try:
-        import nvidia  # noqa: PLC0415
+        import nvidia
 
         for base in list(nvidia.__path__):
             cands += [os.path.join(base, "cu13"), os.path.join(base, "cuda_runtime")]
@@ -347,7 +347,7 @@ void backward_graphs(int64_t n, int64_t c, int64_t k, int64_t h, int64_t w, int6
 
 
 def _fe_dtype(cudnn, torch_dtype):
-    import torch  # noqa: PLC0415
+    import torch
 
     return {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[
         torch_dtype
@@ -711,7 +711,7 @@ def construct_only(args, log, torch, cudnn) -> int:
                     continue
                 try:
                     d = make_data(torch, SHAPES[name], dtype, "cpu", variant, batch=2)
-                    g, pack = build_graph(cudnn, variant, d, None, _fe_dtype(cudnn, dtype))
+                    _, pack = build_graph(cudnn, variant, d, None, _fe_dtype(cudnn, dtype))
                     log(f"[{variant} {name} {dn}] declared: {len(pack)} bound tensors")
                 except Exception as exc:
                     bad += 1
@@ -727,8 +727,8 @@ def main() -> int:
     start = time.perf_counter()
     log(f"normconv probe {time.strftime('%Y-%m-%d %H:%M:%S')} args {vars(args)}")
     try:
-        import torch  # noqa: PLC0415
-        import torch.nn.functional as F  # noqa: PLC0415, N812
+        import torch
+        import torch.nn.functional as F
     except ImportError as exc:
         log(f"needs PyTorch: {exc}")
         return EXIT_NO_GPU

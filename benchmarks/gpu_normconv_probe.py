@@ -156,6 +156,21 @@ def _import_frontend(args, log: Log):
             return None, None
     if site:
         sys.path.insert(0, site)
+    # The frontend's Python graph (1.32) queries the device through cuda-bindings (the GPU
+    # image has it); fall back to carried cuda_bindings/cuda_pathfinder wheels if it does not.
+    try:
+        import cuda.bindings.driver  # noqa: F401
+    except ImportError as exc:
+        log(f"FE: cuda.bindings not importable ({exc}); looking for carried wheels")
+        tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+        for pattern in (f"cuda_bindings-*-{tag}-*.whl", "cuda_pathfinder-*.whl"):
+            found = sorted(glob.glob(os.path.join(args.wheel_dir or "", pattern)))
+            if found:
+                dest = tempfile.mkdtemp(prefix="cuda_py_")
+                with zipfile.ZipFile(found[-1]) as zf:
+                    zf.extractall(dest)
+                sys.path.insert(0, dest)
+                log(f"FE: unpacked {os.path.basename(found[-1])}")
     # The frontend dlopens the first libcudnn.so.9 on LD_LIBRARY_PATH, else the one in this
     # interpreter's site-packages (nvidia/cudnn/lib). Put the folder of the libcudnn that torch
     # has loaded first, so that one process holds one libcudnn.

@@ -10,8 +10,8 @@
 # TEST_ARGS (extra pytest arguments), BENCH_LEVELS (default "profile layer model op";
 # "sync" too), PROFILE_ARGS / LAYER_ARGS / MODEL_ARGS / OP_ARGS / SYNC_ARGS (`resnet_fused
 # bench` arguments per level; defaults below: the deep 3x3 layers profiled per provider
-# in bf16, every ResNet-50 layer in bf16 with eager and auto (train and eval), the model
-# level's GPU default (ResNet-50 and ResNet-18 with AMP), the quick channels_last op
+# in bf16, every ResNet-50 layer in bf16 with eager and auto (train and eval), ResNet-50
+# train and eval with AMP: eager, fused and both as CUDA graphs, the quick channels_last op
 # selection, every synchronised-BN case over 2 ranks), TEST_TIMEOUT / BENCH_TIMEOUT
 # (seconds, each), TORCH_CUDA_ARCH_LIST (default: this GPU's), BENCH_DEVICE (default
 # cuda; cpu runs the bench stage's logic on a machine without a GPU).
@@ -94,7 +94,9 @@ if [[ " $STAGES " == *" bench "* ]]; then
       args=(--dtype bf16 --min-run-time 0.1 --providers eager,auto)
       [[ -n ${LAYER_ARGS:-} ]] && eval "args=($LAYER_ARGS)"
     elif [[ $level == model ]]; then
-      args=()
+      # No torch.compile here (minutes per model); the compile providers get their own
+      # call: MODEL_ARGS="--models resnet50 --mode train --providers eager,compile,fused,fused-compile"
+      args=(--models resnet50 --providers eager,fused,eager-graph,fused-graph)
       [[ -n ${MODEL_ARGS:-} ]] && eval "args=($MODEL_ARGS)"
     elif [[ $level == sync ]]; then
       args=(--min-run-time 0.3)

@@ -4,7 +4,6 @@ choice, autograd wiring). The ops are in :mod:`resnet_fused.ops.add_relu`, the m
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,8 +26,21 @@ class _AddReLUKernels:
     backward: Callable[[Tensor, Tensor], Tensor]
 
 
-@functools.cache  # one lookup of the op objects per backend (they are called per step)
+_KERNELS: dict[str, _AddReLUKernels] = {}
+
+
 def _add_relu_kernels(backend: str) -> _AddReLUKernels:
+    """The backend's kernels, looked up once per backend (they are needed per call).
+    Under torch.compile they are looked up directly (no cache for dynamo to guard)."""
+    if torch.compiler.is_compiling():
+        return _make_add_relu_kernels(backend)
+    kernels = _KERNELS.get(backend)
+    if kernels is None:
+        kernels = _KERNELS[backend] = _make_add_relu_kernels(backend)
+    return kernels
+
+
+def _make_add_relu_kernels(backend: str) -> _AddReLUKernels:
     if backend == "torch":
         return _AddReLUKernels(reference.add_relu, reference.add_relu_, reference.relu_backward)
     if backend == "triton":

@@ -5,7 +5,6 @@ the maths in :mod:`resnet_fused.reference`."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,8 +35,21 @@ class _BatchNormKernels:
     backward_elemt: Callable
 
 
-@functools.cache  # one lookup of the op objects per backend (they are called per step)
+_KERNELS: dict[str, _BatchNormKernels] = {}
+
+
 def _bn_kernels(backend: str) -> _BatchNormKernels:
+    """The backend's kernels, looked up once per backend (they are needed per call).
+    Under torch.compile they are looked up directly (no cache for dynamo to guard)."""
+    if torch.compiler.is_compiling():
+        return _make_bn_kernels(backend)
+    kernels = _KERNELS.get(backend)
+    if kernels is None:
+        kernels = _KERNELS[backend] = _make_bn_kernels(backend)
+    return kernels
+
+
+def _make_bn_kernels(backend: str) -> _BatchNormKernels:
     if backend == "torch":
         return _BatchNormKernels(
             reference.bn_stats,

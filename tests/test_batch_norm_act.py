@@ -500,3 +500,26 @@ def test_recomputed_relu_mask_matches_the_output(backend, training, layout):
     _, _, gb = torch.autograd.grad(out, (x, weight, bias), g)
     expected = (g.double() * (out.detach() > 0)).sum(dim=(0, 2, 3))
     torch.testing.assert_close(gb.double(), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "rdtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str
+)
+def test_cpu_running_statistics_update_is_the_aten_arithmetic(dtype, rdtype):
+    """The C++ running-statistics update (a per-channel loop) gives exactly what
+    ``running.to(acc) * (1 - momentum) + stat * factor`` and a copy back give, for every
+    dtype pair and strided running tensors."""
+    x = torch.randn(3, 7, 5, 4, dtype=dtype) * 3 + 1
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    storage = torch.randn(7, 2, dtype=rdtype)
+    rm, rv = storage[:, 0], (storage[:, 1].abs() + 0.5).to(rdtype)  # rm strided
+    rm0, rv0 = rm.clone(), rv.clone()
+    momentum = 0.37
+    mean, var = torch.ops.resnet_fused.bn_stats(x, rm, rv, momentum)
+    m = x.numel() // 7
+    expect_rm = (rm0.to(acc) * (1 - momentum) + mean * momentum).to(rdtype)
+    expect_rv = (rv0.to(acc) * (1 - momentum) + var * (momentum * (m / (m - 1)))).to(rdtype)
+    assert torch.equal(rm, expect_rm) and torch.equal(rv, expect_rv)
+    assert rm.stride() == (2,)

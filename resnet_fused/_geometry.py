@@ -8,6 +8,10 @@ from __future__ import annotations
 def pair(value, name: str, minimum: int) -> tuple[int, int]:
     """``value`` (an int or a pair of ints, bools excluded) as a pair of ints, each
     ``>= minimum``; TypeError/ValueError naming ``name`` otherwise."""
+    if type(value) is tuple and len(value) == 2:  # the common case, checked cheaply
+        a, b = value
+        if type(a) is int and type(b) is int and a >= minimum and b >= minimum:
+            return value
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
     if (

@@ -479,7 +479,11 @@ def conv_bn_act(
         # On CUDA the fused candidates are the cuDNN and the Triton convolution (with the
         # statistics epilogue); BatchNorm then always runs on the CUDA kernels.
         bn_impl = None
-        if backend == "auto" and unavailable_reason("cuda", input.device) is None:
+        if (
+            backend == "auto"
+            and input.device.type == "cuda"
+            and unavailable_reason("cuda", input.device) is None
+        ):
             bn_impl = "cuda"
 
         def unit(impl, x, w, cb, bw, bb, res, rm, rv):

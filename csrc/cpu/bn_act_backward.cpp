@@ -6,6 +6,7 @@
 // cpu/kernels_impl.h. Traffic: backward_reduce reads grad_out and input (+ out) and
 // optionally writes the masked gradient; backward_elemt reads grad and input and writes
 // grad_input.
+#include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -49,7 +50,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
       write_masked_grad ? masked.mutable_data_ptr() : nullptr, geometry(x, fmt),
       a.mean.const_data_ptr(), a.scale.const_data_ptr(), a.bias.const_data_ptr(), mask,
       sum_dy.mutable_data_ptr(), sum_dy_xmu.mutable_data_ptr());
-  return {sum_dy, sum_dy_xmu * a.invstd, masked};
+  // sum_dy_xhat = sum_dy_xmu * invstd, per channel (as the aten product would).
+  at::Tensor sum_dy_xhat = at::empty({C}, input.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "bn_act_backward_reduce_xhat", [&] {
+    const scalar_t* s = sum_dy_xmu.const_data_ptr<scalar_t>();
+    const scalar_t* inv = a.invstd.const_data_ptr<scalar_t>();
+    scalar_t* out = sum_dy_xhat.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = s[c] * inv[c];
+    }
+  });
+  return {sum_dy, sum_dy_xhat, masked};
 }
 
 at::Tensor bn_act_backward_elemt_cpu(const at::Tensor& grad, const at::Tensor& input,
@@ -71,11 +82,31 @@ at::Tensor bn_act_backward_elemt_cpu(const at::Tensor& grad, const at::Tensor& i
   // Batch statistics: dx = scale*(g - sum_dy/m - xhat*sum_dy_xhat/m)
   // = g*scale + (x - mean)*k + c. Running statistics: dx = g*scale (k and c null, so that
   // an Inf or NaN input does not give (x - mean)*0 = NaN).
+  // Per channel, with the arithmetic of the aten expressions
+  // k = -(scale * invstd) * sum_dy_xhat / m and c = -scale * sum_dy / m (m converted to
+  // the accumulation type first).
   at::Tensor k, c;
   if (batch_stats) {
     const double m = static_cast<double>(input.numel() / input.size(1));
-    k = (-(a.scale * a.invstd) * per_channel_acc(sum_dy_xhat, acc) / m).contiguous();
-    c = (-a.scale * per_channel_acc(sum_dy, acc) / m).contiguous();
+    const int64_t C = input.size(1);
+    const at::Tensor sdyx = per_channel_acc(sum_dy_xhat, acc);
+    const at::Tensor sdy = per_channel_acc(sum_dy, acc);
+    k = at::empty({C}, input.options().dtype(acc));
+    c = at::empty({C}, input.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES(acc, "bn_act_backward_elemt_coefficients", [&] {
+      const scalar_t* scale = a.scale.const_data_ptr<scalar_t>();
+      const scalar_t* invstd = a.invstd.const_data_ptr<scalar_t>();
+      const scalar_t* sx = sdyx.const_data_ptr<scalar_t>();
+      const scalar_t* sd = sdy.const_data_ptr<scalar_t>();
+      scalar_t* kp = k.mutable_data_ptr<scalar_t>();
+      scalar_t* cp = c.mutable_data_ptr<scalar_t>();
+      const scalar_t mm = static_cast<scalar_t>(m);
+      for (int64_t i = 0; i < C; ++i) {
+        const scalar_t si = scale[i] * invstd[i];
+        kp[i] = (-si * sx[i]) / mm;
+        cp[i] = (-scale[i] * sd[i]) / mm;
+      }
+    });
   }
   cpu::kernels().bn_backward_elemt(
       input.scalar_type(), g.const_data_ptr(), x.const_data_ptr(), dx.mutable_data_ptr(),

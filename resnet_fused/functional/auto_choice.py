@@ -170,32 +170,37 @@ _MAX_CALLS_PER_SAMPLE = 64
 
 def _time_candidates(
     candidates: Sequence[str], trial: Callable[[str], object], device: torch.device,
-    repeats: int = 5,
+    repeats: int = 5, decided_after: int = 3, clear_ratio: float = 1.15,
 ) -> dict[str, float]:  # fmt: skip
-    """Median ms per call of ``trial(c)`` for each candidate: a warm-up call each
-    (compiles, autotunes, allocates), a second one that sizes the samples (blocks of
-    calls of at least ``_SAMPLE_MS``), then ``repeats`` rounds that time one sample of
-    every candidate in a rotated order, so that a drifting machine charges them alike."""
+    """Median ms per call of ``trial(c)`` for each candidate: a timed warm-up call each
+    (it compiles, autotunes and allocates, and sizes the samples: blocks of calls of at
+    least ``_SAMPLE_MS``), then up to ``repeats`` rounds that time one sample of every
+    candidate in a rotated order, so that a drifting machine charges them alike. After
+    ``decided_after`` rounds it stops when the fastest median is ahead of every other by
+    ``clear_ratio`` (a close call gets every round)."""
     ctx = torch.cuda.device(device) if device.type == "cuda" else _null()
     with ctx:
-        for c in candidates:
-            trial(c)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        once = min(_time_once(lambda c=c: trial(c), device) for c in candidates)
+        warm = [_time_once(lambda c=c: trial(c), device) for c in candidates]
         target = _SAMPLE_MS.get(device.type, 1.0)
-        calls = max(1, min(_MAX_CALLS_PER_SAMPLE, int(target / max(once, 1e-3)) + 1))
+        calls = max(1, min(_MAX_CALLS_PER_SAMPLE, int(target / max(min(warm), 1e-3)) + 1))
 
         def block(c):
             for _ in range(calls):
                 trial(c)
+
+        def medians():
+            return {c: sorted(s)[len(s) // 2] for c, s in samples.items()}
 
         samples: dict[str, list[float]] = {c: [] for c in candidates}
         for r in range(repeats):
             for i in range(len(candidates)):
                 c = candidates[(i + r) % len(candidates)]
                 samples[c].append(_time_once(lambda c=c: block(c), device) / calls)
-    return {c: sorted(s)[len(s) // 2] for c, s in samples.items()}
+            if r + 1 >= decided_after and len(candidates) > 1:
+                times = sorted(medians().values())
+                if times[0] * clear_ratio < times[1]:
+                    break
+    return medians()
 
 
 class _null:

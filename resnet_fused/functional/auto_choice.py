@@ -172,14 +172,16 @@ def _time_candidates(
     candidates: Sequence[str], trial: Callable[[str], object], device: torch.device,
     repeats: int = 5, decided_after: int = 3, clear_ratio: float = 1.15,
 ) -> dict[str, float]:  # fmt: skip
-    """Median ms per call of ``trial(c)`` for each candidate: a timed warm-up call each
-    (it compiles, autotunes and allocates, and sizes the samples: blocks of calls of at
-    least ``_SAMPLE_MS``), then up to ``repeats`` rounds that time one sample of every
-    candidate in a rotated order, so that a drifting machine charges them alike. After
-    ``decided_after`` rounds it stops when the fastest median is ahead of every other by
-    ``clear_ratio`` (a close call gets every round)."""
+    """Median ms per call of ``trial(c)`` for each candidate: a warm-up call each (it
+    compiles, autotunes, allocates, starts thread pools), a timed call each that sizes
+    the samples (blocks of calls of at least ``_SAMPLE_MS``), then up to ``repeats``
+    rounds that time one sample of every candidate in a rotated order, so that a drifting
+    machine charges them alike. After ``decided_after`` rounds it stops when the fastest
+    median is ahead of every other by ``clear_ratio`` (a close call gets every round)."""
     ctx = torch.cuda.device(device) if device.type == "cuda" else _null()
     with ctx:
+        for c in candidates:
+            trial(c)
         warm = [_time_once(lambda c=c: trial(c), device) for c in candidates]
         target = _SAMPLE_MS.get(device.type, 1.0)
         calls = max(1, min(_MAX_CALLS_PER_SAMPLE, int(target / max(min(warm), 1e-3)) + 1))

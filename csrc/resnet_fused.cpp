@@ -3,6 +3,7 @@
 // Each device registers its kernels in its own TORCH_LIBRARY_IMPL file
 // (csrc/cpu/*.cpp, csrc/cuda/*.cu). The Python package adds fake (meta) kernels and
 // wraps the ops in autograd Functions; see ARCHITECTURE.md.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -83,6 +84,39 @@ pybind11::dict build_info() {
 }
 
 }  // namespace
+
+// The ops that write their arguments in place (running statistics, add_relu_'s x,
+// bias_act_'s input) bump those tensors' version counters, as aten's in-place ops do, at
+// the ADInplaceOrView key (what torch.library.custom_op registers for the Triton ops).
+// Without it a kernel's write through a data pointer leaves the version unchanged:
+// caches keyed on versions (the modules' folded weights) and autograd's check of saved
+// tensors would not see the change.
+namespace {
+
+void bump_written_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                            torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto* alias = args[i].alias_info();
+    const c10::IValue& value = (*stack)[first + i];
+    if (alias != nullptr && alias->isWrite() && value.isTensor()) {
+      const at::Tensor& t = value.toTensor();
+      if (t.defined()) {
+        t.unsafeGetTensorImpl()->bump_version();
+      }
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, ADInplaceOrView, m) {
+  for (const char* name : {"bn_stats", "add_relu_", "bias_act_"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_arguments>());
+  }
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "resnet_fused C++/CUDA kernels (ops register with the dispatcher on import)";

@@ -145,3 +145,32 @@ def test_info_command():
     text = format_info()
     assert "backends for cpu tensors" in text and "torch" in text
     assert main(["info"]) == 0
+
+
+@pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
+def test_ops_that_write_in_place_bump_version_counters():
+    """bn_stats (running statistics), add_relu_ and bias_act_ write through data pointers;
+    like aten's in-place ops they bump the written tensors' versions, which the modules'
+    fold caches and autograd's saved-tensor check rely on."""
+    lib = torch.ops.resnet_fused
+    x = torch.randn(2, 4, 3, 3)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    lib.bn_stats(x, rm, rv, 0.1)
+    assert rm._version > 0 and rv._version > 0
+    before = x._version
+    lib.bn_stats(x, None, None, 0.1)
+    assert x._version == before  # read only
+    a, r = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    lib.add_relu_(a, r)
+    assert a._version > 0 and r._version == 0
+    y = torch.randn(2, 4, 3, 3)
+    lib.bias_act_(y, torch.randn(4), None, True)
+    assert y._version > 0
+    # An in-place write to a tensor autograd saved is caught, as for aten's ops.
+    w = torch.randn(2, 4, 3, 3, requires_grad=True)
+    s = w * 1.0
+    out = s.sigmoid()  # saves its output
+    with torch.no_grad():
+        lib.add_relu_(out, torch.zeros_like(out))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .modules import FoldCache, _conv_padding, bn_update_factor, conv_bn_forward, has_hooks
+from .modules import FoldCache, _conv_padding, bn_forward, conv_bn_forward, has_hooks
 
 __all__ = ["convert_graphs", "fused_add_relu", "fused_bn", "fused_conv_bn"]
 
@@ -169,7 +169,6 @@ def fused_bn(
     """``relu(bn(input) + residual)`` through the fused BatchNorm kernels, reading ``bn``
     now (as :class:`resnet_fused.FusedBatchNormAct2d` does); through the modules while
     any carries hooks."""
-    import resnet_fused
 
     tracer = _tracer_of(input, residual)
     if tracer is not None:
@@ -186,26 +185,7 @@ def fused_bn(
         return _relu(out, relu, relu_module)
     if isinstance(bn, nn.SyncBatchNorm):
         sync, process_group = True, process_group or bn.process_group
-    bn._check_input_dim(input)
-    training = bn.training
-    factor = bn_update_factor(bn, training)
-    bn_training = training or (bn.running_mean is None and bn.running_var is None)
-    use_running = not training or bn.track_running_stats
-    return resnet_fused.batch_norm_act(
-        input,
-        bn.running_mean if use_running else None,
-        bn.running_var if use_running else None,
-        bn.weight,
-        bn.bias,
-        bn_training,
-        factor,
-        bn.eps,
-        residual=residual,
-        relu=relu,
-        backend=backend,
-        sync=sync,
-        process_group=process_group,
-    )
+    return bn_forward(bn, input, residual, relu, backend, sync, process_group)
 
 
 def fused_add_relu(

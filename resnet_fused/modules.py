@@ -73,29 +73,41 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
         return fused.train(bn.training)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        self._check_input_dim(input)
-        factor = bn_update_factor(self, self.training)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        return batch_norm_act(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            factor,
-            self.eps,
-            residual=residual,
-            relu=self.relu,
-            backend=self.backend,
-        )
+        return bn_forward(self, input, residual, self.relu, self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
 
 
 torch.serialization.add_safe_globals([FusedBatchNormAct2d])
+
+
+def bn_forward(
+    bn: nn.modules.batchnorm._BatchNorm, input: Tensor, residual: Tensor | None, relu: bool,
+    backend: str, sync: bool = False, process_group=None,
+) -> Tensor:  # fmt: skip
+    """``relu(bn(input) + residual)`` through the fused kernels with ``bn``'s settings as
+    nn.BatchNorm2d reads them at call time (training flag, momentum or cumulative
+    average, eps, tracked or not)."""
+    bn._check_input_dim(input)
+    factor = bn_update_factor(bn, bn.training)
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_running = not bn.training or bn.track_running_stats
+    return batch_norm_act(
+        input,
+        bn.running_mean if use_running else None,
+        bn.running_var if use_running else None,
+        bn.weight,
+        bn.bias,
+        bn_training,
+        factor,
+        bn.eps,
+        residual=residual,
+        relu=relu,
+        backend=backend,
+        sync=sync,
+        process_group=process_group,
+    )
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:

@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import Tensor
+
+K = TypeVar("K")
+
+
+def cached_kernels(cache: dict[str, K], backend: str, make: Callable[[str], K]) -> K:
+    """``make(backend)``, looked up once per backend (the op objects are needed per call);
+    under torch.compile made directly (no cache for dynamo to guard)."""
+    if torch.compiler.is_compiling():
+        return make(backend)
+    kernels = cache.get(backend)
+    if kernels is None:
+        kernels = cache[backend] = make(backend)
+    return kernels
 
 
 def needs_autograd(*tensors: Tensor) -> bool:

@@ -13,8 +13,8 @@ from torch import Tensor
 from .. import ops, reference
 from .._validation import check_floating, check_like
 from ..backends import resolve_backend
-from ._common import needs_autograd
-from .auto_choice import EAGER, batch_bucket, choose, grad_trial, layout_class
+from ._common import cached_kernels, needs_autograd
+from .auto_choice import EAGER, batch_bucket, choose, layout_class, make_trial
 
 __all__ = ["add_relu", "add_relu_"]
 
@@ -30,14 +30,7 @@ _KERNELS: dict[str, _AddReLUKernels] = {}
 
 
 def _add_relu_kernels(backend: str) -> _AddReLUKernels:
-    """The backend's kernels, looked up once per backend (they are needed per call).
-    Under torch.compile they are looked up directly (no cache for dynamo to guard)."""
-    if torch.compiler.is_compiling():
-        return _make_add_relu_kernels(backend)
-    kernels = _KERNELS.get(backend)
-    if kernels is None:
-        kernels = _KERNELS[backend] = _make_add_relu_kernels(backend)
-    return kernels
+    return cached_kernels(_KERNELS, backend, _make_add_relu_kernels)
 
 
 def _make_add_relu_kernels(backend: str) -> _AddReLUKernels:
@@ -99,20 +92,15 @@ def _resolve(backend: str, x: Tensor, residual: Tensor) -> str:
         return impl
     grad = needs_autograd(x, residual)
     shape = (batch_bucket(x.shape[0]), *x.shape[1:]) if x.dim() else ()
-    key = ("add_relu", shape, x.dtype, layout_class(x), layout_class(residual), grad, x.device)
+
+    def key():
+        return ("add_relu", shape, x.dtype, layout_class(x), layout_class(residual), grad,
+                x.device)  # fmt: skip
 
     def forward(c, a, b):
         return _eager_add_relu(a, b) if c == EAGER else add_relu(a, b, backend=c)
 
-    if grad:
-        trial = grad_trial(forward, (x, residual))
-    else:
-
-        def trial(c):
-            with torch.no_grad():
-                return forward(c, x, residual)
-
-    return choose(key, [impl, EAGER], trial, x.device)
+    return choose(key, [impl, EAGER], make_trial(forward, (x, residual), grad), x.device)
 
 
 def add_relu(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:

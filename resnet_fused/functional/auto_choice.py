@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .._layout import bn_memory_format
+from ..backends import resolve_backend, unavailable_reason
 
 __all__ = ["EAGER", "POLICY_ENV", "auto_choices", "auto_policy", "auto_timings"]
 
@@ -214,7 +215,7 @@ class _null:
 
 
 def choose(
-    key: tuple,
+    key: tuple | Callable[[], tuple],
     candidates: Sequence[str],
     trial: Callable[[str], object],
     device: torch.device,
@@ -225,7 +226,9 @@ def choose(
     preference when nothing is timed, and possibly ``"eager"``), under the policy of
     ``RESNET_FUSED_AUTO``. ``trial(c)`` runs candidate ``c`` once as the real call
     would (forward, and backward when the call records autograd) without side effects
-    on the caller's state."""
+    on the caller's state. ``key`` may be a function that builds it: it is called only
+    when there is a choice to make (not under the "eager" or a one-candidate "fused"
+    policy, not under torch.compile)."""
     policy = auto_policy()
     if policy == EAGER and EAGER in candidates:
         return EAGER
@@ -237,7 +240,7 @@ def choose(
     fused_first = next((c for c in candidates if c != EAGER), candidates[0])
     if torch.compiler.is_compiling():
         return fused_first  # (the cache's lock is not traceable)
-    key = (*key, tuple(candidates))
+    key = (*(key() if callable(key) else key), tuple(candidates))
     choice = _AUTO_CHOICES.get(key)
     if choice is not None:
         return choice
@@ -275,6 +278,20 @@ def grad_trial(forward: Callable[..., torch.Tensor], tensors: Sequence[torch.Ten
     return trial
 
 
+def make_trial(forward: Callable[..., torch.Tensor], tensors, grad: bool):
+    """``"auto"``'s timing trial of ``forward(impl, *tensors)``: with its backward when the
+    call records autograd (what a training step runs, :func:`grad_trial`), else under
+    no_grad."""
+    if grad:
+        return grad_trial(forward, tensors)
+
+    def trial(impl):
+        with torch.no_grad():
+            return forward(impl, *tensors)
+
+    return trial
+
+
 def conv_unit_key(x, w, geometry, training, residual, relu, conv_bias=None, grad=False):
     """What a Conv+BN unit's timing depends on: shapes (batch bucketed), dtype, layout,
     geometry, mode, epilogue, conv bias, whether the backward is timed, the TF32 mode
@@ -305,8 +322,6 @@ def _resolve_conv_backend(
     CUDA cuDNN + the CUDA BatchNorm kernels, or the Triton convolution) and eager for this
     unit, timed once per :func:`conv_unit_key` (``RESNET_FUSED_CONV_BACKEND`` forces a
     fused backend)."""
-    from ..backends import resolve_backend, unavailable_reason
-
     device = x.device
     impl = resolve_backend(backend, device)
     if backend != "auto" or impl == "torch":
@@ -317,8 +332,7 @@ def _resolve_conv_backend(
     fused = [impl]
     if device.type == "cuda":
         fused = [c for c in ("cuda", "triton") if unavailable_reason(c, device) is None]
-    policy = auto_policy()
-    if policy == EAGER or (policy == "fused" and len(fused) == 1):
-        return EAGER if policy == EAGER else fused[0]  # (what choose would say, keyless)
-    key = conv_unit_key(x, w, geometry, training, residual, relu, conv_bias, grad)
-    return choose(key, [*fused, EAGER], trial, device, can_time=can_time)
+    return choose(
+        lambda: conv_unit_key(x, w, geometry, training, residual, relu, conv_bias, grad),
+        [*fused, EAGER], trial, device, can_time=can_time,
+    )  # fmt: skip

@@ -21,8 +21,8 @@ from .._validation import (
     check_optional_per_channel,
 )
 from ..backends import resolve_backend
-from ._common import needs_autograd
-from .auto_choice import EAGER, batch_bucket, choose, grad_trial, layout_class
+from ._common import cached_kernels, needs_autograd
+from .auto_choice import EAGER, batch_bucket, choose, layout_class, make_trial
 
 __all__ = ["batch_norm_act"]
 
@@ -39,14 +39,7 @@ _KERNELS: dict[str, _BatchNormKernels] = {}
 
 
 def _bn_kernels(backend: str) -> _BatchNormKernels:
-    """The backend's kernels, looked up once per backend (they are needed per call).
-    Under torch.compile they are looked up directly (no cache for dynamo to guard)."""
-    if torch.compiler.is_compiling():
-        return _make_bn_kernels(backend)
-    kernels = _KERNELS.get(backend)
-    if kernels is None:
-        kernels = _KERNELS[backend] = _make_bn_kernels(backend)
-    return kernels
+    return cached_kernels(_KERNELS, backend, _make_bn_kernels)
 
 
 def _make_bn_kernels(backend: str) -> _BatchNormKernels:
@@ -189,20 +182,22 @@ def _resolve_auto(
     tensors = (input, weight, bias, residual)
     grad = needs_autograd(*(t for t in tensors if t is not None))
     update = training and running_mean is not None
-    key = (
-        "batch_norm_act",
-        batch_bucket(input.shape[0]),
-        tuple(input.shape[1:]),
-        input.dtype,
-        None if weight is None else weight.dtype,
-        layout_class(input),
-        None if residual is None else layout_class(residual),
-        training or running_mean is None,
-        update,
-        relu,
-        grad,
-        input.device,
-    )
+
+    def key():
+        return (
+            "batch_norm_act",
+            batch_bucket(input.shape[0]),
+            tuple(input.shape[1:]),
+            input.dtype,
+            None if weight is None else weight.dtype,
+            layout_class(input),
+            None if residual is None else layout_class(residual),
+            training or running_mean is None,
+            update,
+            relu,
+            grad,
+            input.device,
+        )
 
     def forward(c, x, w, b, res):
         # Trial runs leave the running statistics alone.
@@ -214,15 +209,7 @@ def _resolve_auto(
             x, rm, rv, w, b, training, momentum, eps, residual=res, relu=relu, backend=c
         )
 
-    if grad:
-        trial = grad_trial(forward, tensors)
-    else:
-
-        def trial(c):
-            with torch.no_grad():
-                return forward(c, *tensors)
-
-    return choose(key, [impl, EAGER], trial, input.device)
+    return choose(key, [impl, EAGER], make_trial(forward, tensors, grad), input.device)
 
 
 def batch_norm_act(

@@ -43,7 +43,7 @@ from .._validation import (
 )
 from ..backends import resolve_backend, unavailable_reason
 from ._common import check_batch_size, needs_autograd
-from .auto_choice import EAGER, _resolve_conv_backend, grad_trial
+from .auto_choice import EAGER, _resolve_conv_backend, make_trial
 from .batch_norm_act import _BatchNormAct, _bn_kernels
 
 __all__ = ["conv_bn_act", "fold_conv_bn"]
@@ -371,19 +371,6 @@ def _eager_unit(
     return y.relu_() if relu else y
 
 
-def _trial(forward, tensors, grad: bool):
-    """``"auto"``'s timing trial of ``forward(impl, *tensors)``: with its backward when the
-    call records autograd (what a training step runs), else under no_grad."""
-    if grad:
-        return grad_trial(forward, tensors)
-
-    def trial(impl):
-        with torch.no_grad():
-            return forward(impl, *tensors)
-
-    return trial
-
-
 # --- public function ------------------------------------------------------------------------
 
 
@@ -509,7 +496,7 @@ def conv_bn_act(
         grad = needs_autograd(*(t for t in tensors if t is not None))
         impl = _resolve_conv_backend(
             backend, input, conv_weight, geometry, True, residual, relu,
-            _trial(trial_unit, tensors, grad), conv_bias, grad=grad,
+            make_trial(trial_unit, tensors, grad), conv_bias, grad=grad,
         )  # fmt: skip
         return unit(impl, *tensors, running_mean, running_var)
 

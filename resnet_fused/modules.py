@@ -192,15 +192,18 @@ def _cached_fold(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         cache.entry = None
         return None
+    # Parameters made under torch.inference_mode are inference tensors, which have no
+    # version counter: an in-place change could not be seen, so their fold is not kept.
+    keep = not any(t is not None and t.is_inference() for t in tensors)
     entry = cache.entry  # read once
-    if entry is not None and _key_matches(entry[0], tensors, bn.eps, dtype):
+    if keep and entry is not None and _key_matches(entry[0], tensors, bn.eps, dtype):
         return entry[1]
-    key = _fold_key(tensors, bn.eps, dtype)
+    key = _fold_key(tensors, bn.eps, dtype) if keep else None
     with torch.no_grad():
         w, b = fold_conv_bn(*tensors[:2], *tensors[2:], bn.eps, dtype=dtype)
     finite = bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())
     value = (w, b, _maybe_pack(w, conv.groups) if pack else None, finite)
-    cache.entry = (key, value)
+    cache.entry = (key, value) if keep else None
     return value
 
 

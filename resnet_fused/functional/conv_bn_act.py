@@ -151,16 +151,41 @@ def _relu_backward(impl: str):
 _MKLDNN_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_convolution_pointwise"
 )
+# The op itself, looked up once (a module attribute: tests put a spy in its place).
+_mkldnn_pointwise = torch.ops.mkldnn._convolution_pointwise if _MKLDNN_POINTWISE else None
+
+_ONEDNN_DTYPES: dict[torch.dtype, bool] = {}
+
+
+def _onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's convolution runs ``dtype`` on this CPU, as torch itself decides
+    for aten's convolution: fp32 always, bf16 only where the CPU has the instructions
+    (AVX-512 BW/VL/DQ, AVX-512 BF16/AMX or AVX-NE-CONVERT: an AVX2-only x86 has none, and
+    oneDNN raises there), asked of torch once per dtype."""
+    supported = _ONEDNN_DTYPES.get(dtype)
+    if supported is None:
+        if dtype == torch.float32:
+            supported = _MKLDNN_POINTWISE
+        elif dtype == torch.bfloat16:
+            supported = _MKLDNN_POINTWISE and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        else:
+            supported = False
+        _ONEDNN_DTYPES[dtype] = supported
+    return supported
 
 
 # Outputs of CPU eval units computed from finite inputs (id -> (weakref, version)): the
 # next unit's input is usually one, so the read that proves an input finite is paid once
 # per chain of fused units (the network's input, after a pooling, ...), not per unit. An
-# in-place change of the tensor (its version counter) voids the mark.
+# in-place change of the tensor (its version counter) voids the mark. Inference tensors
+# (made under torch.inference_mode) have no version counter, so they are never marked:
+# an in-place change could not be seen.
 _KNOWN_FINITE: dict[int, tuple[weakref.ref, int]] = {}
 
 
 def _mark_finite(t: Tensor) -> None:
+    if t.is_inference():
+        return
     key = id(t)
     _KNOWN_FINITE[key] = (
         weakref.ref(t, lambda _, key=key: _KNOWN_FINITE.pop(key, None)),
@@ -184,22 +209,19 @@ def _non_finite(*tensors) -> bool:
 
 
 def _mkldnn_ok(x: Tensor, add_relu: bool = False) -> bool:
-    """oneDNN's fused convolution for fp32/bf16 (skipped when torch.backends.mkldnn is
-    disabled, as aten's convolution would skip oneDNN). Not under torch.compile, whose
-    CPU backend does its own oneDNN fusion: there the aten convolution + the C++ epilogue
-    are traced instead. Not for add+ReLU on bf16 NCHW: there the binary op falls back to
-    aten's add_relu, which has no bf16 kernel (an internal assert in torch). (The caller
-    also leaves it out for a ReLU over non-finite inputs: oneDNN's ReLU post-op turns NaN
-    into 0 where torch.relu keeps it.)"""
+    """oneDNN's fused convolution for fp32, and bf16 where this CPU supports it (skipped
+    when torch.backends.mkldnn is disabled, as aten's convolution would skip oneDNN). Not
+    under torch.compile, whose CPU backend does its own oneDNN fusion: there the aten
+    convolution + the C++ epilogue are traced instead. Not for add+ReLU on bf16 NCHW:
+    there the binary op falls back to aten's add_relu, which has no bf16 kernel (an
+    internal assert in torch). (The caller also leaves the ReLU post-op out where an
+    input may be non-finite: oneDNN's ReLU post-op turns NaN into 0 where torch.relu
+    keeps it.)"""
     if torch.compiler.is_compiling():
         return False
     if add_relu and x.dtype == torch.bfloat16 and bn_memory_format(x) != torch.channels_last:
         return False
-    return (
-        _MKLDNN_POINTWISE
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and torch._C._get_mkldnn_enabled()
-    )
+    return _onednn_supports(x.dtype) and torch._C._get_mkldnn_enabled()
 
 
 def _eval_forward(
@@ -215,23 +237,33 @@ def _eval_forward(
             b, residual, relu,
         )  # fmt: skip
     if impl == "cpu" and _mkldnn_ok(x, residual is not None and relu):
-        # oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps NaN: only where the
-        # inputs are finite (a NaN cannot then arise inside, short of overflowing fp32).
-        finite = (w_finite if w_finite is not None else not _non_finite(w, b)) and not any(
-            t is not None and not _known_finite(t) and _non_finite(t) for t in (x, residual)
-        )
-        if finite or not relu:
+        # oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps NaN: it is used only
+        # where the inputs are finite (a NaN cannot then arise inside, short of
+        # overflowing fp32). Inference tensors cannot carry a finite mark, and a read of
+        # every input would cost as much as the ReLU pass: their ReLU runs after oneDNN's
+        # convolution, in place (torch.relu_'s NaN rule).
+        inference = x.is_inference()
+        if inference:
+            finite = False
+        else:
+            finite = (w_finite if w_finite is not None else not _non_finite(w, b)) and not any(
+                t is not None and not _known_finite(t) and _non_finite(t) for t in (x, residual)
+            )
+        if finite or not relu or inference:
+            post_relu = relu and finite
             bias = b.to(x.dtype) if b is not None else None
             if residual is None:
-                out = torch.ops.mkldnn._convolution_pointwise(
+                out = _mkldnn_pointwise(
                     x, w, bias, list(padding), list(stride), list(dilation), groups,
-                    "relu" if relu else "none", [], "",
+                    "relu" if post_relu else "none", [], "",
                 )  # fmt: skip
             else:
-                out = torch.ops.mkldnn._convolution_pointwise.binary(
+                out = _mkldnn_pointwise.binary(
                     x, residual, w, bias, list(padding), list(stride), list(dilation), groups,
-                    "add", None, "relu" if relu else None, [], "",
+                    "add", None, "relu" if post_relu else None, [], "",
                 )  # fmt: skip
+            if relu and not post_relu:
+                out = out.relu_()
             if finite:
                 _mark_finite(out)
             return out

@@ -1,0 +1,192 @@
+"""Inference as users run it: converted models under ``torch.no_grad`` and
+``torch.inference_mode`` (models and inputs made inside or outside the context), in fp32,
+bf16 and fp16 (cast models and autocast), NCHW and channels_last, ``torch.export`` and
+``torch.compile`` of the converted eval model.
+
+These are the paths that gradient-enabled tests never reach: the cached fold, the oneDNN
+fused convolutions and the finite-input marks. Each case compares the converted model with
+the fp64 model under the project's tolerance rule (twice eager's own error in that dtype,
+plus the dtype's floor).
+
+bf16 convolutions run on oneDNN only where this CPU supports them (AVX-512 BF16/AMX or
+AVX-NE-CONVERT); elsewhere the fused path uses aten's convolution and the C++ epilogue.
+``no_onednn_bf16`` forces that branch, so that a CPU with bf16 oneDNN checks it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torchvision
+from reference_check import FLOOR
+from torch import nn
+
+import resnet_fused
+from resnet_fused.bench.tutorial import TutorialResNet
+from resnet_fused.functional import conv_bn_act as conv_bn_act_module
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+
+
+def _make(model_name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if model_name == "resnet18":  # torchvision's blocks: the fused block classes
+        model = torchvision.models.resnet18(num_classes=10)
+    else:  # a user-written ResNet: the graph converter
+        model = TutorialResNet(
+            (1, 1, 1, 1), widths=(8, 16, 16, 32), num_classes=10, small_input=True
+        )
+    _randomise_bn(model)
+    return model.eval()
+
+
+DTYPES = {
+    "fp32": (torch.float32, None),
+    "bf16": (torch.bfloat16, None),
+    "fp16": (torch.float16, None),
+    "bf16-autocast": (torch.float32, torch.bfloat16),
+}
+
+
+def _context(name: str):
+    return torch.no_grad() if name == "no_grad" else torch.inference_mode()
+
+
+def _run_case(model_name, context, dtype_name, layout, *, inside: bool):
+    dtype, autocast = DTYPES[dtype_name]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32)
+
+    model = _make(model_name)
+    with torch.no_grad():
+        ref = model.double()(x.double())
+
+    def build():
+        m = _make(model_name).to(dtype=dtype, memory_format=fmt)
+        return m, resnet_fused.convert(m)
+
+    amp = (
+        torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    )
+    if inside:  # model, conversion and input all made inside the context
+        with _context(context):
+            eager_model, fused = build()
+            xi = x.to(dtype=dtype, memory_format=fmt)
+            with amp:
+                eager, outs = eager_model(xi), [fused(xi), fused(xi)]
+    else:
+        eager_model, fused = build()
+        xi = x.to(dtype=dtype, memory_format=fmt)
+        with _context(context), amp:
+            eager, outs = eager_model(xi), [fused(xi), fused(xi)]
+    eager_err = (eager.double() - ref).abs().max().item()
+    bound = 2 * eager_err + FLOOR[eager.dtype] * max(ref.abs().max().item(), 1.0)
+    for out in outs:  # the first call folds, the second uses the cached fold
+        assert out.dtype == eager.dtype and out.shape == eager.shape
+        assert torch.isfinite(out).all()
+        err = (out.double() - ref).abs().max().item()
+        assert err <= bound, (err, eager_err, bound)
+    if context == "inference_mode":
+        assert outs[0].is_inference()
+
+
+CASES = [
+    (m, c, d, layout, inside)
+    for m in ("resnet18", "tutorial")
+    for c, inside in (("no_grad", False), ("inference_mode", False), ("inference_mode", True))
+    for d in DTYPES
+    for layout in ("nchw", "channels_last")
+]
+
+
+@pytest.mark.parametrize(("model_name", "context", "dtype_name", "layout", "inside"), CASES)
+def test_converted_model_inference(model_name, context, dtype_name, layout, inside):
+    _run_case(model_name, context, dtype_name, layout, inside=inside)
+
+
+@pytest.fixture
+def no_onednn_bf16(monkeypatch):
+    """This CPU as one without bf16 oneDNN (an AVX2-only x86): the fused path must not
+    call oneDNN's bf16 convolution."""
+    monkeypatch.setattr(
+        conv_bn_act_module, "_onednn_supports", lambda dtype: dtype == torch.float32
+    )
+    calls = []
+    real = torch.ops.mkldnn._convolution_pointwise
+
+    class Spy:
+        def __call__(self, x, *args):
+            calls.append(x.dtype)
+            return real(x, *args)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(conv_bn_act_module, "_mkldnn_pointwise", Spy())
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype_name", ["bf16", "bf16-autocast"])
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_bf16_inference_without_onednn_bf16(no_onednn_bf16, context, dtype_name, layout):
+    _run_case("resnet18", context, dtype_name, layout, inside=False)
+    assert torch.bfloat16 not in no_onednn_bf16
+
+
+def test_onednn_bf16_asked_of_torch():
+    """The bf16 oneDNN path is taken exactly where torch says this CPU supports it."""
+    assert conv_bn_act_module._onednn_supports(torch.bfloat16) == bool(
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+    assert conv_bn_act_module._onednn_supports(torch.float32)
+
+
+def test_inference_tensors_are_never_marked_finite():
+    """Outputs made under inference_mode have no version counter: nothing may read it,
+    and a NaN written into such an output in place must still reach the next unit's
+    output as NaN (oneDNN's ReLU post-op would turn it into 0)."""
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    bn = nn.BatchNorm2d(4).eval()
+    _randomise_bn(nn.Sequential(bn))
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn)
+    with torch.inference_mode():
+        y = unit(torch.randn(1, 4, 6, 6))
+        y[0, :, 2, 2] = float("nan")
+        out = unit(y)
+    assert torch.isnan(out).any()
+
+
+def test_export_converted_eval_model():
+    model = _make("resnet18")
+    fused = resnet_fused.convert(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    exported = torch.export.export(fused, (x,))
+    with torch.no_grad():
+        out = exported.module()(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_compile_converted_eval_model(context):
+    model = _make("tutorial")
+    fused = resnet_fused.convert(model)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 3, 16, 16)
+    with _context(context):
+        expected = model(x)
+        out = compiled(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

@@ -24,9 +24,10 @@ _check_torch_version(_torch.__version__)
 from . import _extension, ops  # noqa: E402, F401  (registers the ops and their fake kernels)
 from .backends import BACKENDS, BackendUnavailableError, is_available, resolve_backend  # noqa: E402
 from .functional.add_relu import add_relu, add_relu_  # noqa: E402
-from .functional.auto_choice import auto_choices, auto_timings  # noqa: E402
+from .functional.auto_choice import auto_choice_sources, auto_choices, auto_timings  # noqa: E402
 from .functional.batch_norm_act import batch_norm_act  # noqa: E402
 from .functional.conv_bn_act import conv_bn_act, fold_conv_bn  # noqa: E402
+from .functional.tuning_cache import TuningCacheWarning  # noqa: E402
 from .info import info  # noqa: E402
 from .modules import FusedBatchNormAct2d, FusedConvBNReLU2d  # noqa: E402
 
@@ -61,9 +62,11 @@ __all__ = [
     "FusedBatchNormAct2d",
     "FusedBottleneck",
     "FusedConvBNReLU2d",
+    "TuningCacheWarning",
     "__version__",
     "add_relu",
     "add_relu_",
+    "auto_choice_sources",
     "auto_choices",
     "auto_timings",
     "batch_norm_act",

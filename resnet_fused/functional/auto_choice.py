@@ -8,7 +8,10 @@ runs (``F.conv2d``, ``F.batch_norm``, add, ReLU). The first call with a new key 
 candidate (forward, plus backward when autograd records the call: the training step is
 what is measured), interleaved over a few rounds, and keeps the fastest in a bounded,
 thread-safe cache (:func:`auto_choices`). So ``"auto"`` is never slower than eager by more
-than the timing's noise, at the price of one short timing per shape.
+than the timing's noise, at the price of one short timing per shape. The picks are kept
+on disk per machine (:mod:`.tuning_cache`, ``$RESNET_FUSED_CACHE_DIR``): a new process
+uses them instead of timing again, and ``resnet-fused tune`` fills the table ahead of
+training. :func:`auto_choice_sources` says where each pick came from.
 
 ``RESNET_FUSED_AUTO`` sets the policy, read at each call:
     ``time`` (default)  time the candidates once per key, as above;
@@ -34,8 +37,17 @@ import torch
 
 from .._layout import bn_memory_format
 from ..backends import resolve_backend, unavailable_reason
+from . import tuning_cache
 
-__all__ = ["EAGER", "POLICY_ENV", "auto_choices", "auto_policy", "auto_timings"]
+__all__ = [
+    "EAGER",
+    "POLICY_ENV",
+    "auto_choice_sources",
+    "auto_choices",
+    "auto_policy",
+    "auto_timings",
+    "reset",
+]
 
 EAGER = "eager"
 POLICY_ENV = "RESNET_FUSED_AUTO"
@@ -43,14 +55,20 @@ POLICIES = ("time", "fused", "eager")
 CONV_BACKEND_ENV = "RESNET_FUSED_CONV_BACKEND"
 
 
+# Where a pick came from (auto_choice_sources): timed by this process, read from the
+# tuning table (timed by an earlier process), or read from the table and timed there by
+# ``resnet-fused tune``.
+TIMED, CACHE, TUNED = "timed", "cache", "tuned"
+
+
 class _AutoChoices:
-    """The per-key picks of ``backend="auto"``: a bounded LRU map (key -> (pick, times)),
-    safe to use from several threads. Timing happens outside the lock; two threads that
-    time the same new key at once both store an answer of the same kind."""
+    """The per-key picks of ``backend="auto"``: a bounded LRU map (key -> (pick, times,
+    source)), safe to use from several threads. Timing happens outside the lock; two
+    threads that time the same new key at once both store an answer of the same kind."""
 
     def __init__(self, capacity: int = 1024) -> None:
         self.capacity = capacity
-        self._picks: OrderedDict[tuple, tuple[str, dict[str, float]]] = OrderedDict()
+        self._picks: OrderedDict[tuple, tuple[str, dict[str, float], str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: tuple) -> str | None:
@@ -61,9 +79,11 @@ class _AutoChoices:
             self._picks.move_to_end(key)
             return entry[0]
 
-    def put(self, key: tuple, choice: str, times: dict[str, float] | None = None) -> None:
+    def put(
+        self, key: tuple, choice: str, times: dict[str, float] | None = None, source: str = TIMED
+    ) -> None:
         with self._lock:
-            self._picks[key] = (choice, dict(times or {}))
+            self._picks[key] = (choice, dict(times or {}), source)
             self._picks.move_to_end(key)
             while len(self._picks) > self.capacity:
                 self._picks.popitem(last=False)
@@ -79,6 +99,10 @@ class _AutoChoices:
     def timings(self) -> dict[tuple, dict[str, float]]:
         with self._lock:
             return {k: dict(v[1]) for k, v in self._picks.items()}
+
+    def sources(self) -> dict[tuple, str]:
+        with self._lock:
+            return {k: v[2] for k, v in self._picks.items()}
 
     def __len__(self) -> int:
         return len(self._picks)
@@ -98,8 +122,24 @@ def auto_choices() -> dict[tuple, str]:
 
 def auto_timings() -> dict[tuple, dict[str, float]]:
     """The median time in ms of every candidate behind each pick of :func:`auto_choices`
-    (empty for a pick that was not timed)."""
+    (empty for a pick that was not timed; for a pick read from the tuning table, the
+    times stored with it)."""
     return _AUTO_CHOICES.timings()
+
+
+def auto_choice_sources() -> dict[tuple, str]:
+    """Where each pick of :func:`auto_choices` (same keys) came from: ``"timed"`` (timed
+    by this process), ``"cache"`` (read from the tuning table on disk, timed by an
+    earlier process) or ``"tuned"`` (read from the table, timed by ``resnet-fused
+    tune``)."""
+    return _AUTO_CHOICES.sources()
+
+
+def reset() -> None:
+    """Forget every pick of this process and everything read from the tuning table (the
+    next new key reads the table again); for tests and benchmarks that time afresh."""
+    _AUTO_CHOICES.clear()
+    tuning_cache.reset()
 
 
 def auto_policy() -> str:
@@ -228,7 +268,9 @@ def choose(
     would (forward, and backward when the call records autograd) without side effects
     on the caller's state. ``key`` may be a function that builds it: it is called only
     when there is a choice to make (not under the "eager" or a one-candidate "fused"
-    policy, not under torch.compile)."""
+    policy, not under torch.compile). A key this process has not seen is looked up in
+    the tuning table (:mod:`.tuning_cache`) before it is timed; a new timed pick is
+    added to the table."""
     policy = auto_policy()
     if policy == EAGER and EAGER in candidates:
         return EAGER
@@ -244,11 +286,17 @@ def choose(
     choice = _AUTO_CHOICES.get(key)
     if choice is not None:
         return choice
+    stored = tuning_cache.lookup(key, device, candidates)  # read once per process
+    if stored is not None:
+        choice, times, source = stored
+        _AUTO_CHOICES.put(key, choice, times, source)
+        return choice
     if not (can_time and timing_allowed(device)):
         return fused_first
     times = _time_candidates(candidates, trial, device)
     choice = min(candidates, key=lambda c: times[c])  # ties: the earlier (fused) one
     _AUTO_CHOICES.put(key, choice, times)
+    tuning_cache.record(key, device, choice, times)
     return choice
 
 

@@ -56,8 +56,9 @@ _FOLD_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _fold_cache(bn: nn.Module) -> FoldCache | None:
-    """The eval-mode fold cache of ``bn``'s site (one per BatchNorm module; its key names
-    the conv tensors, so another conv with the same BatchNorm refolds)."""
+    """The eval-mode fold and the plan of ``bn``'s site (one per BatchNorm module; the
+    fold's key names the conv tensors and the plan's signature the conv's shapes and
+    geometry, so another conv with the same BatchNorm refolds and replans)."""
     if torch.compiler.is_compiling():
         return None
     cache = _FOLD_CACHES.get(bn)
@@ -131,8 +132,7 @@ def fused_conv_bn(
         if residual is not None:
             out = out + residual
         return _relu(out, relu, relu_module)
-    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    cache = None if bn_training else _fold_cache(bn)
+    cache = _fold_cache(bn)
     if residual is not None and not (
         isinstance(residual, Tensor)
         and residual.device == input.device

@@ -7,6 +7,8 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ._env import read_env
+from .functional.auto_choice import CONV_BACKEND_ENV, EAGER, POLICY_ENV
 from .functional.batch_norm_act import batch_norm_act
 
 __all__ = ["FusedBatchNormAct2d", "FusedConvBNReLU2d"]
@@ -130,10 +132,11 @@ class FoldCache:
     thread never pairs one fold's key with another fold's value. Not state: copies and
     pickles start empty."""
 
-    __slots__ = ("entry",)
+    __slots__ = ("entry", "plan")
 
     def __init__(self) -> None:
         self.entry = None
+        self.plan = None  # (signature, plan) of the unit's last call: see conv_bn_forward
 
     def __deepcopy__(self, memo) -> FoldCache:
         return FoldCache()
@@ -241,6 +244,45 @@ def unfused_unit(
     return torch.relu(out) if relu else out
 
 
+def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
+    """Everything a unit's checks and choices depend on, read now: the tensors' shapes,
+    dtypes, devices, strides and ``requires_grad``; grad mode; the BatchNorm's flags and
+    settings; the convolution's geometry; the ``auto`` policy and the oneDNN/TF32
+    switches. None where no plan applies (autocast, torch.compile, synchronised BN): those
+    calls take the checked path every time."""
+    if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
+        return None
+    # (The modules' own dicts: nn.Module.__getattr__ costs more than the rest of a read.)
+    cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
+    tensors = (
+        input, residual, cp["weight"], cp.get("bias"), bp.get("weight"), bp.get("bias"),
+        bb.get("running_mean"), bb.get("running_var"),
+    )  # fmt: skip
+    return (
+        tuple(
+            None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+            for t in tensors
+        ),
+        torch.is_grad_enabled(),
+        bn.training,
+        bn.momentum,
+        bn.eps,
+        bn.track_running_stats,
+        type(bn),
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.padding_mode,
+        relu,
+        backend,
+        read_env(POLICY_ENV),
+        read_env(CONV_BACKEND_ENV),
+        torch._C._get_mkldnn_enabled(),
+        torch._C._get_cudnn_allow_tf32(),
+    )
+
+
 def conv_bn_forward(
     conv: nn.Conv2d,
     bn: nn.BatchNorm2d,
@@ -258,9 +300,21 @@ def conv_bn_forward(
     ``nn.BatchNorm2d.forward`` (num_batches_tracked, momentum=None); in eval mode the
     cached fold. Training statistics are synchronised over ``process_group`` when
     ``sync`` (or when ``bn`` is an ``nn.SyncBatchNorm``, over its group). Callers check
-    for hooks first (:func:`has_hooks`): this never calls the modules."""
+    for hooks first (:func:`has_hooks`): this never calls the modules.
+
+    Plan once, run many: with a ``cache``, the first call with a new signature
+    (:func:`_unit_signature`) goes through :func:`resnet_fused.conv_bn_act` (argument
+    checks, backend resolution, ``auto``'s choice) and keeps what it decided; later calls
+    with the same signature run that plan directly. The modules are still read at every
+    call (flags, momentum, eps, parameters, buffers, the fold's freshness)."""
     if isinstance(bn, nn.SyncBatchNorm):
         sync, process_group = True, process_group or bn.process_group
+    signature = None
+    if cache is not None and not sync:
+        signature = _unit_signature(conv, bn, input, residual, relu, backend)
+        planned = cache.plan
+        if signature is not None and planned is not None and planned[0] == signature:
+            return _run_plan(planned[1], conv, bn, input, residual, relu, backend, cache)
     from .functional.conv_bn_act import conv_bn_act
 
     training = bn.training
@@ -273,7 +327,8 @@ def conv_bn_forward(
         if torch.is_autocast_enabled(input.device.type) and dtype != torch.float64:
             dtype = torch.get_autocast_dtype(input.device.type)
         folded = _cached_fold(conv, bn, dtype, cache, pack=backend in ("auto", "triton"))
-    return conv_bn_act(
+    record = [] if signature is not None and (bn_training or folded is not None) else None
+    out = conv_bn_act(
         input,
         conv.weight,
         bn.weight,
@@ -294,6 +349,32 @@ def conv_bn_forward(
         sync_bn=sync,
         process_group=process_group,
         _folded=folded,
+        _record=record,
+    )
+    if record:
+        cache.plan = (signature, record[0])
+    return out
+
+
+def _run_plan(plan, conv, bn, input, residual, relu, backend, cache) -> Tensor:
+    """One call of a planned unit: the bookkeeping of nn.BatchNorm2d.forward and the
+    parameters and buffers as they are now, then the planned op calls."""
+    from .functional.conv_bn_act import TrainPlan
+
+    training = bn.training
+    factor = bn_update_factor(bn, training)
+    use_running = not training or bn.track_running_stats
+    rm, rv = (bn.running_mean, bn.running_var) if use_running else (None, None)
+    if type(plan) is TrainPlan:
+        return plan.run(
+            input, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, factor, bn.eps,
+            residual, relu,
+        )  # fmt: skip
+    folded = None
+    if plan.impl != EAGER:
+        folded = _cached_fold(conv, bn, input.dtype, cache, pack=backend in ("auto", "triton"))
+    return plan.run(
+        input, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, bn.eps, residual, relu, folded
     )
 
 

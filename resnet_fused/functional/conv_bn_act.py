@@ -43,10 +43,22 @@ from .._validation import (
 )
 from ..backends import resolve_backend, unavailable_reason
 from ._common import check_batch_size, needs_autograd
-from .auto_choice import EAGER, _resolve_conv_backend, make_trial
+from .auto_choice import (
+    EAGER,
+    _resolve_conv_backend,
+    auto_policy,
+    choose,
+    conv_unit_key,
+    forced_conv_backend,
+    make_trial,
+)
 from .batch_norm_act import _BatchNormAct, _bn_kernels
 
 __all__ = ["conv_bn_act", "fold_conv_bn"]
+
+# The CPU backend's eval unit without oneDNN's fused convolution: aten's convolution, then
+# the C++ bias/add/ReLU pass (``auto`` times it against oneDNN's and eager on a CPU).
+CPU_EPILOGUE = "cpu-epilogue"
 
 _TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HALF = (torch.float16, torch.bfloat16)
@@ -403,6 +415,60 @@ def _eager_unit(
     return y.relu_() if relu else y
 
 
+# --- plans: what the first call of a unit decided, for the calls after it ----------------------
+
+
+class TrainPlan:
+    """A training unit's decisions (batch statistics): the backend of the convolution
+    (or eager), of the BatchNorm, the normalised geometry and whether the running
+    statistics are updated. :meth:`run` is the unit without re-checking or re-choosing:
+    the caller (``modules.conv_bn_forward``) runs it only for calls whose signature
+    (shapes, dtypes, devices, layouts, grad mode, the modules' flags and settings, the
+    policy) equals the one this plan was made for."""
+
+    __slots__ = ("bn_impl", "geometry", "impl", "update")
+
+    def __init__(self, impl, bn_impl, geometry, update) -> None:
+        self.impl, self.bn_impl, self.geometry, self.update = impl, bn_impl, geometry, update
+
+    def run(self, x, w, conv_b, bn_w, bn_b, rm, rv, momentum, eps, residual, relu):
+        if self.impl == EAGER:
+            return _eager_unit(
+                x, w, conv_b, bn_w, bn_b, rm, rv, self.geometry, True, momentum, eps, residual,
+                relu,
+            )  # fmt: skip
+        return _train_forward(
+            self.impl, x, w, conv_b, bn_w, bn_b, rm, rv, self.geometry, momentum, eps,
+            residual, relu, self.update, self.bn_impl,
+        )  # fmt: skip
+
+
+class EvalPlan:
+    """An eval unit's decisions (running statistics folded into the convolution, no
+    autograd): the backend and the normalised geometry. :meth:`run` takes the cached
+    fold (see :class:`TrainPlan` for when it may run)."""
+
+    __slots__ = ("geometry", "impl", "lists")
+
+    def __init__(self, impl, geometry) -> None:
+        self.impl, self.geometry = impl, geometry
+        stride, padding, dilation, groups = geometry
+        self.lists = (list(stride), list(padding), list(dilation), groups)
+
+    def run(self, x, w, conv_b, bn_w, bn_b, rm, rv, eps, residual, relu, folded):
+        stride, padding, dilation, groups = self.geometry
+        if self.impl == EAGER:
+            return _eager_unit(
+                x, w, conv_b, bn_w, bn_b, rm, rv, self.geometry, False, 0.0, eps, residual,
+                relu,
+            )  # fmt: skip
+        w_f, b_f, w_packed, w_finite = folded
+        return _eval_forward(
+            self.impl, x, w_f, b_f, residual, stride, padding, dilation, groups, relu,
+            w_packed if self.impl == "triton" else None, w_finite,
+        )  # fmt: skip
+
+
 # --- public function ------------------------------------------------------------------------
 
 
@@ -428,6 +494,7 @@ def conv_bn_act(
     sync_bn: bool = False,
     process_group=None,
     _folded: tuple[Tensor, Tensor, Tensor | None, bool | None] | None = None,
+    _record: list | None = None,
 ) -> Tensor:
     """Fused ``relu(batch_norm(conv2d(input, conv_weight, conv_bias)) + residual)``.
 
@@ -530,6 +597,9 @@ def conv_bn_act(
             backend, input, conv_weight, geometry, True, residual, relu,
             make_trial(trial_unit, tensors, grad), conv_bias, grad=grad,
         )  # fmt: skip
+        if _record is not None:
+            fused_bn_impl = bn_impl if bn_impl is not None and impl in ("cuda", "triton") else None
+            _record.append(TrainPlan(impl, fused_bn_impl, geometry, update))
         return unit(impl, *tensors, running_mean, running_var)
 
     if input.dtype in _HALF and needs_autograd(*(t for t in (bn_weight, bn_bias) if t is not None)):
@@ -585,10 +655,31 @@ def conv_bn_act(
             return trial(impl)
 
     grad = needs_autograd(*(t for t in (input, w_f, b_f, residual) if t is not None))
-    impl = _resolve_conv_backend(
-        backend, input, conv_weight, geometry, False, residual, relu, no_grad_trial,
-        conv_bias, grad=grad,
-    )  # fmt: skip
+    if (
+        backend == "auto"
+        and not grad
+        and input.device.type == "cpu"
+        and auto_policy() == "time"
+        and not forced_conv_backend()
+        and resolve_backend(backend, input.device) == "cpu"
+        and _mkldnn_ok(input, residual is not None and relu)
+    ):
+        # On a CPU, oneDNN's fused convolution costs a fixed ~0.1-0.2 ms per call (it
+        # builds its primitive each time), which small units do not earn back: aten's
+        # convolution + the C++ epilogue is the other fused candidate.
+        impl = choose(
+            lambda: conv_unit_key(
+                input, conv_weight, geometry, False, residual, relu, conv_bias, grad
+            ),
+            ["cpu", CPU_EPILOGUE, EAGER], no_grad_trial, input.device,
+        )  # fmt: skip
+    else:
+        impl = _resolve_conv_backend(
+            backend, input, conv_weight, geometry, False, residual, relu, no_grad_trial,
+            conv_bias, grad=grad,
+        )  # fmt: skip
+    if _record is not None and not grad:
+        _record.append(EvalPlan(impl, geometry))
     if impl == EAGER:
         return trial(EAGER)
     return run_eval(impl, w_packed if impl == "triton" else None)

@@ -1,0 +1,160 @@
+"""Plan once, run many (modules.conv_bn_forward): the first call of a unit with a new
+signature runs the checked path and keeps a plan; later calls with the same signature run
+the plan. Everything a user can change between calls must either be read by the plan at
+call time or change the signature."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import resnet_fused
+from resnet_fused.functional import conv_bn_act as conv_bn_act_module
+
+
+def _pair(dtype=torch.float64, **bn_kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=False).to(dtype)
+    bn = nn.BatchNorm2d(5, **bn_kwargs).to(dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.2)
+        if bn.running_mean is not None:
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+    return conv, bn
+
+
+@pytest.fixture
+def checked_calls(monkeypatch):
+    """Counts the calls that take the checked path (conv_bn_act) instead of a plan."""
+    calls = []
+    real = conv_bn_act_module.conv_bn_act
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conv_bn_act_module, "conv_bn_act", counting)
+    return calls
+
+
+def _eager(conv, bn, x):
+    return torch.relu(bn(conv(x)))
+
+
+@pytest.mark.parametrize("policy", ["fused", "eager", "time"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_second_call_runs_the_plan(checked_calls, monkeypatch, policy, mode):
+    monkeypatch.setenv("RESNET_FUSED_AUTO", policy)
+    conv, bn = _pair()
+    ref_conv, ref_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn)
+    unit.train(mode == "train")
+    ref_conv.train(mode == "train")
+    ref_bn.train(mode == "train")
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for _ in range(3):
+        with torch.no_grad():
+            torch.testing.assert_close(unit(x), _eager(ref_conv, ref_bn, x))
+    assert len(checked_calls) == 1
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+    assert int(bn.num_batches_tracked) == int(ref_bn.num_batches_tracked)
+
+
+def test_flags_and_settings_are_read_at_call_time(checked_calls):
+    """Each change of the BN's flags or settings (or of the policy) takes the checked
+    path once, and the result is eager's after every change."""
+    conv, bn = _pair(momentum=None)
+    ref_conv, ref_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn).train()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def both(change):
+        change(bn)
+        change(ref_bn)
+        out, ref = unit(x), _eager(ref_conv, ref_bn, x)
+        torch.testing.assert_close(out, ref)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, conv.weight, bn.weight), g)
+        want = torch.autograd.grad(ref, (x, ref_conv.weight, ref_bn.weight), g)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+        torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+        assert int(bn.num_batches_tracked) == int(ref_bn.num_batches_tracked)
+
+    both(lambda m: None)
+    both(lambda m: None)  # cumulative average: the factor changes per call, no replan
+    assert len(checked_calls) == 1
+    both(lambda m: setattr(m, "momentum", 0.3))
+    both(lambda m: setattr(m, "eps", 1e-2))
+    both(lambda m: m.eval())
+    both(lambda m: m.eval())
+    both(lambda m: m.train())
+    assert len(checked_calls) == 5
+
+
+def test_gradients_of_planned_training_calls():
+    conv, bn = _pair()
+    ref_conv, ref_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn).train()
+    for _ in range(3):
+        x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+        out, ref = unit(x), _eager(ref_conv, ref_bn, x)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, conv.weight, bn.weight, bn.bias), g)
+        want = torch.autograd.grad(ref, (x, ref_conv.weight, ref_bn.weight, ref_bn.bias), g)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_policy_change_replans(checked_calls, monkeypatch):
+    conv, bn = _pair()
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn).eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        monkeypatch.setenv("RESNET_FUSED_AUTO", "fused")
+        unit(x)
+        unit(x)
+        monkeypatch.setenv("RESNET_FUSED_AUTO", "eager")
+        unit(x)
+        unit(x)
+    assert len(checked_calls) == 2
+    assert unit._fold_cache.plan[1].impl == "eager"
+
+
+def test_replaced_or_converted_parameters_replan(checked_calls):
+    conv, bn = _pair()
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn).eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        unit(x)
+        # An in-place edit (an optimizer step): same plan, the fold is refreshed.
+        conv.weight.mul_(1.5)
+        torch.testing.assert_close(unit(x), _eager(conv, bn, x))
+        assert len(checked_calls) == 1
+        # A new parameter of another shape: the signature changes, and the checks see it.
+        conv.weight = nn.Parameter(torch.randn(5, 4, 3, 3, dtype=torch.float64))
+        with pytest.raises(ValueError, match="input channels"):
+            unit(x)
+        x4 = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+        torch.testing.assert_close(unit(x4), _eager(conv, bn, x4))
+        # .float() keeps the parameter objects and changes their dtype.
+        unit.float()
+        torch.testing.assert_close(unit(x4.float()), _eager(conv, bn, x4.float()))
+        assert unit(x4.float()).dtype == torch.float32
+
+
+def test_bad_input_after_a_plan_is_still_refused():
+    conv, bn = _pair(dtype=torch.float32)
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn).train()
+    unit(torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        unit(torch.randn(1, 3, 1, 1))
+    with pytest.raises(TypeError, match="conv_weight must have the dtype of input"):
+        unit(torch.randn(2, 3, 5, 5, dtype=torch.float64))

@@ -246,12 +246,20 @@ def unfused_unit(
 
 def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
     """Everything a unit's checks and choices depend on, read now: the tensors' shapes,
-    dtypes, devices, strides and ``requires_grad``; grad mode; the BatchNorm's flags and
+    dtypes, devices, strides and ``requires_grad``; grad mode; the autocast dtype (third
+    item, which :func:`_run_plan` reads); the BatchNorm's flags and
     settings; the convolution's geometry; the ``auto`` policy and the oneDNN/TF32
-    switches. None where no plan applies (autocast, torch.compile, synchronised BN): those
-    calls take the checked path every time."""
-    if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
+    switches. None where no plan applies (torch.compile, synchronised BN, fp64 or integer
+    input under autocast): those calls take the checked path every time."""
+    if torch.compiler.is_compiling():
         return None
+    amp = None
+    if torch._C._is_any_autocast_enabled():
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type):
+            if input.dtype == torch.float64 or not input.is_floating_point():
+                return None  # (autocast leaves these alone: the checked path says how)
+            amp = torch.get_autocast_dtype(device_type)
     # (The modules' own dicts: nn.Module.__getattr__ costs more than the rest of a read.)
     cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
     tensors = (
@@ -264,6 +272,7 @@ def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
             for t in tensors
         ),
         torch.is_grad_enabled(),
+        amp,
         bn.training,
         bn.momentum,
         bn.eps,
@@ -314,7 +323,9 @@ def conv_bn_forward(
         signature = _unit_signature(conv, bn, input, residual, relu, backend)
         planned = cache.plan
         if signature is not None and planned is not None and planned[0] == signature:
-            return _run_plan(planned[1], conv, bn, input, residual, relu, backend, cache)
+            return _run_plan(
+                planned[1], conv, bn, input, residual, relu, backend, cache, signature[2]
+            )
     from .functional.conv_bn_act import conv_bn_act
 
     training = bn.training
@@ -327,7 +338,7 @@ def conv_bn_forward(
         if torch.is_autocast_enabled(input.device.type) and dtype != torch.float64:
             dtype = torch.get_autocast_dtype(input.device.type)
         folded = _cached_fold(conv, bn, dtype, cache, pack=backend in ("auto", "triton"))
-    record = [] if signature is not None and (bn_training or folded is not None) else None
+    record = [] if signature is not None else None
     out = conv_bn_act(
         input,
         conv.weight,
@@ -356,26 +367,50 @@ def conv_bn_forward(
     return out
 
 
-def _run_plan(plan, conv, bn, input, residual, relu, backend, cache) -> Tensor:
+def _run_plan(plan, conv, bn, input, residual, relu, backend, cache, amp) -> Tensor:
     """One call of a planned unit: the bookkeeping of nn.BatchNorm2d.forward and the
-    parameters and buffers as they are now, then the planned op calls."""
-    from .functional.conv_bn_act import TrainPlan
-
+    parameters and buffers as they are now, then the planned op calls. Under autocast
+    (``amp``: its dtype) the convolution's operands are cast as ``conv_bn_act`` casts
+    them, the fold is made in that dtype, and the ops run with autocast off."""
     training = bn.training
     factor = bn_update_factor(bn, training)
     use_running = not training or bn.track_running_stats
     rm, rv = (bn.running_mean, bn.running_var) if use_running else (None, None)
-    if type(plan) is TrainPlan:
-        return plan.run(
-            input, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, factor, bn.eps,
-            residual, relu,
+    w, conv_b = conv.weight, conv.bias
+    if amp is None:
+        return _run_planned_ops(
+            plan, conv, bn, input, w, conv_b, rm, rv, factor, residual, relu, backend, cache,
+            input.dtype,
         )  # fmt: skip
+    with torch.autocast(input.device.type, enabled=False):
+        input, w = input.to(amp), w.to(amp)
+        conv_b = None if conv_b is None else conv_b.to(amp)
+        residual = None if residual is None else residual.to(amp)
+        return _run_planned_ops(
+            plan, conv, bn, input, w, conv_b, rm, rv, factor, residual, relu, backend, cache,
+            amp,
+        )  # fmt: skip
+
+
+def _run_planned_ops(
+    plan, conv, bn, x, w, conv_b, rm, rv, factor, residual, relu, backend, cache, fold_dtype
+) -> Tensor:  # fmt: skip
+    from .functional.conv_bn_act import TrainPlan
+
+    if type(plan) is TrainPlan:
+        return plan.run(x, w, conv_b, bn.weight, bn.bias, rm, rv, factor, bn.eps, residual, relu)
     folded = None
-    if plan.impl != EAGER:
-        folded = _cached_fold(conv, bn, input.dtype, cache, pack=backend in ("auto", "triton"))
-    return plan.run(
-        input, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, bn.eps, residual, relu, folded
-    )
+    if plan.impl == EAGER:
+        pass
+    elif plan.grad:  # autograd records the call: the fold is differentiable, made per call
+        from .functional.conv_bn_act import fold_conv_bn
+
+        folded = fold_conv_bn(
+            conv.weight, conv.bias, rm, rv, bn.weight, bn.bias, bn.eps, dtype=fold_dtype
+        )
+    else:
+        folded = _cached_fold(conv, bn, fold_dtype, cache, pack=backend in ("auto", "triton"))
+    return plan.run(x, w, conv_b, bn.weight, bn.bias, rm, rv, bn.eps, residual, relu, folded)
 
 
 class FusedConvBNReLU2d(nn.Module):

@@ -158,3 +158,51 @@ def test_bad_input_after_a_plan_is_still_refused():
         unit(torch.randn(1, 3, 1, 1))
     with pytest.raises(TypeError, match="conv_weight must have the dtype of input"):
         unit(torch.randn(2, 3, 5, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("policy", ["fused", "eager"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
+def test_planned_calls_equal_checked_calls(monkeypatch, policy, residual, layout, amp, mode):
+    """A planned unit and the same unit forced through the checked path on every call:
+    bit-identical outputs, gradients and running statistics over three steps."""
+    monkeypatch.setenv("RESNET_FUSED_AUTO", policy)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    conv, bn = _pair(dtype=torch.float32)
+    if mode == "eval" and amp is not None:
+        # Frozen-BN fine-tuning: the BN's affine frozen too. (With BN parameters that need
+        # gradients in half precision the unit runs BN on the convolution's output, not
+        # the fold, on the checked path every call.)
+        bn.weight.requires_grad_(False)
+        bn.bias.requires_grad_(False)
+    planned = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn)
+    checked = copy.deepcopy(planned)
+    for m in (planned, checked):
+        m.train(mode == "train").to(memory_format=fmt)
+    ctx = torch.no_grad if mode == "eval-no-grad" else torch.enable_grad
+    torch.manual_seed(2)
+    for _ in range(3):
+        x = torch.randn(2, 3, 6, 6).to(memory_format=fmt).requires_grad_()
+        res = torch.randn(2, 5, 6, 6).to(memory_format=fmt) if residual else None
+        outs, grads = [], []
+        for m in (planned, checked):
+            if m is checked:
+                m._fold_cache.plan = None
+            xi = x.detach().requires_grad_()
+            amp_ctx = torch.autocast("cpu", dtype=amp, enabled=amp is not None)
+            with ctx(), amp_ctx:
+                out = m(xi, res)
+            outs.append(out)
+            if out.requires_grad:
+                wrt = [t for t in (xi, m.conv.weight, m.bn.weight) if t.requires_grad]
+                grads.append(torch.autograd.grad(out, wrt, torch.ones_like(out)))
+        assert planned._fold_cache.plan is not None
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+        for a, b in zip(*grads, strict=True) if grads else ():
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(
+                getattr(planned.bn, name), getattr(checked.bn, name), rtol=0, atol=0
+            )

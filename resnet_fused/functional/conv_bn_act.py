@@ -444,24 +444,26 @@ class TrainPlan:
 
 
 class EvalPlan:
-    """An eval unit's decisions (running statistics folded into the convolution, no
-    autograd): the backend and the normalised geometry. :meth:`run` takes the cached
-    fold (see :class:`TrainPlan` for when it may run)."""
+    """An eval unit's decisions (running statistics folded into the convolution): the
+    backend, the normalised geometry and whether autograd records the call. :meth:`run`
+    takes the fold from the caller: the cached one without autograd, a differentiable
+    one (:func:`fold_conv_bn`) with it (see :class:`TrainPlan` for when it may run)."""
 
-    __slots__ = ("geometry", "impl", "lists")
+    __slots__ = ("geometry", "grad", "impl")
 
-    def __init__(self, impl, geometry) -> None:
-        self.impl, self.geometry = impl, geometry
-        stride, padding, dilation, groups = geometry
-        self.lists = (list(stride), list(padding), list(dilation), groups)
+    def __init__(self, impl, geometry, grad) -> None:
+        self.impl, self.geometry, self.grad = impl, geometry, grad
 
     def run(self, x, w, conv_b, bn_w, bn_b, rm, rv, eps, residual, relu, folded):
-        stride, padding, dilation, groups = self.geometry
         if self.impl == EAGER:
             return _eager_unit(
                 x, w, conv_b, bn_w, bn_b, rm, rv, self.geometry, False, 0.0, eps, residual,
                 relu,
             )  # fmt: skip
+        if self.grad:
+            w_f, b_f = folded
+            return _ConvBiasAct.apply(x, w_f, b_f, residual, self.geometry, relu, self.impl, None)
+        stride, padding, dilation, groups = self.geometry
         w_f, b_f, w_packed, w_finite = folded
         return _eval_forward(
             self.impl, x, w_f, b_f, residual, stride, padding, dilation, groups, relu,
@@ -530,7 +532,7 @@ def conv_bn_act(
             conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
             groups=groups, training=training, momentum=momentum, eps=eps,
             residual=residual, relu=relu, backend=backend, sync_bn=sync_bn,
-            process_group=process_group, _folded=_folded,
+            process_group=process_group, _folded=_folded, _record=_record,
         )  # fmt: skip
     stride, padding, dilation = _check_args(
         input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, stride,
@@ -678,8 +680,8 @@ def conv_bn_act(
             backend, input, conv_weight, geometry, False, residual, relu, no_grad_trial,
             conv_bias, grad=grad,
         )  # fmt: skip
-    if _record is not None and not grad:
-        _record.append(EvalPlan(impl, geometry))
+    if _record is not None and (_folded is not None or grad):
+        _record.append(EvalPlan(impl, geometry, grad))
     if impl == EAGER:
         return trial(EAGER)
     return run_eval(impl, w_packed if impl == "triton" else None)

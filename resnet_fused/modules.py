@@ -18,11 +18,14 @@ def bn_update_factor(bn: nn.BatchNorm2d, training: bool) -> float:
     """The running-statistics factor of this call, with nn.BatchNorm2d.forward's
     bookkeeping: in training, num_batches_tracked += 1, and momentum=None gives the
     cumulative average 1/num_batches_tracked."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / float(bn.num_batches_tracked)
+    momentum = bn.momentum
+    factor = 0.0 if momentum is None else momentum
+    if training and bn.track_running_stats:
+        tracked = bn._buffers.get("num_batches_tracked")
+        if tracked is not None:
+            tracked.add_(1)
+            if momentum is None:
+                factor = 1.0 / float(tracked)
     return factor
 
 
@@ -148,19 +151,24 @@ class FoldCache:
 class _TensorKey:
     """What identifies one input of a fold: the tensor (weakly: a replaced parameter is
     not kept alive), its storage (strongly, so that its address cannot be reused by a
-    new tensor while the entry exists), data pointer, version counter, dtype, shape."""
+    new tensor while the entry exists), data pointer, version counter, dtype, shape,
+    strides and device."""
 
-    __slots__ = ("ref", "state", "storage")
+    __slots__ = ("meta", "ptr", "ref", "storage", "version")
 
     def __init__(self, t: Tensor) -> None:
         self.ref = weakref.ref(t)
         self.storage = t.untyped_storage()
-        self.state = (t.data_ptr(), t._version, t.device, t.dtype, t.shape, t.stride())
+        self.ptr, self.version = t.data_ptr(), t._version
+        self.meta = (t.dtype, t.shape, t.stride(), t.device)
 
     def matches(self, t: Tensor) -> bool:
-        return self.ref() is t and self.state == (
-            t.data_ptr(), t._version, t.device, t.dtype, t.shape, t.stride()
-        )  # fmt: skip
+        return (
+            self.ref() is t
+            and self.version == t._version
+            and self.ptr == t.data_ptr()
+            and self.meta == (t.dtype, t.shape, t.stride(), t.device)
+        )
 
 
 def _fold_key(tensors, eps: float, dtype: torch.dtype) -> tuple:
@@ -169,38 +177,55 @@ def _fold_key(tensors, eps: float, dtype: torch.dtype) -> tuple:
 
 def _key_matches(key: tuple, tensors, eps: float, dtype: torch.dtype) -> bool:
     keys, k_eps, k_dtype = key
+    if k_eps != eps or k_dtype != dtype:
+        return False
+    for k, t in zip(keys, tensors, strict=True):
+        if k is None:
+            if t is not None:
+                return False
+        elif t is None or not k.matches(t):
+            return False
+    return True
+
+
+def _fold_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+    """(conv weight, conv bias, running mean, running var, BN weight, BN bias), read from
+    the modules' own dicts (nn.Module.__getattr__ costs more than the fold check)."""
+    cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
     return (
-        k_eps == eps
-        and k_dtype == dtype
-        and all(
-            (k is None and t is None) or (k is not None and t is not None and k.matches(t))
-            for k, t in zip(keys, tensors, strict=True)
-        )
-    )
+        cp["weight"], cp.get("bias"), bb.get("running_mean"), bb.get("running_var"),
+        bp.get("weight"), bp.get("bias"),
+    )  # fmt: skip
 
 
 def _cached_fold(
     conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, cache: FoldCache, pack: bool
 ):
-    """(W', b', packed W' or None, whether W' and b' are finite) from ``cache``, refolded when any input changed (the
-    tensor object, its storage or version counter, eps, dtype). None while autograd
-    needs the fold (conv_bn_act then folds differentiably) and under torch.compile
-    (which traces the fold op instead). Thread-safe: the key is taken before folding, so
-    a parameter changed during the fold only makes the next call refold."""
-    from .functional.conv_bn_act import fold_conv_bn
-
-    tensors = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    """(W', b', packed W' or None, whether W' and b' are finite) from ``cache``, refolded
+    when any input changed (the tensor object, its storage or version counter, eps,
+    dtype). None while autograd needs the fold (conv_bn_act then folds differentiably)
+    and under torch.compile (which traces the fold op instead). Thread-safe: the key is
+    taken before folding, so a parameter changed during the fold only makes the next call
+    refold."""
     if torch.compiler.is_compiling():
         return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        cache.entry = None
-        return None
+    tensors = _fold_inputs(conv, bn)
+    grad = torch.is_grad_enabled()
     # Parameters made under torch.inference_mode are inference tensors, which have no
     # version counter: an in-place change could not be seen, so their fold is not kept.
-    keep = not any(t is not None and t.is_inference() for t in tensors)
+    keep = True
+    for t in tensors:
+        if t is not None:
+            if grad and t.requires_grad:
+                cache.entry = None
+                return None
+            if t.is_inference():
+                keep = False
     entry = cache.entry  # read once
     if keep and entry is not None and _key_matches(entry[0], tensors, bn.eps, dtype):
         return entry[1]
+    from .functional.conv_bn_act import fold_conv_bn
+
     key = _fold_key(tensors, bn.eps, dtype) if keep else None
     with torch.no_grad():
         w, b = fold_conv_bn(*tensors[:2], *tensors[2:], bn.eps, dtype=dtype)
@@ -208,6 +233,32 @@ def _cached_fold(
     value = (w, b, _maybe_pack(w, conv.groups) if pack else None, finite)
     cache.entry = (key, value) if keep else None
     return value
+
+
+def _planned_fold(conv, bn, dtype, cache: FoldCache, backend: str):
+    """The cached fold for a planned call: the plan's signature already fixed every fold
+    input's dtype, shape, device and ``requires_grad`` (and every plan starts with a full
+    :func:`_cached_fold`, so the entry's key holds those), so the same tensor objects at
+    the same address and version counter mean the same fold. Anything else: the full
+    check (and refold)."""
+    entry = cache.entry
+    if entry is not None:
+        keys, k_eps, k_dtype = entry[0]
+        if k_eps == bn.eps and k_dtype == dtype:
+            for k, t in zip(keys, _fold_inputs(conv, bn), strict=True):
+                if k is None:
+                    if t is not None:
+                        break
+                elif (
+                    t is None
+                    or k.ref() is not t
+                    or k.version != t._version
+                    or k.ptr != t.data_ptr()
+                ):
+                    break
+            else:
+                return entry[1]
+    return _cached_fold(conv, bn, dtype, cache, pack=backend in ("auto", "triton"))
 
 
 def own_hooks(m: nn.Module | None) -> bool:
@@ -244,12 +295,15 @@ def unfused_unit(
     return torch.relu(out) if relu else out
 
 
+_AMP = 4  # where _unit_signature puts the autocast dtype
+
+
 def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
     """Everything a unit's checks and choices depend on, read now: the tensors' shapes,
-    dtypes, devices, strides and ``requires_grad``; grad mode; the autocast dtype (third
-    item, which :func:`_run_plan` reads); the BatchNorm's flags and
-    settings; the convolution's geometry; the ``auto`` policy and the oneDNN/TF32
-    switches. None where no plan applies (torch.compile, synchronised BN, fp64 or integer
+    dtypes, devices and ``requires_grad`` and the input's and residual's strides; grad
+    mode; the autocast dtype (item ``_AMP``, which :func:`_run_plan` reads); the
+    BatchNorm's flags and settings; the convolution's geometry; the ``auto`` policy and
+    the oneDNN/TF32 switches. None where no plan applies (torch.compile, synchronised BN, fp64 or integer
     input under autocast): those calls take the checked path every time."""
     if torch.compiler.is_compiling():
         return None
@@ -268,9 +322,10 @@ def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
     )  # fmt: skip
     return (
         tuple(
-            None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
-            for t in tensors
+            None if t is None else (t.shape, t.dtype, t.device, t.requires_grad) for t in tensors
         ),
+        input.stride(),
+        None if residual is None else residual.stride(),
         torch.is_grad_enabled(),
         amp,
         bn.training,
@@ -324,7 +379,7 @@ def conv_bn_forward(
         planned = cache.plan
         if signature is not None and planned is not None and planned[0] == signature:
             return _run_plan(
-                planned[1], conv, bn, input, residual, relu, backend, cache, signature[2]
+                planned[1], conv, bn, input, residual, relu, backend, cache, signature[_AMP]
             )
     from .functional.conv_bn_act import conv_bn_act
 
@@ -375,8 +430,9 @@ def _run_plan(plan, conv, bn, input, residual, relu, backend, cache, amp) -> Ten
     training = bn.training
     factor = bn_update_factor(bn, training)
     use_running = not training or bn.track_running_stats
-    rm, rv = (bn.running_mean, bn.running_var) if use_running else (None, None)
-    w, conv_b = conv.weight, conv.bias
+    bb = bn._buffers
+    rm, rv = (bb.get("running_mean"), bb.get("running_var")) if use_running else (None, None)
+    w, conv_b = conv._parameters["weight"], conv._parameters.get("bias")
     if amp is None:
         return _run_planned_ops(
             plan, conv, bn, input, w, conv_b, rm, rv, factor, residual, relu, backend, cache,
@@ -397,8 +453,9 @@ def _run_planned_ops(
 ) -> Tensor:  # fmt: skip
     from .functional.conv_bn_act import TrainPlan
 
+    bn_w, bn_b = bn._parameters.get("weight"), bn._parameters.get("bias")
     if type(plan) is TrainPlan:
-        return plan.run(x, w, conv_b, bn.weight, bn.bias, rm, rv, factor, bn.eps, residual, relu)
+        return plan.run(x, w, conv_b, bn_w, bn_b, rm, rv, factor, bn.eps, residual, relu)
     folded = None
     if plan.impl == EAGER:
         pass
@@ -406,11 +463,12 @@ def _run_planned_ops(
         from .functional.conv_bn_act import fold_conv_bn
 
         folded = fold_conv_bn(
-            conv.weight, conv.bias, rm, rv, bn.weight, bn.bias, bn.eps, dtype=fold_dtype
-        )
+            conv._parameters["weight"], conv._parameters.get("bias"), rm, rv, bn_w, bn_b,
+            bn.eps, dtype=fold_dtype,
+        )  # fmt: skip
     else:
-        folded = _cached_fold(conv, bn, fold_dtype, cache, pack=backend in ("auto", "triton"))
-    return plan.run(x, w, conv_b, bn.weight, bn.bias, rm, rv, bn.eps, residual, relu, folded)
+        folded = _planned_fold(conv, bn, fold_dtype, cache, backend)
+    return plan.run(x, w, conv_b, bn_w, bn_b, rm, rv, bn.eps, residual, relu, folded)
 
 
 class FusedConvBNReLU2d(nn.Module):
@@ -488,11 +546,10 @@ class FusedConvBNReLU2d(nn.Module):
         return fused.train(conv.training)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        if has_hooks(self.conv, self.bn):  # run the modules themselves: their hooks fire
-            return unfused_unit(self.conv, self.bn, input, residual, self.relu)
-        return conv_bn_forward(
-            self.conv, self.bn, input, residual, self.relu, self.backend, self._fold_cache
-        )
+        conv, bn = self._modules["conv"], self._modules["bn"]
+        if has_hooks(conv, bn):  # run the modules themselves: their hooks fire
+            return unfused_unit(conv, bn, input, residual, self.relu)
+        return conv_bn_forward(conv, bn, input, residual, self.relu, self.backend, self._fold_cache)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, backend={self.backend!r}"

@@ -158,7 +158,7 @@ def run_tune(args) -> int:
     fp = tuning_cache.fingerprint(device)["device"]
     where = ", ".join(
         str(fp[k]) for k in ("name", "isa", "capability") if fp.get(k) is not None
-    ) + (f", {fp['threads']} threads" if "threads" in fp else "")
+    ) + (f", threads {fp['threads']}" if "threads" in fp else "")
     print(
         f"tune: {args.model} on {device.type} ({where}), {args.dtype}, {args.layout}, "
         f"batch {args.batch}, {args.image_size}x{args.image_size}, {' + '.join(modes)}: "

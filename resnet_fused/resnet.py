@@ -199,8 +199,10 @@ class _FusedBlock(nn.Module):
         )
 
     def _submodules(self) -> list[nn.Module]:
-        mods = [getattr(self, name) for name in self._children]
-        return mods + (list(self.downsample) if self.downsample is not None else [])
+        children = self._modules  # (not nn.Module.__getattr__: this runs every forward)
+        mods = [children.get(name) for name in self._children]
+        ds = children.get("downsample")
+        return mods + (list(ds._modules.values()) if ds is not None else [])
 
     def hooked(self) -> list[str]:
         """The submodules carrying hooks (while any do, the block runs unfused)."""

@@ -21,6 +21,10 @@ if not HAS_CUDA:
 # tests/test_auto_choice.py and the "auto" cases of the op tests cover the timed choice and
 # the eager pick. RESNET_FUSED_AUTO=time runs the whole suite as users get it.
 os.environ.setdefault("RESNET_FUSED_AUTO", "fused")
+# auto's tuning table (functional/tuning_cache.py) off: the suite's slowed and faked
+# candidates must never reach a user's table, and no pick of an earlier run may decide a
+# test. tests/test_tuning_cache.py sets its own folder per test.
+os.environ["RESNET_FUSED_CACHE_DIR"] = ""
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

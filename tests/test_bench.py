@@ -489,3 +489,13 @@ def test_graph_capture_sequence_on_a_cpu_stand_in(monkeypatch):
     assert all(s["momentum_buffer"].abs().max() == 0 for s in opt.state.values())
     out = case.call()  # the stand-in's replay runs nothing: the captured step's output
     assert log[-1] == "replay" and out.shape == ()
+
+
+def test_fused_provider_whose_units_auto_ran_as_aten_ops_is_timed():
+    from resnet_fused.bench import model as bench_model
+
+    """Where backend="auto" timed the units and picked eager ops (or aten's convolution
+    with the folded bias) everywhere, the step is what the converted model runs."""
+    bench_model.check_fused_ran("fused", 0, auto_decided=True)
+    with pytest.raises(ValueError, match="dispatched no resnet_fused op"):
+        bench_model.check_fused_ran("fused", 0, auto_decided=False)

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import block, goals, harness, layer, model, op, report, sync
+from . import block, goals, harness, host, layer, model, op, report, sync
 from .timing import device_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -16,7 +16,7 @@ OPS = ("add_relu", "bn_relu", "bn_add_relu")
 LAYOUTS = ("channels_last", "nchw")
 
 
-LEVELS = ("suite", "op", "layer", "block", "model", "sync", "profile")
+LEVELS = ("suite", "op", "layer", "block", "model", "sync", "profile", "host")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "sync: synchronised BatchNorm over --world ranks (torch.distributed), fused vs "
         "nn.SyncBatchNorm / eager; profile: where a layer's training step spends its time "
         "per provider (torch.profiler kernels and an aten op trace; --layers, default the "
-        "deep 3x3 layers) (sync and profile are not part of the suite)",
+        "deep 3x3 layers); host: host time of a tiny unit, a new process's first step, "
+        "ResNet-50 inference vs torch.compile with freezing (CPU) (sync, profile and host "
+        "are not part of the suite)",
     )
     parser.add_argument(
         "--world", type=int, default=2, help="sync level: number of ranks (processes)"
@@ -100,6 +102,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="alternating timing rounds per case: every provider is timed once per round, "
         "in a rotated order; medians over the rounds (default: %(default)s)",
     )
+    parser.add_argument(
+        "--host-cases",
+        default=None,
+        help="host level: comma-separated cases: unit (a tiny Conv+BN+ReLU unit's host time), "
+        "first_step (a new process's first training step, cold and warm tuning table), "
+        "r50_inference (ResNet-50 inference vs torch.compile with freezing); default: all",
+    )
     parser.add_argument("--out", default="results", help="output folder")
 
 
@@ -138,6 +147,15 @@ _Writer = harness.Writer
 
 def run_bench(args: argparse.Namespace) -> int:
     runs: dict[str, list[dict]] = {}  # this run's rows per level (the suite's verdicts)
+    # Benchmarks time auto's choices afresh in this process: picks from the tuning table
+    # (made at another time, under other load) would make first-step times and auto's
+    # picks depend on the table's history. (The host level's first_step case measures
+    # the table itself, in processes of its own.)
+    from ..functional import auto_choice
+    from ..functional.tuning_cache import CACHE_DIR_ENV
+
+    os.environ[CACHE_DIR_ENV] = ""
+    auto_choice.reset()
     try:
         device = _device(args.device)
         if args.rounds < 1:
@@ -147,7 +165,7 @@ def run_bench(args: argparse.Namespace) -> int:
             args.out = os.path.join(args.out, "suite")
         for level in levels:
             run = {"op": _run_op, "layer": _run_layer, "block": _run_block, "model": _run_model,
-                   "sync": _run_sync, "profile": _run_profile}  # fmt: skip
+                   "sync": _run_sync, "profile": _run_profile, "host": _run_host}  # fmt: skip
             print(f"== {level} level ==", flush=True)
             runs[level] = run[level](args, device, suite=args.level == "suite")
     except (_BadArgs, ValueError) as exc:
@@ -159,6 +177,16 @@ def run_bench(args: argparse.Namespace) -> int:
             f.write(goals.report(runs, _tag(device), device))
         print(f"wrote {path}")
     return 0
+
+
+def _run_host(args, device, suite=False) -> list[dict]:
+    if device.type != "cpu":
+        raise _BadArgs("the host level runs on the CPU here (--device cpu)")
+    cases = (args.host_cases or ",".join(host.CASES)).split(",")
+    out = _Writer(os.path.join(args.out, f"host_{_tag(device)}"))
+    host.run_host(cases, out, args.min_run_time or 1.0, args.rounds)
+    out.finish(host.summarise(out.rows), ("case", "mode"), "host time")
+    return out.rows
 
 
 def _run_op(args, device, suite=False) -> list[dict]:

@@ -216,7 +216,7 @@ def run_layers(
                 if any(p.startswith("compile") for p in providers):
                     torch._dynamo.reset()
                 if "auto" in providers:  # this case's picks, timed afresh
-                    resnet_fused.functional.auto_choice._AUTO_CHOICES.clear()
+                    resnet_fused.functional.auto_choice.reset()
                 units = {}
                 for provider in providers:
                     torch.manual_seed(0)  # the same weights for every provider

@@ -180,7 +180,7 @@ def run_cases(
         if any(p.startswith("compile") for p in providers):
             torch._dynamo.reset()  # a fresh cache per case: no recompile limit reached
         if "auto" in providers:
-            auto_choice._AUTO_CHOICES.clear()  # this case's picks, timed afresh
+            auto_choice.reset()  # this case's picks, timed afresh
         fns = {p: _make_fn(case, p) for p in providers}
         steps = {p: harness.rotating(_step(fn, backward), sets) for p, fn in fns.items()}
         measured = harness.measure_case(

@@ -127,7 +127,7 @@ def run_profiles(
         for provider in providers:
             torch.manual_seed(0)
             if provider == "auto":  # this layer's picks, timed afresh
-                auto_choice._AUTO_CHOICES.clear()
+                auto_choice.reset()
             unit = layer_level.make_unit(lay, provider, device, dtype, True)
             step_fn = layer_level._step(unit, True)
 

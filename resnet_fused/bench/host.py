@@ -1,0 +1,226 @@
+"""Host-time benchmarks: where the Python around the kernels is what a step costs.
+
+Cases (``resnet-fused bench --level host``):
+
+* ``unit``: one Conv(3x3)+BN+ReLU unit on tiny tensors (1x8x4x4), where the compute is
+  negligible and the time is host time: eager modules (``nn.Sequential(conv, bn, relu)``)
+  against :class:`resnet_fused.FusedConvBNReLU2d` under the default ``backend="auto"``,
+  in eval under ``no_grad`` and under ``inference_mode``, and a training step
+  (forward+backward);
+* ``first_step``: the first training step of a converted ``resnet18`` (4x3x64x64) in a
+  new process (conversion, forward, backward, ``auto``'s tuning) with a cold and a warm
+  tuning table, against eager's first step in a new process; each process is started
+  afresh, alternating between the providers, and the median over rounds is reported;
+* ``r50_inference``: ResNet-50 inference (batch 8, 224x224, channels_last, fp32):
+  eager, the converted model, and ``torch.compile`` with freezing (``mode=None``,
+  Inductor's ``freezing=True``), with the compile time reported beside it.
+
+The host-bound whole models (the tutorial CIFAR ResNet at 8x3x32x32, ``resnet18`` at
+2x3x32x32) are the model level's (``--level model --models tutorial_resnet18 --batch 8
+--image-size 32``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import resnet_fused
+
+from . import harness
+
+CASES = ("unit", "first_step", "r50_inference")
+
+
+def _unit_steps(mode: str) -> dict[str, Callable[[], object]]:
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    eager = nn.Sequential(conv, bn, nn.ReLU(inplace=True))
+    import copy
+
+    fused = resnet_fused.FusedConvBNReLU2d.from_modules(copy.deepcopy(conv), copy.deepcopy(bn))
+    x = torch.randn(1, 8, 4, 4)
+    steps = {}
+    for name, m in (("eager", eager), ("fused", fused)):
+        m.train(mode == "train")
+        if mode == "train":
+            xg = x.clone().requires_grad_()
+
+            def step(m=m, xg=xg):
+                out = m(xg)
+                out.backward(torch.ones_like(out))
+                return out.detach()
+
+        else:
+            ctx = torch.no_grad if mode == "eval" else torch.inference_mode
+
+            def step(m=m, ctx=ctx):
+                with ctx():
+                    return m(x).clone()
+
+        steps[name] = step
+    return steps
+
+
+def run_unit(writer, min_run_time: float, rounds: int, progress=print) -> None:
+    for mode in ("eval", "inference_mode", "train"):
+        steps = _unit_steps(mode)
+        stats = harness.measure_case(
+            steps, torch.device("cpu"), min_run_time, baseline="eager", rounds=rounds,
+            tolerance=1e-5,
+        )  # fmt: skip
+        for provider, s in stats.items():
+            row = {
+                "case": "unit 1x8x4x4", "mode": mode, "provider": provider,
+                "us_per_call": round(s.median_s * 1e6, 2),
+                **harness.timing_columns(s),
+                **harness.ratio_columns("time_vs_eager", stats["eager"], s),
+            }  # fmt: skip
+            writer(row)
+            progress(f"unit {mode:15s} {provider:6s} {row['us_per_call']:8.2f} us")
+
+
+_FIRST_STEP = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch, torchvision
+import resnet_fused
+torch.manual_seed(0)
+model = torchvision.models.resnet18(num_classes=10)
+x = torch.randn(4, 3, 64, 64)
+y = torch.randint(0, 10, (4,))
+t1 = time.perf_counter()
+if sys.argv[1] == "fused":
+    model = resnet_fused.convert(model)
+out = model(x)
+torch.nn.functional.cross_entropy(out, y).backward()
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "first_step_s": t2 - t1}))
+"""
+
+
+def _first_step(provider: str, cache_dir: str | None) -> float:
+    env = dict(os.environ)
+    env.pop("RESNET_FUSED_AUTO", None)  # the users' default: timed choice
+    env["RESNET_FUSED_CACHE_DIR"] = cache_dir if cache_dir is not None else ""
+    out = subprocess.run(
+        [sys.executable, "-c", _FIRST_STEP, "fused" if provider != "eager" else "eager"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])["first_step_s"]
+
+
+def run_first_step(writer, rounds: int, progress=print) -> None:
+    times: dict[str, list[float]] = {"eager": [], "fused-cold": [], "fused-warm": []}
+    with tempfile.TemporaryDirectory() as warm_dir:
+        _first_step("fused-warm", warm_dir)  # fills the table the warm runs read
+        for r in range(rounds):
+            order = list(times)
+            order = order[r % len(order) :] + order[: r % len(order)]
+            for provider in order:
+                if provider == "fused-cold":
+                    with tempfile.TemporaryDirectory() as cold_dir:
+                        t = _first_step(provider, cold_dir)
+                else:
+                    t = _first_step(provider, warm_dir if provider == "fused-warm" else None)
+                times[provider].append(t)
+    eager = times["eager"]
+    for provider, ts in times.items():
+        ratios = [t / e for t, e in zip(ts, eager, strict=True)]
+        row = {
+            "case": "first step resnet18 4x3x64x64", "mode": "train", "provider": provider,
+            "median_ms": round(statistics.median(ts) * 1e3, 1), "rounds": len(ts),
+            "time_vs_eager": round(statistics.median(ratios), 3),
+            "time_vs_eager_min": round(min(ratios), 3),
+            "time_vs_eager_max": round(max(ratios), 3),
+        }  # fmt: skip
+        writer(row)
+        progress(f"first step {provider:10s} {row['median_ms']:8.1f} ms  x{row['time_vs_eager']}")
+
+
+def run_r50_inference(writer, min_run_time: float, rounds: int, progress=print) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 224, 224).to(memory_format=torch.channels_last)
+    fused = resnet_fused.convert(model)
+    import torch._inductor.config as inductor_config
+
+    saved = inductor_config.freezing
+    inductor_config.freezing = True
+    try:
+        compiled = torch.compile(model)
+        start = time.perf_counter()
+        with torch.no_grad():
+            compiled(x)
+        compile_s = time.perf_counter() - start
+    finally:
+        inductor_config.freezing = saved
+    steps = {}
+    for name, m in (("eager", model), ("fused", fused), ("compile-freezing", compiled)):
+
+        def step(m=m):
+            with torch.no_grad():
+                return m(x)
+
+        steps[name] = step
+    stats = harness.measure_case(
+        steps, torch.device("cpu"), min_run_time, baseline="eager", rounds=rounds,
+        tolerance=2e-3,
+    )  # fmt: skip
+    for provider, s in stats.items():
+        row = {
+            "case": "resnet50 inference 8x3x224x224 channels_last", "mode": "eval",
+            "provider": provider, **harness.timing_columns(s),
+            **harness.ratio_columns("time_vs_eager", stats["eager"], s),
+            "compile_s": round(compile_s, 1) if provider == "compile-freezing" else "",
+        }  # fmt: skip
+        writer(row)
+        progress(f"r50 inference {provider:17s} {row['median_ms']:9.2f} ms")
+
+
+def summarise(rows: list[dict]) -> str:
+    lines = [
+        "# Host-time benchmarks",
+        "",
+        "time_vs_eager: this provider's time over eager's, the median of per-round ratios "
+        "(min-max in brackets); below 1 is faster than eager.",
+        "",
+        "| case | mode | provider | median | vs eager |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        spread = ""
+        if r.get("time_vs_eager_min", "") != "":
+            spread = f" ({r['time_vs_eager_min']}-{r['time_vs_eager_max']})"
+        extra = f", compile {r['compile_s']} s" if r.get("compile_s") else ""
+        lines.append(
+            f"| {r['case']} | {r['mode']} | {r['provider']} | {r['median_ms']} ms{extra} | "
+            f"{r.get('time_vs_eager', '')}{spread} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_host(cases, writer, min_run_time: float, rounds: int, progress=print) -> None:
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise ValueError(f"unknown host case(s) {unknown}; known: {', '.join(CASES)}")
+    if "unit" in cases:
+        run_unit(writer, min_run_time, rounds, progress)
+    if "first_step" in cases:
+        run_first_step(writer, max(3, rounds // 2), progress)
+    if "r50_inference" in cases:
+        run_r50_inference(writer, min_run_time, rounds, progress)

@@ -51,7 +51,17 @@ def info() -> dict:
             )
             for device in devices
         },
+        "tuning_table": {device: _table_path(device) for device in devices},
     }
+
+
+def _table_path(device: str) -> str | None:
+    from .functional.tuning_cache import table_path
+
+    try:
+        return table_path(device)
+    except Exception as exc:  # the report must not fail on the table
+        return f"unavailable ({exc!r})"
 
 
 def format_info(report: dict | None = None) -> str:
@@ -86,4 +96,9 @@ def format_info(report: dict | None = None) -> str:
             if auto["fallback"]:
                 line += f" (the pure-PyTorch reference, because {auto['fallback']})"
             lines.append(line)
+        if device in report.get("tuning_table", {}):
+            path = report["tuning_table"][device]
+            lines.append(
+                f"    auto's tuning table: {path or 'off (RESNET_FUSED_CACHE_DIR is empty)'}"
+            )
     return "\n".join(lines)

@@ -588,6 +588,13 @@ class _GraphConversion:
         fn = self._fns["train" if module.training else "eval"]
         return fn(module, *args, **kwargs)
 
+    @property
+    def __code__(self):
+        """The module's own forward's code object: torch.export (non-strict) reads
+        ``module.forward.__code__`` for the argument names, which the generated forward
+        shares (its graph's placeholders are named after them)."""
+        return type(self.module).forward.__code__
+
     def hooked_sites(self) -> list[_Site]:
         out = []
         for site in self.sites:

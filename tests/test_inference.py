@@ -168,8 +168,9 @@ def test_inference_tensors_are_never_marked_finite():
     assert torch.isnan(out).any()
 
 
-def test_export_converted_eval_model():
-    model = _make("resnet18")
+@pytest.mark.parametrize("model_name", ["resnet18", "tutorial"])
+def test_export_converted_eval_model(model_name):
+    model = _make(model_name)
     fused = resnet_fused.convert(model)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -14,7 +14,10 @@ Rules:
 * Spellings are normalised before matching: ``nn.ReLU`` (inplace or not, reused),
   ``F.relu``, ``torch.relu``, ``.relu()``, ``relu_``; ``+``, ``+=``, ``torch.add``,
   ``.add``/``.add_`` (either operand order); ``nn.Identity`` and empty ``nn.Sequential``
-  pass through; the in-place forms are followed through their aliases.
+  pass through; the in-place forms are followed through their aliases. Augmented
+  assignments (``a += b``) are traced as the in-place operators they are, and an in-place
+  add runs out of place (fused) only when its target has storage of its own that no other
+  value (a view taken before, the caller's tensor) can see; else it stays in place.
 * Patterns, longest first: Conv2d->BN->add->ReLU, Conv2d->BN->ReLU, BN->add->ReLU,
   BN->ReLU, add->ReLU, then Conv2d->BN. A site is fused only when every interior value
   has one user and the modules are exactly ``nn.Conv2d`` (zeros padding) and
@@ -30,12 +33,19 @@ Rules:
   blocks do) instead of silently training on each rank's own statistics.
 * Values a traced forward reads from ``self.training`` are baked into the graph: the
   module is traced in training and in eval mode and the generated forward picks the
-  graph by the module's own ``training`` flag at call time.
+  graph by the module's own ``training`` flag at call time (each graph with its own
+  globals). When the two graphs differ, a traced-through module whose own flag differs
+  from the module's (``model.train()`` then ``block.eval()``) makes the module run its
+  original forward, as reported.
+* Operands the fused kernels do not take (integer add->ReLU, a residual of another dtype,
+  e.g. fp32 under bf16 autocast, whose sum eager promotes) run as eager ops; the report
+  counts such calls.
 """
 
 from __future__ import annotations
 
 import operator
+import threading
 import time
 import weakref
 
@@ -43,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from ._validation import SUPPORTED_DTYPES
 from .modules import FoldCache, _conv_padding, bn_forward, conv_bn_forward, has_hooks
 
 __all__ = ["convert_graphs", "fused_add_relu", "fused_bn", "fused_conv_bn"]
@@ -65,6 +76,19 @@ def _fold_cache(bn: nn.Module) -> FoldCache | None:
     if cache is None:
         cache = _FOLD_CACHES.setdefault(bn, FoldCache())
     return cache
+
+
+_RUNNING = threading.local()  # .conversion: the _GraphConversion whose forward runs now
+
+
+def _note_eager(why: str) -> None:
+    """Records, for conversion_report, that a fused site of the running converted forward
+    ran as eager ops on its last call (operands the fused kernels do not take)."""
+    if torch.compiler.is_compiling():
+        return
+    conversion = getattr(_RUNNING, "conversion", None)
+    if conversion is not None:
+        conversion.eager_calls[why] = conversion.eager_calls.get(why, 0) + 1
 
 
 def _tracer_of(*values):
@@ -137,10 +161,23 @@ def fused_conv_bn(
         isinstance(residual, Tensor)
         and residual.device == input.device
         and residual.shape == _conv_out_shape(conv, input)
-    ):  # a broadcasting (or foreign) residual: eager add
+        and residual.dtype == _unit_dtype(input)
+    ):  # a broadcasting, foreign or other-dtype residual: eager add (eager's promotion)
+        _note_eager("the residual's shape, device or dtype differs from the unit's output")
         out = conv_bn_forward(conv, bn, input, None, False, backend, cache, sync, process_group)
         return _relu(out + residual, relu, None)
     return conv_bn_forward(conv, bn, input, residual, relu, backend, cache, sync, process_group)
+
+
+def _unit_dtype(input: Tensor) -> torch.dtype:
+    """The dtype of a Conv+BN unit's output without residual: autocast's dtype while
+    autocast is on for the input's device (the convolution runs in it; autocast leaves
+    float64 alone), else the input's."""
+    device = input.device.type
+    eligible = input.is_floating_point() and input.dtype != torch.float64
+    if eligible and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return input.dtype
 
 
 def _conv_out_shape(conv: nn.Conv2d, input: Tensor) -> torch.Size:
@@ -179,13 +216,15 @@ def fused_bn(
     if has_hooks(bn, relu_module) or (residual is not None and not _same_shape(input, residual)):
         if sync and has_hooks(bn, relu_module):
             _refuse_unsynchronised([bn], "a module of this fused BN site")
+        if not has_hooks(bn, relu_module):
+            _note_eager("the residual's shape, dtype or device differs from the input's")
         out = bn(input)
         if residual is not None:
             out = out + residual
         return _relu(out, relu, relu_module)
     if isinstance(bn, nn.SyncBatchNorm):
         sync, process_group = True, process_group or bn.process_group
-    return bn_forward(bn, input, residual, relu, backend, sync, process_group)
+    return bn_forward(bn, input, residual, relu, backend, sync, process_group, _fold_cache(bn))
 
 
 def fused_add_relu(
@@ -199,7 +238,12 @@ def fused_add_relu(
     if tracer is not None:
         kwargs = {"relu_module": relu_module, "backend": backend}
         return tracer.create_proxy("call_function", fused_add_relu, (x, residual), kwargs)
-    if has_hooks(relu_module) or not _same_shape(x, residual):
+    if has_hooks(relu_module):
+        return _relu(x + residual, True, relu_module)
+    if not _same_shape(x, residual) or x.dtype not in SUPPORTED_DTYPES:
+        # operands of other shapes, dtypes or devices, integer or complex ones: eager ops
+        # (their promotion and results), as the unconverted model computes them
+        _note_eager("operands of different shapes, dtypes or devices, or not floating-point")
         return _relu(x + residual, True, relu_module)
     return resnet_fused.add_relu(x, residual, backend=backend)
 
@@ -232,6 +276,28 @@ def _is_standard_leaf(m: nn.Module) -> bool:
     return module.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(m, nn.Sequential)
 
 
+class _InplaceProxy(fx.Proxy):
+    """A proxy that records augmented assignments (``a += b``, ``a *= b``, ...) as the
+    in-place operators they are (``operator.iadd``, ...): ``torch.fx.Proxy`` has no
+    ``__iadd__``, so Python would record ``a = a + b`` and every view or alias of ``a``
+    would miss the update."""
+
+
+def _inplace_operator(name: str):
+    op = getattr(operator, name)
+
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    method.__name__ = f"__{name}__"
+    return method
+
+
+for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
+              "iand", "ior", "ixor", "ilshift", "irshift"):  # fmt: skip
+    setattr(_InplaceProxy, f"__{_name}__", _inplace_operator(_name))
+
+
 class _Tracer(fx.Tracer):
     """Standard layers, the classes the user names, resnet_fused's modules, torchvision
     blocks, modules carrying hooks and modules found untraceable are leaves. Records the
@@ -243,6 +309,9 @@ class _Tracer(fx.Tracer):
         self.leaf_ids = leaf_modules
         self.failed_in: tuple[str, BaseException] | None = None
         self.inlined: dict[str, nn.Module] = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InplaceProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from .modules import own_hooks
@@ -325,6 +394,58 @@ def _add_of(node: fx.Node):
     return a, b, inplace
 
 
+# Values known to have storage of their own (never a view or alias of an input).
+_FRESH_MODULES = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.Linear,
+)
+_FRESH_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add,
+    torch.sub, torch.mul, torch.cat, torch.relu, torch.clone, F.conv2d, F.batch_norm,
+}  # fmt: skip
+_FRESH_METHODS = {"add", "sub", "mul", "div", "clone", "relu", "float", "double"}
+
+
+def _inplace_target(root: nn.Module, node: fx.Node) -> fx.Node | None:
+    """The value an in-place ReLU or add writes into (None for other nodes)."""
+    relu = _relu_of(root, node)
+    if relu is not None:
+        return relu[0] if relu[1] else None
+    add = _add_of(node)
+    return add[0] if add is not None and add[2] else None
+
+
+def _fresh(root: nn.Module, node: fx.Node, depth: int = 0) -> bool:
+    """``node``'s value has its own storage, seen through no other graph value (an in-place
+    op's result counts when its target is private to it)."""
+    if depth > 16:
+        return False
+    target = _inplace_target(root, node)
+    if target is not None:
+        return _private(root, target, node, depth + 1)
+    if _relu_of(root, node) is not None or _add_of(node) is not None:
+        return True  # out of place
+    if node.op == "call_module":
+        return isinstance(root.get_submodule(node.target), _FRESH_MODULES)
+    if node.op == "call_function":
+        return node.target in _FRESH_FUNCTIONS and node.target is not F.relu
+    if node.op == "call_method":
+        return node.target in _FRESH_METHODS
+    return False
+
+
+def _private(root: nn.Module, target: fx.Node, op: fx.Node, depth: int = 0) -> bool:
+    """Writing into ``target`` in place at ``op`` is seen by nothing else: ``target`` has
+    its own storage and no other user of it makes a view or alias of it (later uses of
+    ``target`` use ``op`` after :func:`_normalise`). Only then may ``op`` run out of place."""
+    if not _fresh(root, target, depth):
+        return False
+    return all(user is op or _fresh(root, user, depth + 1) for user in target.users)
+
+
 def _normalise(root: nn.Module, graph: fx.Graph) -> list[nn.Module]:
     """Follows in-place ops through their aliases (later uses of an in-place op's first
     operand use the op's result, which is the same tensor) and removes ``nn.Identity``
@@ -379,8 +500,11 @@ class _Site:
     def modules(self) -> list[str]:
         return [p for p in (self.conv, self.bn, self.relu) if p is not None]
 
+    mode = None  # "training only" / "eval only": a site of one of the two graphs
+
     def describe(self, prefix: str) -> str:
-        return f"{', '.join(prefix + n for n in self.names)} ({self.pattern})"
+        mode = f", {self.mode}" if self.mode else ""
+        return f"{', '.join(prefix + n for n in self.names)} ({self.pattern}{mode})"
 
 
 def _single_user(node: fx.Node, user: fx.Node) -> bool:
@@ -435,12 +559,20 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         add = _add_of(x) if x not in claimed else None
         if add is not None and _single_user(x, node):
             a, b, inplace = add
+            if inplace and not _private(root, a, x):
+                # `a += ...` must stay in place: the caller's tensor, or a value that
+                # another one may alias (a view taken before), sees the update
+                if a.op in ("placeholder", "get_attr"):
+                    why = "adds into the module's input in place"
+                else:
+                    why = (f"adds into {name(a)} in place, which another value may alias "
+                           "(kept in place)")  # fmt: skip
+                left.append((name(node), f"not fused with {name(x)}: {why}"))
+                continue
             done = False
             for operand, other in ((a, b), (b, a)):
                 if not (is_bn(operand) and _single_user(operand, x)):
                     continue
-                if inplace and other is a and other.op in ("placeholder", "get_attr"):
-                    continue  # `input += bn(...)` mutates the caller's tensor: leave it
                 conv, why = bn_unit(operand, x)
                 if why:
                     left.append((name(operand), why))
@@ -459,9 +591,6 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
                 done = True
                 break
             if not done:
-                if inplace and a.op in ("placeholder", "get_attr"):
-                    left.append((name(node), "adds into the module's input in place"))
-                    continue
                 site = _Site("add-relu", None, None, relu_path, [name(x), name(node)])
                 sites.append((site, [x, node], a, b))
                 claimed.update((x, node))
@@ -549,12 +678,17 @@ class _GraphConversion:
     the module's ``forward``), the sites fused, the candidates left alone, or the tracing
     error. Pickles as source code (recompiled on load); copies share nothing."""
 
-    def __init__(self, module, sources, import_block, watched, sites, left, error=None):
+    def __init__(self, module, sources, import_block, watched, sites, left, error=None, inlined=()):
         self.module = module
         self.sources = sources  # {"train": src, "eval": src} or {} (nothing fused)
-        self.import_block = import_block
+        self.import_block = import_block  # {"train": imports, "eval": imports} (or one str)
         self.watched = watched  # traced-through containers and removed Identity modules
         self.sites, self.left, self.error = sites, left, error
+        # The traced-through modules whose training flag the graphs baked in, when the
+        # train and eval graphs differ (else empty): while any of their flags differs from
+        # the module's own, neither graph is the module's computation.
+        self.inlined = list(inlined)
+        self.eager_calls: dict[str, int] = {}  # call-time fallbacks to eager ops, by reason
         self.process_group = None
         self.sync_bn = False
         self._compile()
@@ -562,7 +696,10 @@ class _GraphConversion:
     def _compile(self) -> None:
         from torch.fx.graph_module import _forward_from_src
 
-        self._fns = {k: _forward_from_src(self.import_block + src, {}) for k, src in
+        blocks = self.import_block
+        if not isinstance(blocks, dict):
+            blocks = dict.fromkeys(self.sources, blocks)
+        self._fns = {k: _forward_from_src(blocks[k] + src, {}) for k, src in
                      self.sources.items()}  # fmt: skip
 
     def __getstate__(self):
@@ -571,14 +708,24 @@ class _GraphConversion:
         return state
 
     def __setstate__(self, state) -> None:
+        state.setdefault("inlined", [])
+        state.setdefault("eager_calls", {})
         self.__dict__.update(state)
         self._compile()
 
+    def mixed_flags(self) -> bool:
+        """True while a traced-through module's training flag, which the graphs baked
+        in, differs from the module's own (the original forward runs then)."""
+        flag = self.module.training
+        return any(m.training != flag for m in self.inlined)
+
     def __call__(self, *args, **kwargs):
         module = self.module
-        if has_hooks(*self.watched):
-            # hooks on a traced-through container (or global hooks): the original forward,
-            # which calls every module (converted children stay converted)
+        if has_hooks(*self.watched) or (self.inlined and self.mixed_flags()):
+            # hooks on a traced-through container (or global hooks), or traced-through
+            # modules whose training flags differ from the module's when the forward reads
+            # them: the original forward, which calls every module (converted children
+            # stay converted)
             if getattr(self, "sync_bn", False):
                 bns = [module.get_submodule(s.bn) for s in self.sites if s.bn is not None]
                 _refuse_unsynchronised(
@@ -586,7 +733,14 @@ class _GraphConversion:
                 )
             return type(module).forward(module, *args, **kwargs)
         fn = self._fns["train" if module.training else "eval"]
-        return fn(module, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            return fn(module, *args, **kwargs)
+        previous = getattr(_RUNNING, "conversion", None)
+        _RUNNING.conversion = self
+        try:
+            return fn(module, *args, **kwargs)
+        finally:
+            _RUNNING.conversion = previous
 
     @property
     def __code__(self):
@@ -602,6 +756,27 @@ class _GraphConversion:
             if has_hooks(*mods):
                 out.append(site)
         return out
+
+
+def _merge_modes(sites, left, eval_sites, eval_left):
+    """The train graph's sites and candidates left alone, with the eval graph's that differ
+    (tagged with the mode in which they exist)."""
+
+    def key(site):  # node names may differ between the graphs, module paths do not
+        return (site.pattern, *site.modules()) if site.modules() else site.describe("")
+
+    train_keys, eval_keys = set(map(key, sites)), set(map(key, eval_sites))
+    merged = []
+    for site in sites:
+        if key(site) not in eval_keys:
+            site.mode = "training only"
+        merged.append(site)
+    for site in eval_sites:
+        if key(site) not in train_keys:
+            site.mode = "eval only"
+            merged.append(site)
+    merged_left = list(left) + [entry for entry in eval_left if entry not in left]
+    return merged, merged_left
 
 
 def _trace(module: nn.Module, leaf_types, leaf_ids: set[int]):
@@ -664,23 +839,29 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
     from torch.fx.graph_module import _format_import_block
     from torch.package import sys_importer
 
-    import_block = ""
+    import_blocks = {}
     has_group = sync_bn and process_group is not None
     for tag, graph in (("train", train), ("eval", evalg)):
         watched += _normalise(module, graph)
         found, alone = _find_sites(module, graph)
         if sites is None:
             sites, left = [s for s, *_ in found], alone
+        else:  # the eval graph's own sites and candidates (a forward reading self.training)
+            sites, left = _merge_modes(sites, left, [s for s, *_ in found], alone)
         _rewrite(graph, found, backend, sync_bn, has_group)
         graph.lint()
         code = graph.python_code(root_module="self")
         sources[tag] = code.src
-        import_block = _format_import_block(code.globals, sys_importer)
-    if sources["train"] == sources["eval"]:
-        sources["eval"] = sources["train"]
+        # each graph its own globals: a function only one graph calls (a site fused only
+        # in training, say) is named in that graph's imports only
+        import_blocks[tag] = _format_import_block(code.globals, sys_importer)
+    differ = sources["train"] != sources["eval"] or import_blocks["train"] != import_blocks["eval"]
+    if not differ:
+        sources["eval"], import_blocks["eval"] = sources["train"], import_blocks["train"]
     conversion = _GraphConversion(
-        module, sources if sites else {}, import_block, watched, sites, left
-    )
+        module, sources if sites else {}, import_blocks, watched, sites, left,
+        inlined=inlined.values() if differ else (),
+    )  # fmt: skip
     conversion.process_group = process_group if has_group else None
     conversion.sync_bn = sync_bn
     conversion.errors = errors
@@ -734,6 +915,12 @@ def graph_report(model: nn.Module):
         if conv.sites and has_hooks(*conv.watched):
             skipped.append(f"{where}: runs its original forward while a traced-through "
                            "module carries hooks")  # fmt: skip
+        if conv.sites and getattr(conv, "inlined", None) and conv.mixed_flags():
+            skipped.append(f"{where}: runs its original forward while a traced-through "
+                           "module's training flag differs from its own (its forward "
+                           "reads self.training)")  # fmt: skip
+        for why, calls in getattr(conv, "eager_calls", {}).items():
+            skipped.append(f"{where}: a fused site ran as eager ops on {calls} call(s): {why}")
     return fused, skipped
 
 

@@ -48,7 +48,8 @@ def _share_conv(conv: nn.Conv2d, cls: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
     new.weight = conv.weight
     if conv.bias is not None:
         new.bias = conv.bias
-    return new.train(conv.training)
+    new.training = conv.training
+    return new
 
 
 def _share_bn(
@@ -63,7 +64,8 @@ def _share_bn(
         setattr(new, name, getattr(bn, name))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         new._buffers[name] = bn._buffers.get(name)
-    return new.train(bn.training)
+    new.training = bn.training
+    return new
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:
@@ -159,7 +161,8 @@ class _FusedBlock(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused._adopt(block, backend)
-        return fused.train(block.training)
+        fused.training = block.training  # its own flag only: each child keeps its own
+        return fused
 
     def to_torchvision(self) -> nn.Module:
         """The torchvision block around the same submodules; a block synchronising its
@@ -182,8 +185,11 @@ class _FusedBlock(nn.Module):
                     setattr(block, name, synced(getattr(block, name)))
             if block.downsample is not None:
                 conv, bn = block.downsample
-                block.downsample = nn.Sequential(conv, synced(bn))
-        return block.train(self.training)
+                ds = nn.Sequential(conv, synced(bn))
+                ds.training = block.downsample.training
+                block.downsample = ds
+        block.training = self.training  # its own flag only: each child keeps its own
+        return block
 
     def _unit(self, name: str, conv, bn, x, residual=None, relu=True) -> Tensor:
         if isinstance(x, torch.fx.Proxy):  # traced (feature extraction): one node per unit
@@ -483,6 +489,8 @@ def convert(
                 continue
             bn = _share_bn(module.bn1, FoldedBatchNorm2d)
             relu = FoldedReLU()
+            relu.training = module.relu.training
+            relu.inplace = module.relu.inplace  # given back by unfuse
             stem = configure(FusedStemConv2d.from_modules(module.conv1, bn, relu, backend=backend))
             if isinstance(module.bn1, nn.SyncBatchNorm):
                 stem.sync_bn, stem.process_group = True, module.bn1.process_group
@@ -541,7 +549,9 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 module.bn1 = _share_bn(module.bn1, nn.SyncBatchNorm, stem.process_group)
             else:
                 module.bn1 = _share_bn(module.bn1)
-            module.relu = nn.ReLU(inplace=True)
+            relu = nn.ReLU(inplace=getattr(module.relu, "inplace", True))
+            relu.training = module.relu.training
+            module.relu = relu
     return model
 
 

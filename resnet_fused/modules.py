@@ -75,10 +75,16 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
             setattr(fused, name, getattr(bn, name))
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             fused._buffers[name] = bn._buffers.get(name)
-        return fused.train(bn.training)
+        fused.training = bn.training
+        return fused
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        return bn_forward(self, input, residual, self.relu, self.backend)
+        cache = None  # (a FoldCache: copies and pickles start empty)
+        if not torch.compiler.is_compiling():  # made here: modules from older pickles
+            cache = self.__dict__.get("_plan_cache")
+            if cache is None:
+                cache = self.__dict__["_plan_cache"] = FoldCache()
+        return bn_forward(self, input, residual, self.relu, self.backend, cache=cache)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
@@ -89,16 +95,34 @@ torch.serialization.add_safe_globals([FusedBatchNormAct2d])
 
 def bn_forward(
     bn: nn.modules.batchnorm._BatchNorm, input: Tensor, residual: Tensor | None, relu: bool,
-    backend: str, sync: bool = False, process_group=None,
+    backend: str, sync: bool = False, process_group=None, cache: FoldCache | None = None,
 ) -> Tensor:  # fmt: skip
     """``relu(bn(input) + residual)`` through the fused kernels with ``bn``'s settings as
     nn.BatchNorm2d reads them at call time (training flag, momentum or cumulative
-    average, eps, tracked or not)."""
+    average, eps, tracked or not). With a ``cache``, plan once, run many, as
+    :func:`conv_bn_forward` (the plan in ``cache.bn_plan``)."""
+    signature = None
+    if cache is not None and not sync:
+        signature = _bn_signature(bn, input, residual, relu, backend)
+        planned = cache.bn_plan
+        if signature is not None and planned is not None and planned[0] == signature:
+            bp, bb = bn._parameters, bn._buffers
+            training = bn.training
+            factor = bn_update_factor(bn, training)
+            rm, rv = bb.get("running_mean"), bb.get("running_var")
+            bn_training = training or (rm is None and rv is None)
+            if training and not bn.track_running_stats:
+                rm = rv = None
+            return planned[1].run(
+                input, rm, rv, bp.get("weight"), bp.get("bias"), bn_training, factor, bn.eps,
+                residual, relu,
+            )  # fmt: skip
     bn._check_input_dim(input)
     factor = bn_update_factor(bn, bn.training)
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     use_running = not bn.training or bn.track_running_stats
-    return batch_norm_act(
+    record = [] if signature is not None else None
+    out = batch_norm_act(
         input,
         bn.running_mean if use_running else None,
         bn.running_var if use_running else None,
@@ -112,6 +136,42 @@ def bn_forward(
         backend=backend,
         sync=sync,
         process_group=process_group,
+        _record=record,
+    )
+    if record:
+        cache.bn_plan = (signature, record[0])
+    return out
+
+
+def _bn_signature(bn, input, residual, relu, backend) -> tuple | None:
+    """What a BatchNorm(+add)+ReLU call's checks and choice depend on (see
+    :func:`_unit_signature`); None under torch.compile and for synchronised BN."""
+    if torch.compiler.is_compiling() or isinstance(bn, nn.SyncBatchNorm):
+        return None
+    amp = None
+    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(input.device.type):
+        amp = torch.get_autocast_dtype(input.device.type)
+    bp, bb = bn._parameters, bn._buffers
+    tensors = (
+        input, residual, bp.get("weight"), bp.get("bias"), bb.get("running_mean"),
+        bb.get("running_var"),
+    )  # fmt: skip
+    return (
+        tuple(
+            None if t is None else (t.shape, t.dtype, t.device, t.requires_grad) for t in tensors
+        ),
+        input.stride(),
+        None if residual is None else residual.stride(),
+        torch.is_grad_enabled(),
+        amp,
+        bn.training,
+        bn.momentum,
+        bn.eps,
+        bn.track_running_stats,
+        type(bn),
+        relu,
+        backend,
+        read_env(POLICY_ENV),
     )
 
 
@@ -135,11 +195,12 @@ class FoldCache:
     thread never pairs one fold's key with another fold's value. Not state: copies and
     pickles start empty."""
 
-    __slots__ = ("entry", "plan")
+    __slots__ = ("bn_plan", "entry", "plan")
 
     def __init__(self) -> None:
         self.entry = None
         self.plan = None  # (signature, plan) of the unit's last call: see conv_bn_forward
+        self.bn_plan = None  # the same for a BatchNorm(+add)+ReLU site: see bn_forward
 
     def __deepcopy__(self, memo) -> FoldCache:
         return FoldCache()
@@ -543,7 +604,8 @@ class FusedConvBNReLU2d(nn.Module):
         fused.conv, fused.bn = conv, bn
         fused.relu, fused.backend = relu, backend
         fused._fold_cache = FoldCache()
-        return fused.train(conv.training)
+        fused.training = conv.training  # its own flag only: conv and bn keep theirs
+        return fused
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         conv, bn = self._modules["conv"], self._modules["bn"]

@@ -206,3 +206,69 @@ def test_planned_calls_equal_checked_calls(monkeypatch, policy, residual, layout
             torch.testing.assert_close(
                 getattr(planned.bn, name), getattr(checked.bn, name), rtol=0, atol=0
             )
+
+
+@pytest.mark.parametrize("policy", ["fused", "eager"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("settings", [{}, {"momentum": None}, {"track_running_stats": False}])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
+def test_planned_batch_norm_act_equals_checked(monkeypatch, policy, residual, settings, mode):
+    """FusedBatchNormAct2d's plans: bit-identical to the checked path over three steps,
+    and a flag changed between calls is read."""
+    monkeypatch.setenv("RESNET_FUSED_AUTO", policy)
+    torch.manual_seed(0)
+    planned = resnet_fused.FusedBatchNormAct2d(5, dtype=torch.float64, **settings)
+    with torch.no_grad():
+        planned.weight.uniform_(0.5, 1.5)
+        planned.bias.normal_(0, 0.2)
+    checked = copy.deepcopy(planned)
+    for m in (planned, checked):
+        m.train(mode == "train")
+    ctx = torch.no_grad if mode == "eval-no-grad" else torch.enable_grad
+    for step in range(4):
+        if step == 3:  # a flag changed between calls: a new signature
+            planned.eval()
+            checked.eval()
+        x = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+        res = torch.randn(2, 5, 3, 3, dtype=torch.float64) if residual else None
+        outs, grads = [], []
+        for m in (planned, checked):
+            if m is checked:
+                m.__dict__.pop("_plan_cache", None)
+            xi = x.clone().requires_grad_()
+            with ctx():
+                out = m(xi, res)
+            outs.append(out)
+            if out.requires_grad:
+                grads.append(torch.autograd.grad(out, (xi, m.weight), torch.ones_like(out)))
+        assert planned._plan_cache.bn_plan is not None
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+        for a, b in zip(*grads, strict=True) if grads else ():
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            a, b = getattr(planned, name), getattr(checked, name)
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_batch_norm_act_plan_is_not_copied():
+    bn = resnet_fused.FusedBatchNormAct2d(3).eval()
+    bn(torch.randn(2, 3, 4, 4))
+    assert bn._plan_cache.bn_plan is not None
+    assert copy.deepcopy(bn).__dict__.get("_plan_cache") is None or (
+        copy.deepcopy(bn)._plan_cache.bn_plan is None
+    )
+
+
+def test_from_modules_keeps_each_modules_flag():
+    """FusedConvBNReLU2d.from_modules once ran .train(conv.training), which set the BN's
+    flag too: a frozen (eval) BN under a training conv was unfrozen."""
+    conv, bn = _pair()
+    conv.train()
+    bn.eval()
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn)
+    assert unit.training and conv.training and not bn.training
+    before = bn.running_mean.clone()
+    unit(torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    torch.testing.assert_close(bn.running_mean, before, rtol=0, atol=0)

@@ -212,6 +212,44 @@ def _resolve_auto(
     return choose(key, [impl, EAGER], make_trial(forward, tensors, grad), input.device)
 
 
+class BatchNormPlan:
+    """A BatchNorm(+add)+ReLU call's decisions: the backend (or eager), whether batch
+    statistics are used and whether the running statistics are updated.
+    :meth:`run` is the call without re-checking or re-choosing; the caller
+    (``modules.bn_forward``) runs it only for calls whose signature (shapes, dtypes,
+    devices, layouts, grad mode, the module's flags and settings, the policy) equals the
+    one it was made for."""
+
+    __slots__ = ("batch_stats", "impl", "update")
+
+    def __init__(self, impl, batch_stats, update) -> None:
+        self.impl, self.batch_stats, self.update = impl, batch_stats, update
+
+    def run(self, input, running_mean, running_var, weight, bias, training, momentum, eps,
+            residual, relu):  # fmt: skip
+        if self.impl == EAGER:
+            return _eager_batch_norm_act(
+                input, running_mean, running_var, weight, bias, training, momentum, eps,
+                residual, relu,
+            )  # fmt: skip
+        kernels = _bn_kernels(self.impl)
+        if self.batch_stats:
+            mean, var = kernels.stats(
+                input.detach(),
+                running_mean if self.update else None,
+                running_var if self.update else None,
+                float(momentum),
+            )
+        else:
+            mean, var = running_mean, running_var
+        if not needs_autograd(*(t for t in (input, weight, bias, residual) if t is not None)):
+            return kernels.forward(input, mean, var, weight, bias, residual, float(eps), relu)
+        return _BatchNormAct.apply(
+            input, weight, bias, residual, mean, var, float(eps), relu, self.batch_stats,
+            self.impl, None,
+        )  # fmt: skip
+
+
 def batch_norm_act(
     input: Tensor,
     running_mean: Tensor | None,
@@ -227,6 +265,7 @@ def batch_norm_act(
     backend: str = "auto",
     sync: bool = False,
     process_group=None,
+    _record: list | None = None,
 ) -> Tensor:
     """Fused ``relu(batch_norm(input) + residual)`` (residual and ReLU optional).
 
@@ -279,11 +318,17 @@ def batch_norm_act(
             residual, relu,
         )  # fmt: skip
         if impl == EAGER:
+            if _record is not None:
+                _record.append(BatchNormPlan(EAGER, batch_stats, False))
             return _eager_batch_norm_act(
                 input, running_mean, running_var, weight, bias, training, momentum, eps,
                 residual, relu,
             )  # fmt: skip
         kernels = _bn_kernels(impl)
+    if _record is not None and group is None:
+        _record.append(
+            BatchNormPlan(impl, batch_stats, training and size_per_channel > 1 and batch_stats)
+        )
     sync_info = None
     if group is not None:
         mean, var, sync_info = synchronise(

@@ -151,12 +151,23 @@ def _bn_signature(bn, input, residual, relu, backend) -> tuple | None:
     amp = None
     if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(input.device.type):
         amp = torch.get_autocast_dtype(input.device.type)
+    return _call_signature(bn, input, residual, relu, backend, amp)
+
+
+_AMP = 4  # where _call_signature puts the autocast dtype
+
+
+def _call_signature(bn, input, residual, relu, backend, amp, conv=None) -> tuple:
+    """The signature of a fused call (see :func:`_unit_signature`), read from the
+    modules' own dicts (nn.Module.__getattr__ costs more than the rest of a read)."""
     bp, bb = bn._parameters, bn._buffers
     tensors = (
         input, residual, bp.get("weight"), bp.get("bias"), bb.get("running_mean"),
         bb.get("running_var"),
     )  # fmt: skip
-    return (
+    if conv is not None:
+        tensors += (conv._parameters["weight"], conv._parameters.get("bias"))
+    signature = (
         tuple(
             None if t is None else (t.shape, t.dtype, t.device, t.requires_grad) for t in tensors
         ),
@@ -172,6 +183,19 @@ def _bn_signature(bn, input, residual, relu, backend) -> tuple | None:
         relu,
         backend,
         read_env(POLICY_ENV),
+    )
+    if conv is None:
+        return signature
+    return (
+        *signature,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.padding_mode,
+        read_env(CONV_BACKEND_ENV),
+        torch._C._get_mkldnn_enabled(),
+        torch._C._get_cudnn_allow_tf32(),
     )
 
 
@@ -356,16 +380,14 @@ def unfused_unit(
     return torch.relu(out) if relu else out
 
 
-_AMP = 4  # where _unit_signature puts the autocast dtype
-
-
 def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
     """Everything a unit's checks and choices depend on, read now: the tensors' shapes,
     dtypes, devices and ``requires_grad`` and the input's and residual's strides; grad
     mode; the autocast dtype (item ``_AMP``, which :func:`_run_plan` reads); the
     BatchNorm's flags and settings; the convolution's geometry; the ``auto`` policy and
-    the oneDNN/TF32 switches. None where no plan applies (torch.compile, synchronised BN, fp64 or integer
-    input under autocast): those calls take the checked path every time."""
+    the oneDNN/TF32 switches. None where no plan applies (torch.compile, fp64 or integer
+    input under autocast): those calls take the checked path every time (so do
+    synchronised units: the caller asks for no plan)."""
     if torch.compiler.is_compiling():
         return None
     amp = None
@@ -375,37 +397,7 @@ def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
             if input.dtype == torch.float64 or not input.is_floating_point():
                 return None  # (autocast leaves these alone: the checked path says how)
             amp = torch.get_autocast_dtype(device_type)
-    # (The modules' own dicts: nn.Module.__getattr__ costs more than the rest of a read.)
-    cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
-    tensors = (
-        input, residual, cp["weight"], cp.get("bias"), bp.get("weight"), bp.get("bias"),
-        bb.get("running_mean"), bb.get("running_var"),
-    )  # fmt: skip
-    return (
-        tuple(
-            None if t is None else (t.shape, t.dtype, t.device, t.requires_grad) for t in tensors
-        ),
-        input.stride(),
-        None if residual is None else residual.stride(),
-        torch.is_grad_enabled(),
-        amp,
-        bn.training,
-        bn.momentum,
-        bn.eps,
-        bn.track_running_stats,
-        type(bn),
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
-        conv.padding_mode,
-        relu,
-        backend,
-        read_env(POLICY_ENV),
-        read_env(CONV_BACKEND_ENV),
-        torch._C._get_mkldnn_enabled(),
-        torch._C._get_cudnn_allow_tf32(),
-    )
+    return _call_signature(bn, input, residual, relu, backend, amp, conv)
 
 
 def conv_bn_forward(

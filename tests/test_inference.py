@@ -21,21 +21,12 @@ import pytest
 import torch
 import torchvision
 from reference_check import FLOOR
+from test_resnet import _randomise_bn
 from torch import nn
 
 import resnet_fused
 from resnet_fused.bench.tutorial import TutorialResNet
 from resnet_fused.functional import conv_bn_act as conv_bn_act_module
-
-
-def _randomise_bn(model: nn.Module) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
 
 
 def _make(model_name: str) -> nn.Module:

@@ -6,6 +6,7 @@
 // host-only and light: ATen tensor headers, no CUDA and no torch/library.h.
 #pragma once
 
+#include <ATen/AccumulateType.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_strided.h>
@@ -163,9 +164,18 @@ inline bool present(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
 
-// The accumulation dtype of the BN family for `input`: fp64 for fp64 input, else fp32
-// (at::opmath_type of the input's dtype).
+// The accumulation dtype of the BN family for `input`, ATen's acc_type<T, is_cuda> on
+// input's device (at::toAccumulateType), as eager's BatchNorm there: fp64 for fp64 input,
+// fp32 for fp16/bf16; fp32 input: fp32 on CUDA, fp64 on the CPU. The statistics and the
+// backward's sums are accumulated and returned in it (the Triton ops: fp32 on any device,
+// the CUDA rule; resnet_fused/_layout.py's stats_dtype states the same rule in Python).
 inline at::ScalarType acc_dtype(const at::Tensor& input) {
+  return at::toAccumulateType(input.scalar_type(), input.device().type());
+}
+
+// The arithmetic dtype of elementwise ops (at::opmath_type): fp64 for fp64 input, else
+// fp32 (bias_act: the arithmetic of eager's adds).
+inline at::ScalarType opmath_dtype(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 

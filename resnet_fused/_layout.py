@@ -17,8 +17,22 @@ def bn_memory_format(input: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of BatchNorm statistics: fp64 for fp64 input, else fp32."""
+def stats_dtype(dtype: torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
+    """Accumulation dtype of the BatchNorm statistics and backward sums, ATen's
+    ``acc_type<T, is_cuda>`` as eager's BatchNorm on that device uses it: fp64 for fp64
+    input, fp32 for fp16/bf16; fp32 input: fp64 on the CPU (``acc_type<float, false>`` is
+    double), fp32 elsewhere. ``device=None`` gives the fp32 rule of CUDA, which the Triton
+    kernels follow on every device (``csrc/common.h``'s ``acc_dtype`` is the C++ side)."""
+    if dtype == torch.float64:
+        return torch.float64
+    if dtype == torch.float32 and device is not None and torch.device(device).type == "cpu":
+        return torch.float64
+    return torch.float32
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype of elementwise ops (``at::opmath_type``): fp64 for fp64 input, else
+    fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -45,7 +45,7 @@ def relu_backward(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 from ._layout import bn_memory_format as _layout  # noqa: E402
-from ._layout import stats_dtype  # noqa: E402
+from ._layout import opmath_dtype, stats_dtype  # noqa: E402
 
 
 def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -58,9 +58,10 @@ def bn_stats(
     running_var: torch.Tensor | None,
     momentum: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch mean and biased variance per channel (two-pass, in the stats dtype), and the
-    in-place running-statistics update with the unbiased variance."""
-    acc = stats_dtype(input.dtype)
+    """Batch mean and biased variance per channel (two-pass, in the stats dtype of input's
+    dtype and device: fp64 for fp32 on the CPU, as eager's CPU BatchNorm accumulates), and
+    the in-place running-statistics update with the unbiased variance."""
+    acc = stats_dtype(input.dtype, input.device)
     dims = [d for d in range(input.dim()) if d != 1]
     x = input.to(acc)
     mean = x.mean(dim=dims)
@@ -88,7 +89,7 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum: 
 
 def _affine(input, mean, var, weight, bias, eps):
     """xhat and y = xhat*w + b in the stats dtype."""
-    acc = stats_dtype(input.dtype)
+    acc = stats_dtype(input.dtype, input.device)
     nd = input.dim()
     invstd = torch.rsqrt(var.to(acc) + eps)
     xhat = (input.to(acc) - _per_channel(mean.to(acc), nd)) * _per_channel(invstd, nd)
@@ -142,8 +143,9 @@ def bn_act_backward_reduce(
     relu: bool,
     write_masked_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum(g), sum(g*xhat), g or an empty tensor) with g the masked gradient."""
-    acc = stats_dtype(input.dtype)
+    """(sum(g), sum(g*xhat), g or an empty tensor) with g the masked gradient; the sums in
+    the stats dtype."""
+    acc = stats_dtype(input.dtype, input.device)
     g = _relu_mask(grad_out, input, mean, var, weight, bias, out, eps, relu)
     xhat, _, _ = _affine(input, mean, var, None, None, eps)
     dims = [d for d in range(input.dim()) if d != 1]
@@ -172,7 +174,7 @@ def bn_act_backward_elemt(
     batch_stats: bool,
 ) -> torch.Tensor:
     """d_input. ``grad`` is already masked unless ``relu_mask_from_input``."""
-    acc = stats_dtype(input.dtype)
+    acc = stats_dtype(input.dtype, input.device)
     nd = input.dim()
     g = _relu_mask(grad, input, mean, var, weight, bias, None, eps, relu_mask_from_input)
     xhat, _, invstd = _affine(input, mean, var, None, None, eps)
@@ -272,9 +274,10 @@ def bias_act(
     residual: torch.Tensor | None,
     relu: bool,
 ) -> torch.Tensor:
-    """``act(input + bias[c] [+ residual])`` in the stats dtype, rounded once: the eval-mode
-    epilogue of a convolution with BN folded into its weight and bias."""
-    acc = stats_dtype(input.dtype)
+    """``act(input + bias[c] [+ residual])`` in the elementwise arithmetic dtype (fp32 for
+    fp32, as eager's adds), rounded once: the eval-mode epilogue of a convolution with BN
+    folded into its weight and bias."""
+    acc = opmath_dtype(input.dtype)
     y = input.to(acc)
     if bias is not None:
         y = y + _per_channel(bias.to(acc), input.dim())

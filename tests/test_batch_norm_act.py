@@ -14,6 +14,7 @@ from torch import nn
 
 import resnet_fused
 from resnet_fused import reference
+from resnet_fused._layout import bn_memory_format, stats_dtype
 
 # (input dtype, parameter/statistics dtype): fp16/bf16 with fp32 parameters is what
 # autocast produces; fp16 parameters is what model.half() produces.
@@ -171,6 +172,104 @@ def test_large_mean_statistics(backend, layout):
     assert (out.double() - ref).abs().max().item() < 2e-3  # |out| ~ 4: fp32 of 1e4-scale input
 
 
+def _adversarial_fp32(kind: str, layout: str) -> torch.Tensor:
+    """fp32 inputs whose statistics an fp32 accumulation gets visibly wrong: 1e4 + N(0, 1);
+    two close values per channel (a mean that fp32 cannot hold, a tiny spread); a channel
+    that is zero but for one value (a conv output over padding)."""
+    gen = torch.Generator().manual_seed(7)
+    if kind == "large_mean":
+        x = torch.randn(4, 8, 16, 16, generator=gen, dtype=torch.float64) + 1e4
+    elif kind == "two_values":
+        a = torch.randn(1, 131, 1, 1, generator=gen, dtype=torch.float64) * 2 + 0.5
+        d = torch.randn(1, 131, 1, 1, generator=gen, dtype=torch.float64) * 1e-2
+        x = torch.cat([a, a + d])
+    else:  # "mostly_padding"
+        x = torch.zeros(2, 67, 5, 5, dtype=torch.float64)
+        x[:, :, 2, 2] = torch.randn(2, 67, generator=gen, dtype=torch.float64) + 0.3
+    x = x.float()
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("kind", ["large_mean", "two_values", "mostly_padding"])
+def test_cpu_fp32_statistics_accumulate_in_fp64(backend, layout, kind):
+    """fp32 statistics and backward sums on the CPU accumulate in fp64, as eager's CPU
+    BatchNorm (acc_type<float, /*is_cuda=*/false> is double), and come out in fp64: the
+    mean rounded to fp32 is eager CPU's saved mean (the fp64 mean rounded once), the
+    variance and the sums are fp64-accurate, and the output is within a few fp32 ulps of
+    the fp64 result (an fp32 accumulation misses all of these on these inputs)."""
+    x = _adversarial_fp32(kind, layout)
+    c = x.shape[1]
+    gen = torch.Generator().manual_seed(3)
+    w = torch.rand(c, generator=gen) + 0.5
+    b = torch.randn(c, generator=gen) * 0.5
+    g = torch.randn(x.shape, generator=gen).contiguous(memory_format=bn_memory_format(x))
+    kernels = resnet_fused.functional.batch_norm_act._bn_kernels(backend)
+    mean, var = kernels.stats(x, None, None, 0.1)
+    assert mean.dtype == var.dtype == torch.float64
+    x64 = x.double()
+    mean64 = x64.mean(dim=(0, 2, 3))
+    var64 = (x64 - mean64[None, :, None, None]).square().mean(dim=(0, 2, 3))
+    assert ((mean - mean64).abs() <= 1e-12 * (1 + mean64.abs())).all()
+    assert ((var - var64).abs() <= 1e-12 * var64).all()
+    # Eager CPU's saved mean (NCHW: fp64 sum, rounded once to fp32).
+    eager_mean = torch.ops.aten.native_batch_norm(
+        x.contiguous(), None, None, None, None, True, 0.1, 1e-5
+    )[1]
+    assert torch.equal(mean.float(), eager_mean)
+    # Backward sums: sum(g) and sum(g * xhat) to fp64 accuracy.
+    sum_dy, sum_dy_xhat, _ = kernels.backward_reduce(
+        g, x, mean, var, w, b, None, 1e-5, False, False
+    )
+    assert sum_dy.dtype == sum_dy_xhat.dtype == torch.float64
+    xhat64 = (x64 - mean64[None, :, None, None]) * (var64 + 1e-5).rsqrt()[None, :, None, None]
+    g64 = g.double()
+    terms = (g64 * xhat64).abs().sum(dim=(0, 2, 3))
+    assert ((sum_dy - g64.sum(dim=(0, 2, 3))).abs() <= 1e-12 * g64.abs().sum(dim=(0, 2, 3))).all()
+    assert ((sum_dy_xhat - (g64 * xhat64).sum(dim=(0, 2, 3))).abs() <= 1e-10 * terms).all()
+    # Output and input gradient within a few fp32 ulps of fp64.
+    xr = x.clone().requires_grad_()
+    out = resnet_fused.batch_norm_act(xr, None, None, w, b, True, relu=False, backend=backend)
+    x64r = x64.clone().requires_grad_()
+    ref = reference.batch_norm_act(x64r, None, None, w.double(), b.double(), True, relu=False)
+    ulp = 2.0**-23
+    assert (out.double() - ref).abs().max().item() <= 4 * ulp * ref.abs().max().item()
+    (gi,) = torch.autograd.grad(out, xr, g)
+    (gi64,) = torch.autograd.grad(ref, x64r, g64)
+    # The gradient's terms (about |w * invstd * g|) cancel; fp32 sums leave it 1e-5 off.
+    scale = ((w.double() * (var64 + 1e-5).rsqrt())[None, :, None, None] * g64).abs().max()
+    assert (gi.double() - gi64).abs().max().item() <= 8 * ulp * scale.item()
+
+
+@pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
+def test_portable_cpu_bn_kernels_in_subprocess():
+    """The baseline (non-AVX2) CPU kernels, chosen with ATEN_CPU_CAPABILITY=default: the
+    fp64 statistics and sums and the recomputed ReLU mask, as the AVX2 kernels."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import itertools, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "import resnet_fused, test_batch_norm_act as t\n"
+        "assert resnet_fused._extension.build_info()['cpu_isa'] == 'DEFAULT'\n"
+        "layouts = ('nchw', 'channels_last')\n"
+        "kinds = ('large_mean', 'two_values', 'mostly_padding')\n"
+        "for layout, kind in itertools.product(layouts, kinds):\n"
+        "    t.test_cpu_fp32_statistics_accumulate_in_fp64('cpu', layout, kind)\n"
+        "for training, layout in itertools.product((True, False), layouts):\n"
+        "    t.test_recomputed_relu_mask_matches_the_output('cpu', training, layout)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("backend", backend_params(("cpu", "cuda", "triton")))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_deterministic(backend, layout):
@@ -222,12 +321,13 @@ def test_empty_batch(backend):
     assert out.shape == x.shape
 
 
-def _saved_bytes(fn):
+def _saved_bytes(fn, itemsize):
+    """Bytes autograd saves, each tensor counted at ``itemsize`` bytes per element."""
     total = 0
 
     def pack(t):
         nonlocal total
-        total += t.numel() * t.element_size()
+        total += t.numel() * itemsize
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -239,17 +339,22 @@ def _saved_bytes(fn):
 @pytest.mark.parametrize("has_residual", [False, True])
 def test_saves_no_more_than_eager(backend, has_residual):
     """The backward keeps what it needs and no more: never more than eager's saved bytes
-    (BN + ReLU saves only the input, eager saves input and output)."""
+    (BN + ReLU saves only the input, eager saves input and output). Every saved tensor is
+    counted at the input's element size: the statistics are kept in the accumulation
+    dtype (fp64 for fp32 on the CPU, 8 bytes per channel more than eager's fp32
+    save_mean / save_invstd), which is not what this guards."""
     device = backend_device(backend)
     x = torch.randn(2, 8, 6, 6, device=device, requires_grad=True)
     r = torch.randn(2, 8, 6, 6, device=device, requires_grad=True) if has_residual else None
     w = torch.rand(8, device=device, requires_grad=True)
     b = torch.zeros(8, device=device, requires_grad=True)
+    size = x.element_size()
     fused = _saved_bytes(
-        lambda: resnet_fused.batch_norm_act(x, None, None, w, b, True, residual=r, backend=backend)
+        lambda: resnet_fused.batch_norm_act(x, None, None, w, b, True, residual=r, backend=backend),
+        size,
     )
-    eager = _saved_bytes(lambda: _eager(x, None, None, w, b, True, 0.1, 1e-5, r, True))
-    full = x.numel() * x.element_size()
+    eager = _saved_bytes(lambda: _eager(x, None, None, w, b, True, 0.1, 1e-5, r, True), size)
+    full = x.numel() * size
     assert fused <= eager
     assert fused < (2 if has_residual else 1) * full + full  # input (+ out) and small stats
 
@@ -512,12 +617,13 @@ def test_cpu_running_statistics_update_is_the_aten_arithmetic(dtype, rdtype):
     ``running.to(acc) * (1 - momentum) + stat * factor`` and a copy back give, for every
     dtype pair and strided running tensors."""
     x = torch.randn(3, 7, 5, 4, dtype=dtype) * 3 + 1
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = stats_dtype(dtype, x.device)  # fp64 for fp32 on the CPU, as eager's CPU BatchNorm
     storage = torch.randn(7, 2, dtype=rdtype)
     rm, rv = storage[:, 0], (storage[:, 1].abs() + 0.5).to(rdtype)  # rm strided
     rm0, rv0 = rm.clone(), rv.clone()
     momentum = 0.37
     mean, var = torch.ops.resnet_fused.bn_stats(x, rm, rv, momentum)
+    assert mean.dtype == var.dtype == acc
     m = x.numel() // 7
     expect_rm = (rm0.to(acc) * (1 - momentum) + mean * momentum).to(rdtype)
     expect_rv = (rv0.to(acc) * (1 - momentum) + var * (momentum * (m / (m - 1)))).to(rdtype)

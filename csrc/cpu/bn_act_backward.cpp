@@ -1,11 +1,11 @@
 // bn_act_backward_reduce and bn_act_backward_elemt on the CPU: the backward of the
 // BatchNorm -> (residual add) -> ReLU decomposition (maths in resnet_fused/reference.py).
 // The entry points check arguments, bring operands into the working layout (NCHW or
-// channels_last, see bn_memory_format), fold the per-channel parameters into arrays in the
-// accumulation type (cpu/bn_host.h) and call the vectorised, threaded loops of
-// cpu/kernels_impl.h. Traffic: backward_reduce reads grad_out and input (+ out) and
-// optionally writes the masked gradient; backward_elemt reads grad and input and writes
-// grad_input.
+// channels_last, see bn_memory_format), fold the per-channel parameters into arrays
+// (cpu/bn_host.h) and call the vectorised, threaded loops of cpu/kernels_impl.h; the sums
+// come back in the accumulation type (fp64 for fp32 input, as eager's CPU BatchNorm).
+// Traffic: backward_reduce reads grad_out and input (+ out) and optionally writes the
+// masked gradient; backward_elemt reads grad and input and writes grad_input.
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
@@ -48,8 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
       input.scalar_type(), g.const_data_ptr(), x.const_data_ptr(),
       o.defined() ? o.const_data_ptr() : nullptr,
       write_masked_grad ? masked.mutable_data_ptr() : nullptr, geometry(x, fmt),
-      a.mean.const_data_ptr(), a.scale.const_data_ptr(), a.bias.const_data_ptr(), mask,
-      sum_dy.mutable_data_ptr(), sum_dy_xmu.mutable_data_ptr());
+      a.mean.const_data_ptr(), a.scale.const_data_ptr(), a.bias.const_data_ptr(),
+      a.mean_acc.const_data_ptr(), mask, sum_dy.mutable_data_ptr(), sum_dy_xmu.mutable_data_ptr());
   // sum_dy_xhat = sum_dy_xmu * invstd, per channel (as the aten product would).
   at::Tensor sum_dy_xhat = at::empty({C}, input.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "bn_act_backward_reduce_xhat", [&] {
@@ -82,7 +82,7 @@ at::Tensor bn_act_backward_elemt_cpu(const at::Tensor& grad, const at::Tensor& i
   // Batch statistics: dx = scale*(g - sum_dy/m - xhat*sum_dy_xhat/m)
   // = g*scale + (x - mean)*k + c. Running statistics: dx = g*scale (k and c null, so that
   // an Inf or NaN input does not give (x - mean)*0 = NaN).
-  // Per channel, with the arithmetic of the aten expressions
+  // Per channel in the accumulation type, with the arithmetic of the aten expressions
   // k = -(scale * invstd) * sum_dy_xhat / m and c = -scale * sum_dy / m (m converted to
   // the accumulation type first).
   at::Tensor k, c;
@@ -94,7 +94,7 @@ at::Tensor bn_act_backward_elemt_cpu(const at::Tensor& grad, const at::Tensor& i
     k = at::empty({C}, input.options().dtype(acc));
     c = at::empty({C}, input.options().dtype(acc));
     AT_DISPATCH_FLOATING_TYPES(acc, "bn_act_backward_elemt_coefficients", [&] {
-      const scalar_t* scale = a.scale.const_data_ptr<scalar_t>();
+      const scalar_t* scale = a.scale_acc.const_data_ptr<scalar_t>();
       const scalar_t* invstd = a.invstd.const_data_ptr<scalar_t>();
       const scalar_t* sx = sdyx.const_data_ptr<scalar_t>();
       const scalar_t* sd = sdy.const_data_ptr<scalar_t>();
@@ -111,8 +111,8 @@ at::Tensor bn_act_backward_elemt_cpu(const at::Tensor& grad, const at::Tensor& i
   cpu::kernels().bn_backward_elemt(
       input.scalar_type(), g.const_data_ptr(), x.const_data_ptr(), dx.mutable_data_ptr(),
       geometry(x, fmt), a.mean.const_data_ptr(), a.scale.const_data_ptr(),
-      a.bias.const_data_ptr(), batch_stats ? k.const_data_ptr() : nullptr,
-      batch_stats ? c.const_data_ptr() : nullptr,
+      a.bias.const_data_ptr(), a.mean_acc.const_data_ptr(), a.scale_acc.const_data_ptr(),
+      batch_stats ? k.const_data_ptr() : nullptr, batch_stats ? c.const_data_ptr() : nullptr,
       relu_mask_from_input ? cpu::BnMask::kFromInput : cpu::BnMask::kNone);
   return dx;
 }

@@ -2,7 +2,7 @@
 // [+ residual]), the forward of the BatchNorm -> (residual add) -> ReLU decomposition (maths
 // in resnet_fused/reference.py). The entry point checks arguments, brings operands into the
 // working layout (NCHW or channels_last, see bn_memory_format), folds the per-channel
-// parameters into arrays in the accumulation type (cpu/bn_host.h) and calls the vectorised,
+// parameters into arrays in the arithmetic type (cpu/bn_host.h) and calls the vectorised,
 // threaded loop of cpu/kernels_impl.h. Traffic: reads input (+ residual), writes out.
 //
 // Also bias_act / bias_act_ (the eval-mode epilogue of a conv with BN folded into it):
@@ -46,11 +46,12 @@ at::Tensor bn_act_forward_cpu(const at::Tensor& input, const at::Tensor& mean,
 // out = act(x + bias [+ residual]) with x, out (which may be x itself) in layout `fmt`.
 // It runs the BN forward loop with mean = 0 and scale = 1: (x - 0)*1 + b is exactly x + b
 // (fmadd(x, 1, b) rounds once, as the plain add does), so the result is the composition
-// input + bias (+ residual) in the accumulation type, rounded once to input's dtype.
+// input + bias (+ residual) in at::opmath_type (fp32 for fp32 input, as eager's adds),
+// rounded once to input's dtype.
 void bias_act_into(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                    const std::optional<at::Tensor>& residual, bool relu, at::Tensor& out,
                    at::MemoryFormat fmt) {
-  const at::ScalarType acc = acc_dtype(x);
+  const at::ScalarType acc = opmath_dtype(x);
   const auto acc_opts = x.options().dtype(acc);
   const int64_t C = x.size(1);
   const at::Tensor mean = at::zeros({C}, acc_opts);

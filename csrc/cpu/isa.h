@@ -29,8 +29,12 @@ struct BnGeometry {
 // the input dtype <= 0 -> 0; BN + ReLU without residual).
 enum class BnMask : int { kNone = 0, kFromOut = 1, kFromInput = 2 };
 
-// Type-erased kernels. Full-size buffers hold `dtype`; per-channel arrays (mean, var,
-// scale, bias, sums, ...) hold the accumulation type: double for double input, else float.
+// Type-erased kernels. Full-size buffers hold `dtype`. The reductions' per-channel outputs
+// (mean, var, sums) hold the accumulation type, ATen's CPU acc_type (acc_dtype in
+// common.h): double for float and double input, float for Half and BFloat16; so do
+// mean_acc, scale_acc, k and c of the backward. The other per-channel inputs of the
+// elementwise loops (mean, scale, bias) hold the arithmetic type at::opmath_type: double
+// for double input, else float.
 struct Kernels {
   // out = relu(x + r)
   void (*add_relu)(c10::ScalarType dtype, const void* x, const void* r, void* out, int64_t n);
@@ -46,17 +50,21 @@ struct Kernels {
   void (*bn_forward)(c10::ScalarType dtype, const void* x, const void* residual, void* out,
                      const BnGeometry& g, const void* mean, const void* scale, const void* bias,
                      bool relu);
-  // sum_dy = sum g, sum_dy_xmu = sum g*(x - mean), with g = grad masked per `mask`; writes g
-  // to `masked` when not null. `out` is read for BnMask::kFromOut only.
+  // sum_dy = sum g, sum_dy_xmu = sum g*(x - mean_acc), with g = grad masked per `mask` (the
+  // mask from mean, scale and bias, as bn_forward computes y), the sums in the accumulation
+  // type; writes g to `masked` when not null. `out` is read for BnMask::kFromOut only.
   void (*bn_backward_reduce)(c10::ScalarType dtype, const void* grad, const void* x,
                              const void* out, void* masked, const BnGeometry& g, const void* mean,
-                             const void* scale, const void* bias, BnMask mask, void* sum_dy,
-                             void* sum_dy_xmu);
-  // dx = g*scale + (x - mean)*k + c, with g = grad masked per `mask` (kNone or kFromInput);
-  // k and c null (running statistics): dx = g*scale.
+                             const void* scale, const void* bias, const void* mean_acc,
+                             BnMask mask, void* sum_dy, void* sum_dy_xmu);
+  // dx = g*scale + (x - mean)*k + c, with g = grad masked per `mask` (kNone or kFromInput;
+  // the mask from mean, scale and bias in the arithmetic type, as bn_forward computes y),
+  // dx computed in the accumulation type from mean_acc, scale_acc, k and c (accumulation
+  // type); k and c null (running statistics): dx = g*scale.
   void (*bn_backward_elemt)(c10::ScalarType dtype, const void* grad, const void* x, void* dx,
                             const BnGeometry& g, const void* mean, const void* scale,
-                            const void* bias, const void* k, const void* c, BnMask mask);
+                            const void* bias, const void* mean_acc, const void* scale_acc,
+                            const void* k, const void* c, BnMask mask);
 };
 
 extern const Kernels kernels_default;

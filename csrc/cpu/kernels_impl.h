@@ -102,7 +102,24 @@ void relu_backward_impl(c10::ScalarType dtype, const void* grad, const void* out
 // rows of C channels. Reductions produce one partial per tile and per channel, merged in
 // tile order (Chan's merge for the statistics), so results are bit-identical run to run
 // and across thread counts.
+//
+// Types: op_t = at::opmath_type<scalar_t> (float for float, Half and BFloat16 input, double
+// for double) and acc_t = at::acc_type<scalar_t, /*is_cuda=*/false> (bn_acc_t): double for
+// float and double, float for Half and BFloat16, the type eager's CPU BatchNorm
+// accumulates in. The forward computes each element in op_t, as eager's elementwise
+// kernels do, from per-channel arrays in op_t (bn_host.h folds a double mean's low part
+// into the bias). The reductions and the input gradient, whose terms can cancel, work in
+// acc_t: the statistics' second pass (x - centre and its square), g*(x - mean), their sums,
+// and the gradient from the acc_t statistics, each rounded once to scalar_t; the ReLU mask
+// they recompute from the input uses the forward's op_t arithmetic (masked_grad_*). The
+// first pass of the statistics (only a centre) runs in op_t. Float input thus costs two
+// double vectors (cvtps2pd) per float vector in those loops.
 // ---------------------------------------------------------------------------------------
+
+template <typename T>
+using bn_acc_t = at::acc_type<T, /*is_cuda=*/false>;
+template <typename T>
+using op_t = at::opmath_type<T>;
 
 constexpr int64_t kChunkElems = 32768;  // channels_last tile: about this many values
 
@@ -113,7 +130,7 @@ inline int64_t chunk_rows(int64_t C) {
 // The largest value that rounds to zero in scalar_t (round to nearest even): the ReLU
 // mask recomputed in fp32 must agree with the mask of the rounded output.
 template <typename scalar_t>
-constexpr at::opmath_type<scalar_t> zero_threshold() {
+constexpr op_t<scalar_t> zero_threshold() {
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
     return 0x1p-25f;
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -144,10 +161,10 @@ inline T relu_scalar(T v) {
 }
 
 #if RF_USE_VEC
-// kStep values of scalar_t as two Vectorized<acc_t>.
+// kStep values of scalar_t as two Vectorized<op_t>.
 template <typename scalar_t>
 struct AccVec {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = op_t<scalar_t>;
   using aVec = Vectorized<acc_t>;
   static constexpr int64_t kStep = 2 * aVec::size();
   static inline void load(const scalar_t* p, aVec& a, aVec& b) {
@@ -176,152 +193,207 @@ struct AccVec {
     return s;
   }
 };
+
+// Widening of op_t vectors into acc_t: the two halves of a float vector as doubles (AVX2's
+// cvtps2pd: at::vec has no vectorised float -> double conversion; RF_USE_VEC is set for the
+// AVX2 table only), or the vector itself.
+template <typename o_t, typename a_t>
+constexpr int64_t kWidenParts = sizeof(a_t) / sizeof(o_t);
+
+template <typename o_t, typename a_t>
+inline Vectorized<a_t> widen(const Vectorized<o_t>& v, int part) {
+  if constexpr (std::is_same_v<o_t, a_t>) {
+    return v;
+  } else {
+    static_assert(std::is_same_v<o_t, float> && std::is_same_v<a_t, double>);
+    const __m256 f = v;
+    return Vectorized<double>(_mm256_cvtps_pd(part == 0 ? _mm256_castps256_ps128(f)
+                                                        : _mm256_extractf128_ps(f, 1)));
+  }
+}
+
+// kStep values of scalar_t as 2 * kWidenParts acc_t vectors, loaded straight from memory
+// (float -> double: cvtps2pd with a memory operand, no shuffles).
+template <typename scalar_t>
+inline void load_acc(const scalar_t* p, Vectorized<bn_acc_t<scalar_t>>* out) {
+  using o_t = op_t<scalar_t>;
+  using a_t = bn_acc_t<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<a_t, double>) {
+    for (int q = 0; q < 4; ++q) {
+      out[q] = Vectorized<double>(_mm256_cvtps_pd(_mm_loadu_ps(p + 4 * q)));
+    }
+  } else {
+    static_assert(std::is_same_v<o_t, a_t>);
+    AccVec<scalar_t>::load(p, out[0], out[1]);
+  }
+}
 #endif
 
 // Mean (of x - shift) and M2 of `len` contiguous values: the corrected two-pass
-// algorithm (the second pass reads from cache). Pass one gives an approximate mean mu;
+// algorithm (the second pass reads from cache). Pass one gives an approximate centre mu;
 // pass two sums d = x - mu and d*d, and mu + sum(d)/len is the mean to working
 // precision even when mu's rounding error is large against the spread (the first pass's
 // sum of x - shift grows with |mean - shift|); M2 = sum(d*d) - sum(d)^2/len. The per-channel
 // shift (one of the channel's values) keeps tile means exact when |mean| >> std, e.g.
-// 1e4 + N(0, 1), so that the merged partials do not cancel.
+// 1e4 + N(0, 1), so that the merged partials do not cancel. Pass one (only a centre) runs in
+// op_t; pass two in acc_t (float input: d, d*d and their sums in double).
 template <typename scalar_t>
-void contiguous_moments(const scalar_t* x, int64_t len, at::opmath_type<scalar_t> shift,
-                        at::opmath_type<scalar_t>& mean, at::opmath_type<scalar_t>& m2) {
-  using acc_t = at::opmath_type<scalar_t>;
+void contiguous_moments(const scalar_t* x, int64_t len, op_t<scalar_t> shift,
+                        bn_acc_t<scalar_t>& mean, bn_acc_t<scalar_t>& m2) {
+  using o_t = op_t<scalar_t>;
+  using a_t = bn_acc_t<scalar_t>;
   if (len == 0) {
     mean = 0;
     m2 = 0;
     return;
   }
   int64_t i = 0;
-  acc_t sum = 0;
+  a_t sum = 0;
 #if RF_USE_VEC
   using V = AccVec<scalar_t>;
-  const typename V::aVec shv(shift);
-  typename V::aVec s0(0), s1(0), a, b;
-  for (; i + V::kStep <= len; i += V::kStep) {
-    V::load(x + i, a, b);
-    s0 += a - shv;
-    s1 += b - shv;
+  using oVec = typename V::aVec;
+  using aVec = Vectorized<a_t>;
+  constexpr int64_t kParts = kWidenParts<o_t, a_t>;
+  {
+    const oVec shv(shift);
+    oVec s0(0), s1(0), a, b;
+    for (; i + V::kStep <= len; i += V::kStep) {
+      V::load(x + i, a, b);
+      s0 += a - shv;
+      s1 += b - shv;
+    }
+    sum = V::hsum(s0 + s1);
   }
-  sum = V::hsum(s0 + s1);
 #endif
   for (; i < len; ++i) {
-    sum += static_cast<acc_t>(x[i]) - shift;
+    sum += static_cast<o_t>(x[i]) - shift;
   }
-  const acc_t center = shift + sum / static_cast<acc_t>(len);
-  acc_t sq = 0, sd = 0;
+  const a_t center = static_cast<a_t>(shift) + sum / static_cast<a_t>(len);
+  a_t sq = 0, sd = 0;
   i = 0;
 #if RF_USE_VEC
-  const typename V::aVec mv(center);
-  s0 = typename V::aVec(0);
-  s1 = typename V::aVec(0);
-  typename V::aVec d0(0), d1(0);
-  for (; i + V::kStep <= len; i += V::kStep) {
-    V::load(x + i, a, b);
-    a -= mv;
-    b -= mv;
-    d0 += a;
-    d1 += b;
-    s0 = at::vec::fmadd(a, a, s0);
-    s1 = at::vec::fmadd(b, b, s1);
+  {
+    const aVec cv(center);
+    aVec vsd[2 * kParts], vsq[2 * kParts];
+    for (int q = 0; q < 2 * kParts; ++q) {
+      vsd[q] = aVec(a_t(0));
+      vsq[q] = aVec(a_t(0));
+    }
+    aVec v[2 * kParts];
+    for (; i + V::kStep <= len; i += V::kStep) {
+      load_acc<scalar_t>(x + i, v);
+      for (int q = 0; q < 2 * kParts; ++q) {
+        const aVec d = v[q] - cv;
+        vsd[q] += d;
+        vsq[q] = at::vec::fmadd(d, d, vsq[q]);
+      }
+    }
+    for (int q = 1; q < 2 * kParts; ++q) {
+      vsd[0] += vsd[q];
+      vsq[0] += vsq[q];
+    }
+    __at_align__ a_t buf[2][aVec::size()];
+    vsd[0].store(buf[0]);
+    vsq[0].store(buf[1]);
+    for (int64_t l = 0; l < aVec::size(); ++l) {
+      sd += buf[0][l];
+      sq += buf[1][l];
+    }
   }
-  sq = V::hsum(s0 + s1);
-  sd = V::hsum(d0 + d1);
 #endif
   for (; i < len; ++i) {
-    const acc_t d = static_cast<acc_t>(x[i]) - center;
+    const a_t d = static_cast<a_t>(x[i]) - center;
     sd += d;
     sq += d * d;
   }
-  const acc_t corr = sd / static_cast<acc_t>(len);
-  mean = (center - shift) + corr;
-  m2 = std::max(sq - sd * corr, acc_t(0));
+  const a_t corr = sd / static_cast<a_t>(len);
+  mean = (center - static_cast<a_t>(shift)) + corr;
+  m2 = std::max(sq - sd * corr, a_t(0));
 }
 
 // Per-channel mean (of x - shift[c]) and M2 of `rows` rows of C channels (a
-// channels_last tile), corrected two-pass as in contiguous_moments. Rows outside,
-// channels inside: each pass streams the tile sequentially (it stays in L2 for the
-// second pass) and the per-channel sums live in small arrays (L1). Per channel the rows
-// are summed in order, as a channel-outer loop would.
+// channels_last tile), corrected two-pass as in contiguous_moments. Pass one: rows
+// outside, channels inside, streaming the tile sequentially, the per-channel sums in a
+// small array (L1). Pass two (the tile is in L2 by then): a block of kStep channels at a
+// time down the rows, its acc_t sums in registers. Per channel the rows are summed in
+// order, as a channel-outer loop would.
 template <typename scalar_t>
-void rows_moments(const scalar_t* x, int64_t rows, int64_t C,
-                  const at::opmath_type<scalar_t>* shift, at::opmath_type<scalar_t>* mean,
-                  at::opmath_type<scalar_t>* m2) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(rows);
-  std::vector<acc_t> sum(C, acc_t(0)), center(C), sd(C, acc_t(0)), sq(C, acc_t(0));
+void rows_moments(const scalar_t* x, int64_t rows, int64_t C, const op_t<scalar_t>* shift,
+                  bn_acc_t<scalar_t>* mean, bn_acc_t<scalar_t>* m2) {
+  using o_t = op_t<scalar_t>;
+  using a_t = bn_acc_t<scalar_t>;
+  const a_t inv_rows = a_t(1) / static_cast<a_t>(rows);
+  std::vector<o_t> sum(C, o_t(0));
+  std::vector<a_t> center(C), sd(C, a_t(0)), sq(C, a_t(0));
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* xr = x + r * C;
     int64_t c = 0;
 #if RF_USE_VEC
     using V = AccVec<scalar_t>;
-    using aVec = typename V::aVec;
-    constexpr int64_t h = aVec::size();
+    using oVec = typename V::aVec;
+    constexpr int64_t h = oVec::size();
     for (; c + V::kStep <= C; c += V::kStep) {
-      aVec a, b;
+      oVec a, b;
       V::load(xr + c, a, b);
-      (aVec::loadu(sum.data() + c) + (a - aVec::loadu(shift + c))).store(sum.data() + c);
-      (aVec::loadu(sum.data() + c + h) + (b - aVec::loadu(shift + c + h))).store(sum.data() + c + h);
+      (oVec::loadu(sum.data() + c) + (a - oVec::loadu(shift + c))).store(sum.data() + c);
+      (oVec::loadu(sum.data() + c + h) + (b - oVec::loadu(shift + c + h))).store(sum.data() + c + h);
     }
 #endif
     for (; c < C; ++c) {
-      sum[c] += static_cast<acc_t>(xr[c]) - shift[c];
+      sum[c] += static_cast<o_t>(xr[c]) - shift[c];
     }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    center[c] = static_cast<a_t>(shift[c]) + static_cast<a_t>(sum[c]) * inv_rows;
   }
   int64_t c0 = 0;
 #if RF_USE_VEC
   {
     using V = AccVec<scalar_t>;
-    using aVec = typename V::aVec;
-    constexpr int64_t h = aVec::size();
+    using aVec = Vectorized<a_t>;
+    constexpr int64_t kParts = kWidenParts<o_t, a_t>;
     for (; c0 + V::kStep <= C; c0 += V::kStep) {
-      for (int64_t k : {int64_t(0), h}) {
-        const aVec sh = aVec::loadu(shift + c0 + k);
-        (sh + aVec::loadu(sum.data() + c0 + k) * aVec(inv_rows)).store(center.data() + c0 + k);
+      aVec cv[2 * kParts], vsd[2 * kParts], vsq[2 * kParts], v[2 * kParts];
+      for (int q = 0; q < 2 * kParts; ++q) {
+        cv[q] = aVec::loadu(center.data() + c0 + q * aVec::size());
+        vsd[q] = aVec(a_t(0));
+        vsq[q] = aVec(a_t(0));
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        load_acc<scalar_t>(x + r * C + c0, v);
+        for (int q = 0; q < 2 * kParts; ++q) {
+          const aVec d = v[q] - cv[q];
+          vsd[q] += d;
+          vsq[q] = at::vec::fmadd(d, d, vsq[q]);
+        }
+      }
+      for (int q = 0; q < 2 * kParts; ++q) {
+        vsd[q].store(sd.data() + c0 + q * aVec::size());
+        vsq[q].store(sq.data() + c0 + q * aVec::size());
       }
     }
   }
 #endif
-  for (; c0 < C; ++c0) {
-    center[c0] = shift[c0] + sum[c0] * inv_rows;
-  }
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* xr = x + r * C;
-    int64_t c = 0;
-#if RF_USE_VEC
-    using V = AccVec<scalar_t>;
-    using aVec = typename V::aVec;
-    constexpr int64_t h = aVec::size();
-    for (; c + V::kStep <= C; c += V::kStep) {
-      aVec a, b;
-      V::load(xr + c, a, b);
-      a -= aVec::loadu(center.data() + c);
-      b -= aVec::loadu(center.data() + c + h);
-      (aVec::loadu(sd.data() + c) + a).store(sd.data() + c);
-      (aVec::loadu(sd.data() + c + h) + b).store(sd.data() + c + h);
-      at::vec::fmadd(a, a, aVec::loadu(sq.data() + c)).store(sq.data() + c);
-      at::vec::fmadd(b, b, aVec::loadu(sq.data() + c + h)).store(sq.data() + c + h);
-    }
-#endif
-    for (; c < C; ++c) {
-      const acc_t d = static_cast<acc_t>(xr[c]) - center[c];
+    for (int64_t c = c0; c < C; ++c) {
+      const a_t d = static_cast<a_t>(xr[c]) - center[c];
       sd[c] += d;
       sq[c] += d * d;
     }
   }
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t corr = sd[c] * inv_rows;
-    mean[c] = (center[c] - shift[c]) + corr;
-    m2[c] = std::max(sq[c] - sd[c] * corr, acc_t(0));
+    const a_t corr = sd[c] * inv_rows;
+    mean[c] = (center[c] - static_cast<a_t>(shift[c])) + corr;
+    m2[c] = std::max(sq[c] - sd[c] * corr, a_t(0));
   }
 }
 
 template <typename scalar_t>
-void bn_stats_typed(const scalar_t* x, const BnGeometry& g, at::opmath_type<scalar_t>* mean,
-                    at::opmath_type<scalar_t>* var) {
-  using acc_t = at::opmath_type<scalar_t>;
+void bn_stats_typed(const scalar_t* x, const BnGeometry& g, bn_acc_t<scalar_t>* mean,
+                    bn_acc_t<scalar_t>* var) {
+  using o_t = op_t<scalar_t>;
+  using acc_t = bn_acc_t<scalar_t>;
   const int64_t C = g.C;
   // One (count, mean, M2) partial per tile and channel.
   const int64_t rows_per_tile = g.channels_last ? chunk_rows(C) : g.HW;
@@ -329,9 +401,9 @@ void bn_stats_typed(const scalar_t* x, const BnGeometry& g, at::opmath_type<scal
   const int64_t tiles = g.channels_last ? (M + rows_per_tile - 1) / rows_per_tile : g.N;
   std::vector<acc_t> p_mean(tiles * C), p_m2(tiles * C);
   // Per-channel shift: the channel's first value (image 0, position 0).
-  std::vector<acc_t> shift(C);
+  std::vector<o_t> shift(C);
   for (int64_t c = 0; c < C; ++c) {
-    shift[c] = static_cast<acc_t>(x[g.channels_last ? c : c * g.HW]);
+    shift[c] = static_cast<o_t>(x[g.channels_last ? c : c * g.HW]);
   }
   if (g.channels_last) {
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
@@ -376,7 +448,7 @@ void bn_stats_typed(const scalar_t* x, const BnGeometry& g, at::opmath_type<scal
     n += n_b;
   }
   for (int64_t c = 0; c < C; ++c) {
-    mean[c] = n > 0 ? shift[c] + mu[c] : std::numeric_limits<acc_t>::quiet_NaN();
+    mean[c] = n > 0 ? static_cast<acc_t>(shift[c]) + mu[c] : std::numeric_limits<acc_t>::quiet_NaN();
     var[c] = n > 0 ? m2[c] / static_cast<acc_t>(n) : std::numeric_limits<acc_t>::quiet_NaN();
   }
 }
@@ -387,9 +459,9 @@ void bn_stats_typed(const scalar_t* x, const BnGeometry& g, at::opmath_type<scal
 
 template <typename scalar_t>
 void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, const BnGeometry& g,
-                      const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* scale,
-                      const at::opmath_type<scalar_t>* bias, bool relu) {
-  using acc_t = at::opmath_type<scalar_t>;
+                      const op_t<scalar_t>* mean, const op_t<scalar_t>* scale,
+                      const op_t<scalar_t>* bias, bool relu) {
+  using acc_t = op_t<scalar_t>;
   const int64_t C = g.C;
   auto element = [&](acc_t xv, acc_t m, acc_t s, acc_t b, acc_t r) {
     const acc_t y = mul_add(xv - m, s, b) + r;
@@ -473,12 +545,10 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
 
 // g for one element: grad masked per `mask`.
 template <typename scalar_t>
-inline at::opmath_type<scalar_t> masked_grad_scalar(BnMask mask, at::opmath_type<scalar_t> grad,
-                                                    at::opmath_type<scalar_t> xmu,
-                                                    at::opmath_type<scalar_t> s,
-                                                    at::opmath_type<scalar_t> b,
-                                                    const scalar_t* out, int64_t offset) {
-  using acc_t = at::opmath_type<scalar_t>;
+inline op_t<scalar_t> masked_grad_scalar(BnMask mask, op_t<scalar_t> grad, op_t<scalar_t> xmu,
+                                         op_t<scalar_t> s, op_t<scalar_t> b, const scalar_t* out,
+                                         int64_t offset) {
+  using acc_t = op_t<scalar_t>;
   if (mask == BnMask::kFromOut) {
     return static_cast<acc_t>(out[offset]) <= acc_t(0) ? acc_t(0) : grad;
   }
@@ -490,11 +560,11 @@ inline at::opmath_type<scalar_t> masked_grad_scalar(BnMask mask, at::opmath_type
 
 #if RF_USE_VEC
 template <typename scalar_t>
-inline Vectorized<at::opmath_type<scalar_t>> masked_grad_vec(
-    BnMask mask, const Vectorized<at::opmath_type<scalar_t>>& grad,
-    const Vectorized<at::opmath_type<scalar_t>>& xmu, const Vectorized<at::opmath_type<scalar_t>>& s,
-    const Vectorized<at::opmath_type<scalar_t>>& b, const Vectorized<at::opmath_type<scalar_t>>& outv) {
-  using aVec = Vectorized<at::opmath_type<scalar_t>>;
+inline Vectorized<op_t<scalar_t>> masked_grad_vec(
+    BnMask mask, const Vectorized<op_t<scalar_t>>& grad, const Vectorized<op_t<scalar_t>>& xmu,
+    const Vectorized<op_t<scalar_t>>& s, const Vectorized<op_t<scalar_t>>& b,
+    const Vectorized<op_t<scalar_t>>& outv) {
+  using aVec = Vectorized<op_t<scalar_t>>;
   const aVec zero(0);
   if (mask == BnMask::kFromOut) {
     return aVec::blendv(grad, zero, outv <= zero);
@@ -508,22 +578,53 @@ inline Vectorized<at::opmath_type<scalar_t>> masked_grad_vec(
 
 template <typename scalar_t>
 void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const scalar_t* out,
-                              scalar_t* masked, const BnGeometry& g,
-                              const at::opmath_type<scalar_t>* mean,
-                              const at::opmath_type<scalar_t>* scale,
-                              const at::opmath_type<scalar_t>* bias, BnMask mask,
-                              at::opmath_type<scalar_t>* sum_dy, at::opmath_type<scalar_t>* sum_dy_xmu) {
-  using acc_t = at::opmath_type<scalar_t>;
+                              scalar_t* masked, const BnGeometry& g, const op_t<scalar_t>* mean,
+                              const op_t<scalar_t>* scale, const op_t<scalar_t>* bias,
+                              const bn_acc_t<scalar_t>* mean_acc, BnMask mask,
+                              bn_acc_t<scalar_t>* sum_dy, bn_acc_t<scalar_t>* sum_dy_xmu) {
+  using o_t = op_t<scalar_t>;
+  using a_t = bn_acc_t<scalar_t>;
   const int64_t C = g.C;
   const int64_t M = g.N * g.HW;
   const int64_t rows_per_tile = g.channels_last ? chunk_rows(C) : g.HW;
   const int64_t tiles = g.channels_last ? (M + rows_per_tile - 1) / rows_per_tile : g.N;
-  std::vector<acc_t> p_dy(tiles * C, acc_t(0)), p_dyx(tiles * C, acc_t(0));
+  std::vector<a_t> p_dy(tiles * C, a_t(0)), p_dyx(tiles * C, a_t(0));
+  // g masked in op_t (the forward's arithmetic decides the ReLU mask); g and g*(x - mean)
+  // summed in acc_t from the acc_t mean (float input: the products and sums in double,
+  // exact but for the sums' roundings).
+  auto element = [&](int64_t off, int64_t c, a_t& dy, a_t& dyx) {
+    const o_t xv = static_cast<o_t>(x[off]);
+    const o_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<o_t>(grad[off]), xv - mean[c],
+                                                scale[c], bias[c], out, off);
+    if (masked != nullptr) {
+      masked[off] = static_cast<scalar_t>(gv);
+    }
+    dy += static_cast<a_t>(gv);
+    dyx += static_cast<a_t>(gv) * (static_cast<a_t>(xv) - mean_acc[c]);
+  };
+#if RF_USE_VEC
+  using V = AccVec<scalar_t>;
+  using oVec = typename V::aVec;
+  using aVec = Vectorized<a_t>;
+  constexpr int64_t kParts = kWidenParts<o_t, a_t>;
+  // One op_t vector: the masked gradient (stored when asked), then its sums into dy[] and
+  // dyx[] (kParts acc_t vectors each).
+  auto vec_part = [&](const oVec& xv, oVec gv, const oVec& outv, const oVec& mv, const oVec& sv,
+                      const oVec& bv, const aVec* ma, aVec* dy, aVec* dyx) -> oVec {
+    gv = masked_grad_vec<scalar_t>(mask, gv, xv - mv, sv, bv, outv);
+    for (int p = 0; p < kParts; ++p) {
+      const aVec gp = widen<o_t, a_t>(gv, p);
+      dy[p] += gp;
+      dyx[p] = at::vec::fmadd(gp, widen<o_t, a_t>(xv, p) - ma[p], dyx[p]);
+    }
+    return gv;
+  };
+#endif
   if (g.channels_last) {
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        acc_t* dy = p_dy.data() + t * C;
-        acc_t* dyx = p_dyx.data() + t * C;
+        a_t* dy = p_dy.data() + t * C;
+        a_t* dyx = p_dyx.data() + t * C;
         const int64_t r0 = t * rows_per_tile;
         const int64_t r1 = std::min(M, r0 + rows_per_tile);
         // Rows outside, channels inside: every tensor streams through once, in order;
@@ -532,42 +633,46 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
         for (int64_t row = r0; row < r1; ++row) {
           int64_t c = 0;
 #if RF_USE_VEC
-          using V = AccVec<scalar_t>;
-          using aVec = typename V::aVec;
-          constexpr int64_t h = aVec::size();
+          constexpr int64_t h = oVec::size();
           for (; c + V::kStep <= C; c += V::kStep) {
             const int64_t off = row * C + c;
-            aVec ga, gb, xa, xb, oa(0), ob(0);
+            oVec ga, gb, xa, xb, oa(0), ob(0);
             V::load(grad + off, ga, gb);
             V::load(x + off, xa, xb);
             if (mask == BnMask::kFromOut) {
               V::load(out + off, oa, ob);
             }
-            xa -= aVec::loadu(mean + c);
-            xb -= aVec::loadu(mean + c + h);
-            ga = masked_grad_vec<scalar_t>(mask, ga, xa, aVec::loadu(scale + c),
-                                           aVec::loadu(bias + c), oa);
-            gb = masked_grad_vec<scalar_t>(mask, gb, xb, aVec::loadu(scale + c + h),
-                                           aVec::loadu(bias + c + h), ob);
+            for (int64_t half : {int64_t(0), h}) {
+              const int64_t c0 = c + half;
+              aVec ma[kParts], sdy[kParts], sdyx[kParts];
+              for (int p = 0; p < kParts; ++p) {
+                const int64_t o = c0 + p * aVec::size();
+                ma[p] = aVec::loadu(mean_acc + o);
+                sdy[p] = aVec::loadu(dy + o);
+                sdyx[p] = aVec::loadu(dyx + o);
+              }
+              const oVec gm = vec_part(half == 0 ? xa : xb, half == 0 ? ga : gb,
+                                       half == 0 ? oa : ob, oVec::loadu(mean + c0),
+                                       oVec::loadu(scale + c0), oVec::loadu(bias + c0), ma, sdy,
+                                       sdyx);
+              for (int p = 0; p < kParts; ++p) {
+                const int64_t o = c0 + p * aVec::size();
+                sdy[p].store(dy + o);
+                sdyx[p].store(dyx + o);
+              }
+              if (half == 0) {
+                ga = gm;
+              } else {
+                gb = gm;
+              }
+            }
             if (masked != nullptr) {
               V::store(masked + off, ga, gb);
             }
-            (aVec::loadu(dy + c) + ga).store(dy + c);
-            (aVec::loadu(dy + c + h) + gb).store(dy + c + h);
-            at::vec::fmadd(ga, xa, aVec::loadu(dyx + c)).store(dyx + c);
-            at::vec::fmadd(gb, xb, aVec::loadu(dyx + c + h)).store(dyx + c + h);
           }
 #endif
           for (; c < C; ++c) {
-            const int64_t off = row * C + c;
-            const acc_t xmu = static_cast<acc_t>(x[off]) - mean[c];
-            const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[off]), xmu,
-                                                          scale[c], bias[c], out, off);
-            if (masked != nullptr) {
-              masked[off] = static_cast<scalar_t>(gv);
-            }
-            dy[c] += gv;
-            dyx[c] += gv * xmu;
+            element(row * C + c, c, dy[c], dyx[c]);
           }
         }
       }
@@ -579,43 +684,43 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % C;
         const int64_t base = p * HW;
-        acc_t dy = 0, dyx = 0;
+        a_t dy = 0, dyx = 0;
         int64_t i = 0;
 #if RF_USE_VEC
-        using V = AccVec<scalar_t>;
-        using aVec = typename V::aVec;
-        const aVec mv(mean[c]), sv(scale[c]), bv(bias[c]);
-        aVec ga, gb, xa, xb, oa(0), ob(0), dy0(0), dy1(0), dyx0(0), dyx1(0);
+        const oVec mv(mean[c]), sv(scale[c]), bv(bias[c]);
+        aVec ma[kParts], sdy[kParts], sdyx[kParts];
+        for (int q = 0; q < kParts; ++q) {
+          ma[q] = aVec(mean_acc[c]);
+          sdy[q] = aVec(a_t(0));
+          sdyx[q] = aVec(a_t(0));
+        }
+        oVec ga, gb, xa, xb, oa(0), ob(0);
         for (; i + V::kStep <= HW; i += V::kStep) {
           V::load(grad + base + i, ga, gb);
           V::load(x + base + i, xa, xb);
           if (mask == BnMask::kFromOut) {
             V::load(out + base + i, oa, ob);
           }
-          xa -= mv;
-          xb -= mv;
-          ga = masked_grad_vec<scalar_t>(mask, ga, xa, sv, bv, oa);
-          gb = masked_grad_vec<scalar_t>(mask, gb, xb, sv, bv, ob);
+          ga = vec_part(xa, ga, oa, mv, sv, bv, ma, sdy, sdyx);
+          gb = vec_part(xb, gb, ob, mv, sv, bv, ma, sdy, sdyx);
           if (masked != nullptr) {
             V::store(masked + base + i, ga, gb);
           }
-          dy0 += ga;
-          dy1 += gb;
-          dyx0 = at::vec::fmadd(ga, xa, dyx0);
-          dyx1 = at::vec::fmadd(gb, xb, dyx1);
         }
-        dy = V::hsum(dy0 + dy1);
-        dyx = V::hsum(dyx0 + dyx1);
+        for (int q = 1; q < kParts; ++q) {
+          sdy[0] += sdy[q];
+          sdyx[0] += sdyx[q];
+        }
+        __at_align__ a_t buf[2][aVec::size()];
+        sdy[0].store(buf[0]);
+        sdyx[0].store(buf[1]);
+        for (int64_t l = 0; l < aVec::size(); ++l) {
+          dy += buf[0][l];
+          dyx += buf[1][l];
+        }
 #endif
         for (; i < HW; ++i) {
-          const acc_t xmu = static_cast<acc_t>(x[base + i]) - mean[c];
-          const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + i]), xmu,
-                                                        scale[c], bias[c], out, base + i);
-          if (masked != nullptr) {
-            masked[base + i] = static_cast<scalar_t>(gv);
-          }
-          dy += gv;
-          dyx += gv * xmu;
+          element(base + i, c, dy, dyx);
         }
         p_dy[p] = dy;
         p_dyx[p] = dyx;
@@ -623,8 +728,8 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
     });
   }
   // Sum the tiles in order (channels inner).
-  std::fill(sum_dy, sum_dy + C, acc_t(0));
-  std::fill(sum_dy_xmu, sum_dy_xmu + C, acc_t(0));
+  std::fill(sum_dy, sum_dy + C, a_t(0));
+  std::fill(sum_dy_xmu, sum_dy_xmu + C, a_t(0));
   for (int64_t t = 0; t < tiles; ++t) {
     for (int64_t c = 0; c < C; ++c) {
       sum_dy[c] += p_dy[t * C + c];
@@ -633,19 +738,71 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
   }
 }
 
+#if RF_USE_VEC
+// The inverse of widen: kWidenParts acc_t vectors back into one op_t vector (cvtpd2ps).
+template <typename o_t, typename a_t>
+inline Vectorized<o_t> narrow(const Vectorized<a_t>* parts) {
+  if constexpr (std::is_same_v<o_t, a_t>) {
+    return parts[0];
+  } else {
+    static_assert(std::is_same_v<o_t, float> && std::is_same_v<a_t, double>);
+    const __m256d lo = parts[0], hi = parts[1];
+    return Vectorized<float>(_mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)));
+  }
+}
+#endif
+
+// grad_input. The ReLU mask (BnMask::kFromInput) is recomputed with the forward's
+// arithmetic (op_t: mean, scale, bias as bn_act_forward got them); the gradient itself is
+// computed in acc_t from the accumulation-type statistics (mean_acc, scale_acc, k, cst):
+// its terms cancel where BatchNorm's output does not depend on the input (a channel that is
+// all padding but one value), so float input is computed in double, as the reference
+// computes it, and rounded once.
 template <typename scalar_t>
 void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* dx,
-                             const BnGeometry& g, const at::opmath_type<scalar_t>* mean,
-                             const at::opmath_type<scalar_t>* scale,
-                             const at::opmath_type<scalar_t>* bias,
-                             const at::opmath_type<scalar_t>* k, const at::opmath_type<scalar_t>* cst,
-                             BnMask mask) {
-  using acc_t = at::opmath_type<scalar_t>;
+                             const BnGeometry& g, const op_t<scalar_t>* mean,
+                             const op_t<scalar_t>* scale, const op_t<scalar_t>* bias,
+                             const bn_acc_t<scalar_t>* mean_acc,
+                             const bn_acc_t<scalar_t>* scale_acc, const bn_acc_t<scalar_t>* k,
+                             const bn_acc_t<scalar_t>* cst, BnMask mask) {
+  using o_t = op_t<scalar_t>;
+  using a_t = bn_acc_t<scalar_t>;
   const int64_t C = g.C;
   // Running statistics (k, cst null): dx = g*scale only. The batch-statistics term
   // (x - mean)*k + cst must not be evaluated there with k = cst = 0: an Inf or NaN input
   // would turn it into NaN where eager's gradient g*scale is finite.
   const bool batch = k != nullptr;
+  auto element = [&](o_t xv, o_t gv, int64_t c) -> scalar_t {
+    const o_t gm = masked_grad_scalar<scalar_t>(mask, gv, xv - mean[c], scale[c], bias[c],
+                                                nullptr, 0);
+    const a_t ga = static_cast<a_t>(gm);
+    const a_t xmu = static_cast<a_t>(xv) - mean_acc[c];
+    return static_cast<scalar_t>(batch ? mul_add(ga, scale_acc[c], mul_add(xmu, k[c], cst[c]))
+                                       : ga * scale_acc[c]);
+  };
+#if RF_USE_VEC
+  using V = AccVec<scalar_t>;
+  using oVec = typename V::aVec;
+  using aVec = Vectorized<a_t>;
+  constexpr int64_t kParts = kWidenParts<o_t, a_t>;
+  // One op_t vector of x and grad at channels c.. (NCHW: scalar parameters broadcast):
+  // the masked gradient in op_t, then dx in acc_t.
+  auto vec_part = [&](const oVec& xv, oVec gv, const oVec& mv, const oVec& sv, const oVec& bv,
+                      const aVec* ma, const aVec* sa, const aVec* ka, const aVec* ca) -> oVec {
+    gv = masked_grad_vec<scalar_t>(mask, gv, xv - mv, sv, bv, oVec(0));
+    aVec out[kParts];
+    for (int p = 0; p < kParts; ++p) {
+      const aVec gp = widen<o_t, a_t>(gv, p);
+      if (batch) {
+        const aVec xp = widen<o_t, a_t>(xv, p) - ma[p];
+        out[p] = at::vec::fmadd(gp, sa[p], at::vec::fmadd(xp, ka[p], ca[p]));
+      } else {
+        out[p] = gp * sa[p];
+      }
+    }
+    return narrow<o_t, a_t>(out);
+  };
+#endif
   if (g.channels_last) {
     const int64_t M = g.N * g.HW;
     at::parallel_for(0, M, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1)),
@@ -654,36 +811,34 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
         const int64_t base = row * C;
         int64_t c = 0;
 #if RF_USE_VEC
-        using V = AccVec<scalar_t>;
-        using aVec = typename V::aVec;
-        constexpr int64_t h = aVec::size();
-        const aVec none(0);
-        aVec ga, gb, xa, xb;
+        oVec ga, gb, xa, xb;
+        aVec ma[kParts], sa[kParts], ka[kParts], ca[kParts];
+        auto load_params = [&](int64_t c0) {
+          for (int p = 0; p < kParts; ++p) {
+            const int64_t o = c0 + p * aVec::size();
+            ma[p] = aVec::loadu(mean_acc + o);
+            sa[p] = aVec::loadu(scale_acc + o);
+            if (batch) {
+              ka[p] = aVec::loadu(k + o);
+              ca[p] = aVec::loadu(cst + o);
+            }
+          }
+        };
+        constexpr int64_t h = oVec::size();
         for (; c + V::kStep <= C; c += V::kStep) {
           V::load(grad + base + c, ga, gb);
           V::load(x + base + c, xa, xb);
-          xa -= aVec::loadu(mean + c);
-          xb -= aVec::loadu(mean + c + h);
-          const aVec sa = aVec::loadu(scale + c), sb = aVec::loadu(scale + c + h);
-          ga = masked_grad_vec<scalar_t>(mask, ga, xa, sa, aVec::loadu(bias + c), none);
-          gb = masked_grad_vec<scalar_t>(mask, gb, xb, sb, aVec::loadu(bias + c + h), none);
-          if (batch) {
-            ga = at::vec::fmadd(ga, sa, at::vec::fmadd(xa, aVec::loadu(k + c), aVec::loadu(cst + c)));
-            gb = at::vec::fmadd(gb, sb,
-                                at::vec::fmadd(xb, aVec::loadu(k + c + h), aVec::loadu(cst + c + h)));
-          } else {
-            ga *= sa;
-            gb *= sb;
-          }
-          V::store(dx + base + c, ga, gb);
+          load_params(c);
+          const oVec ra = vec_part(xa, ga, oVec::loadu(mean + c), oVec::loadu(scale + c),
+                                   oVec::loadu(bias + c), ma, sa, ka, ca);
+          load_params(c + h);
+          const oVec rb = vec_part(xb, gb, oVec::loadu(mean + c + h), oVec::loadu(scale + c + h),
+                                   oVec::loadu(bias + c + h), ma, sa, ka, ca);
+          V::store(dx + base + c, ra, rb);
         }
 #endif
         for (; c < C; ++c) {
-          const acc_t xmu = static_cast<acc_t>(x[base + c]) - mean[c];
-          const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + c]), xmu,
-                                                        scale[c], bias[c], nullptr, 0);
-          dx[base + c] = static_cast<scalar_t>(
-              batch ? mul_add(gv, scale[c], mul_add(xmu, k[c], cst[c])) : gv * scale[c]);
+          dx[base + c] = element(static_cast<o_t>(x[base + c]), static_cast<o_t>(grad[base + c]), c);
         }
       }
     });
@@ -696,32 +851,24 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
         const int64_t base = p * HW;
         int64_t i = 0;
 #if RF_USE_VEC
-        using V = AccVec<scalar_t>;
-        using aVec = typename V::aVec;
-        const aVec mv(mean[c]), sv(scale[c]), bv(bias[c]), none(0);
-        const aVec kv(batch ? k[c] : acc_t(0)), cv(batch ? cst[c] : acc_t(0));
-        aVec ga, gb, xa, xb;
+        const oVec mv(mean[c]), sv(scale[c]), bv(bias[c]);
+        aVec ma[kParts], sa[kParts], ka[kParts], ca[kParts];
+        for (int q = 0; q < kParts; ++q) {
+          ma[q] = aVec(mean_acc[c]);
+          sa[q] = aVec(scale_acc[c]);
+          ka[q] = aVec(batch ? k[c] : a_t(0));
+          ca[q] = aVec(batch ? cst[c] : a_t(0));
+        }
+        oVec ga, gb, xa, xb;
         for (; i + V::kStep <= HW; i += V::kStep) {
           V::load(grad + base + i, ga, gb);
           V::load(x + base + i, xa, xb);
-          xa -= mv;
-          xb -= mv;
-          ga = masked_grad_vec<scalar_t>(mask, ga, xa, sv, bv, none);
-          gb = masked_grad_vec<scalar_t>(mask, gb, xb, sv, bv, none);
-          if (batch) {
-            V::store(dx + base + i, at::vec::fmadd(ga, sv, at::vec::fmadd(xa, kv, cv)),
-                     at::vec::fmadd(gb, sv, at::vec::fmadd(xb, kv, cv)));
-          } else {
-            V::store(dx + base + i, ga * sv, gb * sv);
-          }
+          V::store(dx + base + i, vec_part(xa, ga, mv, sv, bv, ma, sa, ka, ca),
+                   vec_part(xb, gb, mv, sv, bv, ma, sa, ka, ca));
         }
 #endif
         for (; i < HW; ++i) {
-          const acc_t xmu = static_cast<acc_t>(x[base + i]) - mean[c];
-          const acc_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<acc_t>(grad[base + i]), xmu,
-                                                        scale[c], bias[c], nullptr, 0);
-          dx[base + i] = static_cast<scalar_t>(
-              batch ? mul_add(gv, scale[c], mul_add(xmu, k[c], cst[c])) : gv * scale[c]);
+          dx[base + i] = element(static_cast<o_t>(x[base + i]), static_cast<o_t>(grad[base + i]), c);
         }
       }
     });
@@ -729,9 +876,9 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
 }
 
 template <typename scalar_t>
-using acc_ptr = at::opmath_type<scalar_t>*;
+using acc_ptr = bn_acc_t<scalar_t>*;
 template <typename scalar_t>
-using cacc_ptr = const at::opmath_type<scalar_t>*;
+using cop_ptr = const op_t<scalar_t>*;
 
 void bn_stats_impl(c10::ScalarType dtype, const void* x, const BnGeometry& g, void* mean,
                    void* var) {
@@ -746,35 +893,38 @@ void bn_forward_impl(c10::ScalarType dtype, const void* x, const void* residual,
                      bool relu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_forward_cpu", [&] {
     bn_forward_typed<scalar_t>(static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(residual),
-                               static_cast<scalar_t*>(out), g, static_cast<cacc_ptr<scalar_t>>(mean),
-                               static_cast<cacc_ptr<scalar_t>>(scale),
-                               static_cast<cacc_ptr<scalar_t>>(bias), relu);
+                               static_cast<scalar_t*>(out), g, static_cast<cop_ptr<scalar_t>>(mean),
+                               static_cast<cop_ptr<scalar_t>>(scale),
+                               static_cast<cop_ptr<scalar_t>>(bias), relu);
   });
 }
 
 void bn_backward_reduce_impl(c10::ScalarType dtype, const void* grad, const void* x,
                              const void* out, void* masked, const BnGeometry& g, const void* mean,
-                             const void* scale, const void* bias, BnMask mask, void* sum_dy,
-                             void* sum_dy_xmu) {
+                             const void* scale, const void* bias, const void* mean_acc,
+                             BnMask mask, void* sum_dy, void* sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_backward_reduce_cpu", [&] {
     bn_backward_reduce_typed<scalar_t>(
         static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(x),
         static_cast<const scalar_t*>(out), static_cast<scalar_t*>(masked), g,
-        static_cast<cacc_ptr<scalar_t>>(mean), static_cast<cacc_ptr<scalar_t>>(scale),
-        static_cast<cacc_ptr<scalar_t>>(bias), mask, static_cast<acc_ptr<scalar_t>>(sum_dy),
-        static_cast<acc_ptr<scalar_t>>(sum_dy_xmu));
+        static_cast<cop_ptr<scalar_t>>(mean), static_cast<cop_ptr<scalar_t>>(scale),
+        static_cast<cop_ptr<scalar_t>>(bias), static_cast<const bn_acc_t<scalar_t>*>(mean_acc),
+        mask, static_cast<acc_ptr<scalar_t>>(sum_dy), static_cast<acc_ptr<scalar_t>>(sum_dy_xmu));
   });
 }
 
 void bn_backward_elemt_impl(c10::ScalarType dtype, const void* grad, const void* x, void* dx,
                             const BnGeometry& g, const void* mean, const void* scale,
-                            const void* bias, const void* k, const void* c, BnMask mask) {
+                            const void* bias, const void* mean_acc, const void* scale_acc,
+                            const void* k, const void* c, BnMask mask) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_backward_elemt_cpu", [&] {
+    using cacc_ptr = const bn_acc_t<scalar_t>*;
     bn_backward_elemt_typed<scalar_t>(
         static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(x),
-        static_cast<scalar_t*>(dx), g, static_cast<cacc_ptr<scalar_t>>(mean),
-        static_cast<cacc_ptr<scalar_t>>(scale), static_cast<cacc_ptr<scalar_t>>(bias),
-        static_cast<cacc_ptr<scalar_t>>(k), static_cast<cacc_ptr<scalar_t>>(c), mask);
+        static_cast<scalar_t*>(dx), g, static_cast<cop_ptr<scalar_t>>(mean),
+        static_cast<cop_ptr<scalar_t>>(scale), static_cast<cop_ptr<scalar_t>>(bias),
+        static_cast<cacc_ptr>(mean_acc), static_cast<cacc_ptr>(scale_acc),
+        static_cast<cacc_ptr>(k), static_cast<cacc_ptr>(c), mask);
   });
 }
 

@@ -12,9 +12,12 @@ from .. import _extension
 from .._layout import empty_bn_like, stats_dtype
 
 
-def _stats_fake(input: Tensor) -> tuple[Tensor, Tensor]:
+def _stats_fake(input: Tensor, device_rule: bool = True) -> tuple[Tensor, Tensor]:
+    """Two per-channel tensors in the accumulation dtype: the C++ ops' rule for input's
+    device (fp64 for fp32 on the CPU), or (``device_rule=False``) the Triton ops' fp32 on
+    every device."""
     c = input.shape[1]
-    acc = stats_dtype(input.dtype)
+    acc = stats_dtype(input.dtype, input.device if device_rule else None)
     return input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc)
 
 
@@ -22,16 +25,28 @@ def _bn_stats_fake(input, running_mean, running_var, momentum):
     return _stats_fake(input)
 
 
+def _bn_stats_triton_fake(input, running_mean, running_var, momentum):
+    return _stats_fake(input, device_rule=False)
+
+
 def _bn_act_forward_fake(input, mean, var, weight, bias, residual, eps, relu):
     return empty_bn_like(input)
 
 
 def _bn_act_backward_reduce_fake(
-    grad_out, input, mean, var, weight, bias, out, eps, relu, write_masked_grad
+    grad_out, input, mean, var, weight, bias, out, eps, relu, write_masked_grad, device_rule=True
 ):
-    sum_dy, sum_dy_xhat = _stats_fake(input)
+    sum_dy, sum_dy_xhat = _stats_fake(input, device_rule)
     masked = empty_bn_like(input) if write_masked_grad else input.new_empty((0,))
     return sum_dy, sum_dy_xhat, masked
+
+
+def _bn_act_backward_reduce_triton_fake(
+    grad_out, input, mean, var, weight, bias, out, eps, relu, write_masked_grad
+):
+    return _bn_act_backward_reduce_fake(
+        grad_out, input, mean, var, weight, bias, out, eps, relu, write_masked_grad, False
+    )
 
 
 def _bn_act_backward_elemt_fake(
@@ -74,7 +89,7 @@ def bn_stats_triton(
     return _kernels("bn_stats").bn_stats(input, running_mean, running_var, momentum)
 
 
-bn_stats_triton.register_fake(_bn_stats_fake)
+bn_stats_triton.register_fake(_bn_stats_triton_fake)
 
 
 @torch.library.custom_op("resnet_fused::bn_act_forward_triton", mutates_args=())
@@ -114,7 +129,7 @@ def bn_act_backward_reduce_triton(
     )
 
 
-bn_act_backward_reduce_triton.register_fake(_bn_act_backward_reduce_fake)
+bn_act_backward_reduce_triton.register_fake(_bn_act_backward_reduce_triton_fake)
 
 
 @torch.library.custom_op("resnet_fused::bn_act_backward_elemt_triton", mutates_args=())

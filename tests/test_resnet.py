@@ -13,11 +13,12 @@ import copy
 import io
 import pickle
 import warnings
+import weakref
 
 import pytest
 import torch
 import torchvision
-from conftest import backend_device, backend_params
+from conftest import backend_device, backend_params, release_memory
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -45,6 +46,15 @@ def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().double().flatten() for t in tensors])
 
 
+def _rel_tensors(tensors, refs) -> float:
+    """_rel of the concatenations, without making them (a copy of every parameter)."""
+    num = den = 0.0
+    for a, ref in zip(tensors, refs, strict=True):
+        num += (a.detach().double() - ref.detach()).square().sum().item()
+        den += ref.detach().double().square().sum().item()
+    return (num / max(den, 1e-300)) ** 0.5
+
+
 def _randomise_bn(model: nn.Module) -> None:
     """Non-trivial BN parameters and statistics (torchvision initialises 1 and 0)."""
     with torch.no_grad():
@@ -56,20 +66,25 @@ def _randomise_bn(model: nn.Module) -> None:
                 m.running_var.uniform_(0.5, 1.5)
 
 
-def _train_steps(model, x, target, steps):
-    """SGD steps on a fixed batch; returns the first step's gradients and the losses."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    losses, first_grads = [], None
-    for _ in range(steps):
+def _train_in_step(models, x, target, steps, check_first_grads):
+    """The same SGD steps on a fixed batch for each model, in lockstep; after every model's
+    backward of the first step, ``check_first_grads(models)`` compares their gradients in
+    place (no copies of them are kept). Returns each model's losses; gradients freed."""
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+    losses = [[] for _ in models]
+    for step in range(steps):
+        for model, opt, model_losses in zip(models, opts, losses, strict=True):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x).float(), target)
+            loss.backward()
+            model_losses.append(loss.item())
+        if step == 0:
+            check_first_grads(models)
+        for opt in opts:
+            opt.step()
+    for opt in opts:
         opt.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = nn.functional.cross_entropy(out.float(), target)
-        loss.backward()
-        if first_grads is None:
-            first_grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
-        opt.step()
-        losses.append(loss.item())
-    return first_grads, losses
+    return losses
 
 
 def _bn_buffers(model):
@@ -118,27 +133,37 @@ def test_converted_matches_original(arch):
         ref = _flat([outs["fp64"][i]])
         err_f, err_e = _rel(_flat([outs["fused"][i]]), ref), _rel(_flat([outs["eager"][i]]), ref)
         assert err_f <= 2 * err_e + 1e-6, f"fp32 {what}: fused {err_f:.2e} vs eager {err_e:.2e}"
+    # Memory: the fp32 part's copies go before the fp64 part makes its own (the widest
+    # models hold ~127M parameters: 1 GB per fp64 copy, and as much again in gradients).
+    copies = [weakref.ref(converted), weakref.ref(fp64)]
+    del converted, fp64, outs, sd_o, sd_c, report, model, inp, ev, tr
+    release_memory()
+    assert all(ref() is None for ref in copies), "the fp32 part's model copies are still alive"
 
     # fp64: two SGD steps from the same state; everything must agree closely.
-    original64 = copy.deepcopy(original).double()
+    original64 = original.double()  # in place: the fp32 model is not needed any more
     converted64 = resnet_fused.convert(original64, backend="cpu")
+    for m in (original64, converted64):
+        m.train()
+
+    def check_first_grads(models):
+        ge, gf = (dict(m.named_parameters()) for m in models)
+        assert list(ge) == list(gf)
+        for k in ge:
+            assert _rel(gf[k].grad, ge[k].grad.double()) < 1e-8, f"grad {k}"
+
+    le, lf = _train_in_step([original64, converted64], x.double(), target, 2, check_first_grads)
     res = {}
     for tag, model in (("eager", original64), ("fused", converted64)):
-        model.train()
-        grads, losses = _train_steps(model, x.double(), target, steps=2)
         model.eval()
         with torch.no_grad():
             ev = model(x.double())
-        res[tag] = (grads, losses, _bn_buffers(model), list(model.parameters()), ev)
-    ge, gf = res["eager"][0], res["fused"][0]
-    for k in ge:
-        assert _rel(gf[k], ge[k].double()) < 1e-8, f"grad {k}"
-    for i, what in ((2, "running statistics"), (3, "parameters after 2 steps"), (4, "eval")):
-        err = _rel(_flat(res["fused"][i] if i != 4 else [res["fused"][i]]),
-                   _flat(res["eager"][i] if i != 4 else [res["eager"][i]]))  # fmt: skip
+        res[tag] = (_bn_buffers(model), list(model.parameters()), [ev])
+    for i, what in ((0, "running statistics"), (1, "parameters after 2 steps"), (2, "eval")):
+        err = _rel_tensors(res["fused"][i], res["eager"][i])
         assert err < 1e-8, f"fp64 {what}: {err:.2e}"
-    for lf, le in zip(res["fused"][1], res["eager"][1], strict=True):
-        assert abs(lf - le) <= 1e-9 * abs(le)
+    for a, b in zip(lf, le, strict=True):
+        assert abs(a - b) <= 1e-9 * abs(b)
 
 
 def test_unfuse_round_trip_and_checkpoints():

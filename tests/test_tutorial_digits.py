@@ -13,7 +13,6 @@ import copy
 import importlib.util
 import os
 
-import torch
 from test_digits import assert_training_parity
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -71,16 +70,8 @@ def test_every_conv_bn_pair_fused_and_no_eager_batch_norm():
         assert _batch_norm_ops(unfused, x[:16]) >= 12  # the count sees eager BatchNorm
 
 
-def test_training_parity_on_digits():
-    # One thread: on a machine whose cores other processes keep busy, two intra-op
-    # threads made this test 20x slower (90 s instead of 4 s), spinning at their barriers.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _training_parity()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _training_parity():
+def test_training_parity_on_digits(single_thread):
+    # One thread (conftest.single_thread): on a machine whose cores other processes keep
+    # busy, two intra-op threads made this test 20x slower (90 s instead of 4 s), spinning
+    # at their barriers.
     assert_training_parity(example.make_model(widths=WIDTHS), STEPS, REL_TOL)

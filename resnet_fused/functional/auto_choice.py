@@ -364,12 +364,14 @@ def conv_unit_key(x, w, geometry, training, residual, relu, conv_bias=None, grad
 
 def _resolve_conv_backend(
     backend, x, w, geometry, training, residual, relu, trial, conv_bias=None, *, grad=False,
-    can_time=True,
+    can_time=True, alternative: str | None = None,
 ) -> str:  # fmt: skip
     """Like resolve_backend, but ``"auto"`` picks the fastest of the fused backends (on
     CUDA cuDNN + the CUDA BatchNorm kernels, or the Triton convolution) and eager for this
     unit, timed once per :func:`conv_unit_key` (``RESNET_FUSED_CONV_BACKEND`` forces a
-    fused backend)."""
+    fused backend). ``alternative``: another way of running the unit on the resolved
+    backend (the CPU eval unit's aten convolution + epilogue), timed with the others
+    under the ``time`` policy only (``fused`` runs the backend's own path, untimed)."""
     device = x.device
     impl = resolve_backend(backend, device)
     if backend != "auto" or impl == "torch":
@@ -378,6 +380,8 @@ def _resolve_conv_backend(
     if forced:
         return resolve_backend(forced, device)
     fused = [impl]
+    if alternative is not None and auto_policy() == "time":
+        fused.append(alternative)
     if device.type == "cuda":
         fused = [c for c in ("cuda", "triton") if unavailable_reason(c, device) is None]
     return choose(

@@ -43,21 +43,14 @@ from .._validation import (
 )
 from ..backends import resolve_backend, unavailable_reason
 from ._common import check_batch_size, needs_autograd
-from .auto_choice import (
-    EAGER,
-    _resolve_conv_backend,
-    auto_policy,
-    choose,
-    conv_unit_key,
-    forced_conv_backend,
-    make_trial,
-)
+from .auto_choice import EAGER, _resolve_conv_backend, make_trial
 from .batch_norm_act import _BatchNormAct, _bn_kernels
 
 __all__ = ["conv_bn_act", "fold_conv_bn"]
 
-# The CPU backend's eval unit without oneDNN's fused convolution: aten's convolution, then
-# the C++ bias/add/ReLU pass (``auto`` times it against oneDNN's and eager on a CPU).
+# The CPU backend's eval unit without oneDNN's fused convolution: aten's convolution (with
+# the folded bias for fp32/fp64), then ReLU / add+ReLU in place, or the C++ bias/add/ReLU
+# pass for half precision (``auto`` times it against oneDNN's and eager on a CPU).
 CPU_EPILOGUE = "cpu-epilogue"
 
 _TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -668,29 +661,16 @@ def conv_bn_act(
             return trial(impl)
 
     grad = needs_autograd(*(t for t in (input, w_f, b_f, residual) if t is not None))
-    if (
-        backend == "auto"
-        and not grad
-        and input.device.type == "cpu"
-        and auto_policy() == "time"
-        and not forced_conv_backend()
-        and resolve_backend(backend, input.device) == "cpu"
-        and _mkldnn_ok(input, residual is not None and relu)
-    ):
-        # On a CPU, oneDNN's fused convolution costs a fixed ~0.1-0.2 ms per call (it
-        # builds its primitive each time), which small units do not earn back: aten's
-        # convolution + the C++ epilogue is the other fused candidate.
-        impl = choose(
-            lambda: conv_unit_key(
-                input, conv_weight, geometry, False, residual, relu, conv_bias, grad
-            ),
-            ["cpu", CPU_EPILOGUE, EAGER], no_grad_trial, input.device,
-        )  # fmt: skip
-    else:
-        impl = _resolve_conv_backend(
-            backend, input, conv_weight, geometry, False, residual, relu, no_grad_trial,
-            conv_bias, grad=grad,
-        )  # fmt: skip
+    # On a CPU, oneDNN's fused convolution costs a fixed ~0.1-0.2 ms per call (it builds
+    # its primitive each time), which small units do not earn back: aten's convolution
+    # with the folded bias + the epilogue is timed against it.
+    alternative = None
+    if not grad and input.device.type == "cpu" and _mkldnn_ok(input, residual is not None and relu):
+        alternative = CPU_EPILOGUE
+    impl = _resolve_conv_backend(
+        backend, input, conv_weight, geometry, False, residual, relu, no_grad_trial,
+        conv_bias, grad=grad, alternative=alternative,
+    )  # fmt: skip
     if _record is not None and (_folded is not None or grad):
         _record.append(EvalPlan(impl, geometry, grad))
     if impl == EAGER:

@@ -44,9 +44,11 @@ Rules:
 
 from __future__ import annotations
 
+import itertools
 import operator
 import threading
 import time
+import warnings
 import weakref
 
 import torch
@@ -149,8 +151,9 @@ def fused_conv_bn(
         return tracer.create_proxy(
             "call_function", fused_conv_bn, (conv, bn, input, residual), kwargs
         )
-    if has_hooks(conv, bn, relu_module):
-        if sync:
+    if has_hooks(conv, bn, relu_module) or not _fusable(conv, bn, relu_module):
+        # hooks, or modules replaced by others since conversion: the modules themselves
+        if sync and has_hooks(conv, bn, relu_module):
             _refuse_unsynchronised([bn], "a module of this fused conv-BN site")
         out = bn(conv(input))
         if residual is not None:
@@ -167,6 +170,23 @@ def fused_conv_bn(
         out = conv_bn_forward(conv, bn, input, None, False, backend, cache, sync, process_group)
         return _relu(out + residual, relu, None)
     return conv_bn_forward(conv, bn, input, residual, relu, backend, cache, sync, process_group)
+
+
+_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def _fusable(conv, bn, relu_module) -> bool:
+    """The site's modules are still of the types that were fused (a module replaced
+    after conversion by another kind runs as the module it is)."""
+    if conv is not None and (
+        type(conv) is not nn.Conv2d
+        or conv.padding_mode != "zeros"
+        or (type(bn) in _BN_TYPES and conv.out_channels != bn.num_features)
+    ):
+        return False
+    if bn is not None and type(bn) not in _BN_TYPES:
+        return False
+    return relu_module is None or type(relu_module) is nn.ReLU
 
 
 def _unit_dtype(input: Tensor) -> torch.dtype:
@@ -213,10 +233,15 @@ def fused_bn(
         if process_group is not None:
             kwargs["process_group"] = process_group
         return tracer.create_proxy("call_function", fused_bn, (bn, input, residual), kwargs)
-    if has_hooks(bn, relu_module) or (residual is not None and not _same_shape(input, residual)):
+    fusable = _fusable(None, bn, relu_module)
+    if (
+        has_hooks(bn, relu_module)
+        or not fusable
+        or (residual is not None and not _same_shape(input, residual))
+    ):
         if sync and has_hooks(bn, relu_module):
             _refuse_unsynchronised([bn], "a module of this fused BN site")
-        if not has_hooks(bn, relu_module):
+        if fusable and not has_hooks(bn, relu_module):
             _note_eager("the residual's shape, dtype or device differs from the input's")
         out = bn(input)
         if residual is not None:
@@ -238,7 +263,7 @@ def fused_add_relu(
     if tracer is not None:
         kwargs = {"relu_module": relu_module, "backend": backend}
         return tracer.create_proxy("call_function", fused_add_relu, (x, residual), kwargs)
-    if has_hooks(relu_module):
+    if has_hooks(relu_module) or not _fusable(None, None, relu_module):
         return _relu(x + residual, True, relu_module)
     if not _same_shape(x, residual) or x.dtype not in SUPPORTED_DTYPES:
         # operands of other shapes, dtypes or devices, integer or complex ones: eager ops
@@ -298,10 +323,162 @@ for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "
     setattr(_InplaceProxy, f"__{_name}__", _inplace_operator(_name))
 
 
+class _NotKept(RuntimeError):
+    """Raised while tracing a forward that does what a traced graph cannot keep: the
+    module then runs its forward as written (its children converted alone)."""
+
+
+# While a thread traces: its _Tracer (the patched torch functions below ask it).
+_TRACING = threading.local()
+
+
+def _rng_state() -> tuple:
+    """The random streams a forward may draw from: torch's CPU generator, CUDA's (when
+    initialised), Python's ``random`` and NumPy's global one."""
+    import random
+    import sys
+
+    state = [torch.default_generator.get_state(), random.getstate()]
+    if torch.cuda.is_initialized():
+        state.append(torch.cuda.get_rng_state_all())
+    np = sys.modules.get("numpy")
+    if np is not None:
+        state.append(np.random.get_state())
+    return tuple(state)
+
+
+def _set_rng_state(state: tuple) -> None:
+    import random
+    import sys
+
+    torch.default_generator.set_state(state[0])
+    random.setstate(state[1])
+    rest = list(state[2:])
+    if torch.cuda.is_initialized():
+        torch.cuda.set_rng_state_all(rest.pop(0))
+    np = sys.modules.get("numpy")
+    if np is not None and rest:
+        np.random.set_state(rest.pop(0))
+
+
+def _same_rng(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b) or not torch.equal(a[0], b[0]) or a[1] != b[1]:
+        return False
+    for x, y in zip(a[2:], b[2:], strict=True):
+        if isinstance(x, list):  # CUDA: one state tensor per device
+            if len(x) != len(y) or not all(map(torch.equal, x, y)):
+                return False
+        elif not (x[0] == y[0] and (x[1] == y[1]).all() and x[2:] == y[2:]):  # NumPy
+            return False
+    return True
+
+
+# torch functions through which a forward changes what tracing does not record: grad
+# mode (no_grad, enable_grad, set_grad_enabled), inference mode, autocast regions and
+# saved-tensor hooks (checkpointing). Each is looked up on its module at call time by the
+# context managers, so they are wrapped there while a thread traces.
+_STATEFUL = (
+    (torch._C, "_set_grad_enabled", "sets the grad mode (torch.no_grad, enable_grad or "
+     "set_grad_enabled)"),
+    (torch._C, "_InferenceMode", "enters torch.inference_mode"),
+    (torch, "set_autocast_enabled", "enters or leaves an autocast region"),
+    (torch._C._autograd, "_push_saved_tensors_default_hooks", "installs saved-tensor hooks "
+     "(torch.utils.checkpoint or saved_tensors_hooks)"),
+)  # fmt: skip
+
+
+def _refusing(fn, why: str):
+    def wrapper(*args, **kwargs):
+        tracer = getattr(_TRACING, "tracer", None)
+        if tracer is not None and tracer.running:
+            raise _NotKept(f"its forward {why}, which a traced graph would drop")
+        return fn(*args, **kwargs)
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+_PATCH_LOCK = threading.Lock()
+_PATCH_DEPTH = 0
+
+
+class _Watch:
+    """While tracing: the torch functions above refuse, every module of the tree records
+    the plain attributes read from its ``__dict__`` (its class swapped for a subclass
+    that does), and the random streams are restored afterwards."""
+
+    def __init__(self, tracer, root: nn.Module) -> None:
+        self.tracer, self.root = tracer, root
+        self.swapped: list[tuple[nn.Module, type]] = []
+
+    def __enter__(self):
+        global _PATCH_DEPTH
+        with _PATCH_LOCK:
+            if _PATCH_DEPTH == 0:
+                for owner, name, why in _STATEFUL:
+                    setattr(owner, name, _refusing(getattr(owner, name), why))
+            _PATCH_DEPTH += 1
+        self.rng = _rng_state()
+        for m in self.root.modules():
+            cls = type(m)
+            try:
+                m.__class__ = _watching(cls)
+            except TypeError:  # a class whose instances cannot change class
+                continue
+            self.swapped.append((m, cls))
+        _TRACING.tracer = self.tracer
+        return self
+
+    def __exit__(self, *exc):
+        global _PATCH_DEPTH
+        _TRACING.tracer = None
+        for m, cls in self.swapped:
+            m.__class__ = cls
+        _set_rng_state(self.rng)
+        with _PATCH_LOCK:
+            _PATCH_DEPTH -= 1
+            if _PATCH_DEPTH == 0:
+                for owner, name, _ in _STATEFUL:
+                    setattr(owner, name, getattr(owner, name).__wrapped__)
+
+
+# nn.Module's own bookkeeping, and what the converter itself stores on a module.
+_INTERNAL = (frozenset(nn.Module().__dict__) - {"training"}) | {"forward", _ATTR}
+_WATCHING: dict[type, type] = {}
+
+
+def _watching(cls: type) -> type:
+    """``cls`` with a ``__getattribute__`` that reports plain attributes read from an
+    instance's ``__dict__`` to the tracing thread's tracer."""
+    sub = _WATCHING.get(cls)
+    if sub is not None:
+        return sub
+    base_get = cls.__getattribute__
+
+    def __getattribute__(self, name):
+        value = base_get(self, name)
+        tracer = getattr(_TRACING, "tracer", None)
+        if (
+            tracer is not None
+            and tracer.running
+            and name not in _INTERNAL
+            and name[:2] != "__"
+            and name in base_get(self, "__dict__")
+        ):
+            tracer.reads.append((self, name, value))
+        return value
+
+    sub = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__slots__": ()})
+    sub.__module__, sub.__qualname__ = cls.__module__, cls.__qualname__
+    return _WATCHING.setdefault(cls, sub)
+
+
 class _Tracer(fx.Tracer):
     """Standard layers, the classes the user names, resnet_fused's modules, torchvision
     blocks, modules carrying hooks and modules found untraceable are leaves. Records the
-    innermost traced-through module in which tracing failed."""
+    innermost traced-through module in which tracing failed, and refuses (``_NotKept``)
+    a forward that draws random numbers, makes tensors from no input or changes the grad
+    mode, autocast or saved-tensor hooks; records the plain attributes the forwards read."""
 
     def __init__(self, leaf_types: tuple[type, ...], leaf_modules: set[int]) -> None:
         super().__init__()
@@ -309,9 +486,30 @@ class _Tracer(fx.Tracer):
         self.leaf_ids = leaf_modules
         self.failed_in: tuple[str, BaseException] | None = None
         self.inlined: dict[str, nn.Module] = {}
+        self.reads: list[tuple[nn.Module, str, object]] = []
+        self.running = False
+
+    def trace(self, root, concrete_args=None):
+        with _Watch(self, root) as watch:
+            self.running = True
+            try:
+                graph = super().trace(root, concrete_args)
+                if not _same_rng(watch.rng, _rng_state()):
+                    raise _NotKept(_RANDOM)
+            finally:
+                self.running = False
+        return graph
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InplaceProxy(node, self)
+
+    def get_fresh_qualname(self, prefix: str) -> str:
+        if prefix == "_tensor_constant":
+            raise _NotKept(
+                "its forward makes a tensor from no input (torch.tensor, torch.zeros, "
+                "random numbers, ...), which a traced graph would freeze as a constant"
+            )
+        return super().get_fresh_qualname(prefix)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from .modules import own_hooks
@@ -328,15 +526,27 @@ class _Tracer(fx.Tracer):
         leaf = self.is_leaf_module(m, path)
         if not leaf:
             self.inlined[path] = m
+            rng = _rng_state()
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            if not leaf and not _same_rng(rng, _rng_state()):
+                raise _NotKept(_RANDOM)
+            return out
         except Exception as exc:
             if self.failed_in is None and not leaf:
                 self.failed_in = (path, exc)
             raise
 
 
+_RANDOM = (
+    "its forward draws random numbers outside the graph (torch.rand*, random, numpy), "
+    "which a traced graph would freeze"
+)
+
+
 def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, _NotKept):
+        return str(exc)
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
 
@@ -673,10 +883,100 @@ def _rewrite(graph: fx.Graph, sites, backend: str, sync: bool, has_group: bool) 
 # --- the converted forward ------------------------------------------------------------------
 
 
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _same_value(now, then) -> bool:
+    """A guarded attribute still holds what tracing read: equal plain values (numbers,
+    strings, dtypes, tuples of them), else the same object."""
+    if now is then:
+        return True
+    if type(now) is not type(then):
+        return False
+    if type(then) is tuple:
+        return len(now) == len(then) and all(map(_same_value, now, then))
+    return type(then) in _PLAIN and now == then
+
+
+_MISSING = object()
+_MAX_RETRACES = 8
+
+
+class _Guards:
+    """What one traced graph assumed, checked on every call: each module the graph reaches
+    by path is still the module found there at conversion (``edges``), each plain
+    attribute its forwards read still holds the value read (``values``), and each module
+    whose ``training`` flag they read still has the graph's mode (``flags``)."""
+
+    def __init__(self, edges, values, flags) -> None:
+        self.edges = edges  # [(parent module, child name, child module)]
+        self.values = values  # [(module, attribute name, value read)]
+        self.flags = flags  # [module] (not the converted module itself)
+        self._lists = None
+
+    def __getstate__(self):
+        return {"edges": self.edges, "values": self.values, "flags": self.flags}
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self._lists = None
+
+    def _compiled(self):
+        # Built on first use (and again after copying or unpickling): the modules' own
+        # dicts, so that a check is dict lookups only.
+        lists = self._lists
+        if lists is None:
+            lists = self._lists = (
+                [p.__dict__["_modules"] for p, _, _ in self.edges],
+                [name for _, name, _ in self.edges],
+                tuple(c for _, _, c in self.edges),
+                [m.__dict__ for m, _, _ in self.values],
+                [name for _, name, _ in self.values],
+                tuple(v for _, _, v in self.values),
+                [m.__dict__ for m in self.flags],
+            )
+        return lists
+
+    def failing(self, flag: bool) -> str | None:
+        """None while every assumption holds, else "structure", "attribute" or "flag"."""
+        e_dicts, e_names, e_mods, v_dicts, v_names, v_vals, f_dicts = self._compiled()
+        # (tuple equality compares identical items by identity: modules compare by
+        # identity only, so this is the identity check, at C speed)
+        if tuple(map(dict.get, e_dicts, e_names)) != e_mods:
+            return "structure"
+        if v_dicts:
+            now = tuple(map(dict.get, v_dicts, v_names, itertools.repeat(_MISSING)))
+            try:
+                same = bool(now == v_vals)  # identical items: identity, at C speed
+            except Exception:  # (a tensor's elementwise comparison)
+                same = False
+            if not same and not all(map(_same_value, now, v_vals)):
+                return "attribute"
+        for d in f_dicts:
+            if d.get("training") != flag:
+                return "flag"
+        return None
+
+    def describe(self, module: nn.Module, flag: bool) -> str:
+        for parent, name, child in self.edges:
+            if parent._modules.get(name) is not child:
+                return f"its submodule {name!r} was replaced"
+        for m, name, value in self.values:
+            if not _same_value(m.__dict__.get(name, _MISSING), value):
+                return f"attribute {name!r} changed since it was traced"
+        return "a module's training flag differs from its own (its forward reads it)"
+
+
 class _GraphConversion:
     """What the converter did to one module: its generated forward (the callable stored as
     the module's ``forward``), the sites fused, the candidates left alone, or the tracing
-    error. Pickles as source code (recompiled on load); copies share nothing."""
+    error. Pickles as source code (recompiled on load); copies share nothing.
+
+    Each call checks what the graph assumed (:class:`_Guards`): a module replaced after
+    conversion or a changed attribute makes the module trace again (at most
+    ``_MAX_RETRACES`` times, then its own forward runs); a traced-through module's
+    training flag that differs from the module's, a call passing optional arguments, hooks
+    on a traced-through container: the module's own forward for that call."""
 
     def __init__(self, module, sources, import_block, watched, sites, left, error=None, inlined=()):
         self.module = module
@@ -684,11 +984,13 @@ class _GraphConversion:
         self.import_block = import_block  # {"train": imports, "eval": imports} (or one str)
         self.watched = watched  # traced-through containers and removed Identity modules
         self.sites, self.left, self.error = sites, left, error
-        # The traced-through modules whose training flag the graphs baked in, when the
-        # train and eval graphs differ (else empty): while any of their flags differs from
-        # the module's own, neither graph is the module's computation.
-        self.inlined = list(inlined)
+        self.inlined = list(inlined)  # (kept for pickles of earlier versions)
+        self.guards: dict[str, _Guards] = {}
+        self.n_args: int | None = None  # positional arguments a traced call takes
+        self.options = None  # convert_graphs' arguments, for a retrace
+        self.retraces = 0
         self.eager_calls: dict[str, int] = {}  # call-time fallbacks to eager ops, by reason
+        self.own_forward: dict[str, int] = {}  # calls that ran the module's own forward
         self.process_group = None
         self.sync_bn = False
         self._compile()
@@ -708,8 +1010,10 @@ class _GraphConversion:
         return state
 
     def __setstate__(self, state) -> None:
-        state.setdefault("inlined", [])
-        state.setdefault("eager_calls", {})
+        for name, default in (("inlined", []), ("eager_calls", {}), ("own_forward", {}),
+                              ("guards", {}), ("n_args", None), ("options", None),
+                              ("retraces", 0)):  # fmt: skip
+            state.setdefault(name, default)
         self.__dict__.update(state)
         self._compile()
 
@@ -717,22 +1021,63 @@ class _GraphConversion:
         """True while a traced-through module's training flag, which the graphs baked
         in, differs from the module's own (the original forward runs then)."""
         flag = self.module.training
+        guards = self.guards.get("train" if flag else "eval")
+        if guards is not None:
+            return any(m.training != flag for m in guards.flags)
         return any(m.training != flag for m in self.inlined)
+
+    def _own_forward(self, why: str | None, args, kwargs):
+        module = self.module
+        if getattr(self, "sync_bn", False):
+            bns = [module.get_submodule(s.bn) for s in self.sites if s.bn is not None]
+            _refuse_unsynchronised(bns, "a module the converter traced through (or a global hook)")
+        if why is not None and not torch.compiler.is_compiling():
+            self.own_forward[why] = self.own_forward.get(why, 0) + 1
+        return type(module).forward(module, *args, **kwargs)
+
+    def _bind(self, args, kwargs):
+        """The positional arguments for the graph when the call leaves every optional
+        argument at its default (which the graph was traced with), else None."""
+        import inspect
+
+        sig = inspect.signature(type(self.module).forward)
+        try:
+            bound = sig.bind(self.module, *args, **kwargs)
+        except TypeError:
+            return None  # the module's own forward raises as eager does
+        params = list(sig.parameters.values())[1:]
+        out = []
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                if bound.arguments.get(p.name):
+                    return None
+            elif p.default is p.empty:
+                out.append(bound.arguments[p.name])
+            elif p.name in bound.arguments and not _same_value(bound.arguments[p.name], p.default):
+                return None
+        return out
 
     def __call__(self, *args, **kwargs):
         module = self.module
-        if has_hooks(*self.watched) or (self.inlined and self.mixed_flags()):
-            # hooks on a traced-through container (or global hooks), or traced-through
-            # modules whose training flags differ from the module's when the forward reads
-            # them: the original forward, which calls every module (converted children
-            # stay converted)
-            if getattr(self, "sync_bn", False):
-                bns = [module.get_submodule(s.bn) for s in self.sites if s.bn is not None]
-                _refuse_unsynchronised(
-                    bns, "a module the converter traced through (or a global hook)"
-                )
-            return type(module).forward(module, *args, **kwargs)
-        fn = self._fns["train" if module.training else "eval"]
+        if has_hooks(*self.watched):
+            # hooks on a traced-through container (or global hooks): the original
+            # forward, which calls every module (converted children stay converted)
+            return self._own_forward(None, args, kwargs)  # (reported while hooked)
+        flag = module.training
+        tag = "train" if flag else "eval"
+        if self.n_args is not None and (kwargs or len(args) != self.n_args):
+            bound = self._bind(args, kwargs)
+            if bound is None:
+                return self._own_forward("called with optional arguments", args, kwargs)
+            args, kwargs = bound, {}
+        guards = self.guards.get(tag)
+        if guards is not None:
+            failing = guards.failing(flag)
+            if failing is not None:
+                return self._after_change(failing, args, kwargs)
+        elif self.inlined and self.mixed_flags():  # (a conversion pickled before guards)
+            return self._own_forward(None, args, kwargs)  # (reported while flags differ)
+        fn = self._fns[tag]
         if torch.compiler.is_compiling():
             return fn(module, *args, **kwargs)
         previous = getattr(_RUNNING, "conversion", None)
@@ -741,6 +1086,30 @@ class _GraphConversion:
             return fn(module, *args, **kwargs)
         finally:
             _RUNNING.conversion = previous
+
+    def _after_change(self, failing: str, args, kwargs):
+        """A guard failed: a traced-through module's flag differs (the own forward), or a
+        module or attribute changed since tracing (trace again, at most _MAX_RETRACES
+        times; then, and under torch.compile, the own forward)."""
+        if failing == "flag":
+            return self._own_forward(None, args, kwargs)  # (reported while flags differ)
+        module = self.module
+        why = self.guards["train" if module.training else "eval"].describe(module, module.training)
+        if torch.compiler.is_compiling() or self.options is None:
+            return self._own_forward(why, args, kwargs)
+        if self.retraces >= _MAX_RETRACES:
+            if not self.own_forward:
+                warnings.warn(
+                    f"resnet_fused: {type(module).__name__} changed after conversion "
+                    f"{self.retraces} times ({why}); it runs its own forward from now on "
+                    "(convert it again to fuse it)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return self._own_forward(f"changed after conversion more than {_MAX_RETRACES} "
+                                     f"times ({why})", args, kwargs)  # fmt: skip
+        retrace(module)
+        return module(*args, **kwargs)
 
     @property
     def __code__(self):
@@ -756,6 +1125,22 @@ class _GraphConversion:
             if has_hooks(*mods):
                 out.append(site)
         return out
+
+
+def retrace(module: nn.Module) -> None:
+    """Converts ``module`` again (after surgery): traced anew, with the arguments of its
+    first conversion; its children keep their conversions, new children are converted."""
+    conversion = module.__dict__.get(_ATTR)
+    if not isinstance(conversion, _GraphConversion) or conversion.options is None:
+        return
+    del module.__dict__[_ATTR]
+    if module.__dict__.get("forward") is conversion:
+        del module.__dict__["forward"]
+    leaf_types, backend, sync_bn, process_group = conversion.options
+    _convert_module(module, leaf_types, backend, sync_bn, process_group, set())
+    new = module.__dict__.get(_ATTR)
+    if isinstance(new, _GraphConversion):
+        new.retraces = conversion.retraces + 1
 
 
 def _merge_modes(sites, left, eval_sites, eval_left):
@@ -779,24 +1164,85 @@ def _merge_modes(sites, left, eval_sites, eval_left):
     return merged, merged_left
 
 
+def _optional_arguments(module: nn.Module):
+    """(the forward's required positional argument count or None, concrete_args): each
+    optional argument with a plain default is traced at its default (calls passing it run
+    the module's own forward); None when the signature has keyword-only arguments
+    without defaults."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None, None
+    required, concrete = 0, {}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            required = None  # (traced as fx traces them; calls are not checked)
+            continue
+        if p.default is p.empty:
+            if p.kind is p.KEYWORD_ONLY:
+                return None, None
+            if required is not None:
+                required += 1
+        elif type(p.default) in _PLAIN:
+            concrete[p.name] = p.default
+    return required, concrete or None
+
+
 def _trace(module: nn.Module, leaf_types, leaf_ids: set[int]):
-    """(train graph, eval graph, inlined modules) or raises; on failure the innermost
-    module that failed is returned to be made a leaf instead: (None, None, (path, exc))."""
+    """(train graph, eval graph, {tag: tracer}) or raises; on failure the innermost module
+    that failed is returned to be made a leaf instead: (None, None, (path, exc))."""
     modes = {m: m.training for m in module.modules()}
-    graphs, inlined = {}, {}
+    graphs, tracers = {}, {}
+    _, concrete = _optional_arguments(module)
     try:
         for tag, flag in (("train", True), ("eval", False)):
             module.train(flag)
             tracer = _Tracer(leaf_types, leaf_ids)
             try:
-                graphs[tag] = tracer.trace(module)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (fx's notes on concrete arguments)
+                    graphs[tag] = tracer.trace(module, concrete)
             except Exception as exc:
                 return None, None, tracer.failed_in or ("", exc)
-            inlined.update(tracer.inlined)
+            tracers[tag] = tracer
     finally:
         for m, flag in modes.items():
             m.training = flag
-    return graphs["train"], graphs["eval"], inlined
+    return graphs["train"], graphs["eval"], tracers
+
+
+def _edges(root: nn.Module, paths) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, child) for every step of every module path in ``paths``."""
+    out, seen = [], set()
+    for path in sorted(paths):
+        parent = root
+        for name in path.split(".") if path else ():
+            child = parent._modules.get(name)
+            if child is None:  # a parameter or buffer (get_attr), or a missing module
+                break
+            if (id(parent), name) not in seen:
+                seen.add((id(parent), name))
+                out.append((parent, name, child))
+            parent = child
+    return out
+
+
+def _guards(root: nn.Module, graph: fx.Graph, tracer: _Tracer, flag: bool, extra) -> _Guards:
+    paths = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    paths |= set(tracer.inlined) | set(extra)
+    values, flags, seen = [], [], set()
+    for m, name, value in tracer.reads:
+        if (id(m), name) in seen:
+            continue
+        seen.add((id(m), name))
+        if name == "training":
+            if m is not root and value == flag:
+                flags.append(m)
+        else:
+            values.append((m, name, value))
+    return _Guards(_edges(root, paths), values, flags)
 
 
 def convert_graphs(
@@ -834,20 +1280,23 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
             return
         leaf_ids.add(id(module.get_submodule(path)))
         errors[path] = _error_text(exc)
-    inlined = info
+    tracers = info
+    inlined = {**tracers["train"].inlined, **tracers["eval"].inlined}
     sources, sites, left, watched = {}, None, None, list(inlined.values())
     from torch.fx.graph_module import _format_import_block
     from torch.package import sys_importer
 
-    import_blocks = {}
+    import_blocks, guards = {}, {}
     has_group = sync_bn and process_group is not None
     for tag, graph in (("train", train), ("eval", evalg)):
+        called = {n.target for n in graph.nodes if n.op == "call_module"}
         watched += _normalise(module, graph)
         found, alone = _find_sites(module, graph)
         if sites is None:
             sites, left = [s for s, *_ in found], alone
         else:  # the eval graph's own sites and candidates (a forward reading self.training)
             sites, left = _merge_modes(sites, left, [s for s, *_ in found], alone)
+        guards[tag] = _guards(module, graph, tracers[tag], tag == "train", called)
         _rewrite(graph, found, backend, sync_bn, has_group)
         graph.lint()
         code = graph.python_code(root_module="self")
@@ -859,9 +1308,11 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
     if not differ:
         sources["eval"], import_blocks["eval"] = sources["train"], import_blocks["train"]
     conversion = _GraphConversion(
-        module, sources if sites else {}, import_blocks, watched, sites, left,
-        inlined=inlined.values() if differ else (),
-    )  # fmt: skip
+        module, sources if sites else {}, import_blocks, watched, sites, left
+    )
+    conversion.guards = guards
+    conversion.n_args = _optional_arguments(module)[0]
+    conversion.options = (leaf_types, backend, sync_bn, process_group)
     conversion.process_group = process_group if has_group else None
     conversion.sync_bn = sync_bn
     conversion.errors = errors
@@ -886,6 +1337,11 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
         _convert_module(child, leaf_types, backend, sync_bn, process_group, seen)
 
 
+def _kept(error: str) -> bool:
+    """The error is a _NotKept refusal (a forward tracing would change), not a failure."""
+    return error.startswith("its forward")
+
+
 def graph_report(model: nn.Module):
     """(fused, not_fused) entries of the graph-level conversion of ``model``."""
     fused, skipped = [], []
@@ -896,14 +1352,22 @@ def graph_report(model: nn.Module):
         prefix = f"{name}." if name else ""
         where = name or "<model>"
         if conv.error is not None:
-            skipped.append(f"{where}: not traced ({conv.error}); its children converted alone")
+            if _kept(conv.error):
+                skipped.append(f"{where}: forward left as written ({conv.error}); its "
+                               "children converted alone")  # fmt: skip
+            else:
+                skipped.append(f"{where}: not traced ({conv.error}); its children converted alone")
             for child_name, child in module.named_children():
                 if isinstance(child, (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.ReLU)):
                     skipped.append(f"{prefix}{child_name}: left alone: its parent {where} "
                                    "could not be traced")  # fmt: skip
             continue
         for path, err in getattr(conv, "errors", {}).items():
-            skipped.append(f"{prefix}{path}: not traced ({err}); runs as a module")
+            if _kept(err):
+                skipped.append(f"{prefix}{path}: forward left as written ({err}); converted "
+                               "on its own")  # fmt: skip
+            else:
+                skipped.append(f"{prefix}{path}: not traced ({err}); runs as a module")
         hooked = set(map(id, conv.hooked_sites()))
         for site in conv.sites:
             if id(site) in hooked:
@@ -915,7 +1379,12 @@ def graph_report(model: nn.Module):
         if conv.sites and has_hooks(*conv.watched):
             skipped.append(f"{where}: runs its original forward while a traced-through "
                            "module carries hooks")  # fmt: skip
-        if conv.sites and getattr(conv, "inlined", None) and conv.mixed_flags():
+        for why, calls in conv.own_forward.items():
+            skipped.append(f"{where}: ran its own forward on {calls} call(s): {why}")
+        if conv.retraces:
+            skipped.append(f"{where}: traced again {conv.retraces} time(s) after its modules "
+                           "or attributes changed")  # fmt: skip
+        if conv.sites and conv.mixed_flags():
             skipped.append(f"{where}: runs its original forward while a traced-through "
                            "module's training flag differs from its own (its forward "
                            "reads self.training)")  # fmt: skip

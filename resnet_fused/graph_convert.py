@@ -449,7 +449,8 @@ _WATCHING: dict[type, type] = {}
 
 def _watching(cls: type) -> type:
     """``cls`` with a ``__getattribute__`` that reports plain attributes read from an
-    instance's ``__dict__`` to the tracing thread's tracer."""
+    instance's ``__dict__`` to the tracing thread's tracer, and a ``__setattr__`` and
+    ``__delattr__`` that refuse (``_NotKept``) while it traces."""
     sub = _WATCHING.get(cls)
     if sub is not None:
         return sub
@@ -468,7 +469,28 @@ def _watching(cls: type) -> type:
             tracer.reads.append((self, name, value))
         return value
 
-    sub = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__slots__": ()})
+    def refuse_write(name: str, what: str):
+        tracer = getattr(_TRACING, "tracer", None)
+        if tracer is not None and tracer.running:
+            raise _NotKept(
+                f"its forward {what} an attribute ({name!r}), which a traced graph would not repeat"
+            )
+
+    def __setattr__(self, name, value):
+        refuse_write(name, "sets")
+        cls.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        refuse_write(name, "deletes")
+        cls.__delattr__(self, name)
+
+    namespace = {
+        "__getattribute__": __getattribute__,
+        "__setattr__": __setattr__,
+        "__delattr__": __delattr__,
+        "__slots__": (),
+    }
+    sub = type(cls.__name__, (cls,), namespace)
     sub.__module__, sub.__qualname__ = cls.__module__, cls.__qualname__
     return _WATCHING.setdefault(cls, sub)
 

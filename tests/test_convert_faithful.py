@@ -304,6 +304,65 @@ class _ReadsChildFlag(nn.Module):
         return self.b(x)
 
 
+class _Counts(nn.Module):
+    """The forward counts its calls in a Python attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _unit(3, 4), _unit(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.b(self.a(x))
+
+
+def test_attribute_written_by_forward():
+    model, fused = _pair(_Counts())
+    assert fused.calls == 0  # conversion did not run the forward's side effect
+    _assert_same(model, fused, _x(2, 3, 6, 6))
+    assert fused.calls == model.calls == 2
+    fused_text, left = _report(fused)
+    assert "'calls'" in left and "a.0, a.1, a.2 (conv-bn-relu)" in fused_text
+
+
+class _Decorated(nn.Module):
+    """Grad-mode and autocast changes as decorators and through torch.cpu.amp."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b = _unit(3, 4), _unit(4, 4)
+
+    @torch.no_grad()
+    def _frozen(self, x):
+        return self.a(x)
+
+    def forward(self, x):
+        if self.how == "decorator":
+            x = self._frozen(x)
+        elif self.how == "inference_mode":
+            with torch.inference_mode():
+                x = self.a(x)
+            x = x.clone()
+        else:
+            with torch.cpu.amp.autocast(enabled=False):
+                x = self.a(x)
+        return self.b(x)
+
+
+@pytest.mark.parametrize("how", ["decorator", "inference_mode", "cpu-amp"])
+def test_other_spellings_of_regions(how):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.cpu.amp.autocast is deprecated)
+        model, fused = _pair(_Decorated(how))
+        if how != "inference_mode":  # (its output cannot take part in autograd)
+            _assert_same(model, fused, _x(2, 3, 6, 6))
+        with torch.no_grad():
+            torch.testing.assert_close(fused(_x(2, 3, 6, 6)), model(_x(2, 3, 6, 6)))
+    assert "forward left as written" in _report(fused)[1]
+
+
 def test_submodule_flag_read_at_call_time():
     model, fused = _pair(_ReadsChildFlag())
     x = _x(2, 3, 6, 6)

@@ -384,6 +384,11 @@ _STATEFUL = (
     (torch, "set_autocast_enabled", "enters or leaves an autocast region"),
     (torch._C._autograd, "_push_saved_tensors_default_hooks", "installs saved-tensor hooks "
      "(torch.utils.checkpoint or saved_tensors_hooks)"),
+    # ... and reads of that state, whose answer a traced graph would bake in
+    (torch, "is_grad_enabled", "reads the grad mode (torch.is_grad_enabled)"),
+    (torch, "is_inference_mode_enabled", "reads the inference mode"),
+    (torch, "is_autocast_enabled", "reads the autocast state"),
+    (torch, "get_autocast_dtype", "reads the autocast dtype"),
 )  # fmt: skip
 
 

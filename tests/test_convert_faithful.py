@@ -363,6 +363,33 @@ def test_other_spellings_of_regions(how):
     assert "forward left as written" in _report(fused)[1]
 
 
+class _ReadsGradMode(nn.Module):
+    """A forward that branches on the grad mode or autocast state."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+        self.a, self.b = _unit(3, 4), _unit(4, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        if self.what == "grad" and torch.is_grad_enabled():
+            x = x * 2
+        if self.what == "autocast" and torch.is_autocast_enabled("cpu"):
+            x = x.float() * 3
+        return self.b(x)
+
+
+@pytest.mark.parametrize("what", ["grad", "autocast"])
+def test_state_read_by_forward(what):
+    model, fused = _pair(_ReadsGradMode(what))
+    x = _x(2, 3, 6, 6)
+    _assert_same(model, fused, x)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=0, atol=1e-9)
+    assert "reads the" in _report(fused)[1]
+
+
 def test_submodule_flag_read_at_call_time():
     model, fused = _pair(_ReadsChildFlag())
     x = _x(2, 3, 6, 6)

@@ -44,6 +44,7 @@ Rules:
 
 from __future__ import annotations
 
+import copy
 import itertools
 import operator
 import threading
@@ -913,11 +914,67 @@ def _rewrite(graph: fx.Graph, sites, backend: str, sync: bool, has_group: bool) 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
+def _plain(value, depth: int = 0) -> bool:
+    """Numbers, strings, dtypes and containers of them (what a snapshot can compare)."""
+    if type(value) in _PLAIN:
+        return True
+    if depth > 4:
+        return False
+    if type(value) in (tuple, list, set, frozenset):
+        return all(_plain(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _contents(value):
+    """What a snapshot compares: a list's, dict's or set's items; a plain object's
+    attributes (a config object, a dataclass); None where neither is plain."""
+    if type(value) in (list, dict, set):
+        return copy.deepcopy(value) if _plain(value) else None
+    if isinstance(value, (nn.Module, Tensor, type)) or callable(value):
+        return None
+    attrs = getattr(value, "__dict__", None)
+    if type(attrs) is dict and attrs and _plain(attrs):
+        return copy.deepcopy(attrs)
+    return None
+
+
+class _Snapshot:
+    """A mutable attribute value read while tracing: the same object, with the same
+    contents (an item or field changed in place changes the graph's constants too)."""
+
+    __slots__ = ("contents", "obj")
+
+    def __init__(self, obj, contents) -> None:
+        self.obj, self.contents = obj, contents
+
+    def __eq__(self, other) -> bool:
+        if other is not self.obj:
+            return False
+        now = other.__dict__ if type(self.contents) is dict and not isinstance(
+            other, dict
+        ) else other  # fmt: skip
+        return type(now) is type(self.contents) and now == self.contents
+
+    __hash__ = None
+
+
+def _guard_value(value):
+    if type(value) in _PLAIN or (type(value) is tuple and _plain(value)):
+        return value
+    contents = _contents(value)
+    return value if contents is None else _Snapshot(value, contents)
+
+
 def _same_value(now, then) -> bool:
     """A guarded attribute still holds what tracing read: equal plain values (numbers,
-    strings, dtypes, tuples of them), else the same object."""
+    strings, dtypes, tuples of them), the same object with the same contents (lists,
+    dicts, plain objects: :class:`_Snapshot`), else the same object."""
     if now is then:
         return True
+    if type(then) is _Snapshot:
+        return then == now
     if type(now) is not type(then):
         return False
     if type(then) is tuple:
@@ -1268,7 +1325,7 @@ def _guards(root: nn.Module, graph: fx.Graph, tracer: _Tracer, flag: bool, extra
             if m is not root and value == flag:
                 flags.append(m)
         else:
-            values.append((m, name, value))
+            values.append((m, name, _guard_value(value)))
     return _Guards(_edges(root, paths), values, flags)
 
 

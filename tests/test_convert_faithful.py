@@ -289,6 +289,41 @@ def test_python_attributes_read_at_call_time():
     assert "conv-bn-relu" in _report(fused)[0]
 
 
+class _Config:
+    def __init__(self) -> None:
+        self.scale = 1.0
+
+
+class _ReadsContainers(nn.Module):
+    """Settings read from a dict, a list and a plain config object."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _unit(3, 4), _unit(4, 4)
+        self.opts = {"shift": 0.0}
+        self.scales = [1.0]
+        self.cfg = _Config()
+
+    def forward(self, x):
+        x = self.a(x) * self.scales[0] * self.cfg.scale + self.opts["shift"]
+        return self.b(x)
+
+
+def test_contents_of_attributes_read_at_call_time():
+    model, fused = _pair(_ReadsContainers())
+    x = _x(2, 3, 6, 6)
+    _assert_same(model, fused, x, steps=1)
+    for edit in (
+        lambda m: m.opts.__setitem__("shift", 0.5),
+        lambda m: m.scales.__setitem__(0, 3.0),
+        lambda m: setattr(m.cfg, "scale", -1.0),
+    ):
+        edit(model)
+        edit(fused)
+        _assert_same(model, fused, x, steps=1)
+    assert "a.0, a.1, a.2 (conv-bn-relu)" in _report(fused)[0]
+
+
 class _ReadsChildFlag(nn.Module):
     """The forward reads a leaf child's own ``training`` flag."""
 

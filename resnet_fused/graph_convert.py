@@ -34,12 +34,29 @@ Rules:
 * Values a traced forward reads from ``self.training`` are baked into the graph: the
   module is traced in training and in eval mode and the generated forward picks the
   graph by the module's own ``training`` flag at call time (each graph with its own
-  globals). When the two graphs differ, a traced-through module whose own flag differs
-  from the module's (``model.train()`` then ``block.eval()``) makes the module run its
-  original forward, as reported.
+  globals).
 * Operands the fused kernels do not take (integer add->ReLU, a residual of another dtype,
   e.g. fp32 under bf16 autocast, whose sum eager promotes) run as eager ops; the report
   counts such calls.
+* What a traced graph cannot keep is detected while tracing, and the module whose
+  forward does it runs that forward as written (its children converted alone; the report
+  says "forward left as written" and why): entering or reading grad mode, inference mode
+  or autocast (``torch.no_grad``, ``autocast(enabled=False)``, ``torch.is_grad_enabled()``),
+  saved-tensor hooks (``torch.utils.checkpoint``), random numbers drawn outside the graph
+  (``random``, NumPy, ``torch.rand`` of constant shape), tensors made from no input
+  (they would be frozen as constants), and assignments to module attributes. Tracing
+  leaves the random streams as it found them.
+* What the trace read is checked on every call: optional arguments are traced at their
+  defaults (a call passing one runs the module's own forward); every module the graph
+  reaches by path must still be the one found at conversion, and every plain attribute
+  the forwards read (numbers, flags, lists, dicts, config objects: by contents) must hold
+  its traced value. A module replaced after conversion (surgery) or a changed attribute
+  makes the module trace again (at most ``_MAX_RETRACES`` times, then its own forward
+  runs, with a warning). A traced-through module's ``training`` flag that differs from
+  the module's runs the module's own forward for that call. A fused site whose module
+  was replaced by another kind (``nn.Identity``, ``GroupNorm``, ``SiLU``, ...) runs the
+  modules as they are.
+* Not checked: module-level globals and closures a forward reads.
 """
 
 from __future__ import annotations

@@ -63,6 +63,11 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("bias_act(Tensor input, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
   // The same in place on input (which must be dense in NCHW or channels_last).
   m.def("bias_act_(Tensor(a!) input, Tensor? bias, Tensor? residual, bool relu) -> ()");
+
+  // A 64-bit hash of the tensors' bytes (in logical order), CPU only: what the eval fold
+  // cache compares to notice writes that bump no version counter (`.data`, numpy).
+  // Any change of one 32-bit word changes it (see cpu/fingerprint.cpp).
+  m.def("fingerprint(Tensor[] tensors) -> int");
 }
 
 namespace {

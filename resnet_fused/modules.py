@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ._env import read_env
 from .functional.auto_choice import CONV_BACKEND_ENV, EAGER, POLICY_ENV
 from .functional.batch_norm_act import batch_norm_act
+from .ops import fingerprint as fingerprint_op
 
 __all__ = ["FusedBatchNormAct2d", "FusedConvBNReLU2d"]
 
@@ -237,7 +238,9 @@ class _TensorKey:
     """What identifies one input of a fold: the tensor (weakly: a replaced parameter is
     not kept alive), its storage (strongly, so that its address cannot be reused by a
     new tensor while the entry exists), data pointer, version counter, dtype, shape,
-    strides and device."""
+    strides and device. Its contents are in the fold key's fingerprint (see
+    :func:`_cached_fold`): writes through ``.data`` or numpy bump no version counter of
+    this tensor."""
 
     __slots__ = ("meta", "ptr", "ref", "storage", "version")
 
@@ -256,13 +259,14 @@ class _TensorKey:
         )
 
 
-def _fold_key(tensors, eps: float, dtype: torch.dtype) -> tuple:
-    return tuple(None if t is None else _TensorKey(t) for t in tensors), eps, dtype
+def _fold_key(tensors, eps: float, dtype: torch.dtype, fingerprint: int) -> tuple:
+    keys = tuple(None if t is None else _TensorKey(t) for t in tensors)
+    return keys, eps, dtype, fingerprint
 
 
-def _key_matches(key: tuple, tensors, eps: float, dtype: torch.dtype) -> bool:
-    keys, k_eps, k_dtype = key
-    if k_eps != eps or k_dtype != dtype:
+def _key_matches(key: tuple, tensors, eps: float, dtype: torch.dtype, fingerprint: int) -> bool:
+    keys, k_eps, k_dtype, k_fingerprint = key
+    if k_eps != eps or k_dtype != dtype or k_fingerprint != fingerprint:
         return False
     for k, t in zip(keys, tensors, strict=True):
         if k is None:
@@ -271,6 +275,13 @@ def _key_matches(key: tuple, tensors, eps: float, dtype: torch.dtype) -> bool:
         elif t is None or not k.matches(t):
             return False
     return True
+
+
+# The contents of a fold's inputs, as one 64-bit hash of their bytes (resnet_fused::
+# fingerprint, csrc/cpu/fingerprint.cpp: CPU tensors; any change of one 32-bit word changes
+# it, other changes collide by coincidence only). None without the compiled op: then
+# nothing is cached.
+_FINGERPRINT = fingerprint_op.FINGERPRINT
 
 
 def _fold_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
@@ -284,39 +295,67 @@ def _fold_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
 
 
 def _cached_fold(
-    conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, cache: FoldCache, pack: bool
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    dtype: torch.dtype,
+    cache: FoldCache,
+    pack: bool,
+    fingerprint: int | None = None,
 ):
-    """(W', b', packed W' or None, whether W' and b' are finite) from ``cache``, refolded
-    when any input changed (the tensor object, its storage or version counter, eps,
-    dtype). None while autograd needs the fold (conv_bn_act then folds differentiably)
-    and under torch.compile (which traces the fold op instead). Thread-safe: the key is
-    taken before folding, so a parameter changed during the fold only makes the next call
-    refold."""
+    """(W', b', packed W' or None, whether W' and b' are finite, or None: unknown) from
+    ``cache``, refolded when any input changed: the tensor object, its storage or version
+    counter, eps, dtype, or its contents. None while autograd needs the fold (conv_bn_act
+    then folds differentiably) and under torch.compile (which traces the fold op instead).
+
+    The contents: writes through ``.data``, ``.detach()`` or numpy (an EMA's
+    ``p.data.mul_``) go to an alias with its own version counter, so the key also holds a
+    fingerprint of the inputs' bytes (``fingerprint``: one the caller just took of the same
+    tensors), compared at every call; it costs about one read of the inputs, like
+    ``w.sum()``. Only CPU inputs are cached: elsewhere the fingerprint would cost a
+    device-to-host sync per unit, more than the fold it saves, so other devices refold at
+    every call (no sync: finite is None, Triton packs the weight itself), as do inference
+    tensors (no version counter) and builds without the fingerprint op.
+
+    Thread-safe: the key is taken before folding, so a parameter changed during the fold
+    only makes the next call refold."""
     if torch.compiler.is_compiling():
         return None
     tensors = _fold_inputs(conv, bn)
     grad = torch.is_grad_enabled()
-    # Parameters made under torch.inference_mode are inference tensors, which have no
-    # version counter: an in-place change could not be seen, so their fold is not kept.
-    keep = True
+    keep = _FINGERPRINT is not None
+    cpu = True
     for t in tensors:
         if t is not None:
             if grad and t.requires_grad:
                 cache.entry = None
                 return None
+            # Parameters made under torch.inference_mode are inference tensors, which have
+            # no version counter: an in-place change could not be seen, so their fold is
+            # not kept.
             if t.is_inference():
                 keep = False
-    entry = cache.entry  # read once
-    if keep and entry is not None and _key_matches(entry[0], tensors, bn.eps, dtype):
-        return entry[1]
+            if not t.is_cpu:
+                cpu = keep = False
+    if keep:
+        present = [t for t in tensors if t is not None]
+        if fingerprint is None:
+            fingerprint = _FINGERPRINT(present)
+        entry = cache.entry  # read once
+        if entry is not None and _key_matches(entry[0], tensors, bn.eps, dtype, fingerprint):
+            return entry[1]
+        key = _fold_key(tensors, bn.eps, dtype, fingerprint)
     from .functional.conv_bn_act import fold_conv_bn
 
-    key = _fold_key(tensors, bn.eps, dtype) if keep else None
     with torch.no_grad():
         w, b = fold_conv_bn(*tensors[:2], *tensors[2:], bn.eps, dtype=dtype)
-    finite = bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())
+    finite = None  # (only the CPU's oneDNN path asks; elsewhere it would be a sync)
+    if cpu:
+        finite = bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())
+    if not keep:
+        cache.entry = None
+        return (w, b, None, finite)  # (used once: Triton packs W' itself if it runs)
     value = (w, b, _maybe_pack(w, conv.groups) if pack else None, finite)
-    cache.entry = (key, value) if keep else None
+    cache.entry = (key, value)
     return value
 
 
@@ -324,12 +363,15 @@ def _planned_fold(conv, bn, dtype, cache: FoldCache, backend: str):
     """The cached fold for a planned call: the plan's signature already fixed every fold
     input's dtype, shape, device and ``requires_grad`` (and every plan starts with a full
     :func:`_cached_fold`, so the entry's key holds those), so the same tensor objects at
-    the same address and version counter mean the same fold. Anything else: the full
-    check (and refold)."""
+    the same address and version counter, with the same fingerprint of their contents,
+    mean the same fold: one op call reads them all. Anything else: the full check (and
+    refold)."""
+    pack = backend in ("auto", "triton")
     entry = cache.entry
     if entry is not None:
-        keys, k_eps, k_dtype = entry[0]
+        keys, k_eps, k_dtype, k_fingerprint = entry[0]
         if k_eps == bn.eps and k_dtype == dtype:
+            present = []
             for k, t in zip(keys, _fold_inputs(conv, bn), strict=True):
                 if k is None:
                     if t is not None:
@@ -341,9 +383,14 @@ def _planned_fold(conv, bn, dtype, cache: FoldCache, backend: str):
                     or k.ptr != t.data_ptr()
                 ):
                     break
+                else:
+                    present.append(t)
             else:
-                return entry[1]
-    return _cached_fold(conv, bn, dtype, cache, pack=backend in ("auto", "triton"))
+                fingerprint = _FINGERPRINT(present)
+                if fingerprint == k_fingerprint:
+                    return entry[1]
+                return _cached_fold(conv, bn, dtype, cache, pack, fingerprint)
+    return _cached_fold(conv, bn, dtype, cache, pack)
 
 
 def own_hooks(m: nn.Module | None) -> bool:
@@ -532,11 +579,12 @@ class FusedConvBNReLU2d(nn.Module):
     ``forward(input, residual=None)`` computes ``relu(bn(conv(input)) + residual)``
     (ReLU when ``relu=True``) with :func:`resnet_fused.conv_bn_act`.
 
-    In eval mode the folded weight and bias are cached, and refolded whenever a
+    In eval mode the folded weight and bias are cached (CPU), and refolded whenever a
     parameter or buffer of ``conv`` or ``bn`` changes (an optimizer step, an in-place
-    edit, ``load_state_dict``, moving the module): the cache is keyed on each tensor's
-    identity, storage and version counter. While gradients are needed the fold is
-    recomputed each call (it is cheap and differentiable).
+    edit, a write through ``.data`` or numpy, ``load_state_dict``, moving the module): the
+    cache is keyed on each tensor's identity, storage and version counter and on a
+    fingerprint of their contents. On other devices, and while gradients are needed, the
+    fold is recomputed each call (it is cheap; with gradients it is differentiable).
     """
 
     def __init__(

@@ -4,6 +4,8 @@
   batch_norm_act.py  bn_stats, bn_act_forward, bn_act_backward_reduce/_elemt (+ _triton)
   bias_act.py        bias_act, bias_act_ (+ _triton)
   conv_bn_act.py     conv_bias_act_triton, conv_bn_stats_triton, fold_conv_bn
+  fingerprint.py     fingerprint (a hash of CPU tensors' bytes for the eval fold cache;
+                     imported by its users: it registers nothing)
 
 C++/CUDA ops are defined in ``csrc/resnet_fused.cpp`` (``TORCH_LIBRARY``) and get their
 fake kernels in the op's module. Triton ops are separate op names (one CUDA dispatch key

@@ -3,26 +3,41 @@
 :func:`convert` turns any torchvision ResNet (resnet18 ... resnet152, wide_resnet,
 resnext, or a ``torchvision.models.resnet.ResNet`` with custom layer counts) into its
 fused twin: every ``BasicBlock`` / ``Bottleneck`` becomes a :class:`FusedBasicBlock` /
-:class:`FusedBottleneck` and the stem ``conv1 -> bn1 -> relu`` one fused Conv+BN+ReLU.
-The fused modules hold the very same ``nn.Conv2d`` / ``nn.BatchNorm2d`` modules under
-torchvision's names (``conv1``, ``bn1``, ..., ``downsample.0``, ``downsample.1``), so
-``state_dict`` keys, parameters and buffers are unchanged. :func:`unfuse` gives back
-plain torchvision modules (for export).
+:class:`FusedBottleneck`, and the graph pass (:mod:`resnet_fused.graph_convert`) fuses
+the rest, the stem ``conv1 -> bn1 -> relu`` included: the ResNet's own forward is traced
+(the blocks as leaves) and its fused site reads ``model.conv1``, ``model.bn1`` and
+``model.relu`` when it runs, so those stay the user's plain modules (``model.conv1(x)``
+is a convolution; ``torch.nn.utils.fusion`` and ``torch.ao.quantization.fuse_modules``
+work on them). The fused blocks hold the very same ``nn.Conv2d`` / ``nn.BatchNorm2d``
+modules under torchvision's names (``conv1``, ``bn1``, ..., ``downsample.0``,
+``downsample.1``), so ``state_dict`` keys, parameters and buffers are unchanged.
+:func:`unfuse` gives back plain torchvision modules (for export).
 
 Each block runs (body) fused Conv+BN+ReLU units and (tail) Conv+BN+add+ReLU with the
 identity or the downsample branch (itself a fused Conv+BN) as the residual; in eval mode
-each unit is one convolution with BatchNorm folded in and a one-pass epilogue.
+each unit is one convolution with BatchNorm folded in and a one-pass epilogue. A block
+reads its submodules at call time: while one of them is no longer of the type the block
+fuses (a ReLU replaced by SiLU, a BatchNorm by ``FrozenBatchNorm2d``, ``GroupNorm`` or
+``nn.Identity``, a conv by a subclass or another padding mode, a downsample of another
+form, ...), the block runs torchvision's forward over its modules as they are, warns
+once, and :func:`conversion_report` says why.
+
+:class:`FusedStemConv2d`, :class:`FoldedBatchNorm2d` and :class:`FoldedReLU` are what
+``convert`` made of the stem before it became a graph site: still importable (models
+pickled then hold them), no longer made; :func:`unfuse` undoes them.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from .graph_convert import _ATTR as _GRAPH_ATTR
 from .graph_convert import convert_graphs, fused_conv_bn, graph_report, unfuse_graphs
 from .modules import FoldCache, _conv_padding, conv_bn_forward, has_hooks, own_hooks
 
@@ -79,20 +94,40 @@ def _deepcopy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _why_not_unit(conv: object, bn: object, where: str) -> str | None:
+_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_MISSING = object()  # a submodule deleted (del block.relu, ...) after conversion
+# What a fused unit's argument checks raise (before any statistics are touched): the block
+# then runs eager's operations for the unit, which raise eager's exception.
+_REFUSED = (ValueError, TypeError, NotImplementedError)
+
+
+def _kind(module: object) -> str:
+    if module is _MISSING:
+        return "missing"
+    if module is None:
+        return "None"
+    if type(module) is nn.Sequential:
+        return f"an nn.Sequential of {len(module)}"
+    return type(module).__name__
+
+
+def _why_not_unit(conv: object, bn: object, conv_name: str, bn_name: str) -> str | None:
     """Why (conv, bn) cannot run as one fused unit; None when it can."""
     if type(conv) is not nn.Conv2d:
-        return f"{where}: {type(conv).__name__} is not a plain nn.Conv2d"
-    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        return f"{where}: {type(bn).__name__} is not a plain nn.BatchNorm2d or nn.SyncBatchNorm"
+        return f"{conv_name}: {_kind(conv)} is not a plain nn.Conv2d"
+    if type(bn) not in _BATCH_NORMS:
+        return f"{bn_name}: {_kind(bn)} is not a plain nn.BatchNorm2d or nn.SyncBatchNorm"
     if conv.padding_mode != "zeros":
-        return f"{where}: conv padding_mode={conv.padding_mode!r}"
+        return f"{conv_name}: padding_mode={conv.padding_mode!r}"
     if conv.out_channels != bn.num_features:
-        return f"{where}: conv has {conv.out_channels} outputs, bn {bn.num_features} features"
+        return (
+            f"{conv_name} has {conv.out_channels} output channels, {bn_name} "
+            f"{bn.num_features} features"
+        )
     try:
         _conv_padding(conv)
     except NotImplementedError as exc:
-        return f"{where}: {exc}"
+        return f"{conv_name}: {exc}"
     return None
 
 
@@ -100,8 +135,53 @@ def _why_not_downsample(ds: object) -> str | None:
     if ds is None:
         return None
     if type(ds) is not nn.Sequential or len(ds) != 2:
-        return "downsample is not nn.Sequential(conv, bn)"
-    return _why_not_unit(ds[0], ds[1], "downsample")
+        return f"downsample: {_kind(ds)} is not nn.Sequential(conv, bn)"
+    (conv_key, conv), (bn_key, bn) = ds._modules.items()
+    return _why_not_unit(conv, bn, f"downsample.{conv_key}", f"downsample.{bn_key}")
+
+
+def _why_not_parts(block: nn.Module, pairs: tuple[tuple[str, str], ...]) -> str | None:
+    """Why the submodules of a torchvision block (or of a fused one, now) cannot run as
+    the fused block's units: a module of another type or setting than the block fuses,
+    or channel counts that no longer fit (naming the submodule); None when they can."""
+    mods = block._modules
+    for conv_name, bn_name in pairs:
+        why = _why_not_unit(
+            mods.get(conv_name, _MISSING), mods.get(bn_name, _MISSING), conv_name, bn_name
+        )
+        if why:
+            return why
+    relu = mods.get("relu", _MISSING)
+    if type(relu) is not nn.ReLU:
+        return f"relu: {_kind(relu)} is not nn.ReLU"
+    ds = mods.get("downsample", block.__dict__.get("downsample", _MISSING))
+    why = _why_not_downsample(ds)
+    if why:
+        return why
+    convs = [(name, mods[name]) for name, _ in pairs]
+    for (a_name, a), (b_name, b) in itertools.pairwise(convs):
+        if a.out_channels != b.in_channels:
+            return f"{a_name} has {a.out_channels} output channels, {b_name} takes {b.in_channels}"
+    last_name, last = convs[-1]
+    if ds is None:
+        if last.out_channels != convs[0][1].in_channels:
+            return (
+                f"{last_name} has {last.out_channels} output channels, the identity "
+                f"{convs[0][1].in_channels}"
+            )
+    else:
+        ds_conv = ds[0]
+        if ds_conv.in_channels != convs[0][1].in_channels:
+            return (
+                f"downsample takes {ds_conv.in_channels} channels, {convs[0][0]} "
+                f"{convs[0][1].in_channels}"
+            )
+        if ds_conv.out_channels != last.out_channels:
+            return (
+                f"{last_name} has {last.out_channels} output channels, downsample "
+                f"{ds_conv.out_channels}"
+            )
+    return None
 
 
 _SYNC_HOOKS_ERROR = (
@@ -109,6 +189,12 @@ _SYNC_HOOKS_ERROR = (
     "synchronise a plain nn.BatchNorm2d over a process group: convert the model with "
     "nn.SyncBatchNorm.convert_sync_batchnorm before resnet_fused.convert(sync_bn=True), or "
     "remove the hooks"
+)
+_SYNC_UNFUSED_ERROR = (
+    "{what} runs unfused ({why}), which cannot synchronise its plain nn.BatchNorm2d "
+    "statistics over the process group of resnet_fused.convert(sync_bn=True): use "
+    "nn.SyncBatchNorm layers (nn.SyncBatchNorm.convert_sync_batchnorm) or modules the "
+    "block fuses"
 )
 
 
@@ -118,11 +204,18 @@ _SYNC_HOOKS_ERROR = (
 class _FusedBlock(nn.Module):
     """A torchvision block's submodules (same objects, same names) with a fused forward:
     each (conv, bn) pair runs through conv_bn_forward with its own fold cache.
-    Subclasses name the torchvision class and the submodules they take over."""
+    Subclasses name the torchvision class, the submodules they take over and the
+    (conv, bn) pairs they fuse.
+
+    The submodules are read at every call. While one of them is not of the type the block
+    fuses (see :meth:`why_unfused`), the block runs torchvision's forward over its modules
+    as they are and warns once; so it does while any of them carries hooks."""
 
     _torchvision: type[nn.Module]
     _children: tuple[str, ...]
+    _pairs: tuple[tuple[str, str], ...]
     expansion: int
+    _name: str | None = None  # its path in the model it was converted in (for messages)
 
     def __init__(
         self,
@@ -171,7 +264,9 @@ class _FusedBlock(nn.Module):
         block = self._torchvision.__new__(self._torchvision)
         nn.Module.__init__(block)
         for name in self._children:
-            setattr(block, name, getattr(self, name))
+            value = self._modules.get(name, self.__dict__.get(name, _MISSING))
+            if value is not _MISSING:
+                setattr(block, name, value)
         block.stride = self.stride
         if self.sync_bn:  # new modules only: this fused block's own stay as they are
 
@@ -181,13 +276,14 @@ class _FusedBlock(nn.Module):
                 return _share_bn(bn, nn.SyncBatchNorm, self.process_group)
 
             for name in self._children:
-                if name.startswith("bn"):
+                if name.startswith("bn") and name in block._modules:
                     setattr(block, name, synced(getattr(block, name)))
-            if block.downsample is not None:
-                conv, bn = block.downsample
-                ds = nn.Sequential(conv, synced(bn))
-                ds.training = block.downsample.training
-                block.downsample = ds
+            ds = block._modules.get("downsample")
+            if type(ds) is nn.Sequential and len(ds) == 2:
+                conv, bn = ds
+                new = nn.Sequential(conv, synced(bn))
+                new.training = ds.training
+                block.downsample = new
         block.training = self.training  # its own flag only: each child keeps its own
         return block
 
@@ -204,32 +300,171 @@ class _FusedBlock(nn.Module):
             conv, bn, x, residual, relu, self.backend, cache, self.sync_bn, self.process_group
         )
 
-    def _submodules(self) -> list[nn.Module]:
-        children = self._modules  # (not nn.Module.__getattr__: this runs every forward)
-        mods = [children.get(name) for name in self._children]
-        ds = children.get("downsample")
-        return mods + (list(ds._modules.values()) if ds is not None else [])
+    def _units(self, x: Tensor) -> Tensor:
+        """The fused units in torchvision's order (conv-bn-relu units, then the downsample
+        branch, then the last unit with the residual added), so that a unit refusing its
+        operands leaves the state eager leaves when it raises there."""
+        pairs = self._pairs
+        out = x
+        for i, (conv_name, bn_name) in enumerate(pairs[:-1], 1):
+            conv, bn = self._modules[conv_name], self._modules[bn_name]
+            try:
+                out = self._unit(str(i), conv, bn, out)
+            except _REFUSED as exc:
+                out = self._eager_unit(conv, bn, out, None, exc)
+        conv, bn = self._modules[pairs[-1][0]], self._modules[pairs[-1][1]]
+        ds = self._modules.get("downsample")
+        identity = x
+        if ds is not None:
+            ds_conv, ds_bn = ds._modules.values()
+            try:
+                identity = self._unit("downsample", ds_conv, ds_bn, x, relu=False)
+            except _REFUSED as exc:
+                # eager's order from here: the last conv and bn, the downsample, the add
+                self._uncount(ds_bn, exc)
+                out = bn(conv(out))
+                out += ds(x)
+                out = torch.relu(out)
+                self._ran_eager(exc)
+                return out
+        try:
+            return self._unit(str(len(pairs)), conv, bn, out, residual=identity)
+        except _REFUSED as exc:
+            return self._eager_unit(conv, bn, out, identity, exc)
+
+    def _uncount(self, bn, exc: Exception) -> None:
+        """A fused unit refused its operands (channel counts or shapes that no longer fit,
+        an input of another shape, ...): eager's operations run instead, which raise
+        eager's exception, or give eager's result where eager accepts the operands (a
+        residual that broadcasts, ...). The refused call counted the batch already (its
+        checks come after the count and before any statistics); nn.BatchNorm2d.forward
+        counts it again."""
+        if self.sync_bn or isinstance(bn, nn.SyncBatchNorm) or torch.compiler.is_compiling():
+            raise exc
+        if bn.training and bn.track_running_stats:
+            tracked = bn._buffers.get("num_batches_tracked")
+            if tracked is not None:
+                tracked.sub_(1)
+
+    def _eager_unit(self, conv, bn, x, residual, exc: Exception) -> Tensor:
+        self._uncount(bn, exc)
+        out = bn(conv(x))
+        if residual is not None:
+            out += residual
+        out = torch.relu(out)
+        self._ran_eager(exc)
+        return out
+
+    def _ran_eager(self, exc: Exception) -> None:
+        """Eager accepted what a fused unit refused: counted for conversion_report."""
+        why = f"{type(exc).__name__}: {exc}"
+        calls = self.__dict__.setdefault("_eager_calls", {})
+        calls[why] = calls.get(why, 0) + 1
+        self._warn(f"a fused unit refused operands that eager accepts ({why}); eager ops ran")
+
+    def _modules_now(self) -> list[nn.Module | None]:
+        mods = self._modules
+        ds = mods.get("downsample")
+        children = list(mods.values())
+        return children + list(ds._modules.values()) if ds is not None else children
 
     def hooked(self) -> list[str]:
         """The submodules carrying hooks (while any do, the block runs unfused)."""
-        names = [n for n in self._children if own_hooks(getattr(self, n))]
-        if self.downsample is not None:
-            names += [f"downsample.{i}" for i, m in enumerate(self.downsample) if own_hooks(m)]
+        names = [n for n, m in self._modules.items() if own_hooks(m)]
+        ds = self._modules.get("downsample")
+        if ds is not None:
+            names += [f"downsample.{k}" for k, m in ds._modules.items() if own_hooks(m)]
         return names
 
-    def forward(self, x: Tensor) -> Tensor:
-        if has_hooks(*self._submodules()):
-            # Hooks on a submodule (or global hooks): torchvision's own forward over the
-            # same submodules, so that every hook fires with the values it expects.
-            if self.sync_bn and any(type(m) is nn.BatchNorm2d for m in self._submodules()):
-                raise RuntimeError(_SYNC_HOOKS_ERROR.format(what="a submodule of this block"))
-            return self._torchvision.forward(self, x)
-        return self._fused_forward(x)
+    def why_unfused(self) -> str | None:
+        """Why the block runs torchvision's forward instead of its fused units now: a
+        submodule replaced or changed after conversion that the block does not fuse
+        (named, with its type or setting), or channel counts that no longer fit; None
+        while it runs fused. (Hooks: see :meth:`hooked`.)"""
+        return _why_not_parts(self, self._pairs)
 
-    def _identity(self, x: Tensor) -> Tensor:
-        if self.downsample is None:
-            return x
-        return self._unit("downsample", self.downsample[0], self.downsample[1], x, relu=False)
+    def forward(self, x: Tensor) -> Tensor:
+        # The checks of every call (type() and dict reads only: this runs every forward):
+        # the exact types and settings of the modules the units read, then hooks. What
+        # depends on the input (shapes) the units check; a unit refusing its operands runs
+        # eager's operations (_units).
+        mods = self._modules
+        for conv_name, bn_name in self._pairs:
+            conv, bn = mods.get(conv_name), mods.get(bn_name)
+            if (
+                type(conv) is not nn.Conv2d
+                or type(bn) not in _BATCH_NORMS
+                or conv.padding_mode != "zeros"
+                or type(conv.padding) is not tuple
+            ):
+                return self._checked_forward(x)
+        if type(mods.get("relu")) is not nn.ReLU:
+            return self._checked_forward(x)
+        ds = mods.get("downsample", _MISSING)
+        if ds is _MISSING:  # torchvision keeps downsample=None in __dict__
+            ds = self.__dict__.get("downsample", _MISSING)
+        if ds is None:
+            if has_hooks(*mods.values()):
+                return self._unfused_forward(x, None)
+            return self._units(x)
+        if type(ds) is not nn.Sequential or len(ds._modules) != 2:
+            return self._checked_forward(x)
+        ds_conv, ds_bn = ds._modules.values()
+        if (
+            type(ds_conv) is not nn.Conv2d
+            or type(ds_bn) not in _BATCH_NORMS
+            or ds_conv.padding_mode != "zeros"
+            or type(ds_conv.padding) is not tuple
+            # the downsample unit runs before the last unit: that one's channel counts
+            # are checked first, as eager would fail there before the downsample ran
+            or conv.out_channels != bn.num_features
+            or conv.in_channels != mods[self._pairs[-2][0]].out_channels
+        ):
+            return self._checked_forward(x)
+        if has_hooks(*mods.values(), ds_conv, ds_bn):
+            return self._unfused_forward(x, None)
+        return self._units(x)
+
+    def _checked_forward(self, x: Tensor) -> Tensor:
+        """A module of another type or setting than the last check expected: the full
+        check says whether the units can run fused (``padding='same'``, ...) or why not."""
+        why = self.why_unfused()
+        if why is None and not has_hooks(*self._modules_now()):
+            return self._units(x)
+        return self._unfused_forward(x, why)
+
+    def _unfused_forward(self, x: Tensor, why: str | None) -> Tensor:
+        """torchvision's own forward over the submodules as they are: hooks (``why`` None)
+        fire with the values they expect; replaced modules do what the user put there."""
+        hooks = has_hooks(*self._modules_now())
+        if self.sync_bn:
+            bns = [m for m in self._modules_now() if type(m) is nn.BatchNorm2d]
+            if hooks and bns:
+                raise RuntimeError(_SYNC_HOOKS_ERROR.format(what="a submodule of this block"))
+            if any(bn.training or (bn.running_mean is None and bn.running_var is None)
+                   for bn in bns):  # fmt: skip
+                raise RuntimeError(
+                    _SYNC_UNFUSED_ERROR.format(what=self._label(), why=why or "hooks")
+                )
+        if why is not None:
+            self._warn(why)
+        return self._torchvision.forward(self, x)
+
+    def _label(self) -> str:
+        name = self._name
+        return f"{name} ({type(self).__name__})" if name else type(self).__name__
+
+    def _warn(self, why: str) -> None:
+        """One warning per block and reason."""
+        if torch.compiler.is_compiling() or self.__dict__.get("_warned") == why:
+            return
+        self.__dict__["_warned"] = why
+        warnings.warn(
+            f"resnet_fused: {self._label()} runs unfused, as torchvision's "
+            f"{self._torchvision.__name__}.forward over its modules as they are: {why}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -243,11 +478,7 @@ class FusedBasicBlock(_FusedBlock):
     expansion = 1
     _torchvision = BasicBlock
     _children = ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")
-
-    def _fused_forward(self, x: Tensor) -> Tensor:
-        identity = self._identity(x)
-        out = self._unit("1", self.conv1, self.bn1, x)
-        return self._unit("2", self.conv2, self.bn2, out, residual=identity)
+    _pairs = (("conv1", "bn1"), ("conv2", "bn2"))
 
 
 class FusedBottleneck(_FusedBlock):
@@ -258,15 +489,14 @@ class FusedBottleneck(_FusedBlock):
     expansion = 4
     _torchvision = Bottleneck
     _children = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample")
-
-    def _fused_forward(self, x: Tensor) -> Tensor:
-        identity = self._identity(x)
-        out = self._unit("1", self.conv1, self.bn1, x)
-        out = self._unit("2", self.conv2, self.bn2, out)
-        return self._unit("3", self.conv3, self.bn3, out, residual=identity)
+    _pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
 
 # --- the stem -------------------------------------------------------------------------------
+# ``convert`` leaves a ResNet's conv1, bn1 and relu as they are: the graph pass fuses them as
+# a site of the ResNet's forward (see _why_not_stem). The three classes below are what
+# earlier versions made of the stem; they stay importable, so that models pickled then
+# load and run, and ``unfuse`` turns them back into plain modules.
 
 
 class FoldedBatchNorm2d(nn.BatchNorm2d):
@@ -300,7 +530,8 @@ class FusedStemConv2d(nn.Conv2d):
     model's ``bn1`` (a :class:`FoldedBatchNorm2d` holding the statistics) and ``relu``
     then pass through. Same ``state_dict`` keys as the torchvision stem. While ``conv1``,
     ``bn1`` or ``relu`` carries hooks, each of the three does its own part instead, so
-    every hook sees the values it would see in the unconverted model."""
+    every hook sees the values it would see in the unconverted model. (No longer made by
+    :func:`convert`, which fuses the stem as a site of the ResNet's forward.)"""
 
     @classmethod
     def from_modules(
@@ -345,15 +576,13 @@ class FusedStemConv2d(nn.Conv2d):
 
 
 def _why_not_stem(model: ResNet) -> str | None:
-    cls = type(model)
-    if cls.forward is not ResNet.forward or cls._forward_impl is not ResNet._forward_impl:
-        return "stem: the model overrides ResNet.forward"
-    if type(model.relu) is not nn.ReLU:
-        return f"stem: relu is {type(model.relu).__name__}, not nn.ReLU"
-    hooked = [n for n in ("conv1", "bn1", "relu") if own_hooks(getattr(model, n))]
-    if hooked:
-        return f"stem: {', '.join(hooked)} carries hooks (converting would replace the module)"
-    return _why_not_unit(model.conv1, model.bn1, "stem")
+    """Why a ResNet's stem ``conv1 -> bn1 -> relu`` cannot be a fused site (the graph
+    pass fuses it in the ResNet's forward, reading the three modules at call time)."""
+    mods = model._modules
+    relu = mods.get("relu", _MISSING)
+    if type(relu) is not nn.ReLU:
+        return f"relu: {_kind(relu)} is not nn.ReLU"
+    return _why_not_unit(mods.get("conv1", _MISSING), mods.get("bn1", _MISSING), "conv1", "bn1")
 
 
 # --- convert / unfuse ------------------------------------------------------------------------
@@ -365,46 +594,67 @@ _BLOCKS = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
 def _why_not_block(block: nn.Module) -> str | None:
     if own_hooks(block):
         return "the block carries hooks (converting would replace the module)"
-    names = ["1", "2"] if type(block) is BasicBlock else ["1", "2", "3"]
-    for n in names:
-        why = _why_not_unit(getattr(block, f"conv{n}"), getattr(block, f"bn{n}"), f"conv{n}/bn{n}")
-        if why:
-            return why
-    return _why_not_downsample(block.downsample)
+    return _why_not_parts(block, _BLOCKS[type(block)]._pairs)
 
 
 def conversion_report(model: nn.Module) -> dict[str, list[str]]:
     """What :func:`convert` fused in ``model`` and what it left alone, with the reason.
 
-    ``fused``: each torchvision block and stem converted to its fused class (its module
-    name), then each site fused on a traced graph (``"layer1.0.conv1, layer1.0.bn1,
-    layer1.0.relu (conv-bn-relu)"``). ``not_fused``: each torchvision part left as it was,
-    each Conv/BatchNorm/ReLU candidate left alone (multiple users, unsupported settings,
-    ...), each module that could not be traced (with the error), and each part running
-    unfused now because hooks are registered."""
+    ``fused``: each torchvision block converted to its fused class (its module name),
+    then each site fused on a traced graph (``"layer1.0.conv1, layer1.0.bn1,
+    layer1.0.relu (conv-bn-relu)"``; a ResNet's stem is the site ``"conv1, bn1, relu
+    (conv-bn-relu)"``). ``not_fused``: each torchvision part left as it was, each
+    Conv/BatchNorm/ReLU candidate left alone (multiple users, unsupported settings, ...),
+    each module that could not be traced (with the error), each fused block running
+    torchvision's forward because a submodule was replaced by one it does not fuse
+    (naming it), and each part running unfused now because hooks are registered."""
     graph_fused, graph_skipped = graph_report(model)
     fused, skipped = [], []
     for name, module in model.named_modules():
         where = name or "<model>"
-        if isinstance(module, (FusedBasicBlock, FusedBottleneck)) and has_hooks(
-            *module._submodules()
-        ):
-            why = ", ".join(module.hooked()) or "global module hooks"
-            skipped.append(f"{where}: runs unfused while hooks are registered ({why})")
-        elif isinstance(module, FusedStemConv2d) and module.hooked():
-            skipped.append(f"{where} (stem): runs unfused while conv1, bn1 or relu has hooks")
-        elif isinstance(module, (FusedBasicBlock, FusedBottleneck, FusedStemConv2d)):
-            fused.append(where)
+        if isinstance(module, _FusedBlock):
+            why = module.why_unfused()
+            if why:
+                skipped.append(
+                    f"{where}: runs torchvision's {module._torchvision.__name__}.forward "
+                    f"unfused: {why}"
+                )
+            elif has_hooks(*module._modules_now()):
+                hooked = ", ".join(module.hooked()) or "global module hooks"
+                skipped.append(f"{where}: runs unfused while hooks are registered ({hooked})")
+            else:
+                fused.append(where)
+            for why, calls in module.__dict__.get("_eager_calls", {}).items():
+                skipped.append(f"{where}: a fused unit ran as eager ops on {calls} call(s): {why}")
+        elif isinstance(module, FusedStemConv2d):  # converted by an earlier version
+            if module.hooked():
+                skipped.append(f"{where} (stem): runs unfused while conv1, bn1 or relu has hooks")
+            else:
+                fused.append(where)
         elif isinstance(module, (BasicBlock, Bottleneck)):
             if type(module) not in _BLOCKS:
                 skipped.append(f"{where}: {type(module).__name__} subclasses a torchvision block")
             else:
-                skipped.append(f"{where}: {_why_not_block(module) or 'not converted'}")
-        if isinstance(module, ResNet) and not isinstance(module.conv1, FusedStemConv2d):
-            conv1 = f"{name}.conv1" if name else "conv1"
-            if not any(entry.startswith(conv1 + ",") for entry in graph_fused):
-                skipped.append(f"{where}.conv1 (stem): {_why_not_stem(module) or 'not converted'}")
+                why = _why_not_block(module) or "not converted (convert the model again to fuse it)"
+                skipped.append(f"{where}: {why}")
+    skipped += _stem_entries(model, graph_fused + graph_skipped)
     return {"fused": fused + graph_fused, "not_fused": skipped + graph_skipped}
+
+
+def _stem_entries(model: nn.Module, graph_entries: list[str]) -> list[str]:
+    """Each ResNet stem that is no site of the graph pass (fused or running unfused),
+    with the reason."""
+    entries = []
+    for name, module in model.named_modules():
+        if not isinstance(module, ResNet):
+            continue
+        if isinstance(module._modules.get("conv1"), FusedStemConv2d):
+            continue  # converted by an earlier version: reported as its own module
+        conv1 = f"{name}.conv1" if name else "conv1"
+        if not any(e.startswith(conv1 + ",") for e in graph_entries):
+            why = _why_not_stem(module) or "not a fused site of the traced forward"
+            entries.append(f"{conv1} (stem): {why}")
+    return entries
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -427,18 +677,21 @@ def convert(
 
     Two mechanisms, one set of rules (see :func:`conversion_report`):
 
-    * torchvision's ResNet parts keep their fused classes: every torchvision
-      ``BasicBlock`` / ``Bottleneck`` (exact classes) becomes its fused block and, in
-      every ``torchvision.models.resnet.ResNet`` (custom layer counts too), the stem
-      ``conv1 -> bn1 -> relu`` one fused unit. Parameters, buffers and ``state_dict``
-      keys are unchanged; outputs, gradients and running statistics match the original.
-      A block or stem that cannot be fused as a whole (another norm layer, a subclass
-      with its own forward, padding_mode other than zeros, ...) is left untouched, and a
-      warning lists each with the reason (see :func:`conversion_report`).
-    * Everything else (user-written blocks, timm's ResNets, VGG-style stacks, ...) is
-      traced with ``torch.fx`` and gets a generated ``forward`` calling the fused kernels
-      on the original modules (see :mod:`resnet_fused.graph_convert`): the module tree,
-      ``state_dict`` keys and the very parameter and buffer objects are unchanged.
+    * torchvision's blocks keep their fused classes: every torchvision ``BasicBlock`` /
+      ``Bottleneck`` (exact classes) becomes its fused block. Parameters, buffers and
+      ``state_dict`` keys are unchanged; outputs, gradients and running statistics match
+      the original. A block that cannot be fused as a whole (another norm layer or
+      activation, a subclass with its own forward, padding_mode other than zeros, ...)
+      is left untouched, and a warning lists each with the reason (see
+      :func:`conversion_report`). A fused block reads its submodules at call time: one
+      replaced later by a module it does not fuse makes it run torchvision's forward
+      over the modules as they are (one warning).
+    * Everything else (a ResNet's own forward with its stem ``conv1 -> bn1 -> relu``,
+      user-written blocks, timm's ResNets, VGG-style stacks, ...) is traced with
+      ``torch.fx`` and gets a generated ``forward`` calling the fused kernels on the
+      original modules, read at call time (see :mod:`resnet_fused.graph_convert`): the
+      module tree, ``state_dict`` keys and the very parameter and buffer objects are
+      unchanged; ``model.conv1`` stays the user's ``nn.Conv2d``.
 
     Warns when parts are left unfused, and when the model has BatchNorm layers but
     nothing was fused.
@@ -478,25 +731,10 @@ def convert(
                 skipped.append(f"{name}: {why}")
                 continue
             fused = _BLOCKS[type(module)].from_block(module, backend=backend)
+            fused._name = name
             _set_child(model, name, configure(fused))
         elif isinstance(module, (BasicBlock, Bottleneck)):
             skipped.append(f"{name}: {type(module).__name__} subclasses a torchvision block")
-    for name, module in list(model.named_modules()):
-        if isinstance(module, ResNet) and not isinstance(module.conv1, FusedStemConv2d):
-            why = _why_not_stem(module)
-            if why:
-                skipped.append(f"{name or '<model>'}: {why}")
-                continue
-            bn = _share_bn(module.bn1, FoldedBatchNorm2d)
-            relu = FoldedReLU()
-            relu.training = module.relu.training
-            relu.inplace = module.relu.inplace  # given back by unfuse
-            stem = configure(FusedStemConv2d.from_modules(module.conv1, bn, relu, backend=backend))
-            if isinstance(module.bn1, nn.SyncBatchNorm):
-                stem.sync_bn, stem.process_group = True, module.bn1.process_group
-            module.conv1 = stem
-            module.bn1 = bn
-            module.relu = relu
     leaf_modules = tuple(leaf_modules)
     if not all(isinstance(c, type) and issubclass(c, nn.Module) for c in leaf_modules):
         raise TypeError(f"leaf_modules must be nn.Module classes, got {leaf_modules!r}")
@@ -505,7 +743,7 @@ def convert(
         leaf_modules=leaf_modules,
     )  # fmt: skip
     graph_fused, graph_skipped = graph_report(model)
-    skipped += graph_skipped
+    skipped += graph_skipped + _stem_entries(model, graph_fused + graph_skipped)
     if skipped:
         warnings.warn(
             "resnet_fused.convert left these parts unfused (they run as before):\n  "
@@ -535,6 +773,7 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = _deepcopy(model)
+    _synchronised_graph_sites_back(model)
     unfuse_graphs(model)
     if isinstance(model, (FusedBasicBlock, FusedBottleneck)):
         return model.to_torchvision()
@@ -543,6 +782,8 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             _set_child(model, name, module.to_torchvision())
     for _name, module in list(model.named_modules()):
         if isinstance(module, ResNet) and isinstance(module.conv1, FusedStemConv2d):
+            # a stem converted by an earlier version (FusedStemConv2d, FoldedBatchNorm2d,
+            # FoldedReLU), from a pickled model
             stem = module.conv1
             module.conv1 = _share_conv(stem)
             if stem.sync_bn:
@@ -553,6 +794,27 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             relu.training = module.relu.training
             module.relu = relu
     return model
+
+
+def _synchronised_graph_sites_back(model: nn.Module) -> None:
+    """The plain ``nn.BatchNorm2d`` of each site the graph pass fused with ``sync_bn``
+    (a ResNet's stem, ...) becomes an ``nn.SyncBatchNorm`` over the same group, sharing
+    the parameters and buffers: what those sites computed."""
+    for module in list(model.modules()):
+        conversion = module.__dict__.get(_GRAPH_ATTR)
+        if not getattr(conversion, "sync_bn", False):
+            continue
+        for site in conversion.sites:
+            if site.bn is None:
+                continue
+            try:
+                bn = module.get_submodule(site.bn)
+            except AttributeError:  # removed since
+                continue
+            if type(bn) is nn.BatchNorm2d:
+                _set_child(
+                    module, site.bn, _share_bn(bn, nn.SyncBatchNorm, conversion.process_group)
+                )
 
 
 for _cls in (FusedBasicBlock, FusedBottleneck, FusedStemConv2d, FoldedBatchNorm2d, FoldedReLU):

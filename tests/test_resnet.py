@@ -110,7 +110,9 @@ def test_converted_matches_original(arch):
     report = resnet_fused.conversion_report(converted)
     assert report["not_fused"] == []
     blocks = [m for m in original.modules() if isinstance(m, (BasicBlock, Bottleneck))]
-    assert len(report["fused"]) == len(blocks) + 1  # + the stem
+    assert len(report["fused"]) == len(blocks) + 1  # + the stem, a site of ResNet.forward
+    assert "conv1, bn1, relu (conv-bn-relu)" in report["fused"]
+    assert type(converted.conv1) is nn.Conv2d and type(converted.bn1) is nn.BatchNorm2d
     sd_o, sd_c = original.state_dict(), converted.state_dict()
     assert list(sd_o) == list(sd_c)
     assert all(torch.equal(sd_o[k], sd_c[k]) for k in sd_o)
@@ -214,8 +216,12 @@ def test_copy_pickle_and_mode_switching():
     with torch.no_grad():
         for other in (clone, loaded, unpickled):
             torch.testing.assert_close(other(x), ref)
-            # The copy's stem uses the copy's own bn1, not the original's.
-            assert other.conv1._bn is other.bn1
+    with torch.no_grad():
+        for other in (clone, loaded, unpickled):
+            # The copy's stem site reads the copy's own bn1, not the original's.
+            other.bn1.running_mean.add_(1.0)
+            assert not torch.allclose(other(x), ref)
+            torch.testing.assert_close(model(x), ref)
     # train -> eval -> train: statistics update only in training; eval folds again.
     model.train()
     model(x)

@@ -202,6 +202,13 @@ def _fc_head(m):
     return m
 
 
+def _appended_block(m):
+    """A block added to a stage (the ResNet's converted forward traces through the stages)."""
+    torch.manual_seed(1)
+    m.layer1.append(_new(BasicBlock(64, 64)))
+    return m
+
+
 def _whole_block(m):
     torch.manual_seed(1)
     if isinstance(m.layer1[0], (BasicBlock, resnet_fused.FusedBasicBlock)):
@@ -229,6 +236,15 @@ def _fuse_modules_stem_and_block(m):
     return torch.ao.quantization.fuse_modules(
         m.eval(), [["conv1", "bn1", "relu"], ["layer1.0.conv1", "layer1.0.bn1", "layer1.0.relu"]]
     )
+
+
+def _fuse_modules_in_place(m):
+    torch.ao.quantization.fuse_modules(
+        m.eval(),
+        [["conv1", "bn1", "relu"], ["layer2.0.conv1", "layer2.0.bn1", "layer2.0.relu"]],
+        inplace=True,
+    )
+    return m
 
 
 def _fuse_modules_blocks(m):
@@ -277,6 +293,7 @@ _BLOCK_CASES = {
     "downsample_conv_only": (_downsample_conv_only, _resnet18),
     "fc_head": (_fc_head, _resnet18),
     "whole_block": (_whole_block, _resnet18),
+    "appended_block": (_appended_block, _resnet18),
     "bottleneck": (_bottleneck_surgery, _bottleneck_resnet),
     "bottleneck_fc_head": (_fc_head, _bottleneck_resnet),
     "bottleneck_whole_block": (_whole_block, _bottleneck_resnet),
@@ -297,6 +314,7 @@ _EVAL_CASES = {  # torch's eval-mode fusion utilities
     "stem_fuse_conv_bn_eval": (_stem_fuse_conv_bn_eval, _resnet18),
     "fuse_modules_stem_and_block": (_fuse_modules_stem_and_block, _resnet18),
     "fuse_modules_blocks": (_fuse_modules_blocks, _resnet18),
+    "fuse_modules_in_place": (_fuse_modules_in_place, _resnet18),
 }
 
 

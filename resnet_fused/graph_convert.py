@@ -1009,18 +1009,22 @@ class _Guards:
     attribute its forwards read still holds the value read (``values``), and each module
     whose ``training`` flag they read still has the graph's mode (``flags``)."""
 
-    def __init__(self, edges, values, flags) -> None:
+    def __init__(self, edges, values, flags, containers=()) -> None:
         self.edges = edges  # [(parent module, child name, child module)]
         self.values = values  # [(module, attribute name, value read)]
         self.flags = flags  # [module] (not the converted module itself)
+        self.containers = containers  # [(traced-through module, its children's names)]
         self._lists = None
+        self._compiled()  # (now, not on the first call: torch.compile guards on it)
 
     def __getstate__(self):
-        return {"edges": self.edges, "values": self.values, "flags": self.flags}
+        return {"edges": self.edges, "values": self.values, "flags": self.flags,
+                "containers": self.containers}  # fmt: skip
 
     def __setstate__(self, state) -> None:
+        state.setdefault("containers", [])
         self.__dict__.update(state)
-        self._lists = None
+        self._lists = None  # (built on first use: the modules may not be restored yet)
 
     def _compiled(self):
         # Built on first use (and again after copying or unpickling): the modules' own
@@ -1035,15 +1039,21 @@ class _Guards:
                 [name for _, name, _ in self.values],
                 tuple(v for _, _, v in self.values),
                 [m.__dict__ for m in self.flags],
+                [m.__dict__["_modules"] for m, _ in self.containers],
+                tuple(names for _, names in self.containers),
             )
         return lists
 
     def failing(self, flag: bool) -> str | None:
         """None while every assumption holds, else "structure", "attribute" or "flag"."""
-        e_dicts, e_names, e_mods, v_dicts, v_names, v_vals, f_dicts = self._compiled()
+        e_dicts, e_names, e_mods, v_dicts, v_names, v_vals, f_dicts, c_dicts, c_names = (
+            self._compiled()
+        )
         # (tuple equality compares identical items by identity: modules compare by
         # identity only, so this is the identity check, at C speed)
         if tuple(map(dict.get, e_dicts, e_names)) != e_mods:
+            return "structure"
+        if tuple(map(tuple, c_dicts)) != c_names:  # a child added to a traced container
             return "structure"
         if v_dicts:
             now = tuple(map(dict.get, v_dicts, v_names, itertools.repeat(_MISSING)))
@@ -1062,6 +1072,9 @@ class _Guards:
         for parent, name, child in self.edges:
             if parent._modules.get(name) is not child:
                 return f"its submodule {name!r} was replaced"
+        for m, names in self.containers:
+            if tuple(m._modules) != names:
+                return "a traced-through module's children changed"
         for m, name, value in self.values:
             if not _same_value(m.__dict__.get(name, _MISSING), value):
                 return f"attribute {name!r} changed since it was traced"
@@ -1343,7 +1356,9 @@ def _guards(root: nn.Module, graph: fx.Graph, tracer: _Tracer, flag: bool, extra
                 flags.append(m)
         else:
             values.append((m, name, _guard_value(value)))
-    return _Guards(_edges(root, paths), values, flags)
+    containers = [(root, tuple(root._modules))]
+    containers += [(m, tuple(m._modules)) for m in tracer.inlined.values() if m is not root]
+    return _Guards(_edges(root, paths), values, flags, containers)
 
 
 def convert_graphs(

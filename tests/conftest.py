@@ -116,6 +116,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test starts with dynamo's caches empty. Dynamo keeps at most
+    ``recompile_limit`` (8) compiled entries per code object for the whole process and
+    then runs that frame uncompiled: the ninth differently built model compiled in one
+    process is not compiled, converted or not (plain torchvision ResNets too). Without
+    this, a test's compile counts would depend on how many models earlier tests compiled."""
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+
+
 # --- memory ---------------------------------------------------------------------------
 #
 # The suite's peak resident memory stays within 8 GB. Tensors freed by a test go back to

@@ -156,11 +156,7 @@ def _bn_signature(bn, input, residual, relu, backend) -> tuple | None:
     return _call_signature(bn, input, residual, relu, backend, amp)
 
 
-_AMP = 2  # where _call_signature puts the autocast dtype
-
-# resnet_fused._C.tensor_signature: the tensors' metadata as one bytes object, in one call
-# (csrc/unit.cpp); without the extension, the same facts as tuples (_tensors_signature).
-_TENSOR_SIGNATURE = getattr(_extension._C, "tensor_signature", None)
+_AMP = 2  # where the signatures put the autocast dtype
 
 
 def _tensors_signature(*tensors) -> tuple:
@@ -171,32 +167,26 @@ def _tensors_signature(*tensors) -> tuple:
     )
 
 
-def _call_signature(bn, input, residual, relu, backend, amp, conv=None) -> tuple | None:
-    """The signature of a fused call (see :func:`_unit_signature`), read from the
-    modules' own dicts (nn.Module.__getattr__ costs more than the rest of a read). None
-    when an argument is not a tensor (the checked path says what is wrong)."""
+# The tensor part of a signature, in one call: resnet_fused._C.tensor_signature (the same
+# facts as one bytes object; None when an argument is not a tensor, csrc/unit.cpp), or
+# _tensors_signature without the extension.
+_TENSORS = getattr(_extension._C, "tensor_signature", None) or _tensors_signature
+
+
+def _call_signature(bn, input, residual, relu, backend, amp) -> tuple | None:
+    """The signature of a BatchNorm(+add)+ReLU call (see :func:`_unit_signature`), read
+    from the module's own dicts (nn.Module.__getattr__ costs more than the rest of a
+    read). None when an argument is not a tensor (the checked path says what is wrong)."""
     bp, bb = bn._parameters, bn._buffers
-    if conv is None:
-        w = b = None
-    else:
-        cp = conv._parameters
-        w, b = cp["weight"], cp.get("bias")
-    tensors = (_TENSOR_SIGNATURE or _tensors_signature)(
+    tensors = _TENSORS(
         input, residual, bp.get("weight"), bp.get("bias"), bb.get("running_mean"),
-        bb.get("running_var"), w, b,
+        bb.get("running_var"),
     )  # fmt: skip
     if tensors is None:
         return None
-    if conv is None:
-        return (
-            tensors, torch.is_grad_enabled(), amp, bn.training, bn.momentum, bn.eps,
-            bn.track_running_stats, type(bn), relu, backend, read_env(POLICY_ENV),
-        )  # fmt: skip
     return (
         tensors, torch.is_grad_enabled(), amp, bn.training, bn.momentum, bn.eps,
-        bn.track_running_stats, type(bn), relu, backend, read_env(POLICY_ENV), conv.stride,
-        conv.padding, conv.dilation, conv.groups, conv.padding_mode, read_env(CONV_BACKEND_ENV),
-        torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_allow_tf32(),
+        bn.track_running_stats, type(bn), relu, backend, read_env(POLICY_ENV),
     )  # fmt: skip
 
 
@@ -387,7 +377,7 @@ def unfused_unit(
 def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
     """Everything a unit's checks and choices depend on, read now: the tensors' shapes,
     strides, dtypes, devices and ``requires_grad`` (one ``bytes`` value from the
-    extension, see :func:`_call_signature`); grad mode; the autocast dtype (item
+    extension, see ``_TENSORS``); grad mode; the autocast dtype (item
     ``_AMP``, which :func:`_run_plan` reads); the BatchNorm's flags and settings; the
     convolution's geometry; the ``auto`` policy and the oneDNN/TF32 switches. None where
     no plan applies (torch.compile, fp64 or integer input under autocast, arguments that
@@ -402,7 +392,19 @@ def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
             if input.dtype == torch.float64 or not input.is_floating_point():
                 return None  # (autocast leaves these alone: the checked path says how)
             amp = torch.get_autocast_dtype(device_type)
-    return _call_signature(bn, input, residual, relu, backend, amp, conv)
+    bp, bb, cp = bn._parameters, bn._buffers, conv._parameters  # (as _call_signature)
+    tensors = _TENSORS(
+        input, residual, bp.get("weight"), bp.get("bias"), bb.get("running_mean"),
+        bb.get("running_var"), cp["weight"], cp.get("bias"),
+    )  # fmt: skip
+    if tensors is None:
+        return None
+    return (
+        tensors, torch.is_grad_enabled(), amp, bn.training, bn.momentum, bn.eps,
+        bn.track_running_stats, type(bn), relu, backend, read_env(POLICY_ENV), conv.stride,
+        conv.padding, conv.dilation, conv.groups, conv.padding_mode, read_env(CONV_BACKEND_ENV),
+        torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_allow_tf32(),
+    )  # fmt: skip
 
 
 def conv_bn_forward(
@@ -485,14 +487,30 @@ def _run_plan(plan, conv, bn, input, residual, relu, backend, cache, amp) -> Ten
     planned op calls (with the bookkeeping of nn.BatchNorm2d.forward). Under autocast
     (``amp``: its dtype) the convolution's operands are cast as ``conv_bn_act`` casts
     them, the fold is made in that dtype, and the ops run with autocast off."""
-    training = bn.training
-    if training and not bn.track_running_stats:
-        rm = rv = None
-    else:
-        bb = bn._buffers
+    bb = bn._buffers
+    if not bn.training:
+        rm, rv, tracked = bb.get("running_mean"), bb.get("running_var"), None
+    elif bn.track_running_stats:  # (nn.BatchNorm2d counts these calls)
         rm, rv = bb.get("running_mean"), bb.get("running_var")
+        tracked = bb.get("num_batches_tracked")
+    else:
+        rm = rv = tracked = None
     cp = conv._parameters
     w, conv_b = cp["weight"], cp.get("bias")
+    unit = plan.unit
+    if unit is not None and amp is None:
+        # Eager's ops in one C++ call and one autograd node (ops.EAGER_UNIT), which also
+        # does the bookkeeping of nn.BatchNorm2d.forward: given the counter it adds one,
+        # and momentum=None averages cumulatively. NotImplemented (tensors with
+        # __torch_function__): the ops one by one, below.
+        bp = bn._parameters
+        stride, padding, dilation, groups = plan.geometry
+        out = unit(
+            input, w, conv_b, bp.get("weight"), bp.get("bias"), rm, rv, tracked, stride,
+            padding, dilation, groups, plan.batch_stats, bn.momentum, bn.eps, residual, relu,
+        )  # fmt: skip
+        if out is not NotImplemented:
+            return out
     if amp is None:
         return _run_planned_ops(
             plan, conv, bn, input, w, conv_b, rm, rv, residual, relu, backend, cache, input.dtype
@@ -511,22 +529,6 @@ def _run_planned_ops(
 ) -> Tensor:  # fmt: skip
     bp = bn._parameters
     bn_w, bn_b = bp.get("weight"), bp.get("bias")
-    unit = plan.unit
-    if unit is not None:
-        # Eager's ops in one C++ call and one autograd node, which also does the
-        # bookkeeping of nn.BatchNorm2d.forward: given the counter (in training, with
-        # track_running_stats), it adds one, and momentum=None averages cumulatively.
-        # NotImplemented: tensors with __torch_function__, run below op by op.
-        tracked = None
-        if bn.training and bn.track_running_stats:
-            tracked = bn._buffers.get("num_batches_tracked")
-        stride, padding, dilation, groups = plan.geometry
-        out = unit(
-            x, w, conv_b, bn_w, bn_b, rm, rv, tracked, stride, padding, dilation, groups,
-            plan.batch_stats, bn.momentum, bn.eps, residual, relu,
-        )  # fmt: skip
-        if out is not NotImplemented:
-            return out
     factor = bn_update_factor(bn, bn.training)
     if plan.batch_stats:  # a TrainPlan
         return plan.run(x, w, conv_b, bn_w, bn_b, rm, rv, factor, bn.eps, residual, relu)

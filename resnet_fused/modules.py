@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -447,12 +448,15 @@ def conv_bn_forward(
     factor = bn_update_factor(bn, training)
     bn_training = training or (bn.running_mean is None and bn.running_var is None)
     use_running = not training or bn.track_running_stats
-    folded = None
+    folded = fold_check = None
     if not bn_training and cache is not None:
         dtype = input.dtype
         if torch.is_autocast_enabled(input.device.type) and dtype != torch.float64:
             dtype = torch.get_autocast_dtype(input.device.type)
         folded = _cached_fold(conv, bn, dtype, cache, pack=backend in ("auto", "triton"))
+        if folded is not None and signature is not None:
+            # What each planned call of a folded path adds (auto's trials time it too).
+            fold_check = functools.partial(_planned_fold, conv, bn, dtype, cache, backend)
     record = [] if signature is not None else None
     out = conv_bn_act(
         input,
@@ -475,6 +479,7 @@ def conv_bn_forward(
         sync_bn=sync,
         process_group=process_group,
         _folded=folded,
+        _fold_check=fold_check,
         _record=record,
     )
     if record:
@@ -529,8 +534,8 @@ def _run_planned_ops(
 ) -> Tensor:  # fmt: skip
     bp = bn._parameters
     bn_w, bn_b = bp.get("weight"), bp.get("bias")
-    factor = bn_update_factor(bn, bn.training)
     if plan.batch_stats:  # a TrainPlan
+        factor = bn_update_factor(bn, bn.training)
         return plan.run(x, w, conv_b, bn_w, bn_b, rm, rv, factor, bn.eps, residual, relu)
     folded = None
     if plan.impl == EAGER:

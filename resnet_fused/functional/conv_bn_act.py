@@ -516,6 +516,7 @@ def conv_bn_act(
     sync_bn: bool = False,
     process_group=None,
     _folded: tuple[Tensor, Tensor, Tensor | None, bool | None] | None = None,
+    _fold_check=None,
     _record: list | None = None,
 ) -> Tensor:
     """Fused ``relu(batch_norm(conv2d(input, conv_weight, conv_bias)) + residual)``.
@@ -552,7 +553,8 @@ def conv_bn_act(
             conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
             groups=groups, training=training, momentum=momentum, eps=eps,
             residual=residual, relu=relu, backend=backend, sync_bn=sync_bn,
-            process_group=process_group, _folded=_folded, _record=_record,
+            process_group=process_group, _folded=_folded, _fold_check=_fold_check,
+            _record=_record,
         )  # fmt: skip
     stride, padding, dilation = _check_args(
         input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, stride,
@@ -672,8 +674,12 @@ def conv_bn_act(
         return run_eval(impl, w_packed if impl == "triton" else None)
 
     def no_grad_trial(impl):
-        # Eval units time the forward (inference is what they run).
+        # Eval units time the forward (inference is what they run), with what a module's
+        # planned call adds to a folded path (``_fold_check``: the check that its cached
+        # fold is fresh), so that the pick is the cheaper call, not the cheaper kernel.
         with torch.no_grad():
+            if _fold_check is not None and impl != EAGER:
+                _fold_check()
             return trial(impl)
 
     grad = needs_autograd(*(t for t in (input, w_f, b_f, residual) if t is not None))

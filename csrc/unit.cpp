@@ -31,11 +31,14 @@
 #include <ATen/ops/native_batch_norm.h>
 #include <ATen/ops/native_batch_norm_backward.h>
 #include <ATen/ops/threshold_backward.h>
+#include <c10/util/SmallVector.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/utils/python_numbers.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
@@ -394,24 +397,24 @@ at::Tensor conv_bn_act_eager_autograd(
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
-// The Python entry point, resnet_fused._C.conv_bn_act_eager: the same op through the
-// dispatcher (typed call), without torch.ops' boxed argument parsing, which costs more
-// than the unit's three eager calls at small shapes. Tensors whose Python type defines
-// __torch_function__ (anything but Tensor and Parameter) and an active TorchFunctionMode
-// get NotImplemented back, untouched: the caller then runs eager's ops one by one, which
-// honour them as eager's modules do.
+// Python entry points of the plans' hot path, as METH_FASTCALL functions (pybind11's
+// argument dispatch costs about a microsecond at 17 arguments: as much as the rest of the
+// call's Python).
+//
+// resnet_fused._C.conv_bn_act_eager: the op through the dispatcher (typed call), without
+// torch.ops' boxed argument parsing, which costs more than the unit's three eager calls at
+// small shapes. Tensors whose Python type defines __torch_function__ (anything but Tensor
+// and Parameter) and an active TorchFunctionMode get NotImplemented back, nothing done:
+// the caller then runs eager's ops one by one, which honour them as eager's modules do.
 // ---------------------------------------------------------------------------------------
 namespace {
 
-bool plain_tensor(PyObject* obj, PyObject* parameter_type) {
-  if (obj == Py_None || THPVariable_CheckExact(obj)) {
-    return true;
-  }
-  if (!THPVariable_Check(obj)) {
-    throw pybind11::type_error(std::string(kOpName) + ": expected a Tensor or None, got " +
-                               Py_TYPE(obj)->tp_name);
-  }
-  return reinterpret_cast<PyObject*>(Py_TYPE(obj)) == parameter_type;
+PyObject* parameter_type() {
+  static PyObject* const type =
+      pybind11::object(pybind11::module_::import("torch.nn.parameter").attr("Parameter"))
+          .release()
+          .ptr();
+  return type;
 }
 
 std::optional<at::Tensor> optional_tensor(PyObject* obj) {
@@ -421,25 +424,62 @@ std::optional<at::Tensor> optional_tensor(PyObject* obj) {
   return THPVariable_Unpack(obj);
 }
 
-pybind11::object conv_bn_act_eager_py(
-    pybind11::handle input, pybind11::handle weight, pybind11::handle conv_bias,
-    pybind11::handle bn_weight, pybind11::handle bn_bias, pybind11::handle running_mean,
-    pybind11::handle running_var, pybind11::handle num_batches_tracked, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
-    std::optional<double> momentum, double eps, pybind11::handle residual, bool relu) {
-  static PyObject* const parameter_type =
-      pybind11::object(pybind11::module_::import("torch.nn.parameter").attr("Parameter")).release().ptr();
-  PyObject* const tensors[] = {input.ptr(),        weight.ptr(),      conv_bias.ptr(),
-                               bn_weight.ptr(),    bn_bias.ptr(),     running_mean.ptr(),
-                               running_var.ptr(),  num_batches_tracked.ptr(), residual.ptr()};
-  bool plain = !at::impl::torch_function_mode_enabled();
-  for (PyObject* t : tensors) {
-    plain = plain_tensor(t, parameter_type) && plain;
+// An int[2] argument: a tuple or list of two ints.
+std::array<int64_t, 2> int_pair(PyObject* obj, const char* name) {
+  TORCH_CHECK_TYPE((PyTuple_Check(obj) || PyList_Check(obj)) && PySequence_Fast_GET_SIZE(obj) == 2,
+                   kOpName, ": ", name, " must be a tuple or list of two ints");
+  PyObject** items = PySequence_Fast_ITEMS(obj);
+  return {THPUtils_unpackLong(items[0]), THPUtils_unpackLong(items[1])};
+}
+
+double as_double(PyObject* obj) {
+  const double value = PyFloat_AsDouble(obj);
+  if (value == -1.0 && PyErr_Occurred()) {
+    throw python_error();
   }
-  TORCH_CHECK_TYPE(input.ptr() != Py_None && weight.ptr() != Py_None, kOpName,
-                   ": input and conv_weight must be tensors");
+  return value;
+}
+
+bool as_bool(PyObject* obj) {
+  const int value = PyObject_IsTrue(obj);
+  if (value < 0) {
+    throw python_error();
+  }
+  return value != 0;
+}
+
+// conv_bn_act_eager(input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+//                   running_var, num_batches_tracked, stride, padding, dilation, groups,
+//                   training, momentum, eps, residual, relu), as the schema.
+PyObject* conv_bn_act_eager_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 17, kOpName, " takes 17 positional arguments, got ", nargs);
+  constexpr int kTensors[] = {0, 1, 2, 3, 4, 5, 6, 7, 15};
+  bool plain = !at::impl::torch_function_mode_enabled();
+  for (const int i : kTensors) {
+    PyObject* obj = args[i];
+    if (obj == Py_None) {
+      TORCH_CHECK_TYPE(i >= 2, kOpName, ": input and conv_weight must be tensors");
+      continue;
+    }
+    if (THPVariable_CheckExact(obj)) {
+      continue;
+    }
+    TORCH_CHECK_TYPE(THPVariable_Check(obj), kOpName, ": expected a Tensor or None, got ",
+                     Py_TYPE(obj)->tp_name);
+    plain = plain && reinterpret_cast<PyObject*>(Py_TYPE(obj)) == parameter_type();
+  }
+  const auto stride = int_pair(args[8], "stride");
+  const auto padding = int_pair(args[9], "padding");
+  const auto dilation = int_pair(args[10], "dilation");
+  const int64_t groups = THPUtils_unpackLong(args[11]);
+  const bool training = as_bool(args[12]);
+  const std::optional<double> momentum =
+      args[13] == Py_None ? std::nullopt : std::optional<double>(as_double(args[13]));
+  const double eps = as_double(args[14]);
+  const bool relu = as_bool(args[16]);
   if (!plain) {
-    return pybind11::reinterpret_borrow<pybind11::object>(Py_NotImplemented);
+    Py_RETURN_NOTIMPLEMENTED;
   }
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("resnet_fused::conv_bn_act_eager", "")
@@ -447,37 +487,37 @@ pybind11::object conv_bn_act_eager_py(
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;  // as torch's own bindings of aten ops
-    out = op.call(THPVariable_Unpack(input.ptr()), THPVariable_Unpack(weight.ptr()),
-                  optional_tensor(tensors[2]), optional_tensor(tensors[3]),
-                  optional_tensor(tensors[4]), optional_tensor(tensors[5]),
-                  optional_tensor(tensors[6]), optional_tensor(tensors[7]), stride, padding,
-                  dilation, groups, training, momentum, eps, optional_tensor(tensors[8]), relu);
+    out = op.call(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
+                  optional_tensor(args[2]), optional_tensor(args[3]), optional_tensor(args[4]),
+                  optional_tensor(args[5]), optional_tensor(args[6]), optional_tensor(args[7]),
+                  stride, padding, dilation, groups, training, momentum, eps,
+                  optional_tensor(args[15]), relu);
   }
-  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(out)));
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
 }
 
-// The tensor part of a plan's signature (resnet_fused/modules.py, _call_signature): for
-// each argument, None -> one marker; a tensor -> dtype, device, requires_grad, sizes and
+// The tensor part of a plan's signature (resnet_fused/modules.py, _TENSORS): for each
+// argument, None -> one marker; a tensor -> dim, dtype, device, requires_grad, sizes and
 // strides, as one bytes object (compared with ==; it holds the values themselves, so two
-// equal signatures mean equal metadata). None when an argument is neither: the caller
-// then takes the checked path, which says what is wrong.
-pybind11::object tensor_signature(const pybind11::args& args) {
-  std::vector<int64_t> words;
-  words.reserve(16 * args.size());
-  for (const pybind11::handle obj : args) {
-    if (obj.ptr() == Py_None) {
+// equal signatures mean equal metadata). None when an argument is neither (or a tensor
+// without plain sizes and strides): the caller then takes the checked path.
+PyObject* tensor_signature(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  c10::SmallVector<int64_t, 160> words;
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    PyObject* obj = args[i];
+    if (obj == Py_None) {
       words.push_back(-1);
       continue;
     }
-    if (!THPVariable_Check(obj.ptr())) {
-      return pybind11::none();
+    if (!THPVariable_Check(obj)) {
+      Py_RETURN_NONE;
     }
-    const at::Tensor& t = THPVariable_Unpack(obj.ptr());
-    // Other layouts, nested or symbolic shapes (and shapes a subclass cannot give): the
-    // checked path.
+    const at::Tensor& t = THPVariable_Unpack(obj);
     if (t.layout() != at::kStrided || t.is_nested() ||
         t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
-      return pybind11::none();
+      Py_RETURN_NONE;
     }
     try {
       const c10::Device device = t.device();
@@ -488,26 +528,39 @@ pybind11::object tensor_signature(const pybind11::args& args) {
       words.push_back(static_cast<int64_t>(device.type()));
       words.push_back(device.index());
       words.push_back(t.requires_grad());
-      words.insert(words.end(), sizes.begin(), sizes.end());
-      words.insert(words.end(), strides.begin(), strides.end());
+      words.append(sizes.begin(), sizes.end());
+      words.append(strides.begin(), strides.end());
     } catch (const c10::Error&) {
-      return pybind11::none();
+      Py_RETURN_NONE;  // (a subclass that cannot give them)
     }
   }
-  return pybind11::bytes(reinterpret_cast<const char*>(words.data()),
-                         words.size() * sizeof(int64_t));
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),
+                                   static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)));
+  END_HANDLE_TH_ERRORS
 }
+
+template <typename F>
+PyCFunction fastcall(F* f) {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f));
+}
+
+PyMethodDef kMethods[] = {
+    {"conv_bn_act_eager", fastcall(&conv_bn_act_eager_py), METH_FASTCALL,
+     "torch.ops.resnet_fused.conv_bn_act_eager through the dispatcher with less argument "
+     "parsing (positional arguments, as the schema); NotImplemented for tensors with "
+     "__torch_function__ or under a TorchFunctionMode."},
+    {"tensor_signature", fastcall(&tensor_signature), METH_FASTCALL,
+     "dim, dtype, device, requires_grad, sizes and strides of each tensor argument (None "
+     "kept) as one bytes object; None when an argument is neither a tensor nor None."},
+    {nullptr, nullptr, 0, nullptr},
+};
 
 }  // namespace
 
 void bind_unit(pybind11::module_& m) {
-  m.def("conv_bn_act_eager", &conv_bn_act_eager_py,
-        "torch.ops.resnet_fused.conv_bn_act_eager through the dispatcher with less argument "
-        "parsing; NotImplemented for tensors with __torch_function__ or under a "
-        "TorchFunctionMode.");
-  m.def("tensor_signature", &tensor_signature,
-        "dtype, device, requires_grad, sizes and strides of each tensor argument (None "
-        "kept) as one bytes object; None when an argument is neither a tensor nor None.");
+  if (PyModule_AddFunctions(m.ptr(), kMethods) != 0) {
+    throw pybind11::error_already_set();
+  }
 }
 
 }  // namespace resnet_fused

@@ -318,6 +318,17 @@ def test_modules_run_the_op_from_their_plan(monkeypatch, mode):
             _assert_identical(a, b, "running statistics")
 
 
+def test_benchmarks_do_not_count_the_eager_unit_as_fused(monkeypatch):
+    from resnet_fused.bench import model as bench_model
+
+    monkeypatch.setenv("RESNET_FUSED_AUTO", "eager")
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(*_modules(torch.float32, False, True,
+                                                                 True, 0.1, False))  # fmt: skip
+    x, _ = _inputs(torch.float32, False, False)
+    unit(x)  # (plans)
+    assert bench_model.fused_op_calls(lambda: unit(x).sum().backward()) == 0
+
+
 def test_eval_fold_sees_training_by_the_op(monkeypatch):
     """Eval (fused: a cached fold), training steps run by the op, eval again: the fold is
     remade from the updated running statistics (the op bumps their versions)."""

@@ -32,6 +32,19 @@ TORCH_LIBRARY(resnet_fused, m) {
   // grad_in = grad_out where out > 0 (torch's threshold_backward rule), else 0.
   m.def("relu_backward(Tensor grad_out, Tensor out) -> Tensor");
 
+  // The eager Conv -> BatchNorm -> (add) -> ReLU unit as one op and one autograd node
+  // (csrc/unit.cpp): relu(batch_norm(conv2d(input, conv_weight, conv_bias), ...) +
+  // residual) with eager's own ops, bit-identical to F.conv2d, F.batch_norm, add_, relu_.
+  // `training`: batch statistics (F.batch_norm's flag); the running statistics update
+  // in place when given. num_batches_tracked, when given, is nn.BatchNorm2d's counter:
+  // incremented, and momentum=None then means the cumulative average 1/count.
+  m.def(
+      "conv_bn_act_eager(Tensor input, Tensor conv_weight, Tensor? conv_bias, "
+      "Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, bool training, float? momentum, float eps, Tensor? residual, bool relu) "
+      "-> Tensor");
+
   // BatchNorm -> (residual add) -> ReLU, as four kernels (see resnet_fused/reference.py
   // for the exact maths of each). Statistics are fp32 (fp64 for fp64 input).
   //
@@ -123,7 +136,13 @@ TORCH_LIBRARY_IMPL(resnet_fused, ADInplaceOrView, m) {
   }
 }
 
+namespace resnet_fused {
+// resnet_fused._C.conv_bn_act_eager, the Python entry point of that op (csrc/unit.cpp).
+void bind_unit(pybind11::module_& m);
+}  // namespace resnet_fused
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  resnet_fused::bind_unit(m);
   m.doc() = "resnet_fused C++/CUDA kernels (ops register with the dispatcher on import)";
   m.def("build_info", &build_info, "How this extension was built: CUDA, archs, compiler.");
   m.def(

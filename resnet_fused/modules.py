@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
+from . import _extension
 from ._env import read_env
 from .functional.auto_choice import CONV_BACKEND_ENV, EAGER, POLICY_ENV
 from .functional.batch_norm_act import batch_norm_act
@@ -155,49 +158,38 @@ def _bn_signature(bn, input, residual, relu, backend) -> tuple | None:
     return _call_signature(bn, input, residual, relu, backend, amp)
 
 
-_AMP = 4  # where _call_signature puts the autocast dtype
+_AMP = 2  # where the signatures put the autocast dtype
 
 
-def _call_signature(bn, input, residual, relu, backend, amp, conv=None) -> tuple:
-    """The signature of a fused call (see :func:`_unit_signature`), read from the
-    modules' own dicts (nn.Module.__getattr__ costs more than the rest of a read)."""
+def _tensors_signature(*tensors) -> tuple:
+    """Shape, dtype, device, ``requires_grad`` and strides of each tensor (None kept)."""
+    return tuple(
+        None if t is None else (t.shape, t.dtype, t.device, t.requires_grad, t.stride())
+        for t in tensors
+    )
+
+
+# The tensor part of a signature, in one call: resnet_fused._C.tensor_signature (the same
+# facts as one bytes object; None when an argument is not a tensor, csrc/unit.cpp), or
+# _tensors_signature without the extension.
+_TENSORS = getattr(_extension._C, "tensor_signature", None) or _tensors_signature
+
+
+def _call_signature(bn, input, residual, relu, backend, amp) -> tuple | None:
+    """The signature of a BatchNorm(+add)+ReLU call (see :func:`_unit_signature`), read
+    from the module's own dicts (nn.Module.__getattr__ costs more than the rest of a
+    read). None when an argument is not a tensor (the checked path says what is wrong)."""
     bp, bb = bn._parameters, bn._buffers
-    tensors = (
+    tensors = _TENSORS(
         input, residual, bp.get("weight"), bp.get("bias"), bb.get("running_mean"),
         bb.get("running_var"),
     )  # fmt: skip
-    if conv is not None:
-        tensors += (conv._parameters["weight"], conv._parameters.get("bias"))
-    signature = (
-        tuple(
-            None if t is None else (t.shape, t.dtype, t.device, t.requires_grad) for t in tensors
-        ),
-        input.stride(),
-        None if residual is None else residual.stride(),
-        torch.is_grad_enabled(),
-        amp,
-        bn.training,
-        bn.momentum,
-        bn.eps,
-        bn.track_running_stats,
-        type(bn),
-        relu,
-        backend,
-        read_env(POLICY_ENV),
-    )
-    if conv is None:
-        return signature
+    if tensors is None:
+        return None
     return (
-        *signature,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
-        conv.padding_mode,
-        read_env(CONV_BACKEND_ENV),
-        torch._C._get_mkldnn_enabled(),
-        torch._C._get_cudnn_allow_tf32(),
-    )
+        tensors, torch.is_grad_enabled(), amp, bn.training, bn.momentum, bn.eps,
+        bn.track_running_stats, type(bn), relu, backend, read_env(POLICY_ENV),
+    )  # fmt: skip
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -404,16 +396,19 @@ def has_hooks(*modules: nn.Module | None) -> bool:
     """True when calling any of ``modules`` would run hooks: their own, or a global module
     hook. A fused unit does not call its modules, so where hooks exist it runs them
     unfused instead (hooks honoured)."""
-    from torch.nn.modules import module as _module
-
     if (
-        _module._global_forward_hooks
-        or _module._global_forward_pre_hooks
-        or _module._global_backward_hooks
-        or _module._global_backward_pre_hooks
+        _nn_module._global_forward_hooks
+        or _nn_module._global_forward_pre_hooks
+        or _nn_module._global_backward_hooks
+        or _nn_module._global_backward_pre_hooks
     ):
         return True
-    return any(own_hooks(m) for m in modules)
+    for m in modules:
+        if m is not None and (
+            m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        ):
+            return True
+    return False
 
 
 def unfused_unit(
@@ -429,12 +424,13 @@ def unfused_unit(
 
 def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
     """Everything a unit's checks and choices depend on, read now: the tensors' shapes,
-    dtypes, devices and ``requires_grad`` and the input's and residual's strides; grad
-    mode; the autocast dtype (item ``_AMP``, which :func:`_run_plan` reads); the
-    BatchNorm's flags and settings; the convolution's geometry; the ``auto`` policy and
-    the oneDNN/TF32 switches. None where no plan applies (torch.compile, fp64 or integer
-    input under autocast): those calls take the checked path every time (so do
-    synchronised units: the caller asks for no plan)."""
+    strides, dtypes, devices and ``requires_grad`` (one ``bytes`` value from the
+    extension, see ``_TENSORS``); grad mode; the autocast dtype (item
+    ``_AMP``, which :func:`_run_plan` reads); the BatchNorm's flags and settings; the
+    convolution's geometry; the ``auto`` policy and the oneDNN/TF32 switches. None where
+    no plan applies (torch.compile, fp64 or integer input under autocast, arguments that
+    are not tensors): those calls take the checked path every time (so do synchronised
+    units: the caller asks for no plan)."""
     if torch.compiler.is_compiling():
         return None
     amp = None
@@ -444,7 +440,19 @@ def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
             if input.dtype == torch.float64 or not input.is_floating_point():
                 return None  # (autocast leaves these alone: the checked path says how)
             amp = torch.get_autocast_dtype(device_type)
-    return _call_signature(bn, input, residual, relu, backend, amp, conv)
+    bp, bb, cp = bn._parameters, bn._buffers, conv._parameters  # (as _call_signature)
+    tensors = _TENSORS(
+        input, residual, bp.get("weight"), bp.get("bias"), bb.get("running_mean"),
+        bb.get("running_var"), cp["weight"], cp.get("bias"),
+    )  # fmt: skip
+    if tensors is None:
+        return None
+    return (
+        tensors, torch.is_grad_enabled(), amp, bn.training, bn.momentum, bn.eps,
+        bn.track_running_stats, type(bn), relu, backend, read_env(POLICY_ENV), conv.stride,
+        conv.padding, conv.dilation, conv.groups, conv.padding_mode, read_env(CONV_BACKEND_ENV),
+        torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_allow_tf32(),
+    )  # fmt: skip
 
 
 def conv_bn_forward(
@@ -487,12 +495,15 @@ def conv_bn_forward(
     factor = bn_update_factor(bn, training)
     bn_training = training or (bn.running_mean is None and bn.running_var is None)
     use_running = not training or bn.track_running_stats
-    folded = None
+    folded = fold_check = None
     if not bn_training and cache is not None:
         dtype = input.dtype
         if torch.is_autocast_enabled(input.device.type) and dtype != torch.float64:
             dtype = torch.get_autocast_dtype(input.device.type)
         folded = _cached_fold(conv, bn, dtype, cache, pack=backend in ("auto", "triton"))
+        if folded is not None and signature is not None:
+            # What each planned call of a folded path adds (auto's trials time it too).
+            fold_check = functools.partial(_planned_fold, conv, bn, dtype, cache, backend)
     record = [] if signature is not None else None
     out = conv_bn_act(
         input,
@@ -515,6 +526,7 @@ def conv_bn_forward(
         sync_bn=sync,
         process_group=process_group,
         _folded=folded,
+        _fold_check=fold_check,
         _record=record,
     )
     if record:
@@ -523,38 +535,54 @@ def conv_bn_forward(
 
 
 def _run_plan(plan, conv, bn, input, residual, relu, backend, cache, amp) -> Tensor:
-    """One call of a planned unit: the bookkeeping of nn.BatchNorm2d.forward and the
-    parameters and buffers as they are now, then the planned op calls. Under autocast
+    """One call of a planned unit: the parameters and buffers as they are now, then the
+    planned op calls (with the bookkeeping of nn.BatchNorm2d.forward). Under autocast
     (``amp``: its dtype) the convolution's operands are cast as ``conv_bn_act`` casts
     them, the fold is made in that dtype, and the ops run with autocast off."""
-    training = bn.training
-    factor = bn_update_factor(bn, training)
-    use_running = not training or bn.track_running_stats
     bb = bn._buffers
-    rm, rv = (bb.get("running_mean"), bb.get("running_var")) if use_running else (None, None)
-    w, conv_b = conv._parameters["weight"], conv._parameters.get("bias")
+    if not bn.training:
+        rm, rv, tracked = bb.get("running_mean"), bb.get("running_var"), None
+    elif bn.track_running_stats:  # (nn.BatchNorm2d counts these calls)
+        rm, rv = bb.get("running_mean"), bb.get("running_var")
+        tracked = bb.get("num_batches_tracked")
+    else:
+        rm = rv = tracked = None
+    cp = conv._parameters
+    w, conv_b = cp["weight"], cp.get("bias")
+    unit = plan.unit
+    if unit is not None and amp is None:
+        # Eager's ops in one C++ call and one autograd node (ops.EAGER_UNIT), which also
+        # does the bookkeeping of nn.BatchNorm2d.forward: given the counter it adds one,
+        # and momentum=None averages cumulatively. NotImplemented (tensors with
+        # __torch_function__): the ops one by one, below.
+        bp = bn._parameters
+        stride, padding, dilation, groups = plan.geometry
+        out = unit(
+            input, w, conv_b, bp.get("weight"), bp.get("bias"), rm, rv, tracked, stride,
+            padding, dilation, groups, plan.batch_stats, bn.momentum, bn.eps, residual, relu,
+        )  # fmt: skip
+        if out is not NotImplemented:
+            return out
     if amp is None:
         return _run_planned_ops(
-            plan, conv, bn, input, w, conv_b, rm, rv, factor, residual, relu, backend, cache,
-            input.dtype,
-        )  # fmt: skip
+            plan, conv, bn, input, w, conv_b, rm, rv, residual, relu, backend, cache, input.dtype
+        )
     with torch.autocast(input.device.type, enabled=False):
         input, w = input.to(amp), w.to(amp)
         conv_b = None if conv_b is None else conv_b.to(amp)
         residual = None if residual is None else residual.to(amp)
         return _run_planned_ops(
-            plan, conv, bn, input, w, conv_b, rm, rv, factor, residual, relu, backend, cache,
-            amp,
-        )  # fmt: skip
+            plan, conv, bn, input, w, conv_b, rm, rv, residual, relu, backend, cache, amp
+        )
 
 
 def _run_planned_ops(
-    plan, conv, bn, x, w, conv_b, rm, rv, factor, residual, relu, backend, cache, fold_dtype
+    plan, conv, bn, x, w, conv_b, rm, rv, residual, relu, backend, cache, fold_dtype
 ) -> Tensor:  # fmt: skip
-    from .functional.conv_bn_act import TrainPlan
-
-    bn_w, bn_b = bn._parameters.get("weight"), bn._parameters.get("bias")
-    if type(plan) is TrainPlan:
+    bp = bn._parameters
+    bn_w, bn_b = bp.get("weight"), bp.get("bias")
+    if plan.batch_stats:  # a TrainPlan
+        factor = bn_update_factor(bn, bn.training)
         return plan.run(x, w, conv_b, bn_w, bn_b, rm, rv, factor, bn.eps, residual, relu)
     folded = None
     if plan.impl == EAGER:

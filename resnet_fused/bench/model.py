@@ -297,16 +297,22 @@ def _resident_bytes(model, opt, tensors, device) -> int:
     return sum(blocks.get(ptr, -(-n // 512) * 512) for ptr, n in storages.items())
 
 
+# resnet_fused's op that runs eager's own kernels (auto's "eager" pick, as one call): not
+# a fused op for this count.
+_EAGER_UNIT_OP = "resnet_fused::conv_bn_act_eager"
+
+
 def fused_op_calls(fn: Callable[[], object]) -> int:
-    """resnet_fused ops and oneDNN fused convolutions (the CPU eval path) dispatched by
-    one call of ``fn``, counted with the profiler (ops inside compiled code are
-    dispatched too; Inductor's own kernels are not ops)."""
+    """resnet_fused ops (but the eager unit) and oneDNN fused convolutions (the CPU eval
+    path) dispatched by one call of ``fn``, counted with the profiler (ops inside compiled
+    code are dispatched too; Inductor's own kernels are not ops)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return sum(
-        e.name.startswith("resnet_fused::") or e.name.startswith("mkldnn::_convolution_pointwise")
+        (e.name.startswith("resnet_fused::") and e.name != _EAGER_UNIT_OP)
+        or e.name.startswith("mkldnn::_convolution_pointwise")
         for e in prof.events()
     )
 

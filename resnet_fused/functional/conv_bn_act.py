@@ -42,6 +42,7 @@ from .._validation import (
     check_optional_per_channel,
 )
 from ..backends import resolve_backend, unavailable_reason
+from ..ops import EAGER_UNIT
 from ._common import check_batch_size, needs_autograd
 from .auto_choice import EAGER, _resolve_conv_backend, make_trial
 from .batch_norm_act import _BatchNormAct, _bn_kernels
@@ -409,10 +410,19 @@ def _eager_unit(
 ):  # fmt: skip
     """The unit as eager PyTorch runs it unconverted (``backend="auto"``'s ``"eager"``
     pick): conv2d, batch_norm (cuDNN/oneDNN; updating the running statistics in
-    training), in-place add and ReLU, as torchvision's blocks do."""
+    training), in-place add and ReLU, as torchvision's blocks do. With the extension, these
+    ops in one C++ call and one autograd node (:data:`ops.EAGER_UNIT`, bit-identical);
+    without it, and under torch.compile (which traces the ops), one by one."""
     stride, padding, dilation, groups = geometry
-    y = F.conv2d(x, w, conv_b, stride, padding, dilation, groups)
     batch_stats = training or rm is None
+    if EAGER_UNIT is not None and not torch.compiler.is_compiling():
+        out = EAGER_UNIT(
+            x, w, conv_b, bn_w, bn_b, rm, rv, None, stride, padding, dilation, groups,
+            batch_stats, float(momentum), float(eps), residual, relu,
+        )  # fmt: skip
+        if out is not NotImplemented:
+            return out
+    y = F.conv2d(x, w, conv_b, stride, padding, dilation, groups)
     y = F.batch_norm(y, rm, rv, bn_w, bn_b, batch_stats, float(momentum), float(eps))
     if residual is not None:
         y = y.add_(residual)
@@ -430,10 +440,14 @@ class TrainPlan:
     (shapes, dtypes, devices, layouts, grad mode, the modules' flags and settings, the
     policy) equals the one this plan was made for."""
 
-    __slots__ = ("bn_impl", "geometry", "impl", "update")
+    __slots__ = ("bn_impl", "geometry", "impl", "unit", "update")
+    batch_stats = True  # (F.batch_norm's training flag)
 
     def __init__(self, impl, bn_impl, geometry, update) -> None:
         self.impl, self.bn_impl, self.geometry, self.update = impl, bn_impl, geometry, update
+        # The eager unit as one C++ call (modules._run_planned_ops calls it with the
+        # module's own bookkeeping), else None.
+        self.unit = EAGER_UNIT if impl == EAGER else None
 
     def run(self, x, w, conv_b, bn_w, bn_b, rm, rv, momentum, eps, residual, relu):
         if self.impl == EAGER:
@@ -453,10 +467,12 @@ class EvalPlan:
     takes the fold from the caller: the cached one without autograd, a differentiable
     one (:func:`fold_conv_bn`) with it (see :class:`TrainPlan` for when it may run)."""
 
-    __slots__ = ("geometry", "grad", "impl")
+    __slots__ = ("geometry", "grad", "impl", "unit")
+    batch_stats = False
 
     def __init__(self, impl, geometry, grad) -> None:
         self.impl, self.geometry, self.grad = impl, geometry, grad
+        self.unit = EAGER_UNIT if impl == EAGER else None  # (see TrainPlan)
 
     def run(self, x, w, conv_b, bn_w, bn_b, rm, rv, eps, residual, relu, folded):
         if self.impl == EAGER:
@@ -500,6 +516,7 @@ def conv_bn_act(
     sync_bn: bool = False,
     process_group=None,
     _folded: tuple[Tensor, Tensor, Tensor | None, bool | None] | None = None,
+    _fold_check=None,
     _record: list | None = None,
 ) -> Tensor:
     """Fused ``relu(batch_norm(conv2d(input, conv_weight, conv_bias)) + residual)``.
@@ -536,7 +553,8 @@ def conv_bn_act(
             conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
             groups=groups, training=training, momentum=momentum, eps=eps,
             residual=residual, relu=relu, backend=backend, sync_bn=sync_bn,
-            process_group=process_group, _folded=_folded, _record=_record,
+            process_group=process_group, _folded=_folded, _fold_check=_fold_check,
+            _record=_record,
         )  # fmt: skip
     stride, padding, dilation = _check_args(
         input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, stride,
@@ -656,8 +674,12 @@ def conv_bn_act(
         return run_eval(impl, w_packed if impl == "triton" else None)
 
     def no_grad_trial(impl):
-        # Eval units time the forward (inference is what they run).
+        # Eval units time the forward (inference is what they run), with what a module's
+        # planned call adds to a folded path (``_fold_check``: the check that its cached
+        # fold is fresh), so that the pick is the cheaper call, not the cheaper kernel.
         with torch.no_grad():
+            if _fold_check is not None and impl != EAGER:
+                _fold_check()
             return trial(impl)
 
     grad = needs_autograd(*(t for t in (input, w_f, b_f, residual) if t is not None))

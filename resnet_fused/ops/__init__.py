@@ -12,6 +12,9 @@ fake kernels in the op's module. Triton ops are separate op names (one CUDA disp
 holds one kernel) defined there with ``torch.library.custom_op``; their kernels
 (``resnet_fused.triton.<op>``) are imported on first use. Importing this package registers
 every op. The autograd wiring lives in :mod:`resnet_fused.functional`.
+
+unit.py holds the fake kernel of ``conv_bn_act_eager`` (the eager Conv+BN+ReLU unit as one
+C++ op with its own autograd node, csrc/unit.cpp) and its Python entry point.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from .batch_norm_act import (
 )
 from .bias_act import bias_act_triton, bias_act_triton_
 from .conv_bn_act import conv_bias_act_triton, conv_bn_stats_triton, fold_conv_bn
+from .unit import EAGER_UNIT
 
 __all__ = [
+    "EAGER_UNIT",
     "add_relu_triton",
     "add_relu_triton_",
     "bias_act_triton",

@@ -1,0 +1,574 @@
+// resnet_fused::conv_bn_act_eager: the eager Conv -> BatchNorm -> (add) -> ReLU unit as ONE
+// op call and, with autograd, ONE autograd node.
+//
+// The maths are eager PyTorch's own ops, called as F.conv2d, F.batch_norm, Tensor.add_ and
+// Tensor.relu_ call them (at::conv2d; at::batch_norm's at::_batch_norm_impl_index with
+// torch's cuDNN switch, which off CUDA is at::native_batch_norm; add_; relu_), so outputs,
+// running statistics and num_batches_tracked are bit-identical to the unconverted modules'.
+// The backward applies the derivative formulas autograd runs for those ops, in the same
+// order and with the same masks (ReluBackward0: threshold_backward; AddBackward0: the
+// gradient as is; NativeBatchNormBackward0 / CudnnBatchNormBackward0 /
+// MiopenBatchNormBackward0; ConvolutionBackward0: convolution_backward), so every gradient
+// is bit-identical too. What it saves is host time: one dispatcher call instead of three
+// Python calls, one autograd node instead of three (resnet_fused/functional/conv_bn_act.py:
+// `_eager_unit`, the plans; resnet_fused/modules.py: `_run_plan`).
+//
+// Kernels: at the Autograd key, a node of its own (ConvBnActEagerBackward, built as
+// autograd's generated nodes are: next edges, saved variables, set_history) when autograd
+// records the call, and eager's ops below autograd otherwise; at CompositeExplicitAutograd
+// the forward for calls that never reach the Autograd key (inference tensors). Inputs with
+// forward-mode gradients run eager's ops with autograd on, so eager's own nodes and
+// forward-mode formulas apply. A gradient of the gradient (double backward) is refused
+// with an error naming the op.
+#include <ATen/Context.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_batch_norm_impl_index.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/cudnn_batch_norm_backward.h>
+#include <ATen/ops/miopen_batch_norm_backward.h>
+#include <ATen/ops/native_batch_norm.h>
+#include <ATen/ops/native_batch_norm_backward.h>
+#include <ATen/ops/threshold_backward.h>
+#include <c10/util/SmallVector.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/utils/python_numbers.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+
+namespace resnet_fused {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
+
+constexpr const char* kOpName = "resnet_fused::conv_bn_act_eager";
+
+bool given(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+bool requires_grad(const std::optional<at::Tensor>& t) {
+  return given(t) && t->requires_grad();
+}
+
+bool has_forward_grad(const std::optional<at::Tensor>& t) {
+  return given(t) && t->_fw_grad(/*level=*/0).defined();
+}
+
+at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) {
+  return given(t) ? *t : at::Tensor();
+}
+
+void check_per_channel(const std::optional<at::Tensor>& t, const char* name,
+                       const c10::SymInt& channels) {
+  if (given(t)) {
+    TORCH_CHECK(t->sym_numel() == channels, kOpName, ": ", name, " should contain ", channels,
+                " elements (one per output channel), got ", t->sym_numel());
+  }
+}
+
+// What the forward computed: the output and what the backward needs.
+struct UnitForward {
+  at::Tensor out;        // relu(bn(y) [+ residual])
+  at::Tensor y;          // the convolution's output (BatchNorm's input)
+  at::Tensor save_mean;  // BatchNorm's saved statistics (result1, result2)
+  at::Tensor save_var;
+  at::Tensor reserve;      // cuDNN's reserve space (undefined or empty elsewhere)
+  int64_t impl_index = 0;  // 0: native, 1: cuDNN, 2: MIOpen (at::_batch_norm_impl_index)
+};
+
+// The unit with eager's ops. Autograd records these ops (eager's own nodes) unless the
+// caller dispatches below autograd.
+UnitForward unit_forward(const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& conv_bias,
+                         const std::optional<at::Tensor>& bn_weight,
+                         const std::optional<at::Tensor>& bn_bias,
+                         const std::optional<at::Tensor>& running_mean,
+                         const std::optional<at::Tensor>& running_var,
+                         const std::optional<at::Tensor>& num_batches_tracked,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                         int64_t groups, bool training, std::optional<double> momentum, double eps,
+                         const std::optional<at::Tensor>& residual, bool relu) {
+  TORCH_CHECK(input.dim() == 4, kOpName, ": input must be a 4-D tensor (N, C, H, W), got ",
+              input.dim(), "-D with shape ", input.sizes());
+  // nn.BatchNorm2d.forward's bookkeeping: num_batches_tracked += 1, and momentum=None is
+  // the cumulative average 1/num_batches_tracked (the caller passes the counter only
+  // where the module counts: in training, with track_running_stats).
+  double factor = momentum.value_or(0.0);
+  if (given(num_batches_tracked)) {
+    num_batches_tracked->add_(1);
+    if (!momentum.has_value()) {
+      factor = 1.0 / num_batches_tracked->item<double>();  // Python's 1.0 / float(tracked)
+    }
+  }
+  UnitForward f;
+  f.y = at::conv2d(input, weight, conv_bias, stride, padding, dilation, groups);
+  // F.batch_norm -> at::batch_norm -> at::_batch_norm_impl_index (with torch's cuDNN
+  // switch), which for a non-empty input off CUDA checks the per-channel sizes and calls
+  // at::native_batch_norm: done here directly (no reserve-space allocation, one dispatch).
+  if (f.y.is_cuda() || f.y.sym_numel() == 0) {
+    std::tie(f.out, f.save_mean, f.save_var, f.reserve, f.impl_index) =
+        at::_batch_norm_impl_index(f.y, bn_weight, bn_bias, running_mean, running_var, training,
+                                   factor, eps, at::globalContext().userEnabledCuDNN());
+  } else {
+    const c10::SymInt channels = f.y.sym_size(1);
+    TORCH_CHECK(training || (given(running_mean) && given(running_var)), kOpName,
+                ": running_mean and running_var must be defined in evaluation mode");
+    check_per_channel(running_mean, "running_mean", channels);
+    check_per_channel(running_var, "running_var", channels);
+    check_per_channel(bn_weight, "bn_weight", channels);
+    check_per_channel(bn_bias, "bn_bias", channels);
+    std::tie(f.out, f.save_mean, f.save_var) = at::native_batch_norm(
+        f.y, bn_weight, bn_bias, running_mean, running_var, training, factor, eps);
+  }
+  if (training) {
+    // The running statistics were written through their data pointers: bump their
+    // version counters, as the library's other ops that write them do (an eval fold
+    // cached on the versions then sees the change). Inference tensors have none.
+    for (const auto* stat : {&running_mean, &running_var}) {
+      if (given(*stat) && !(*stat)->is_inference()) {
+        (*stat)->unsafeGetTensorImpl()->bump_version();
+      }
+    }
+  }
+  if (given(residual)) {
+    TORCH_CHECK(residual->sym_sizes() == f.out.sym_sizes(), kOpName,
+                ": residual must have the output's shape ", f.out.sym_sizes(), ", got ",
+                residual->sym_sizes());
+    f.out.add_(*residual);
+  }
+  if (relu) {
+    f.out.relu_();
+  }
+  return f;
+}
+
+// The forward-only kernel (CompositeExplicitAutograd: calls that do not reach the
+// Autograd key).
+at::Tensor conv_bn_act_eager(const at::Tensor& input, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& conv_bias,
+                             const std::optional<at::Tensor>& bn_weight,
+                             const std::optional<at::Tensor>& bn_bias,
+                             const std::optional<at::Tensor>& running_mean,
+                             const std::optional<at::Tensor>& running_var,
+                             const std::optional<at::Tensor>& num_batches_tracked,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, bool training,
+                             std::optional<double> momentum, double eps,
+                             const std::optional<at::Tensor>& residual, bool relu) {
+  return unit_forward(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                      num_batches_tracked, stride, padding, dilation, groups, training,
+                      momentum, eps, residual, relu)
+      .out;
+}
+
+// What the backward reads besides the saved tensors.
+struct UnitParams {
+  std::array<int64_t, 2> stride{}, padding{}, dilation{};
+  int64_t groups = 1;
+  std::optional<c10::SymInt> c_out;  // the conv bias's size (none without a conv bias)
+  int64_t impl_index = 0;
+  double eps = 0.0;
+  bool training = true;
+  bool relu = true;
+};
+
+struct Saved {
+  at::Tensor x, w, y, out, bn_w, save_mean, save_var, reserve, running_mean, running_var;
+};
+
+// The gradients of (input, conv weight, conv bias, BN weight, BN bias, residual): the
+// formulas autograd runs for the eager ops, in the same order, with the same masks.
+std::array<at::Tensor, 6> unit_backward(const at::Tensor& grad_out, const Saved& s,
+                                        const UnitParams& p, std::array<bool, 6> need) {
+  const auto [need_x, need_w, need_cb, need_bw, need_bb, need_res] = need;
+  std::array<at::Tensor, 6> grads;
+  // ReluBackward0 (relu_ saves its result).
+  const at::Tensor g = p.relu ? at::threshold_backward(grad_out, s.out, 0) : grad_out;
+  // AddBackward0: the same gradient for the BN output and the residual.
+  if (need_res) {
+    grads[5] = g;
+  }
+  const bool need_y = need_x || need_w || need_cb;
+  if (!(need_y || need_bw || need_bb)) {
+    return grads;
+  }
+  at::Tensor gy, gbw, gbb;
+  if (p.training && p.impl_index == 1) {
+    // CudnnBatchNormBackward0 (the reserve space copied: cuDNN may write it).
+    std::tie(gy, gbw, gbb) = at::cudnn_batch_norm_backward(
+        s.y, g.contiguous(s.y.suggest_memory_format()), s.bn_w, s.running_mean, s.running_var,
+        s.save_mean, s.save_var, p.eps, s.reserve.clone());
+  } else if (p.training && p.impl_index == 2) {
+    // MiopenBatchNormBackward0.
+    std::tie(gy, gbw, gbb) =
+        at::miopen_batch_norm_backward(s.y, g.contiguous(), s.bn_w, s.running_mean,
+                                       s.running_var, s.save_mean, s.save_var, p.eps);
+  } else {
+    // NativeBatchNormBackward0 (and the eval-mode branch of the other two).
+    std::tie(gy, gbw, gbb) = at::native_batch_norm_backward(
+        g, s.y, s.bn_w, s.running_mean, s.running_var, s.save_mean, s.save_var, p.training,
+        p.eps, {need_y, need_bw, need_bb});
+  }
+  if (need_bw) {
+    grads[3] = gbw;
+  }
+  if (need_bb) {
+    grads[4] = gbb;
+  }
+  if (need_y) {
+    // ConvolutionBackward0.
+    at::OptionalSymIntArrayRef bias_sizes;
+    if (p.c_out.has_value()) {
+      bias_sizes = c10::SymIntArrayRef(&*p.c_out, 1);
+    }
+    const std::array<c10::SymInt, 2> output_padding{0, 0};
+    auto [gx, gw, gcb] = at::convolution_backward_symint(
+        gy, s.x, s.w, bias_sizes, c10::fromIntArrayRefSlow(p.stride),
+        c10::fromIntArrayRefSlow(p.padding), c10::fromIntArrayRefSlow(p.dilation),
+        /*transposed=*/false, output_padding, p.groups, {need_x, need_w, need_cb});
+    grads[0] = need_x ? gx : at::Tensor();
+    grads[1] = need_w ? gw : at::Tensor();
+    grads[2] = need_cb ? gcb : at::Tensor();
+  }
+  return grads;
+}
+
+// What the backward returns when its graph is recorded (backward(create_graph=True)): the
+// gradients, through a node whose own backward refuses to run. Its outputs are the
+// defined gradients, their positions in `positions`.
+struct UnitDoubleBackward : public torch::autograd::Function<UnitDoubleBackward> {
+  static variable_list forward(AutogradContext* /*ctx*/, const at::Tensor& grad_out,
+                               const at::Tensor& x, const at::Tensor& w,
+                               const std::optional<at::Tensor>& bn_w, const Saved& s,
+                               const UnitParams& p, std::array<bool, 6> need,
+                               std::vector<size_t>* positions) {
+    const auto grads = unit_backward(grad_out, s, p, need);
+    variable_list defined;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (grads[i].defined()) {
+        defined.push_back(grads[i]);
+        positions->push_back(i);
+      }
+    }
+    return defined;
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
+    TORCH_CHECK(false, kOpName,
+                ": double backward is not supported (a gradient of this unit's gradient); "
+                "where second derivatives are needed, run the model unconverted "
+                "(resnet_fused.unfuse).");
+    return {};
+  }
+};
+
+// The unit's autograd node. Next edges: input, conv weight, conv bias, BN weight, BN
+// bias, residual (invalid where absent or not requiring grad).
+struct ConvBnActEagerBackward : public torch::autograd::Node {
+  SavedVariable x_, w_, y_, out_, bn_w_, save_mean_, save_var_, reserve_, running_mean_,
+      running_var_;
+  UnitParams params_;
+
+  std::string name() const override {
+    return "ConvBnActEagerBackward";
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&x_, &w_, &y_, &out_, &bn_w_, &save_mean_, &save_var_, &reserve_,
+                             &running_mean_, &running_var_}) {
+      v->reset_data();
+    }
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::array<bool, 6> need{};
+    for (size_t i = 0; i < need.size(); ++i) {
+      need[i] = task_should_compute_output(i);
+    }
+    const Saved s{x_.unpack(),         w_.unpack(),         y_.unpack(),
+                  out_.unpack(getptr()), bn_w_.unpack(),      save_mean_.unpack(),
+                  save_var_.unpack(),  reserve_.unpack(),   running_mean_.unpack(),
+                  running_var_.unpack()};
+    std::array<at::Tensor, 6> g;
+    if (at::GradMode::is_enabled()) {  // backward(create_graph=True)
+      std::vector<size_t> positions;
+      const auto r = UnitDoubleBackward::apply(grads[0], s.x, s.w,
+                                               std::optional<at::Tensor>(s.bn_w), s, params_, need,
+                                               &positions);
+      for (size_t i = 0; i < positions.size(); ++i) {
+        g[positions[i]] = r[i];
+      }
+    } else {
+      g = unit_backward(grads[0], s, params_, need);
+    }
+    return variable_list(g.begin(), g.end());
+  }
+};
+
+at::Tensor conv_bn_act_eager_autograd(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
+    std::optional<double> momentum, double eps, const std::optional<at::Tensor>& residual,
+    bool relu) {
+  const bool record =
+      at::GradMode::is_enabled() &&
+      (input.requires_grad() || weight.requires_grad() || requires_grad(conv_bias) ||
+       requires_grad(bn_weight) || requires_grad(bn_bias) || requires_grad(residual));
+  if (!record) {
+    at::AutoDispatchBelowAutograd below;  // (ADInplaceOrView still bumps the counter's version)
+    return unit_forward(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                        num_batches_tracked, stride, padding, dilation, groups, training,
+                        momentum, eps, residual, relu)
+        .out;
+  }
+  if (input._fw_grad(/*level=*/0).defined() || weight._fw_grad(/*level=*/0).defined() ||
+      has_forward_grad(conv_bias) || has_forward_grad(bn_weight) || has_forward_grad(bn_bias) ||
+      has_forward_grad(residual)) {
+    // Forward-mode AD: eager's ops with autograd on (their nodes, their tangents).
+    return unit_forward(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                        num_batches_tracked, stride, padding, dilation, groups, training,
+                        momentum, eps, residual, relu)
+        .out;
+  }
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, kOpName,
+              ": stride, padding and dilation must have two values each");
+  auto node = c10::make_intrusive<ConvBnActEagerBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(
+      input, weight, value_or_undefined(conv_bias), value_or_undefined(bn_weight),
+      value_or_undefined(bn_bias), value_or_undefined(residual)));
+  UnitForward f;
+  {
+    at::AutoDispatchBelowAutograd below;  // eager's ops, recorded by this node only
+    f = unit_forward(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                     num_batches_tracked, stride, padding, dilation, groups, training, momentum,
+                     eps, residual, relu);
+  }
+  torch::autograd::set_history(f.out, node);
+  UnitParams& p = node->params_;
+  std::copy(stride.begin(), stride.end(), p.stride.begin());
+  std::copy(padding.begin(), padding.end(), p.padding.begin());
+  std::copy(dilation.begin(), dilation.end(), p.dilation.begin());
+  p.groups = groups;
+  if (given(conv_bias)) {
+    p.c_out = conv_bias->sym_size(0);
+  }
+  p.impl_index = f.impl_index;
+  p.eps = eps;
+  p.training = training;
+  p.relu = relu;
+  node->x_ = SavedVariable(input, false);
+  node->w_ = SavedVariable(weight, false);
+  node->y_ = SavedVariable(f.y, false);
+  node->bn_w_ = SavedVariable(bn_weight, false);
+  node->save_mean_ = SavedVariable(f.save_mean, false);
+  node->save_var_ = SavedVariable(f.save_var, false);
+  if (f.impl_index == 1) {
+    node->reserve_ = SavedVariable(f.reserve, false);
+  }
+  if (!training) {
+    // Eval mode's BatchNorm backward reads the running statistics (saved, as eager's node
+    // saves them); training's reads the saved batch statistics only.
+    node->running_mean_ = SavedVariable(running_mean, false);
+    node->running_var_ = SavedVariable(running_var, false);
+  }
+  if (relu) {
+    node->out_ = SavedVariable(f.out, true);
+  }
+  return f.out;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Python entry points of the plans' hot path, as METH_FASTCALL functions (pybind11's
+// argument dispatch costs about a microsecond at 17 arguments: as much as the rest of the
+// call's Python).
+//
+// resnet_fused._C.conv_bn_act_eager: the op through the dispatcher (typed call), without
+// torch.ops' boxed argument parsing, which costs more than the unit's three eager calls at
+// small shapes. Tensors whose Python type defines __torch_function__ (anything but Tensor
+// and Parameter) and an active TorchFunctionMode get NotImplemented back, nothing done:
+// the caller then runs eager's ops one by one, which honour them as eager's modules do.
+// ---------------------------------------------------------------------------------------
+namespace {
+
+PyObject* parameter_type() {
+  static PyObject* const type =
+      pybind11::object(pybind11::module_::import("torch.nn.parameter").attr("Parameter"))
+          .release()
+          .ptr();
+  return type;
+}
+
+std::optional<at::Tensor> optional_tensor(PyObject* obj) {
+  if (obj == Py_None) {
+    return std::nullopt;
+  }
+  return THPVariable_Unpack(obj);
+}
+
+// An int[2] argument: a tuple or list of two ints.
+std::array<int64_t, 2> int_pair(PyObject* obj, const char* name) {
+  TORCH_CHECK_TYPE((PyTuple_Check(obj) || PyList_Check(obj)) && PySequence_Fast_GET_SIZE(obj) == 2,
+                   kOpName, ": ", name, " must be a tuple or list of two ints");
+  PyObject** items = PySequence_Fast_ITEMS(obj);
+  return {THPUtils_unpackLong(items[0]), THPUtils_unpackLong(items[1])};
+}
+
+double as_double(PyObject* obj) {
+  const double value = PyFloat_AsDouble(obj);
+  if (value == -1.0 && PyErr_Occurred()) {
+    throw python_error();
+  }
+  return value;
+}
+
+bool as_bool(PyObject* obj) {
+  const int value = PyObject_IsTrue(obj);
+  if (value < 0) {
+    throw python_error();
+  }
+  return value != 0;
+}
+
+// conv_bn_act_eager(input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+//                   running_var, num_batches_tracked, stride, padding, dilation, groups,
+//                   training, momentum, eps, residual, relu), as the schema.
+PyObject* conv_bn_act_eager_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 17, kOpName, " takes 17 positional arguments, got ", nargs);
+  constexpr int kTensors[] = {0, 1, 2, 3, 4, 5, 6, 7, 15};
+  bool plain = !at::impl::torch_function_mode_enabled();
+  for (const int i : kTensors) {
+    PyObject* obj = args[i];
+    if (obj == Py_None) {
+      TORCH_CHECK_TYPE(i >= 2, kOpName, ": input and conv_weight must be tensors");
+      continue;
+    }
+    if (THPVariable_CheckExact(obj)) {
+      continue;
+    }
+    TORCH_CHECK_TYPE(THPVariable_Check(obj), kOpName, ": expected a Tensor or None, got ",
+                     Py_TYPE(obj)->tp_name);
+    plain = plain && reinterpret_cast<PyObject*>(Py_TYPE(obj)) == parameter_type();
+  }
+  const auto stride = int_pair(args[8], "stride");
+  const auto padding = int_pair(args[9], "padding");
+  const auto dilation = int_pair(args[10], "dilation");
+  const int64_t groups = THPUtils_unpackLong(args[11]);
+  const bool training = as_bool(args[12]);
+  const std::optional<double> momentum =
+      args[13] == Py_None ? std::nullopt : std::optional<double>(as_double(args[13]));
+  const double eps = as_double(args[14]);
+  const bool relu = as_bool(args[16]);
+  if (!plain) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("resnet_fused::conv_bn_act_eager", "")
+                       .typed<decltype(conv_bn_act_eager)>();
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;  // as torch's own bindings of aten ops
+    out = op.call(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
+                  optional_tensor(args[2]), optional_tensor(args[3]), optional_tensor(args[4]),
+                  optional_tensor(args[5]), optional_tensor(args[6]), optional_tensor(args[7]),
+                  stride, padding, dilation, groups, training, momentum, eps,
+                  optional_tensor(args[15]), relu);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// The tensor part of a plan's signature (resnet_fused/modules.py, _TENSORS): for each
+// argument, None -> one marker; a tensor -> dim, dtype, device, requires_grad, sizes and
+// strides, as one bytes object (compared with ==; it holds the values themselves, so two
+// equal signatures mean equal metadata). None when an argument is neither (or a tensor
+// without plain sizes and strides): the caller then takes the checked path.
+PyObject* tensor_signature(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  c10::SmallVector<int64_t, 160> words;
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    PyObject* obj = args[i];
+    if (obj == Py_None) {
+      words.push_back(-1);
+      continue;
+    }
+    if (!THPVariable_Check(obj)) {
+      Py_RETURN_NONE;
+    }
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (t.layout() != at::kStrided || t.is_nested() ||
+        t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+      Py_RETURN_NONE;
+    }
+    try {
+      const c10::Device device = t.device();
+      const auto sizes = t.sizes();
+      const auto strides = t.strides();
+      words.push_back(t.dim());
+      words.push_back(static_cast<int64_t>(t.scalar_type()));
+      words.push_back(static_cast<int64_t>(device.type()));
+      words.push_back(device.index());
+      words.push_back(t.requires_grad());
+      words.append(sizes.begin(), sizes.end());
+      words.append(strides.begin(), strides.end());
+    } catch (const c10::Error&) {
+      Py_RETURN_NONE;  // (a subclass that cannot give them)
+    }
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),
+                                   static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)));
+  END_HANDLE_TH_ERRORS
+}
+
+template <typename F>
+PyCFunction fastcall(F* f) {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f));
+}
+
+PyMethodDef kMethods[] = {
+    {"conv_bn_act_eager", fastcall(&conv_bn_act_eager_py), METH_FASTCALL,
+     "torch.ops.resnet_fused.conv_bn_act_eager through the dispatcher with less argument "
+     "parsing (positional arguments, as the schema); NotImplemented for tensors with "
+     "__torch_function__ or under a TorchFunctionMode."},
+    {"tensor_signature", fastcall(&tensor_signature), METH_FASTCALL,
+     "dim, dtype, device, requires_grad, sizes and strides of each tensor argument (None "
+     "kept) as one bytes object; None when an argument is neither a tensor nor None."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+void bind_unit(pybind11::module_& m) {
+  if (PyModule_AddFunctions(m.ptr(), kMethods) != 0) {
+    throw pybind11::error_already_set();
+  }
+}
+
+}  // namespace resnet_fused
+
+TORCH_LIBRARY_IMPL(resnet_fused, CompositeExplicitAutograd, m) {
+  m.impl("conv_bn_act_eager", &resnet_fused::conv_bn_act_eager);
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) {
+  m.impl("conv_bn_act_eager", &resnet_fused::conv_bn_act_eager_autograd);
+}

@@ -125,7 +125,8 @@ def _refuse_unsynchronised(bns, what: str) -> None:
 
     for bn in bns:
         batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-        if type(bn) is nn.BatchNorm2d and batch_stats:
+        plain = isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, nn.SyncBatchNorm)
+        if plain and batch_stats:
             raise RuntimeError(_SYNC_HOOKS_ERROR.format(what=what))
 
 
@@ -169,14 +170,27 @@ def fused_conv_bn(
         return tracer.create_proxy(
             "call_function", fused_conv_bn, (conv, bn, input, residual), kwargs
         )
-    if has_hooks(conv, bn, relu_module) or not _fusable(conv, bn, relu_module):
+    if has_hooks(conv, *_bn_modules(bn), relu_module) or not _fusable(conv, bn, relu_module):
         # hooks, or modules replaced by others since conversion: the modules themselves
-        if sync and has_hooks(conv, bn, relu_module):
+        if sync and has_hooks(conv, *_bn_modules(bn), relu_module):
             _refuse_unsynchronised([bn], "a module of this fused conv-BN site")
         out = bn(conv(input))
         if residual is not None:
             out = out + residual
         return _relu(out, relu, relu_module)
+    inner = _inner_act(bn)
+    if inner is not None:  # a norm-act BatchNorm: its activation first, then the rest
+        if inner == "relu" and residual is None:  # relu(relu(y)) == relu(y)
+            return _conv_bn(conv, bn, input, None, True, backend, sync, process_group)
+        out = _conv_bn(conv, bn, input, None, False, backend, sync, process_group)
+        out = bn._modules["act"](bn._modules["drop"](out))
+        if residual is not None:
+            out = out + residual
+        return _relu(out, relu, relu_module)
+    return _conv_bn(conv, bn, input, residual, relu, backend, sync, process_group)
+
+
+def _conv_bn(conv, bn, input, residual, relu: bool, backend, sync, process_group) -> Tensor:
     cache = _fold_cache(bn)
     if residual is not None and not (
         isinstance(residual, Tensor)
@@ -193,16 +207,53 @@ def fused_conv_bn(
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
+def is_norm_act(m: object) -> bool:
+    """A BatchNorm that carries its activation, recognised by its structure (timm's
+    ``BatchNormAct2d`` and ``SyncBatchNormAct``, without importing timm): a subclass of
+    ``nn.BatchNorm2d`` or ``nn.SyncBatchNorm`` whose only children are ``drop`` and
+    ``act``. Its forward is the BatchNorm's, then ``drop``, then ``act``."""
+    return (
+        isinstance(m, _BN_TYPES)
+        and type(m) not in _BN_TYPES
+        and set(m._modules) == {"drop", "act"}
+        and all(isinstance(c, nn.Module) for c in m._modules.values())
+    )
+
+
+def _inner_act(bn: nn.Module) -> str | None:
+    """What a norm-act BatchNorm applies after normalising, read now: None (a plain
+    BatchNorm, or identity ``drop`` and ``act``), "relu" (``nn.ReLU`` after an identity
+    ``drop``: fused) or "module" (anything else: its ``drop`` and ``act`` run as modules
+    after the fused BatchNorm)."""
+    if type(bn) in _BN_TYPES or not is_norm_act(bn):
+        return None
+    drop, act = bn._modules["drop"], bn._modules["act"]
+    if type(drop) is not nn.Identity:
+        return "module"
+    if type(act) is nn.Identity:
+        return None
+    return "relu" if type(act) is nn.ReLU else "module"
+
+
+def _bn_modules(bn: nn.Module) -> tuple[nn.Module, ...]:
+    """``bn`` and, for a norm-act BatchNorm, its ``drop`` and ``act`` (whose hooks count
+    as the site's)."""
+    if type(bn) in _BN_TYPES or not is_norm_act(bn):
+        return (bn,)
+    return (bn, bn._modules["drop"], bn._modules["act"])
+
+
 def _fusable(conv, bn, relu_module) -> bool:
     """The site's modules are still of the types that were fused (a module replaced
     after conversion by another kind runs as the module it is)."""
+    bn_ok = bn is not None and (type(bn) in _BN_TYPES or is_norm_act(bn))
     if conv is not None and (
         type(conv) is not nn.Conv2d
         or conv.padding_mode != "zeros"
-        or (type(bn) in _BN_TYPES and conv.out_channels != bn.num_features)
+        or (bn_ok and conv.out_channels != bn.num_features)
     ):
         return False
-    if bn is not None and type(bn) not in _BN_TYPES:
+    if bn is not None and not bn_ok:
         return False
     return relu_module is None or type(relu_module) is nn.ReLU
 
@@ -251,20 +302,33 @@ def fused_bn(
         if process_group is not None:
             kwargs["process_group"] = process_group
         return tracer.create_proxy("call_function", fused_bn, (bn, input, residual), kwargs)
-    fusable = _fusable(None, bn, relu_module)
-    if (
-        has_hooks(bn, relu_module)
-        or not fusable
-        or (residual is not None and not _same_shape(input, residual))
-    ):
-        if sync and has_hooks(bn, relu_module):
+    hooked = has_hooks(*_bn_modules(bn), relu_module)
+    if hooked or not _fusable(None, bn, relu_module):
+        # hooks, or modules replaced by others since conversion: the modules themselves
+        if sync and hooked:
             _refuse_unsynchronised([bn], "a module of this fused BN site")
-        if fusable and not has_hooks(bn, relu_module):
-            _note_eager("the residual's shape, dtype or device differs from the input's")
         out = bn(input)
         if residual is not None:
             out = out + residual
         return _relu(out, relu, relu_module)
+    inner = _inner_act(bn)
+    if inner is not None:  # a norm-act BatchNorm: its activation first, then the rest
+        if inner == "relu" and residual is None:  # relu(relu(y)) == relu(y)
+            return _bn(bn, input, None, True, backend, sync, process_group)
+        out = _bn(bn, input, None, inner == "relu", backend, sync, process_group)
+        if inner == "module":
+            out = bn._modules["act"](bn._modules["drop"](out))
+    elif residual is not None and not _same_shape(input, residual):
+        _note_eager("the residual's shape, dtype or device differs from the input's")
+        out = _bn(bn, input, None, False, backend, sync, process_group)
+    else:
+        return _bn(bn, input, residual, relu, backend, sync, process_group)
+    if residual is not None:
+        out = out + residual
+    return _relu(out, relu, relu_module)
+
+
+def _bn(bn, input, residual, relu: bool, backend, sync, process_group) -> Tensor:
     if isinstance(bn, nn.SyncBatchNorm):
         sync, process_group = True, process_group or bn.process_group
     return bn_forward(bn, input, residual, relu, backend, sync, process_group, _fold_cache(bn))
@@ -564,6 +628,7 @@ class _Tracer(fx.Tracer):
             or isinstance(m, self.leaf_types)
             or id(m) in self.leaf_ids
             or own_hooks(m)
+            or is_norm_act(m)
         )
 
     def call_module(self, m, forward, args, kwargs):
@@ -740,13 +805,50 @@ def _why_not_conv(conv: nn.Module) -> str | None:
 
 
 def _why_not_bn(bn: nn.Module) -> str | None:
-    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d or nn.SyncBatchNorm"
+    if type(bn) in _BN_TYPES or is_norm_act(bn):
+        return None
+    if not isinstance(bn, _BN_TYPES):
+        return f"{type(bn).__name__}: only 2-d BatchNorm is fused"
+    return (f"{type(bn).__name__} subclasses {_BN_TYPES[isinstance(bn, nn.SyncBatchNorm)].__name__}"
+            " with other children than drop and act (not a norm-act layer)")  # fmt: skip
+
+
+_ONLY_RELU = "only ReLU is fused with a BatchNorm so far"
+
+# Activations other than ReLU a BatchNorm's output commonly feeds (for the report: each
+# one that reads a fused BatchNorm's output is listed, as not fused with it).
+_ACT_MODULES = (
+    nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.GELU, nn.ELU, nn.SELU,
+    nn.CELU, nn.Mish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.PReLU, nn.Softplus,
+)  # fmt: skip
+_ACT_FUNCTIONS = {
+    F.relu6, F.hardtanh, F.hardtanh_, F.leaky_relu, F.leaky_relu_, F.silu, F.hardswish,
+    F.gelu, F.elu, F.selu, F.celu, F.mish, F.sigmoid, torch.sigmoid, F.hardsigmoid,
+    torch.tanh, F.tanh, F.softplus, F.prelu,
+}  # fmt: skip
+_ACT_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}  # (ReLU: see _find_sites)
+
+
+def _act_text(act: nn.Module) -> str:
+    return type(act).__name__
+
+
+def _activation_of(root: nn.Module, node: fx.Node) -> str | None:
+    """The activation ``node`` applies (a name for the report), or None."""
+    if node.op == "call_module":
+        m = root.get_submodule(node.target)
+        return f"{node.target} ({_act_text(m)})" if isinstance(m, _ACT_MODULES) else None
+    if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
+        return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
+    if node.op == "call_method" and node.target in _ACT_METHODS:
+        return f"{node.name} (.{node.target}())"
     return None
 
 
 class _Site:
     """One fused site: the pattern, the module paths it reads and the rewritten node."""
+
+    act_inside = False  # the BatchNorm is a norm-act one: its own drop and act included
 
     def __init__(self, pattern, conv=None, bn=None, relu=None, names=()):
         self.pattern, self.conv, self.bn, self.relu = pattern, conv, bn, relu
@@ -802,9 +904,13 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
                 left.append((name(src), f"not fused with {name(bn_node)}: {why}"))
         return None, None
 
-    def is_bn(node):
+    def is_bn(node):  # a BatchNorm whose output is its normalised input (no own act)
         m = _module_of(root, node)
-        return isinstance(m, nn.modules.batchnorm._BatchNorm) and node not in claimed
+        return (
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and node not in claimed
+            and _inner_act(m) is None
+        )
 
     for node in list(graph.nodes):
         relu = _relu_of(root, node)
@@ -829,8 +935,7 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
                 if not (is_bn(operand) and _single_user(operand, x)):
                     continue
                 conv, why = bn_unit(operand, x)
-                if why:
-                    left.append((name(operand), why))
+                if why:  # (the BatchNorm's own entry comes from the loop below)
                     continue
                 nodes = [n for n in (conv, operand, x, node) if n is not None]
                 bn_path = operand.target
@@ -852,8 +957,8 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
             continue
         if is_bn(x) and _single_user(x, node):
             conv, why = bn_unit(x, node)
-            if why:
-                left.append((name(x), why))
+            if why:  # (the BatchNorm's own entry comes from the loop below)
+                left.append((name(node), f"not fused with {name(x)}: {why}"))
                 continue
             nodes = [n for n in (conv, x, node) if n is not None]
             if conv is not None:
@@ -865,32 +970,51 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
             claimed.update(nodes)
         elif is_bn(x) or add is not None:
             left.append((name(node), f"not fused with {name(x)}: {_users_text(x)}"))
+    # Every other BatchNorm: with its convolution when that can be fused, else alone (a
+    # norm-act BatchNorm with its own ReLU fused, any other activation of its own run as
+    # a module after the fused BatchNorm).
     for node in list(graph.nodes):
         m = _module_of(root, node)
         if node in claimed or not isinstance(m, nn.modules.batchnorm._BatchNorm):
             continue
         if isinstance(m, _class_domain()):  # resnet_fused's own (a fused stem's bn1)
             continue
-        if _why_not_bn(m):
-            left.append((name(node), _why_not_bn(m)))
+        why = _why_not_bn(m)
+        if why is None and (len(node.args) != 1 or node.kwargs):
+            why = "called with extra arguments"
+        if why:
+            left.append((name(node), why))
             continue
-        src = node.args[0] if node.args else None
-        conv = _module_of(root, src) if isinstance(src, fx.Node) else None
-        if not isinstance(conv, nn.Conv2d):
-            left.append((name(node), "its input is not a convolution and no ReLU follows"))
+        src = node.args[0]
+        conv_node = None
+        if isinstance(_module_of(root, src) if isinstance(src, fx.Node) else None, nn.Conv2d):
+            conv_node, _ = bn_unit(node, None)  # (a conv that cannot be fused is listed)
+        inner = _inner_act(m)
+        pattern = ("conv-bn" if conv_node is not None else "bn") + (
+            "-relu" if inner == "relu" else ""
+        )
+        nodes = [n for n in (conv_node, node) if n is not None]
+        names = [name(n) for n in nodes] + ([f"{node.target}.act"] if inner == "relu" else [])
+        site = _Site(pattern, conv_node.target if conv_node is not None else None,
+                     node.target, None, names)  # fmt: skip
+        site.act_inside = inner is not None
+        sites.append((site, nodes, (conv_node or node).args[0], None))
+        claimed.update(nodes)
+        if inner == "module":
+            act = m._modules["act"]
+            left.append((f"{node.target}.act", f"{_act_text(act)} after {name(node)} runs as "
+                         f"its own pass ({_ONLY_RELU})"))  # fmt: skip
+    # Every activation that reads a fused BatchNorm's output: in its site, or listed here.
+    for site, nodes, *_ in sites:
+        if site.pattern.endswith("relu"):
             continue
-        conv_node, why = bn_unit(node, None)
-        if conv_node is None:
-            if why:
-                left.append((name(node), why))
-            elif src in claimed:
-                left.append((name(node), f"{name(src)} is fused elsewhere"))
-            else:
-                left.append((name(node), "its convolution cannot be fused (see above)"))
-            continue
-        site = _Site("conv-bn", conv_node.target, node.target, None, [name(src), name(node)])
-        sites.append((site, [conv_node, node], conv_node.args[0], None))
-        claimed.update((conv_node, node))
+        for user in nodes[-1].users:
+            act = _activation_of(root, user)
+            if act is not None:
+                left.append((name(user), f"{act} after {name(nodes[-1])} runs as its own "
+                             f"pass ({_ONLY_RELU})"))  # fmt: skip
+    seen = set()
+    left = [e for e in left if not (e in seen or seen.add(e))]
     return sites, left
 
 
@@ -911,8 +1035,11 @@ def _rewrite(graph: fx.Graph, sites, backend: str, sync: bool, has_group: bool) 
                     fused_add_relu, (inp, residual), {"relu_module": relu_mod, "backend": backend}
                 )
             else:
-                kwargs = {"relu": site.relu is not None or site.pattern.endswith("relu"),
-                          "relu_module": relu_mod, "backend": backend, "sync": sync}  # fmt: skip
+                relu = (site.relu is not None or site.pattern.endswith("relu")) and not (
+                    site.act_inside  # the BatchNorm applies its own act, read at call time
+                )
+                kwargs = {"relu": relu, "relu_module": relu_mod, "backend": backend,
+                          "sync": sync}  # fmt: skip
                 if group is not None:
                     kwargs["process_group"] = group
                 if conv is not None:
@@ -1236,6 +1363,8 @@ class _GraphConversion:
         out = []
         for site in self.sites:
             mods = [self.module.get_submodule(p) for p in site.modules()]
+            if site.bn is not None:
+                mods += _bn_modules(self.module.get_submodule(site.bn))
             if has_hooks(*mods):
                 out.append(site)
         return out

@@ -744,24 +744,34 @@ def convert(
     )  # fmt: skip
     graph_fused, graph_skipped = graph_report(model)
     skipped += graph_skipped + _stem_entries(model, graph_fused + graph_skipped)
-    if skipped:
+    fused_any = graph_fused or any(
+        isinstance(m, (_FusedBlock, FusedStemConv2d)) for m in model.modules()
+    )
+    if not fused_any:
+        warnings.warn(_nothing_fused_text(model, skipped), stacklevel=2)
+    elif skipped:
         warnings.warn(
             "resnet_fused.convert left these parts unfused (they run as before):\n  "
             + "\n  ".join(skipped),
             stacklevel=2,
         )
-    fused_any = graph_fused or any(
-        isinstance(m, (_FusedBlock, FusedStemConv2d)) for m in model.modules()
-    )
-    if not fused_any and any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-    ):
-        warnings.warn(
-            "resnet_fused.convert fused nothing in this model (see "
-            "resnet_fused.conversion_report for the reasons)",
-            stacklevel=2,
-        )
     return model
+
+
+def _nothing_fused_text(model: nn.Module, skipped: list[str]) -> str:
+    """The "fused nothing" warning, with the reasons."""
+    text = "resnet_fused.convert fused nothing in this model: "
+    if skipped:
+        return text + "every candidate was left alone:\n  " + "\n  ".join(skipped)
+    norms = [name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
+    if norms:  # (left alone inside modules it could not see into)
+        return text + f"its BatchNorm layers ({', '.join(norms[:5])}) are in no fusable pattern"
+    return text + (
+        "it has no BatchNorm layer and no add followed by ReLU (resnet_fused fuses "
+        "Conv2d->BatchNorm2d->(add)->ReLU, BatchNorm2d->(add)->ReLU, BatchNorm2d and "
+        "add->ReLU); it runs as before"
+    )
 
 
 def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:

@@ -312,14 +312,29 @@ def test_value_with_two_users_is_left_alone_and_reported():
 
 
 def test_warns_when_nothing_is_fused():
+    # a BatchNorm after a convolution that cannot be fused is fused alone
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding_mode="reflect", padding=1),
                           nn.BatchNorm2d(4))  # fmt: skip
-    with pytest.warns(UserWarning, match="fused nothing"):
+    with pytest.warns(UserWarning, match="padding_mode='reflect'"):
         converted = resnet_fused.convert(model)
     report = resnet_fused.conversion_report(converted)
-    assert report["fused"] == [] and "padding_mode='reflect'" in " ".join(report["not_fused"])
+    assert report["fused"] == ["1 (bn)"]
+    assert report["not_fused"] == [
+        "0: left alone: not fused with 1: padding_mode='reflect' (only 'zeros' is fused)"
+    ]
     with pytest.raises(TypeError, match="leaf_modules"):
         resnet_fused.convert(model, leaf_modules=["ResidualBlock"])
+    # nothing to fuse at all: the warning says so, and why
+    for model, why in (
+        (nn.Sequential(nn.Linear(4, 4), nn.ReLU()), "no BatchNorm layer"),
+        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU()), "only 2-d BatchNorm"),
+    ):
+        with pytest.warns(UserWarning, match="fused nothing") as record:
+            converted = resnet_fused.convert(model)
+        assert why in str(record[-1].message)
+        assert resnet_fused.conversion_report(converted)["fused"] == []
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(converted.eval()(x), model.eval()(x), rtol=0, atol=0)
 
 
 def test_leaf_modules_are_converted_on_their_own():

@@ -19,9 +19,18 @@ Rules:
   add runs out of place (fused) only when its target has storage of its own that no other
   value (a view taken before, the caller's tensor) can see; else it stays in place.
 * Patterns, longest first: Conv2d->BN->add->ReLU, Conv2d->BN->ReLU, BN->add->ReLU,
-  BN->ReLU, add->ReLU, then Conv2d->BN. A site is fused only when every interior value
-  has one user and the modules are exactly ``nn.Conv2d`` (zeros padding) and
-  ``nn.BatchNorm2d`` / ``nn.SyncBatchNorm``.
+  BN->ReLU, add->ReLU, then Conv2d->BN and, for every BatchNorm left, BN alone. A site
+  is fused only when every interior value has one user and the modules are exactly
+  ``nn.Conv2d`` (zeros padding) and a BatchNorm the kernels compute: ``nn.BatchNorm2d``
+  / ``nn.SyncBatchNorm``; a norm-act BatchNorm (:func:`is_norm_act`: timm's
+  ``BatchNormAct2d`` and ``SyncBatchNormAct``, a subclass whose only children are
+  ``drop`` and ``act``), with its own ReLU fused and any other activation of its own run
+  as a module after the fused BatchNorm (both read at call time); a frozen BatchNorm
+  (:func:`is_frozen_bn`: torchvision's ``FrozenBatchNorm2d``, timm's
+  ``FrozenBatchNormAct2d``), computed as an ``nn.BatchNorm2d`` in eval mode. These are
+  recognised by structure (timm is not imported). Every BatchNorm appears in the report
+  once (fused, or left alone with the reason), and so does every activation other than
+  ReLU that reads a fused BatchNorm's output (only ReLU is fused with a BatchNorm so far).
 * A module that cannot be traced (data-dependent control flow, ...) runs as it is; its
   children are converted instead and the error is reported.
 * Hooks: a module carrying hooks at conversion is not traced through (its hooks fire);
@@ -76,7 +85,14 @@ from torch import Tensor, fx, nn
 from ._validation import SUPPORTED_DTYPES
 from .modules import FoldCache, _conv_padding, bn_forward, conv_bn_forward, has_hooks
 
-__all__ = ["convert_graphs", "fused_add_relu", "fused_bn", "fused_conv_bn"]
+__all__ = [
+    "convert_graphs",
+    "fused_add_relu",
+    "fused_bn",
+    "fused_conv_bn",
+    "is_frozen_bn",
+    "is_norm_act",
+]
 
 _ATTR = "_resnet_fused_graph"
 
@@ -178,6 +194,12 @@ def fused_conv_bn(
         if residual is not None:
             out = out + residual
         return _relu(out, relu, relu_module)
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) and (
+        input.dim() != 4 or _unit_dtype(input) != bn._buffers["weight"].dtype
+    ):  # a frozen BatchNorm promotes to its buffers' dtype (autocast): as the modules do
+        _note_eager("a frozen BatchNorm's buffers have another dtype than its input")
+        out = bn(conv(input))
+        return _relu(out if residual is None else out + residual, relu, relu_module)
     inner = _inner_act(bn)
     if inner is not None:  # a norm-act BatchNorm: its activation first, then the rest
         if inner == "relu" and residual is None:  # relu(relu(y)) == relu(y)
@@ -191,6 +213,7 @@ def fused_conv_bn(
 
 
 def _conv_bn(conv, bn, input, residual, relu: bool, backend, sync, process_group) -> Tensor:
+    bn = _as_bn(bn)
     cache = _fold_cache(bn)
     if residual is not None and not (
         isinstance(residual, Tensor)
@@ -220,12 +243,94 @@ def is_norm_act(m: object) -> bool:
     )
 
 
+_FROZEN_BUFFERS = {"weight", "bias", "running_mean", "running_var"}
+
+
+def is_frozen_bn(m: object) -> bool:
+    """A frozen BatchNorm, recognised by its structure (torchvision's
+    ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``): no parameters, exactly the
+    buffers weight, bias, running_mean and running_var (1-d, one size), a float ``eps``,
+    and no children or exactly ``drop`` and ``act``. It normalises with its fixed
+    statistics and affine, as an ``nn.BatchNorm2d`` in eval mode does."""
+    if not isinstance(m, nn.Module) or isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return False
+    bufs = m._buffers
+    if m._parameters or set(bufs) != _FROZEN_BUFFERS:
+        return False
+    if set(m._modules) not in (set(), {"drop", "act"}):
+        return False
+    if not isinstance(m.__dict__.get("eps"), float):
+        return False
+    sizes = {(b.dim(), b.numel()) if isinstance(b, Tensor) else None for b in bufs.values()}
+    return len(sizes) == 1 and next(iter(sizes)) is not None and next(iter(sizes))[0] == 1
+
+
+class _FrozenView:
+    """A frozen BatchNorm as the fused calls read an ``nn.BatchNorm2d`` in eval mode (its
+    buffers read live from the module)."""
+
+    training = False
+    momentum = 0.0
+    track_running_stats = True
+    affine = True
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = weakref.ref(module)
+
+    def _m(self) -> nn.Module:
+        return self._module()
+
+    @property
+    def _parameters(self):
+        b = self._m()._buffers
+        return {"weight": b["weight"], "bias": b["bias"]}
+
+    @property
+    def _buffers(self):
+        b = self._m()._buffers
+        return {"running_mean": b["running_mean"], "running_var": b["running_var"],
+                "num_batches_tracked": None}  # fmt: skip
+
+    weight = property(lambda self: self._m()._buffers["weight"])
+    bias = property(lambda self: self._m()._buffers["bias"])
+    running_mean = property(lambda self: self._m()._buffers["running_mean"])
+    running_var = property(lambda self: self._m()._buffers["running_var"])
+    num_batches_tracked = None
+    eps = property(lambda self: self._m().eps)
+    num_features = property(lambda self: self._m()._buffers["weight"].numel())
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+_FROZEN_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _as_bn(bn: nn.Module):
+    """What the fused calls read: ``bn`` itself, or a frozen BatchNorm's eval view."""
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        return bn
+    view = _FROZEN_VIEWS.get(bn)
+    if view is None:
+        view = _FROZEN_VIEWS.setdefault(bn, _FrozenView(bn))
+    return view
+
+
+def _is_bn(m: object) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) or is_frozen_bn(m)
+
+
+def _num_features(m: nn.Module) -> int:
+    return m.num_features if hasattr(m, "num_features") else m._buffers["weight"].numel()
+
+
 def _inner_act(bn: nn.Module) -> str | None:
     """What a norm-act BatchNorm applies after normalising, read now: None (a plain
     BatchNorm, or identity ``drop`` and ``act``), "relu" (``nn.ReLU`` after an identity
     ``drop``: fused) or "module" (anything else: its ``drop`` and ``act`` run as modules
     after the fused BatchNorm)."""
-    if type(bn) in _BN_TYPES or not is_norm_act(bn):
+    if type(bn) in _BN_TYPES or not bn._modules or not (is_norm_act(bn) or is_frozen_bn(bn)):
         return None
     drop, act = bn._modules["drop"], bn._modules["act"]
     if type(drop) is not nn.Identity:
@@ -238,7 +343,7 @@ def _inner_act(bn: nn.Module) -> str | None:
 def _bn_modules(bn: nn.Module) -> tuple[nn.Module, ...]:
     """``bn`` and, for a norm-act BatchNorm, its ``drop`` and ``act`` (whose hooks count
     as the site's)."""
-    if type(bn) in _BN_TYPES or not is_norm_act(bn):
+    if type(bn) in _BN_TYPES or not bn._modules or not (is_norm_act(bn) or is_frozen_bn(bn)):
         return (bn,)
     return (bn, bn._modules["drop"], bn._modules["act"])
 
@@ -246,11 +351,11 @@ def _bn_modules(bn: nn.Module) -> tuple[nn.Module, ...]:
 def _fusable(conv, bn, relu_module) -> bool:
     """The site's modules are still of the types that were fused (a module replaced
     after conversion by another kind runs as the module it is)."""
-    bn_ok = bn is not None and (type(bn) in _BN_TYPES or is_norm_act(bn))
+    bn_ok = bn is not None and (type(bn) in _BN_TYPES or is_norm_act(bn) or is_frozen_bn(bn))
     if conv is not None and (
         type(conv) is not nn.Conv2d
         or conv.padding_mode != "zeros"
-        or (bn_ok and conv.out_channels != bn.num_features)
+        or (bn_ok and conv.out_channels != _num_features(bn))
     ):
         return False
     if bn is not None and not bn_ok:
@@ -311,6 +416,12 @@ def fused_bn(
         if residual is not None:
             out = out + residual
         return _relu(out, relu, relu_module)
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) and (
+        input.dim() != 4 or input.dtype != bn._buffers["weight"].dtype
+    ):  # a frozen BatchNorm promotes to its buffers' dtype: as the module does
+        _note_eager("a frozen BatchNorm's buffers have another dtype than its input")
+        out = bn(input)
+        return _relu(out if residual is None else out + residual, relu, relu_module)
     inner = _inner_act(bn)
     if inner is not None:  # a norm-act BatchNorm: its activation first, then the rest
         if inner == "relu" and residual is None:  # relu(relu(y)) == relu(y)
@@ -329,6 +440,7 @@ def fused_bn(
 
 
 def _bn(bn, input, residual, relu: bool, backend, sync, process_group) -> Tensor:
+    bn = _as_bn(bn)
     if isinstance(bn, nn.SyncBatchNorm):
         sync, process_group = True, process_group or bn.process_group
     return bn_forward(bn, input, residual, relu, backend, sync, process_group, _fold_cache(bn))
@@ -629,6 +741,7 @@ class _Tracer(fx.Tracer):
             or id(m) in self.leaf_ids
             or own_hooks(m)
             or is_norm_act(m)
+            or is_frozen_bn(m)
         )
 
     def call_module(self, m, forward, args, kwargs):
@@ -805,7 +918,7 @@ def _why_not_conv(conv: nn.Module) -> str | None:
 
 
 def _why_not_bn(bn: nn.Module) -> str | None:
-    if type(bn) in _BN_TYPES or is_norm_act(bn):
+    if type(bn) in _BN_TYPES or is_norm_act(bn) or is_frozen_bn(bn):
         return None
     if not isinstance(bn, _BN_TYPES):
         return f"{type(bn).__name__}: only 2-d BatchNorm is fused"
@@ -892,7 +1005,7 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         conv = _module_of(root, src) if isinstance(src, fx.Node) else None
         if isinstance(conv, nn.Conv2d):
             why = _why_not_conv(conv)
-            if why is None and conv.out_channels != _module_of(root, bn_node).num_features:
+            if why is None and conv.out_channels != _num_features(_module_of(root, bn_node)):
                 why = "conv outputs and BatchNorm features differ"
             if why is None and (len(src.args) != 1 or src.kwargs):
                 why = "conv called with extra arguments"
@@ -906,11 +1019,7 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
 
     def is_bn(node):  # a BatchNorm whose output is its normalised input (no own act)
         m = _module_of(root, node)
-        return (
-            isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and node not in claimed
-            and _inner_act(m) is None
-        )
+        return _is_bn(m) and node not in claimed and _inner_act(m) is None
 
     for node in list(graph.nodes):
         relu = _relu_of(root, node)
@@ -975,7 +1084,7 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
     # a module after the fused BatchNorm).
     for node in list(graph.nodes):
         m = _module_of(root, node)
-        if node in claimed or not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if node in claimed or not _is_bn(m):
             continue
         if isinstance(m, _class_domain()):  # resnet_fused's own (a fused stem's bn1)
             continue
@@ -1603,7 +1712,7 @@ def graph_report(model: nn.Module):
             else:
                 skipped.append(f"{where}: not traced ({conv.error}); its children converted alone")
             for child_name, child in module.named_children():
-                if isinstance(child, (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.ReLU)):
+                if isinstance(child, (nn.Conv2d, nn.ReLU)) or _is_bn(child):
                     skipped.append(f"{prefix}{child_name}: left alone: its parent {where} "
                                    "could not be traced")  # fmt: skip
             continue

@@ -673,7 +673,11 @@ def convert(
     leaf_modules=(),
 ) -> nn.Module:
     """The fused twin of ``model``: every Conv2d->BatchNorm2d->(add)->ReLU, Conv2d->
-    BatchNorm2d, BatchNorm2d->(add)->ReLU and add->ReLU of its computation fused.
+    BatchNorm2d, BatchNorm2d->(add)->ReLU, BatchNorm2d and add->ReLU of its computation
+    fused. timm's norm-act layers (``BatchNormAct2d``, ``SyncBatchNormAct``) and frozen
+    BatchNorms (torchvision's ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``)
+    count as BatchNorms; only ReLU is fused with a BatchNorm so far (other activations
+    run as before and are listed in the report).
 
     Two mechanisms, one set of rules (see :func:`conversion_report`):
 
@@ -693,8 +697,8 @@ def convert(
       module tree, ``state_dict`` keys and the very parameter and buffer objects are
       unchanged; ``model.conv1`` stays the user's ``nn.Conv2d``.
 
-    Warns when parts are left unfused, and when the model has BatchNorm layers but
-    nothing was fused.
+    Warns when parts are left unfused, and when nothing was fused (with the reasons,
+    also for a model with nothing to fuse).
 
     Args:
         model: any nn.Module; typically a torchvision ResNet.

@@ -249,3 +249,62 @@ def test_timm_norm_act_models_have_no_eager_batchnorm(name):
         ref = model.double()(x.double())
         out = converted.double()(x.double())
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+class FrozenNet(nn.Module):
+    """A detection-style backbone piece: frozen BatchNorms (torchvision's, and timm's
+    with its activation), the convolutions trained."""
+
+    def __init__(self, act=nn.SiLU):
+        super().__init__()
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        self.conv1 = nn.Conv2d(3, 5, 3, 1, 1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(5)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(5, 5, 3, 1, 1, bias=False)
+        self.bn2 = timm.layers.FrozenBatchNormAct2d(5, act_layer=act)
+        self.bn3 = timm.layers.FrozenBatchNormAct2d(5, act_layer=nn.ReLU)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2, self.bn3):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        return self.bn3(self.bn2(self.conv2(y)) + y)
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, nn.ReLU], ids=["silu", "relu"])
+def test_frozen_batchnorms_fused_as_eval_batchnorms(act):
+    torch.manual_seed(0)
+    model = FrozenNet(act).double()
+    converted = _convert(model)
+    report = resnet_fused.conversion_report(converted)
+    silu = act is nn.SiLU
+    assert report["fused"] == [
+        "conv1, bn1, relu (conv-bn-relu)",
+        "conv2, bn2 (conv-bn)" if silu else "conv2, bn2, bn2.act (conv-bn-relu)",
+        "bn3, bn3.act (bn-relu)",
+    ]
+    assert report["not_fused"] == (
+        ["bn2.act: left alone: SiLU after bn2 runs as its own pass (only ReLU is fused with "
+         "a BatchNorm so far)"] if silu else []
+    )  # fmt: skip
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    out, ref = converted(x), model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [x, *converted.parameters()], g)
+    want = torch.autograd.grad(ref, [x, *model.parameters()], g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert _batch_norm_ops(converted, x.detach()) == 0
+    # under autocast eager promotes to the frozen buffers' fp32: so does the converted model
+    model, converted = model.float(), converted.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        a, b = converted(x.float()), model(x.float())
+    assert a.dtype == b.dtype
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

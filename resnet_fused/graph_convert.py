@@ -84,6 +84,26 @@ from torch import Tensor, fx, nn
 
 from ._validation import SUPPORTED_DTYPES
 from .modules import FoldCache, _conv_padding, bn_forward, conv_bn_forward, has_hooks
+from .patterns import (
+    ACT_FUNCTIONS,
+    ACT_METHODS,
+    ACT_MODULES,
+    ADD_FUNCTIONS,
+    BN_TYPES,
+    ONLY_RELU,
+    RELU_FUNCTIONS,
+    SYNC_HOOKS_ERROR,
+    act_text,
+    bn_modules,
+    inner_act,
+    is_batch_norm,
+    is_frozen_bn,
+    is_norm_act,
+    num_features,
+    own_classes,
+    why_not_bn,
+    why_not_conv,
+)
 
 __all__ = [
     "convert_graphs",
@@ -137,13 +157,11 @@ def _tracer_of(*values):
 def _refuse_unsynchronised(bns, what: str) -> None:
     """``sync_bn`` promised synchronised statistics: a plain ``nn.BatchNorm2d`` computing
     batch statistics must not run through the module (local statistics, silently)."""
-    from .resnet import _SYNC_HOOKS_ERROR
-
     for bn in bns:
         batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         plain = isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, nn.SyncBatchNorm)
         if plain and batch_stats:
-            raise RuntimeError(_SYNC_HOOKS_ERROR.format(what=what))
+            raise RuntimeError(SYNC_HOOKS_ERROR.format(what=what))
 
 
 def _relu(out: Tensor, relu: bool, relu_module: nn.Module | None) -> Tensor:
@@ -186,9 +204,9 @@ def fused_conv_bn(
         return tracer.create_proxy(
             "call_function", fused_conv_bn, (conv, bn, input, residual), kwargs
         )
-    if has_hooks(conv, *_bn_modules(bn), relu_module) or not _fusable(conv, bn, relu_module):
+    if has_hooks(conv, *bn_modules(bn), relu_module) or not _fusable(conv, bn, relu_module):
         # hooks, or modules replaced by others since conversion: the modules themselves
-        if sync and has_hooks(conv, *_bn_modules(bn), relu_module):
+        if sync and has_hooks(conv, *bn_modules(bn), relu_module):
             _refuse_unsynchronised([bn], "a module of this fused conv-BN site")
         out = bn(conv(input))
         if residual is not None:
@@ -200,7 +218,7 @@ def fused_conv_bn(
         _note_eager("a frozen BatchNorm's buffers have another dtype than its input")
         out = bn(conv(input))
         return _relu(out if residual is None else out + residual, relu, relu_module)
-    inner = _inner_act(bn)
+    inner = inner_act(bn)
     if inner is not None:  # a norm-act BatchNorm: its activation first, then the rest
         if inner == "relu" and residual is None:  # relu(relu(y)) == relu(y)
             return _conv_bn(conv, bn, input, None, True, backend, sync, process_group)
@@ -225,44 +243,6 @@ def _conv_bn(conv, bn, input, residual, relu: bool, backend, sync, process_group
         out = conv_bn_forward(conv, bn, input, None, False, backend, cache, sync, process_group)
         return _relu(out + residual, relu, None)
     return conv_bn_forward(conv, bn, input, residual, relu, backend, cache, sync, process_group)
-
-
-_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
-
-
-def is_norm_act(m: object) -> bool:
-    """A BatchNorm that carries its activation, recognised by its structure (timm's
-    ``BatchNormAct2d`` and ``SyncBatchNormAct``, without importing timm): a subclass of
-    ``nn.BatchNorm2d`` or ``nn.SyncBatchNorm`` whose only children are ``drop`` and
-    ``act``. Its forward is the BatchNorm's, then ``drop``, then ``act``."""
-    return (
-        isinstance(m, _BN_TYPES)
-        and type(m) not in _BN_TYPES
-        and set(m._modules) == {"drop", "act"}
-        and all(isinstance(c, nn.Module) for c in m._modules.values())
-    )
-
-
-_FROZEN_BUFFERS = {"weight", "bias", "running_mean", "running_var"}
-
-
-def is_frozen_bn(m: object) -> bool:
-    """A frozen BatchNorm, recognised by its structure (torchvision's
-    ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``): no parameters, exactly the
-    buffers weight, bias, running_mean and running_var (1-d, one size), a float ``eps``,
-    and no children or exactly ``drop`` and ``act``. It normalises with its fixed
-    statistics and affine, as an ``nn.BatchNorm2d`` in eval mode does."""
-    if not isinstance(m, nn.Module) or isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return False
-    bufs = m._buffers
-    if m._parameters or set(bufs) != _FROZEN_BUFFERS:
-        return False
-    if set(m._modules) not in (set(), {"drop", "act"}):
-        return False
-    if not isinstance(m.__dict__.get("eps"), float):
-        return False
-    sizes = {(b.dim(), b.numel()) if isinstance(b, Tensor) else None for b in bufs.values()}
-    return len(sizes) == 1 and next(iter(sizes)) is not None and next(iter(sizes))[0] == 1
 
 
 class _FrozenView:
@@ -317,45 +297,14 @@ def _as_bn(bn: nn.Module):
     return view
 
 
-def _is_bn(m: object) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) or is_frozen_bn(m)
-
-
-def _num_features(m: nn.Module) -> int:
-    return m.num_features if hasattr(m, "num_features") else m._buffers["weight"].numel()
-
-
-def _inner_act(bn: nn.Module) -> str | None:
-    """What a norm-act BatchNorm applies after normalising, read now: None (a plain
-    BatchNorm, or identity ``drop`` and ``act``), "relu" (``nn.ReLU`` after an identity
-    ``drop``: fused) or "module" (anything else: its ``drop`` and ``act`` run as modules
-    after the fused BatchNorm)."""
-    if type(bn) in _BN_TYPES or not bn._modules or not (is_norm_act(bn) or is_frozen_bn(bn)):
-        return None
-    drop, act = bn._modules["drop"], bn._modules["act"]
-    if type(drop) is not nn.Identity:
-        return "module"
-    if type(act) is nn.Identity:
-        return None
-    return "relu" if type(act) is nn.ReLU else "module"
-
-
-def _bn_modules(bn: nn.Module) -> tuple[nn.Module, ...]:
-    """``bn`` and, for a norm-act BatchNorm, its ``drop`` and ``act`` (whose hooks count
-    as the site's)."""
-    if type(bn) in _BN_TYPES or not bn._modules or not (is_norm_act(bn) or is_frozen_bn(bn)):
-        return (bn,)
-    return (bn, bn._modules["drop"], bn._modules["act"])
-
-
 def _fusable(conv, bn, relu_module) -> bool:
     """The site's modules are still of the types that were fused (a module replaced
     after conversion by another kind runs as the module it is)."""
-    bn_ok = bn is not None and (type(bn) in _BN_TYPES or is_norm_act(bn) or is_frozen_bn(bn))
+    bn_ok = bn is not None and (type(bn) in BN_TYPES or is_norm_act(bn) or is_frozen_bn(bn))
     if conv is not None and (
         type(conv) is not nn.Conv2d
         or conv.padding_mode != "zeros"
-        or (bn_ok and conv.out_channels != _num_features(bn))
+        or (bn_ok and conv.out_channels != num_features(bn))
     ):
         return False
     if bn is not None and not bn_ok:
@@ -407,7 +356,7 @@ def fused_bn(
         if process_group is not None:
             kwargs["process_group"] = process_group
         return tracer.create_proxy("call_function", fused_bn, (bn, input, residual), kwargs)
-    hooked = has_hooks(*_bn_modules(bn), relu_module)
+    hooked = has_hooks(*bn_modules(bn), relu_module)
     if hooked or not _fusable(None, bn, relu_module):
         # hooks, or modules replaced by others since conversion: the modules themselves
         if sync and hooked:
@@ -422,7 +371,7 @@ def fused_bn(
         _note_eager("a frozen BatchNorm's buffers have another dtype than its input")
         out = bn(input)
         return _relu(out if residual is None else out + residual, relu, relu_module)
-    inner = _inner_act(bn)
+    inner = inner_act(bn)
     if inner is not None:  # a norm-act BatchNorm: its activation first, then the rest
         if inner == "relu" and residual is None:  # relu(relu(y)) == relu(y)
             return _bn(bn, input, None, True, backend, sync, process_group)
@@ -468,26 +417,6 @@ def fused_add_relu(
 
 
 # --- tracing ------------------------------------------------------------------------------
-
-
-def _class_domain() -> tuple[type, ...]:
-    """Modules the converter never traces into: resnet_fused's own modules and the
-    torchvision block classes (handled by resnet_fused.resnet's block classes)."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
-    from . import resnet
-    from .modules import FusedBatchNormAct2d, FusedConvBNReLU2d
-
-    return (
-        resnet._FusedBlock,
-        resnet.FusedStemConv2d,
-        resnet.FoldedBatchNorm2d,
-        resnet.FoldedReLU,
-        FusedBatchNormAct2d,
-        FusedConvBNReLU2d,
-        BasicBlock,
-        Bottleneck,
-    )
 
 
 def _is_standard_leaf(m: nn.Module) -> bool:
@@ -776,9 +705,6 @@ def _error_text(exc: BaseException) -> str:
 
 # --- pattern matching ---------------------------------------------------------------------
 
-_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-
 
 def _module_of(root: nn.Module, node: fx.Node) -> nn.Module | None:
     return root.get_submodule(node.target) if node.op == "call_module" else None
@@ -791,7 +717,7 @@ def _relu_of(root: nn.Module, node: fx.Node):
         if type(m) is nn.ReLU and len(node.args) == 1 and not node.kwargs:
             return node.args[0], m.inplace, node.target
         return None
-    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+    if node.op == "call_function" and node.target in RELU_FUNCTIONS:
         args, kwargs = list(node.args), dict(node.kwargs)
         inp = args.pop(0) if args else kwargs.pop("input", None)
         inplace = node.target in (torch.relu_, F.relu_)
@@ -813,7 +739,7 @@ def _relu_of(root: nn.Module, node: fx.Node):
 
 def _add_of(node: fx.Node):
     """(a, b, inplace) when ``node`` adds two graph values (no alpha, no out)."""
-    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+    if node.op == "call_function" and node.target in ADD_FUNCTIONS:
         inplace = node.target is operator.iadd
     elif node.op == "call_method" and node.target in ("add", "add_"):
         inplace = node.target == "add_"
@@ -905,55 +831,14 @@ def _normalise(root: nn.Module, graph: fx.Graph) -> list[nn.Module]:
     return removed
 
 
-def _why_not_conv(conv: nn.Module) -> str | None:
-    if type(conv) is not nn.Conv2d:
-        return f"{type(conv).__name__} is not a plain nn.Conv2d"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
-    try:
-        _conv_padding(conv)
-    except NotImplementedError as exc:
-        return str(exc)
-    return None
-
-
-def _why_not_bn(bn: nn.Module) -> str | None:
-    if type(bn) in _BN_TYPES or is_norm_act(bn) or is_frozen_bn(bn):
-        return None
-    if not isinstance(bn, _BN_TYPES):
-        return f"{type(bn).__name__}: only 2-d BatchNorm is fused"
-    return (f"{type(bn).__name__} subclasses {_BN_TYPES[isinstance(bn, nn.SyncBatchNorm)].__name__}"
-            " with other children than drop and act (not a norm-act layer)")  # fmt: skip
-
-
-_ONLY_RELU = "only ReLU is fused with a BatchNorm so far"
-
-# Activations other than ReLU a BatchNorm's output commonly feeds (for the report: each
-# one that reads a fused BatchNorm's output is listed, as not fused with it).
-_ACT_MODULES = (
-    nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.GELU, nn.ELU, nn.SELU,
-    nn.CELU, nn.Mish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.PReLU, nn.Softplus,
-)  # fmt: skip
-_ACT_FUNCTIONS = {
-    F.relu6, F.hardtanh, F.hardtanh_, F.leaky_relu, F.leaky_relu_, F.silu, F.hardswish,
-    F.gelu, F.elu, F.selu, F.celu, F.mish, F.sigmoid, torch.sigmoid, F.hardsigmoid,
-    torch.tanh, F.tanh, F.softplus, F.prelu,
-}  # fmt: skip
-_ACT_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}  # (ReLU: see _find_sites)
-
-
-def _act_text(act: nn.Module) -> str:
-    return type(act).__name__
-
-
 def _activation_of(root: nn.Module, node: fx.Node) -> str | None:
     """The activation ``node`` applies (a name for the report), or None."""
     if node.op == "call_module":
         m = root.get_submodule(node.target)
-        return f"{node.target} ({_act_text(m)})" if isinstance(m, _ACT_MODULES) else None
-    if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
+        return f"{node.target} ({act_text(m)})" if isinstance(m, ACT_MODULES) else None
+    if node.op == "call_function" and node.target in ACT_FUNCTIONS:
         return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
-    if node.op == "call_method" and node.target in _ACT_METHODS:
+    if node.op == "call_method" and node.target in ACT_METHODS:
         return f"{node.name} (.{node.target}())"
     return None
 
@@ -996,7 +881,7 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
 
     def bn_unit(bn_node, user):
         """(conv node or None, reason) for a BN node feeding ``user``."""
-        why = _why_not_bn(_module_of(root, bn_node))
+        why = why_not_bn(_module_of(root, bn_node))
         if why:
             return None, why
         if len(bn_node.args) != 1 or bn_node.kwargs:
@@ -1004,8 +889,8 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         src = bn_node.args[0]
         conv = _module_of(root, src) if isinstance(src, fx.Node) else None
         if isinstance(conv, nn.Conv2d):
-            why = _why_not_conv(conv)
-            if why is None and conv.out_channels != _num_features(_module_of(root, bn_node)):
+            why = why_not_conv(conv)
+            if why is None and conv.out_channels != num_features(_module_of(root, bn_node)):
                 why = "conv outputs and BatchNorm features differ"
             if why is None and (len(src.args) != 1 or src.kwargs):
                 why = "conv called with extra arguments"
@@ -1019,7 +904,7 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
 
     def is_bn(node):  # a BatchNorm whose output is its normalised input (no own act)
         m = _module_of(root, node)
-        return _is_bn(m) and node not in claimed and _inner_act(m) is None
+        return is_batch_norm(m) and node not in claimed and inner_act(m) is None
 
     for node in list(graph.nodes):
         relu = _relu_of(root, node)
@@ -1084,11 +969,11 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
     # a module after the fused BatchNorm).
     for node in list(graph.nodes):
         m = _module_of(root, node)
-        if node in claimed or not _is_bn(m):
+        if node in claimed or not is_batch_norm(m):
             continue
-        if isinstance(m, _class_domain()):  # resnet_fused's own (a fused stem's bn1)
+        if isinstance(m, own_classes()):  # resnet_fused's own (a fused stem's bn1)
             continue
-        why = _why_not_bn(m)
+        why = why_not_bn(m)
         if why is None and (len(node.args) != 1 or node.kwargs):
             why = "called with extra arguments"
         if why:
@@ -1098,7 +983,7 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         conv_node = None
         if isinstance(_module_of(root, src) if isinstance(src, fx.Node) else None, nn.Conv2d):
             conv_node, _ = bn_unit(node, None)  # (a conv that cannot be fused is listed)
-        inner = _inner_act(m)
+        inner = inner_act(m)
         pattern = ("conv-bn" if conv_node is not None else "bn") + (
             "-relu" if inner == "relu" else ""
         )
@@ -1111,8 +996,8 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         claimed.update(nodes)
         if inner == "module":
             act = m._modules["act"]
-            left.append((f"{node.target}.act", f"{_act_text(act)} after {name(node)} runs as "
-                         f"its own pass ({_ONLY_RELU})"))  # fmt: skip
+            left.append((f"{node.target}.act", f"{act_text(act)} after {name(node)} runs as "
+                         f"its own pass ({ONLY_RELU})"))  # fmt: skip
     # Every activation that reads a fused BatchNorm's output: in its site, or listed here.
     for site, nodes, *_ in sites:
         if site.pattern.endswith("relu"):
@@ -1121,7 +1006,7 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
             act = _activation_of(root, user)
             if act is not None:
                 left.append((name(user), f"{act} after {name(nodes[-1])} runs as its own "
-                             f"pass ({_ONLY_RELU})"))  # fmt: skip
+                             f"pass ({ONLY_RELU})"))  # fmt: skip
     seen = set()
     left = [e for e in left if not (e in seen or seen.add(e))]
     return sites, left
@@ -1473,7 +1358,7 @@ class _GraphConversion:
         for site in self.sites:
             mods = [self.module.get_submodule(p) for p in site.modules()]
             if site.bn is not None:
-                mods += _bn_modules(self.module.get_submodule(site.bn))
+                mods += bn_modules(self.module.get_submodule(site.bn))
             if has_hooks(*mods):
                 out.append(site)
         return out
@@ -1608,12 +1493,12 @@ def convert_graphs(
     leaf_modules=(),
 ) -> None:
     """Converts ``model`` in place (see the module docstring)."""
-    leaf_types = (*_class_domain(), *tuple(leaf_modules))
+    leaf_types = (*own_classes(), *tuple(leaf_modules))
     _convert_module(model, leaf_types, backend, sync_bn, process_group, set())
 
 
 def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -> None:
-    if id(module) in seen or _is_standard_leaf(module) or isinstance(module, _class_domain()):
+    if id(module) in seen or _is_standard_leaf(module) or isinstance(module, own_classes()):
         return
     seen.add(id(module))
     if isinstance(module.__dict__.get(_ATTR), _GraphConversion):
@@ -1712,7 +1597,7 @@ def graph_report(model: nn.Module):
             else:
                 skipped.append(f"{where}: not traced ({conv.error}); its children converted alone")
             for child_name, child in module.named_children():
-                if isinstance(child, (nn.Conv2d, nn.ReLU)) or _is_bn(child):
+                if isinstance(child, (nn.Conv2d, nn.ReLU)) or is_batch_norm(child):
                     skipped.append(f"{prefix}{child_name}: left alone: its parent {where} "
                                    "could not be traced")  # fmt: skip
             continue

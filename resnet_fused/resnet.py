@@ -39,7 +39,16 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .graph_convert import _ATTR as _GRAPH_ATTR
 from .graph_convert import convert_graphs, fused_conv_bn, graph_report, unfuse_graphs
-from .modules import FoldCache, _conv_padding, conv_bn_forward, has_hooks, own_hooks
+from .modules import FoldCache, conv_bn_forward, has_hooks, own_hooks
+from .patterns import (
+    BN_TYPES,
+    MISSING,
+    SYNC_HOOKS_ERROR,
+    SYNC_UNFUSED_ERROR,
+    kind,
+    register,
+    why_not_unit,
+)
 
 __all__ = [
     "FoldedBatchNorm2d",
@@ -94,50 +103,18 @@ def _deepcopy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
-_MISSING = object()  # a submodule deleted (del block.relu, ...) after conversion
 # What a fused unit's argument checks raise (before any statistics are touched): the block
 # then runs eager's operations for the unit, which raise eager's exception.
 _REFUSED = (ValueError, TypeError, NotImplementedError)
-
-
-def _kind(module: object) -> str:
-    if module is _MISSING:
-        return "missing"
-    if module is None:
-        return "None"
-    if type(module) is nn.Sequential:
-        return f"an nn.Sequential of {len(module)}"
-    return type(module).__name__
-
-
-def _why_not_unit(conv: object, bn: object, conv_name: str, bn_name: str) -> str | None:
-    """Why (conv, bn) cannot run as one fused unit; None when it can."""
-    if type(conv) is not nn.Conv2d:
-        return f"{conv_name}: {_kind(conv)} is not a plain nn.Conv2d"
-    if type(bn) not in _BATCH_NORMS:
-        return f"{bn_name}: {_kind(bn)} is not a plain nn.BatchNorm2d or nn.SyncBatchNorm"
-    if conv.padding_mode != "zeros":
-        return f"{conv_name}: padding_mode={conv.padding_mode!r}"
-    if conv.out_channels != bn.num_features:
-        return (
-            f"{conv_name} has {conv.out_channels} output channels, {bn_name} "
-            f"{bn.num_features} features"
-        )
-    try:
-        _conv_padding(conv)
-    except NotImplementedError as exc:
-        return f"{conv_name}: {exc}"
-    return None
 
 
 def _why_not_downsample(ds: object) -> str | None:
     if ds is None:
         return None
     if type(ds) is not nn.Sequential or len(ds) != 2:
-        return f"downsample: {_kind(ds)} is not nn.Sequential(conv, bn)"
+        return f"downsample: {kind(ds)} is not nn.Sequential(conv, bn)"
     (conv_key, conv), (bn_key, bn) = ds._modules.items()
-    return _why_not_unit(conv, bn, f"downsample.{conv_key}", f"downsample.{bn_key}")
+    return why_not_unit(conv, bn, f"downsample.{conv_key}", f"downsample.{bn_key}")
 
 
 def _why_not_parts(block: nn.Module, pairs: tuple[tuple[str, str], ...]) -> str | None:
@@ -146,15 +123,15 @@ def _why_not_parts(block: nn.Module, pairs: tuple[tuple[str, str], ...]) -> str 
     or channel counts that no longer fit (naming the submodule); None when they can."""
     mods = block._modules
     for conv_name, bn_name in pairs:
-        why = _why_not_unit(
-            mods.get(conv_name, _MISSING), mods.get(bn_name, _MISSING), conv_name, bn_name
+        why = why_not_unit(
+            mods.get(conv_name, MISSING), mods.get(bn_name, MISSING), conv_name, bn_name
         )
         if why:
             return why
-    relu = mods.get("relu", _MISSING)
+    relu = mods.get("relu", MISSING)
     if type(relu) is not nn.ReLU:
-        return f"relu: {_kind(relu)} is not nn.ReLU"
-    ds = mods.get("downsample", block.__dict__.get("downsample", _MISSING))
+        return f"relu: {kind(relu)} is not nn.ReLU"
+    ds = mods.get("downsample", block.__dict__.get("downsample", MISSING))
     why = _why_not_downsample(ds)
     if why:
         return why
@@ -184,23 +161,10 @@ def _why_not_parts(block: nn.Module, pairs: tuple[tuple[str, str], ...]) -> str 
     return None
 
 
-_SYNC_HOOKS_ERROR = (
-    "{what} carries hooks, so it runs unfused (so that the hooks fire), which cannot "
-    "synchronise a plain nn.BatchNorm2d over a process group: convert the model with "
-    "nn.SyncBatchNorm.convert_sync_batchnorm before resnet_fused.convert(sync_bn=True), or "
-    "remove the hooks"
-)
-_SYNC_UNFUSED_ERROR = (
-    "{what} runs unfused ({why}), which cannot synchronise its plain nn.BatchNorm2d "
-    "statistics over the process group of resnet_fused.convert(sync_bn=True): use "
-    "nn.SyncBatchNorm layers (nn.SyncBatchNorm.convert_sync_batchnorm) or modules the "
-    "block fuses"
-)
-
-
 # --- blocks ---------------------------------------------------------------------------------
 
 
+@register
 class _FusedBlock(nn.Module):
     """A torchvision block's submodules (same objects, same names) with a fused forward:
     each (conv, bn) pair runs through conv_bn_forward with its own fold cache.
@@ -264,8 +228,8 @@ class _FusedBlock(nn.Module):
         block = self._torchvision.__new__(self._torchvision)
         nn.Module.__init__(block)
         for name in self._children:
-            value = self._modules.get(name, self.__dict__.get(name, _MISSING))
-            if value is not _MISSING:
+            value = self._modules.get(name, self.__dict__.get(name, MISSING))
+            if value is not MISSING:
                 setattr(block, name, value)
         block.stride = self.stride
         if self.sync_bn:  # new modules only: this fused block's own stay as they are
@@ -393,16 +357,16 @@ class _FusedBlock(nn.Module):
             conv, bn = mods.get(conv_name), mods.get(bn_name)
             if (
                 type(conv) is not nn.Conv2d
-                or type(bn) not in _BATCH_NORMS
+                or type(bn) not in BN_TYPES
                 or conv.padding_mode != "zeros"
                 or type(conv.padding) is not tuple
             ):
                 return self._checked_forward(x)
         if type(mods.get("relu")) is not nn.ReLU:
             return self._checked_forward(x)
-        ds = mods.get("downsample", _MISSING)
-        if ds is _MISSING:  # torchvision keeps downsample=None in __dict__
-            ds = self.__dict__.get("downsample", _MISSING)
+        ds = mods.get("downsample", MISSING)
+        if ds is MISSING:  # torchvision keeps downsample=None in __dict__
+            ds = self.__dict__.get("downsample", MISSING)
         if ds is None:
             if has_hooks(*mods.values()):
                 return self._unfused_forward(x, None)
@@ -412,7 +376,7 @@ class _FusedBlock(nn.Module):
         ds_conv, ds_bn = ds._modules.values()
         if (
             type(ds_conv) is not nn.Conv2d
-            or type(ds_bn) not in _BATCH_NORMS
+            or type(ds_bn) not in BN_TYPES
             or ds_conv.padding_mode != "zeros"
             or type(ds_conv.padding) is not tuple
             # the downsample unit runs before the last unit: that one's channel counts
@@ -440,11 +404,11 @@ class _FusedBlock(nn.Module):
         if self.sync_bn:
             bns = [m for m in self._modules_now() if type(m) is nn.BatchNorm2d]
             if hooks and bns:
-                raise RuntimeError(_SYNC_HOOKS_ERROR.format(what="a submodule of this block"))
+                raise RuntimeError(SYNC_HOOKS_ERROR.format(what="a submodule of this block"))
             if any(bn.training or (bn.running_mean is None and bn.running_var is None)
                    for bn in bns):  # fmt: skip
                 raise RuntimeError(
-                    _SYNC_UNFUSED_ERROR.format(what=self._label(), why=why or "hooks")
+                    SYNC_UNFUSED_ERROR.format(what=self._label(), why=why or "hooks")
                 )
         if why is not None:
             self._warn(why)
@@ -499,6 +463,7 @@ class FusedBottleneck(_FusedBlock):
 # load and run, and ``unfuse`` turns them back into plain modules.
 
 
+@register
 class FoldedBatchNorm2d(nn.BatchNorm2d):
     """A ResNet stem's ``bn1`` whose work the preceding :class:`FusedStemConv2d` does:
     it keeps the parameters and buffers (same ``state_dict`` keys) and passes its input
@@ -509,11 +474,12 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
         stem = self.__dict__.get("_stem")
         if stem is not None and stem.hooked():
             if stem.sync_bn:
-                raise RuntimeError(_SYNC_HOOKS_ERROR.format(what="the stem"))
+                raise RuntimeError(SYNC_HOOKS_ERROR.format(what="the stem"))
             return super().forward(input)
         return input
 
 
+@register
 class FoldedReLU(nn.Identity):
     """A ResNet stem's ``relu``, done by the preceding :class:`FusedStemConv2d` (an
     ordinary ReLU while the stem's modules carry hooks)."""
@@ -525,6 +491,7 @@ class FoldedReLU(nn.Identity):
         return input
 
 
+@register
 class FusedStemConv2d(nn.Conv2d):
     """A ResNet stem's ``conv1`` computing ``relu(bn1(conv1(x)))`` in one fused unit; the
     model's ``bn1`` (a :class:`FoldedBatchNorm2d` holding the statistics) and ``relu``
@@ -579,10 +546,10 @@ def _why_not_stem(model: ResNet) -> str | None:
     """Why a ResNet's stem ``conv1 -> bn1 -> relu`` cannot be a fused site (the graph
     pass fuses it in the ResNet's forward, reading the three modules at call time)."""
     mods = model._modules
-    relu = mods.get("relu", _MISSING)
+    relu = mods.get("relu", MISSING)
     if type(relu) is not nn.ReLU:
-        return f"relu: {_kind(relu)} is not nn.ReLU"
-    return _why_not_unit(mods.get("conv1", _MISSING), mods.get("bn1", _MISSING), "conv1", "bn1")
+        return f"relu: {kind(relu)} is not nn.ReLU"
+    return why_not_unit(mods.get("conv1", MISSING), mods.get("bn1", MISSING), "conv1", "bn1")
 
 
 # --- convert / unfuse ------------------------------------------------------------------------

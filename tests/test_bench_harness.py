@@ -65,6 +65,22 @@ def test_a_provider_computing_something_else_is_refused_before_timing():
     assert stats["conv"].rel_diff is None and 0 < stats["fused"].rel_diff < 1e-4
 
 
+def test_steps_drawing_random_numbers_are_checked_on_the_same_draws():
+    """A model with dropout in training draws random masks: each provider's checked
+    first step starts from one seed (else every such model was refused as differing),
+    and the caller's random stream is left as it was."""
+    drop = torch.nn.Dropout(0.5).train()
+    x = torch.ones(64)
+    steps = {"eager": lambda: drop(x), "fused": lambda: drop(x.clone())}
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    stats = harness.measure_case(steps, CPU, 1.0, baseline="eager", rounds=1,
+                                 timer=lambda step, calls: 1.0)  # fmt: skip
+    assert stats["fused"].rel_diff == 0
+    torch.testing.assert_close(torch.rand(4), expected_next)
+
+
 def _op_rows(provider_ms: dict[str, float], dtype="float32", batch_shape="8x256x56x56"):
     rows = []
     for p, ms in provider_ms.items():

@@ -245,6 +245,9 @@ class Stats:
         return statistics.median(ratios), min(ratios), max(ratios)
 
 
+_CHECK_SEED = 0
+
+
 def measure_case(
     steps: dict[Hashable, Callable[[], object]],
     device: torch.device,
@@ -257,8 +260,21 @@ def measure_case(
     timer: Timer | None = None,
 ) -> dict[Hashable, Stats]:
     """Check every step against ``baseline``'s (first call), then time them interleaved.
-    Steps in ``unchecked`` compute something else by design (the convolution alone)."""
-    first = {key: fn() for key, fn in steps.items()}
+    Steps in ``unchecked`` compute something else by design (the convolution alone).
+    Each checked first call starts from the same random seed, so that steps drawing random
+    numbers (a model's dropout in training) draw the same ones; the user's random state is
+    restored afterwards."""
+    state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    first = {}
+    try:
+        for key, fn in steps.items():
+            torch.manual_seed(_CHECK_SEED)
+            first[key] = fn()
+    finally:
+        torch.random.set_rng_state(state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
     diffs: dict[Hashable, float | None] = dict.fromkeys(steps)
     if baseline is not None:
         if baseline not in steps:

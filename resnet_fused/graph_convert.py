@@ -212,22 +212,38 @@ def fused_conv_bn(
         if residual is not None:
             out = out + residual
         return _relu(out, relu, relu_module)
+    dtype = _unit_dtype(input) if isinstance(input, Tensor) and input.dim() == 4 else None
+    return _bn_site(
+        bn, dtype, residual, relu, relu_module,
+        lambda r, act: _conv_bn(conv, bn, input, r, act, backend, sync, process_group),
+        lambda: bn(conv(input)),
+    )  # fmt: skip
+
+
+def _bn_site(bn, dtype, residual, relu: bool, relu_module, fused, modules) -> Tensor:
+    """What every fused site with BatchNorm ``bn`` shares: ``fused(residual, relu)`` is
+    the fused kernel call. A frozen BatchNorm whose buffers have another dtype than the
+    unit's (``dtype``; None: not a 4-d tensor) runs ``modules()`` (the module promotes,
+    as under autocast). A norm-act BatchNorm's own activation, read now, comes before
+    the residual and the site's ReLU: its ReLU fused, any other ``drop``/``act`` run as
+    modules after the fused BatchNorm."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm) and (
-        input.dim() != 4 or _unit_dtype(input) != bn._buffers["weight"].dtype
-    ):  # a frozen BatchNorm promotes to its buffers' dtype (autocast): as the modules do
+        dtype is None or dtype != bn._buffers["weight"].dtype
+    ):
         _note_eager("a frozen BatchNorm's buffers have another dtype than its input")
-        out = bn(conv(input))
+        out = modules()
         return _relu(out if residual is None else out + residual, relu, relu_module)
     inner = inner_act(bn)
-    if inner is not None:  # a norm-act BatchNorm: its activation first, then the rest
-        if inner == "relu" and residual is None:  # relu(relu(y)) == relu(y)
-            return _conv_bn(conv, bn, input, None, True, backend, sync, process_group)
-        out = _conv_bn(conv, bn, input, None, False, backend, sync, process_group)
+    if inner is None:
+        return fused(residual, relu)
+    if inner == "relu" and residual is None:  # relu(relu(y)) == relu(y)
+        return fused(None, True)
+    out = fused(None, inner == "relu")
+    if inner == "module":
         out = bn._modules["act"](bn._modules["drop"](out))
-        if residual is not None:
-            out = out + residual
-        return _relu(out, relu, relu_module)
-    return _conv_bn(conv, bn, input, residual, relu, backend, sync, process_group)
+    if residual is not None:
+        out = out + residual
+    return _relu(out, relu, relu_module)
 
 
 def _conv_bn(conv, bn, input, residual, relu: bool, backend, sync, process_group) -> Tensor:
@@ -365,27 +381,16 @@ def fused_bn(
         if residual is not None:
             out = out + residual
         return _relu(out, relu, relu_module)
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) and (
-        input.dim() != 4 or input.dtype != bn._buffers["weight"].dtype
-    ):  # a frozen BatchNorm promotes to its buffers' dtype: as the module does
-        _note_eager("a frozen BatchNorm's buffers have another dtype than its input")
-        out = bn(input)
-        return _relu(out if residual is None else out + residual, relu, relu_module)
-    inner = inner_act(bn)
-    if inner is not None:  # a norm-act BatchNorm: its activation first, then the rest
-        if inner == "relu" and residual is None:  # relu(relu(y)) == relu(y)
-            return _bn(bn, input, None, True, backend, sync, process_group)
-        out = _bn(bn, input, None, inner == "relu", backend, sync, process_group)
-        if inner == "module":
-            out = bn._modules["act"](bn._modules["drop"](out))
-    elif residual is not None and not _same_shape(input, residual):
-        _note_eager("the residual's shape, dtype or device differs from the input's")
-        out = _bn(bn, input, None, False, backend, sync, process_group)
-    else:
-        return _bn(bn, input, residual, relu, backend, sync, process_group)
-    if residual is not None:
-        out = out + residual
-    return _relu(out, relu, relu_module)
+
+    def fused(r, act):
+        if r is not None and not _same_shape(input, r):
+            _note_eager("the residual's shape, dtype or device differs from the input's")
+            out = _bn(bn, input, None, False, backend, sync, process_group)
+            return _relu(out + r, act, relu_module)
+        return _bn(bn, input, r, act, backend, sync, process_group)
+
+    dtype = input.dtype if isinstance(input, Tensor) and input.dim() == 4 else None
+    return _bn_site(bn, dtype, residual, relu, relu_module, fused, lambda: bn(input))
 
 
 def _bn(bn, input, residual, relu: bool, backend, sync, process_group) -> Tensor:

@@ -302,6 +302,9 @@ def test_frozen_batchnorms_fused_as_eval_batchnorms(act):
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert _batch_norm_ops(converted, x.detach()) == 0
+    for m in (model, converted):  # a non-tensor input: eager's own error in both
+        with pytest.raises(TypeError, match="invalid combination of arguments"):
+            m([[1.0]])
     # under autocast eager promotes to the frozen buffers' fp32: so does the converted model
     model, converted = model.float(), converted.float()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():

@@ -14,8 +14,8 @@ random non-trivial values, fp64, a small random batch):
   ``batch_norm`` dispatched by one training forward and one eval forward of the converted
   model (a ``TorchDispatchMode``): BatchNorms that still run eagerly;
 * ``act_not_fused``: activations after a fused BatchNorm that run as their own pass
-  (``conversion_report`` entries "... runs as its own pass"; only ReLU is fused with a
-  BatchNorm so far), with their classes; ``other_not_fused``: every other ``not_fused``
+  (``conversion_report`` entries "... runs as its own pass": activations the kernels do
+  not apply), with their classes; ``other_not_fused``: every other ``not_fused``
   entry;
 * ``max_diff_eval`` / ``max_diff_train``: max |converted - original| of the output, eval
   and training forward, in fp64.
@@ -405,9 +405,10 @@ def write_markdown(rows: list[dict], path: str, command: str, date: str) -> None
         "entries, *fused site kinds* their patterns (`block`: a torchvision block fused "
         "whole); *eager BN ops* the aten ops with `batch_norm` in their name dispatched by "
         "one training forward and one eval forward of the converted model (BatchNorms "
-        "still run by PyTorch); *activations not fused* the activations other than ReLU "
-        "after a fused BatchNorm, which run as their own pass (only ReLU is fused with a "
-        "BatchNorm so far), with their classes; *other not fused* every other `not_fused` "
+        "still run by PyTorch); *activations not fused* the activations after a fused "
+        "BatchNorm that run as their own pass (those the kernels do not apply, e.g. "
+        "Hardsigmoid, Mish, and SiLU/Hardswish/GELU after a residual add), with their "
+        "classes; *other not fused* every other `not_fused` "
         "entry (listed below the table); *max abs diff* the largest difference between "
         "the converted and the original model's output in eval and in training mode.",
         "",

@@ -42,40 +42,53 @@ TORCH_LIBRARY(resnet_fused, m) {
       "conv_bn_act_eager(Tensor input, Tensor conv_weight, Tensor? conv_bias, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, int[2] stride, int[2] padding, int[2] dilation, "
-      "int groups, bool training, float? momentum, float eps, Tensor? residual, bool relu) "
+      "int groups, bool training, float? momentum, float eps, Tensor? residual, int act, "
+      "float act_param) "
       "-> Tensor");
 
-  // BatchNorm -> (residual add) -> ReLU, as four kernels (see resnet_fused/reference.py
+  // BatchNorm -> (residual add) -> activation, as four kernels (see resnet_fused/reference.py
   // for the exact maths of each). Statistics are fp32 (fp64 for fp64 input).
+  //
+  // `int act, float act_param` everywhere below: the activation (csrc/act.h's ActKind,
+  // resnet_fused/activations.py: 0 identity, 1 ReLU, 2 ReLU6, 3 LeakyReLU(act_param),
+  // 4 SiLU, 5 Hardswish, 6 GELU, 7 GELU tanh).
   //
   // Per-channel batch mean and biased variance; updates the running statistics in place
   // (running_var with the unbiased variance) when given.
   m.def(
       "bn_stats(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "float momentum) -> (Tensor mean, Tensor var)");
-  // out = relu((input - mean) * rsqrt(var + eps) * weight + bias [+ residual]).
+  // out = act((input - mean) * rsqrt(var + eps) * weight + bias [+ residual]).
   m.def(
       "bn_act_forward(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
-      "Tensor? residual, float eps, bool relu) -> Tensor");
-  // (sum g, sum g*xhat, g if write_masked_grad else empty) with g = grad_out masked by
-  // the ReLU (from `out` when given, else recomputed from the input).
+      "Tensor? residual, float eps, int act, float act_param) -> Tensor");
+  // (sum g, sum g*xhat, g if write_masked_grad else empty) with g = grad_out * act'(pre):
+  // from `out` when given (the activation must allow it: identity, ReLU, ReLU6, LeakyReLU
+  // with a positive slope), else from the pre-activation recomputed from the input (which
+  // needs the BatchNorm without residual).
   m.def(
       "bn_act_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
-      "Tensor? weight, Tensor? bias, Tensor? out, float eps, bool relu, "
+      "Tensor? weight, Tensor? bias, Tensor? out, float eps, int act, float act_param, "
       "bool write_masked_grad) -> (Tensor sum_dy, Tensor sum_dy_xhat, Tensor masked_grad)");
-  // grad_input from the (masked) gradient and the two sums.
+  // grad_input from the gradient and the two sums; `act` is the activation whose derivative
+  // is applied to `grad` at the pre-activation recomputed from the input (identity when
+  // `grad` is already the gradient at the pre-activation).
   m.def(
       "bn_act_backward_elemt(Tensor grad, Tensor input, Tensor mean, Tensor var, "
       "Tensor? weight, Tensor? bias, Tensor sum_dy, Tensor sum_dy_xhat, float eps, "
-      "bool relu_mask_from_input, bool batch_stats) -> Tensor");
+      "int act, float act_param, bool batch_stats) -> Tensor");
 
   // Eval-mode epilogue of a convolution whose BatchNorm is folded into its weight and bias:
-  // out = relu(input + bias[c] [+ residual]) in one pass (the accumulation type: fp32, fp64
+  // out = act(input + bias[c] [+ residual]) in one pass (the accumulation type: fp32, fp64
   // for fp64 input; rounded once). bias is (C,) in input's dtype or fp32; out has input's
   // BN layout (NCHW or channels_last, see bn_memory_format in common.h).
-  m.def("bias_act(Tensor input, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
+  m.def(
+      "bias_act(Tensor input, Tensor? bias, Tensor? residual, int act, float act_param) "
+      "-> Tensor");
   // The same in place on input (which must be dense in NCHW or channels_last).
-  m.def("bias_act_(Tensor(a!) input, Tensor? bias, Tensor? residual, bool relu) -> ()");
+  m.def(
+      "bias_act_(Tensor(a!) input, Tensor? bias, Tensor? residual, int act, float act_param) "
+      "-> ()");
 
   // A 64-bit hash of the tensors' bytes (in logical order), CPU only: what the eval fold
   // cache compares to notice writes that bump no version counter (`.data`, numpy).

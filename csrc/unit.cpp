@@ -1,9 +1,10 @@
-// resnet_fused::conv_bn_act_eager: the eager Conv -> BatchNorm -> (add) -> ReLU unit as ONE
+// resnet_fused::conv_bn_act_eager: the eager Conv -> BatchNorm -> (add) -> activation unit as ONE
 // op call and, with autograd, ONE autograd node.
 //
 // The maths are eager PyTorch's own ops, called as F.conv2d, F.batch_norm, Tensor.add_ and
-// Tensor.relu_ call them (at::conv2d; at::batch_norm's at::_batch_norm_impl_index with
-// torch's cuDNN switch, which off CUDA is at::native_batch_norm; add_; relu_), so outputs,
+// Tensor.relu_ (or the activation's own op) call them (at::conv2d; at::batch_norm's
+// at::_batch_norm_impl_index with torch's cuDNN switch, which off CUDA is
+// at::native_batch_norm; add_; relu_), so outputs,
 // running statistics and num_batches_tracked are bit-identical to the unconverted modules'.
 // The backward applies the derivative formulas autograd runs for those ops, in the same
 // order and with the same masks (ReluBackward0: threshold_backward; AddBackward0: the
@@ -25,11 +26,21 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_batch_norm_impl_index.h>
 #include <ATen/ops/conv2d.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/hardswish.h>
+#include <ATen/ops/hardswish_backward.h>
+#include <ATen/ops/hardtanh.h>
+#include <ATen/ops/hardtanh_backward.h>
+#include <ATen/ops/leaky_relu.h>
+#include <ATen/ops/leaky_relu_backward.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/cudnn_batch_norm_backward.h>
 #include <ATen/ops/miopen_batch_norm_backward.h>
 #include <ATen/ops/native_batch_norm.h>
 #include <ATen/ops/native_batch_norm_backward.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/silu_backward.h>
 #include <ATen/ops/threshold_backward.h>
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/Exceptions.h>
@@ -41,6 +52,8 @@
 #include <torch/csrc/utils/python_numbers.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
+
+#include "act.h"
 
 #include <array>
 #include <optional>
@@ -80,13 +93,69 @@ void check_per_channel(const std::optional<at::Tensor>& t, const char* name,
 
 // What the forward computed: the output and what the backward needs.
 struct UnitForward {
-  at::Tensor out;        // relu(bn(y) [+ residual])
+  at::Tensor out;        // act(bn(y) [+ residual])
+  at::Tensor pre;        // bn(y) [+ residual], kept where act's derivative needs it
   at::Tensor y;          // the convolution's output (BatchNorm's input)
   at::Tensor save_mean;  // BatchNorm's saved statistics (result1, result2)
   at::Tensor save_var;
   at::Tensor reserve;      // cuDNN's reserve space (undefined or empty elsewhere)
   int64_t impl_index = 0;  // 0: native, 1: cuDNN, 2: MIOpen (at::_batch_norm_impl_index)
 };
+
+// The activation with eager's op, in place where its derivative reads the output (as
+// nn.ReLU(inplace=True) etc.); else out of place, keeping the pre-activation (what eager's
+// SiLU, Hardswish and GELU save).
+void apply_act(UnitForward& f, int64_t act, double param) {
+  if (act == kActIdentity) {
+    return;
+  }
+  if (act_from_output(act, param)) {
+    if (act == kActReLU) {
+      f.out.relu_();
+    } else if (act == kActReLU6) {
+      at::hardtanh_(f.out, 0.0, 6.0);
+    } else {
+      at::leaky_relu_(f.out, param);
+    }
+    return;
+  }
+  f.pre = f.out;
+  switch (act) {
+    case kActLeakyReLU:
+      f.out = at::leaky_relu(f.pre, param);
+      break;
+    case kActSiLU:
+      f.out = at::silu(f.pre);
+      break;
+    case kActHardswish:
+      f.out = at::hardswish(f.pre);
+      break;
+    default:
+      f.out = at::gelu(f.pre, act == kActGELUTanh ? "tanh" : "none");
+  }
+}
+
+// grad * act' with eager's backward ops, from `saved`: the output where act_from_output,
+// else the pre-activation.
+at::Tensor act_backward(const at::Tensor& grad, const at::Tensor& saved, int64_t act,
+                        double param) {
+  switch (act) {
+    case kActIdentity:
+      return grad;
+    case kActReLU:
+      return at::threshold_backward(grad, saved, 0);  // ReluBackward0
+    case kActReLU6:
+      return at::hardtanh_backward(grad, saved, 0.0, 6.0);
+    case kActLeakyReLU:
+      return at::leaky_relu_backward(grad, saved, param, act_from_output(act, param));
+    case kActSiLU:
+      return at::silu_backward(grad, saved);
+    case kActHardswish:
+      return at::hardswish_backward(grad, saved);
+    default:
+      return at::gelu_backward(grad, saved, act == kActGELUTanh ? "tanh" : "none");
+  }
+}
 
 // The unit with eager's ops. Autograd records these ops (eager's own nodes) unless the
 // caller dispatches below autograd.
@@ -99,7 +168,9 @@ UnitForward unit_forward(const at::Tensor& input, const at::Tensor& weight,
                          const std::optional<at::Tensor>& num_batches_tracked,
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                          int64_t groups, bool training, std::optional<double> momentum, double eps,
-                         const std::optional<at::Tensor>& residual, bool relu) {
+                         const std::optional<at::Tensor>& residual, int64_t act,
+                         double act_param) {
+  check_act(act);
   TORCH_CHECK(input.dim() == 4, kOpName, ": input must be a 4-D tensor (N, C, H, W), got ",
               input.dim(), "-D with shape ", input.sizes());
   // nn.BatchNorm2d.forward's bookkeeping: num_batches_tracked += 1, and momentum=None is
@@ -148,9 +219,7 @@ UnitForward unit_forward(const at::Tensor& input, const at::Tensor& weight,
                 residual->sym_sizes());
     f.out.add_(*residual);
   }
-  if (relu) {
-    f.out.relu_();
-  }
+  apply_act(f, act, act_param);
   return f;
 }
 
@@ -166,10 +235,11 @@ at::Tensor conv_bn_act_eager(const at::Tensor& input, const at::Tensor& weight,
                              at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups, bool training,
                              std::optional<double> momentum, double eps,
-                             const std::optional<at::Tensor>& residual, bool relu) {
+                             const std::optional<at::Tensor>& residual, int64_t act,
+                             double act_param) {
   return unit_forward(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
                       num_batches_tracked, stride, padding, dilation, groups, training,
-                      momentum, eps, residual, relu)
+                      momentum, eps, residual, act, act_param)
       .out;
 }
 
@@ -181,10 +251,12 @@ struct UnitParams {
   int64_t impl_index = 0;
   double eps = 0.0;
   bool training = true;
-  bool relu = true;
+  int64_t act = kActReLU;
+  double act_param = 0.0;
 };
 
 struct Saved {
+  // out: the unit's output, or its pre-activation where act's derivative needs that.
   at::Tensor x, w, y, out, bn_w, save_mean, save_var, reserve, running_mean, running_var;
 };
 
@@ -194,8 +266,8 @@ std::array<at::Tensor, 6> unit_backward(const at::Tensor& grad_out, const Saved&
                                         const UnitParams& p, std::array<bool, 6> need) {
   const auto [need_x, need_w, need_cb, need_bw, need_bb, need_res] = need;
   std::array<at::Tensor, 6> grads;
-  // ReluBackward0 (relu_ saves its result).
-  const at::Tensor g = p.relu ? at::threshold_backward(grad_out, s.out, 0) : grad_out;
+  // The activation's node (ReluBackward0 and the like).
+  const at::Tensor g = act_backward(grad_out, s.out, p.act, p.act_param);
   // AddBackward0: the same gradient for the BN output and the residual.
   if (need_res) {
     grads[5] = g;
@@ -326,7 +398,7 @@ at::Tensor conv_bn_act_eager_autograd(
     const std::optional<at::Tensor>& num_batches_tracked, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
     std::optional<double> momentum, double eps, const std::optional<at::Tensor>& residual,
-    bool relu) {
+    int64_t act, double act_param) {
   const bool record =
       at::GradMode::is_enabled() &&
       (input.requires_grad() || weight.requires_grad() || requires_grad(conv_bias) ||
@@ -335,7 +407,7 @@ at::Tensor conv_bn_act_eager_autograd(
     at::AutoDispatchBelowAutograd below;  // (ADInplaceOrView still bumps the counter's version)
     return unit_forward(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
                         num_batches_tracked, stride, padding, dilation, groups, training,
-                        momentum, eps, residual, relu)
+                        momentum, eps, residual, act, act_param)
         .out;
   }
   if (input._fw_grad(/*level=*/0).defined() || weight._fw_grad(/*level=*/0).defined() ||
@@ -344,7 +416,7 @@ at::Tensor conv_bn_act_eager_autograd(
     // Forward-mode AD: eager's ops with autograd on (their nodes, their tangents).
     return unit_forward(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
                         num_batches_tracked, stride, padding, dilation, groups, training,
-                        momentum, eps, residual, relu)
+                        momentum, eps, residual, act, act_param)
         .out;
   }
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, kOpName,
@@ -358,7 +430,7 @@ at::Tensor conv_bn_act_eager_autograd(
     at::AutoDispatchBelowAutograd below;  // eager's ops, recorded by this node only
     f = unit_forward(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
                      num_batches_tracked, stride, padding, dilation, groups, training, momentum,
-                     eps, residual, relu);
+                     eps, residual, act, act_param);
   }
   torch::autograd::set_history(f.out, node);
   UnitParams& p = node->params_;
@@ -372,7 +444,8 @@ at::Tensor conv_bn_act_eager_autograd(
   p.impl_index = f.impl_index;
   p.eps = eps;
   p.training = training;
-  p.relu = relu;
+  p.act = act;
+  p.act_param = act_param;
   node->x_ = SavedVariable(input, false);
   node->w_ = SavedVariable(weight, false);
   node->y_ = SavedVariable(f.y, false);
@@ -388,7 +461,9 @@ at::Tensor conv_bn_act_eager_autograd(
     node->running_mean_ = SavedVariable(running_mean, false);
     node->running_var_ = SavedVariable(running_var, false);
   }
-  if (relu) {
+  if (f.pre.defined()) {
+    node->out_ = SavedVariable(f.pre, false);
+  } else if (act != kActIdentity) {
     node->out_ = SavedVariable(f.out, true);
   }
   return f.out;
@@ -450,10 +525,10 @@ bool as_bool(PyObject* obj) {
 
 // conv_bn_act_eager(input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
 //                   running_var, num_batches_tracked, stride, padding, dilation, groups,
-//                   training, momentum, eps, residual, relu), as the schema.
+//                   training, momentum, eps, residual, act, act_param), as the schema.
 PyObject* conv_bn_act_eager_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 17, kOpName, " takes 17 positional arguments, got ", nargs);
+  TORCH_CHECK_TYPE(nargs == 18, kOpName, " takes 18 positional arguments, got ", nargs);
   constexpr int kTensors[] = {0, 1, 2, 3, 4, 5, 6, 7, 15};
   bool plain = !at::impl::torch_function_mode_enabled();
   for (const int i : kTensors) {
@@ -477,7 +552,8 @@ PyObject* conv_bn_act_eager_py(PyObject* /*module*/, PyObject* const* args, Py_s
   const std::optional<double> momentum =
       args[13] == Py_None ? std::nullopt : std::optional<double>(as_double(args[13]));
   const double eps = as_double(args[14]);
-  const bool relu = as_bool(args[16]);
+  const int64_t act = THPUtils_unpackLong(args[16]);
+  const double act_param = as_double(args[17]);
   if (!plain) {
     Py_RETURN_NOTIMPLEMENTED;
   }
@@ -491,7 +567,7 @@ PyObject* conv_bn_act_eager_py(PyObject* /*module*/, PyObject* const* args, Py_s
                   optional_tensor(args[2]), optional_tensor(args[3]), optional_tensor(args[4]),
                   optional_tensor(args[5]), optional_tensor(args[6]), optional_tensor(args[7]),
                   stride, padding, dilation, groups, training, momentum, eps,
-                  optional_tensor(args[15]), relu);
+                  optional_tensor(args[15]), act, act_param);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS

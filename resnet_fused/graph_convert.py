@@ -18,19 +18,24 @@ Rules:
   assignments (``a += b``) are traced as the in-place operators they are, and an in-place
   add runs out of place (fused) only when its target has storage of its own that no other
   value (a view taken before, the caller's tensor) can see; else it stays in place.
-* Patterns, longest first: Conv2d->BN->add->ReLU, Conv2d->BN->ReLU, BN->add->ReLU,
-  BN->ReLU, add->ReLU, then Conv2d->BN and, for every BatchNorm left, BN alone. A site
+* Patterns, longest first: Conv2d->BN->add->act, Conv2d->BN->act, BN->add->act,
+  BN->act, add->ReLU, then Conv2d->BN->add and BN->add (no activation after the add, or
+  one the kernels cannot take there), Conv2d->BN and, for every BatchNorm left, BN
+  alone. A site
   is fused only when every interior value has one user and the modules are exactly
   ``nn.Conv2d`` (zeros padding) and a BatchNorm the kernels compute: ``nn.BatchNorm2d``
   / ``nn.SyncBatchNorm``; a norm-act BatchNorm (:func:`is_norm_act`: timm's
   ``BatchNormAct2d`` and ``SyncBatchNormAct``, a subclass whose only children are
-  ``drop`` and ``act``), with its own ReLU fused and any other activation of its own run
-  as a module after the fused BatchNorm (both read at call time); a frozen BatchNorm
+  ``drop`` and ``act``), with its own activation fused when the kernels apply it (else
+  run as a module after the fused BatchNorm; both read at call time); a frozen BatchNorm
   (:func:`is_frozen_bn`: torchvision's ``FrozenBatchNorm2d``, timm's
   ``FrozenBatchNormAct2d``), computed as an ``nn.BatchNorm2d`` in eval mode. These are
   recognised by structure (timm is not imported). Every BatchNorm appears in the report
-  once (fused, or left alone with the reason), and so does every activation other than
-  ReLU that reads a fused BatchNorm's output (only ReLU is fused with a BatchNorm so far).
+  once (fused, or left alone with the reason), and so does every activation that reads a
+  fused BatchNorm's output without being fused with it. The activation of a site is any
+  of resnet_fused.activations (ReLU, ReLU6, LeakyReLU, SiLU, Hardswish, GELU) in any
+  spelling; after a residual add only ReLU, ReLU6 and LeakyReLU with a positive slope
+  (the others need their input for the backward: they run after the fused BN and add).
 * A module that cannot be traced (data-dependent control flow, ...) runs as it is; its
   children are converted instead and the error is reported.
 * Hooks: a module carrying hooks at conversion is not traced through (its hooks fire);
@@ -83,6 +88,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ._validation import SUPPORTED_DTYPES
+from .activations import ID_ACT, RELU, RELU_ACT, Act, act_of_call, act_of_module
 from .modules import FoldCache, _conv_padding, bn_forward, conv_bn_forward, has_hooks
 from .patterns import (
     ACT_FUNCTIONS,
@@ -91,7 +97,6 @@ from .patterns import (
     ADD_FUNCTIONS,
     BN_TYPES,
     ONLY_RELU,
-    RELU_FUNCTIONS,
     SYNC_HOOKS_ERROR,
     act_text,
     bn_modules,
@@ -164,10 +169,34 @@ def _refuse_unsynchronised(bns, what: str) -> None:
             raise RuntimeError(SYNC_HOOKS_ERROR.format(what=what))
 
 
-def _relu(out: Tensor, relu: bool, relu_module: nn.Module | None) -> Tensor:
+def _relu(
+    out: Tensor, relu: bool, relu_module: nn.Module | None, activation: Act | None = None
+) -> Tensor:
+    """The site's activation as written: its module (hooks fire), else the function."""
     if not relu:
         return out
-    return relu_module(out) if relu_module is not None else torch.relu(out)
+    if relu_module is not None:
+        return relu_module(out)
+    return activation(out) if activation is not None else torch.relu(out)
+
+
+def _site_act(relu: bool, relu_module: nn.Module | None, activation: Act | None) -> Act:
+    """The activation a site fuses, read now: none unless ``relu``; else its module's
+    (checked by :func:`_fusable`), or ``activation`` (a function's, fixed at conversion),
+    or ReLU."""
+    if not relu:
+        return ID_ACT
+    if relu_module is not None:
+        return act_of_module(relu_module)
+    return activation if activation is not None else RELU_ACT
+
+
+def _as_activation(activation) -> Act | None:
+    """A site's ``activation`` argument: an Act, or ``(code, parameter)`` as a rewritten
+    graph passes it (plain values its generated code can spell)."""
+    if activation is None or isinstance(activation, Act):
+        return activation
+    return Act(*activation)
 
 
 def _same_shape(a, b) -> bool:
@@ -188,22 +217,24 @@ def fused_conv_bn(
     *,
     relu: bool = True,
     relu_module: nn.Module | None = None,
+    activation: Act | None = None,
     backend: str = "auto",
     sync: bool = False,
     process_group=None,
 ) -> Tensor:
-    """``relu(bn(conv(input)) + residual)`` through the fused kernels, reading ``conv``
+    """``act(bn(conv(input)) + residual)`` through the fused kernels, reading ``conv``
     and ``bn`` now; through the modules themselves while any of them carries hooks.
-    Under ``torch.fx`` tracing this records itself as one node (module arguments as
-    ``get_attr`` nodes), so converted models stay traceable."""
+    The activation (when ``relu``): the module ``relu_module`` (an ``nn.ReLU`` or any
+    activation module the kernels apply, read now), else ``activation`` (an Act: a
+    function call's), else ReLU. Under ``torch.fx`` tracing this records itself as one
+    node (module arguments as ``get_attr`` nodes), so converted models stay traceable."""
     tracer = _tracer_of(input, residual)
     if tracer is not None:
-        kwargs = {"relu": relu, "relu_module": relu_module, "backend": backend, "sync": sync}
-        if process_group is not None:
-            kwargs["process_group"] = process_group
+        kwargs = _site_kwargs(relu, relu_module, activation, backend, sync, process_group)
         return tracer.create_proxy(
             "call_function", fused_conv_bn, (conv, bn, input, residual), kwargs
         )
+    activation = _as_activation(activation)
     if has_hooks(conv, *bn_modules(bn), relu_module) or not _fusable(conv, bn, relu_module):
         # hooks, or modules replaced by others since conversion: the modules themselves
         if sync and has_hooks(conv, *bn_modules(bn), relu_module):
@@ -211,42 +242,61 @@ def fused_conv_bn(
         out = bn(conv(input))
         if residual is not None:
             out = out + residual
-        return _relu(out, relu, relu_module)
+        return _relu(out, relu, relu_module, activation)
     dtype = _unit_dtype(input) if isinstance(input, Tensor) and input.dim() == 4 else None
     return _bn_site(
-        bn, dtype, residual, relu, relu_module,
+        bn, dtype, residual, _site_act(relu, relu_module, activation),
+        lambda out: _relu(out, relu, relu_module, activation),
         lambda r, act: _conv_bn(conv, bn, input, r, act, backend, sync, process_group),
         lambda: bn(conv(input)),
     )  # fmt: skip
 
 
-def _bn_site(bn, dtype, residual, relu: bool, relu_module, fused, modules) -> Tensor:
-    """What every fused site with BatchNorm ``bn`` shares: ``fused(residual, relu)`` is
-    the fused kernel call. A frozen BatchNorm whose buffers have another dtype than the
-    unit's (``dtype``; None: not a 4-d tensor) runs ``modules()`` (the module promotes,
-    as under autocast). A norm-act BatchNorm's own activation, read now, comes before
-    the residual and the site's ReLU: its ReLU fused, any other ``drop``/``act`` run as
-    modules after the fused BatchNorm."""
+def _site_kwargs(relu, relu_module, activation, backend, sync, process_group) -> dict:
+    kwargs = {"relu": relu, "relu_module": relu_module, "backend": backend, "sync": sync}
+    if activation is not None:
+        kwargs["activation"] = activation.args if isinstance(activation, Act) else activation
+    if process_group is not None:
+        kwargs["process_group"] = process_group
+    return kwargs
+
+
+def _bn_site(bn, dtype, residual, act: Act, post, fused, modules) -> Tensor:
+    """What every fused site with BatchNorm ``bn`` shares: ``fused(residual, act)`` is
+    the fused kernel call and ``post(out)`` the site's activation as written (run when it
+    is not fused). A frozen BatchNorm whose buffers have another dtype than the unit's
+    (``dtype``; None: not a 4-d tensor) runs ``modules()`` (the module promotes, as under
+    autocast). After a residual add, an activation whose derivative needs its input
+    (SiLU, Hardswish, GELU) runs as written after the fused BatchNorm and add. A norm-act
+    BatchNorm's own activation, read now, comes before the residual and the site's
+    activation: fused when the kernels apply it, else its ``drop``/``act`` run as modules
+    after the fused BatchNorm."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm) and (
         dtype is None or dtype != bn._buffers["weight"].dtype
     ):
         _note_eager("a frozen BatchNorm's buffers have another dtype than its input")
         out = modules()
-        return _relu(out if residual is None else out + residual, relu, relu_module)
+        return post(out if residual is None else out + residual)
     inner = inner_act(bn)
     if inner is None:
-        return fused(residual, relu)
-    if inner == "relu" and residual is None:  # relu(relu(y)) == relu(y)
-        return fused(None, True)
-    out = fused(None, inner == "relu")
-    if inner == "module":
-        out = bn._modules["act"](bn._modules["drop"](out))
+        if residual is not None and not act.from_output:
+            return post(fused(residual, ID_ACT))
+        return fused(residual, act)
+    if residual is None and (not act or (inner == act and act.kind == RELU)):
+        # (relu(relu(y)) == relu(y))
+        return fused(None, inner) if inner != "module" else post(_norm_act_modules(bn, fused))
+    out = _norm_act_modules(bn, fused) if inner == "module" else fused(None, inner)
     if residual is not None:
         out = out + residual
-    return _relu(out, relu, relu_module)
+    return post(out)
 
 
-def _conv_bn(conv, bn, input, residual, relu: bool, backend, sync, process_group) -> Tensor:
+def _norm_act_modules(bn, fused) -> Tensor:
+    """A norm-act BatchNorm fused alone, then its own ``drop`` and ``act`` as modules."""
+    return bn._modules["act"](bn._modules["drop"](fused(None, ID_ACT)))
+
+
+def _conv_bn(conv, bn, input, residual, act: Act, backend, sync, process_group) -> Tensor:
     bn = _as_bn(bn)
     cache = _fold_cache(bn)
     if residual is not None and not (
@@ -256,9 +306,9 @@ def _conv_bn(conv, bn, input, residual, relu: bool, backend, sync, process_group
         and residual.dtype == _unit_dtype(input)
     ):  # a broadcasting, foreign or other-dtype residual: eager add (eager's promotion)
         _note_eager("the residual's shape, device or dtype differs from the unit's output")
-        out = conv_bn_forward(conv, bn, input, None, False, backend, cache, sync, process_group)
-        return _relu(out + residual, relu, None)
-    return conv_bn_forward(conv, bn, input, residual, relu, backend, cache, sync, process_group)
+        out = conv_bn_forward(conv, bn, input, None, ID_ACT, backend, cache, sync, process_group)
+        return act(out + residual)
+    return conv_bn_forward(conv, bn, input, residual, act, backend, cache, sync, process_group)
 
 
 class _FrozenView:
@@ -325,7 +375,10 @@ def _fusable(conv, bn, relu_module) -> bool:
         return False
     if bn is not None and not bn_ok:
         return False
-    return relu_module is None or type(relu_module) is nn.ReLU
+    if relu_module is None:
+        return True
+    act = act_of_module(relu_module)
+    return act is not None and bool(act)
 
 
 def _unit_dtype(input: Tensor) -> torch.dtype:
@@ -358,20 +411,20 @@ def fused_bn(
     *,
     relu: bool = True,
     relu_module: nn.Module | None = None,
+    activation: Act | None = None,
     backend: str = "auto",
     sync: bool = False,
     process_group=None,
 ) -> Tensor:
-    """``relu(bn(input) + residual)`` through the fused BatchNorm kernels, reading ``bn``
+    """``act(bn(input) + residual)`` through the fused BatchNorm kernels, reading ``bn``
     now (as :class:`resnet_fused.FusedBatchNormAct2d` does); through the modules while
-    any carries hooks."""
+    any carries hooks. The activation as in :func:`fused_conv_bn`."""
 
     tracer = _tracer_of(input, residual)
     if tracer is not None:
-        kwargs = {"relu": relu, "relu_module": relu_module, "backend": backend, "sync": sync}
-        if process_group is not None:
-            kwargs["process_group"] = process_group
+        kwargs = _site_kwargs(relu, relu_module, activation, backend, sync, process_group)
         return tracer.create_proxy("call_function", fused_bn, (bn, input, residual), kwargs)
+    activation = _as_activation(activation)
     hooked = has_hooks(*bn_modules(bn), relu_module)
     if hooked or not _fusable(None, bn, relu_module):
         # hooks, or modules replaced by others since conversion: the modules themselves
@@ -380,24 +433,27 @@ def fused_bn(
         out = bn(input)
         if residual is not None:
             out = out + residual
-        return _relu(out, relu, relu_module)
+        return _relu(out, relu, relu_module, activation)
 
     def fused(r, act):
         if r is not None and not _same_shape(input, r):
             _note_eager("the residual's shape, dtype or device differs from the input's")
-            out = _bn(bn, input, None, False, backend, sync, process_group)
-            return _relu(out + r, act, relu_module)
+            out = _bn(bn, input, None, ID_ACT, backend, sync, process_group)
+            return act(out + r)
         return _bn(bn, input, r, act, backend, sync, process_group)
 
     dtype = input.dtype if isinstance(input, Tensor) and input.dim() == 4 else None
-    return _bn_site(bn, dtype, residual, relu, relu_module, fused, lambda: bn(input))
+    return _bn_site(
+        bn, dtype, residual, _site_act(relu, relu_module, activation),
+        lambda out: _relu(out, relu, relu_module, activation), fused, lambda: bn(input),
+    )  # fmt: skip
 
 
-def _bn(bn, input, residual, relu: bool, backend, sync, process_group) -> Tensor:
+def _bn(bn, input, residual, act: Act, backend, sync, process_group) -> Tensor:
     bn = _as_bn(bn)
     if isinstance(bn, nn.SyncBatchNorm):
         sync, process_group = True, process_group or bn.process_group
-    return bn_forward(bn, input, residual, relu, backend, sync, process_group, _fold_cache(bn))
+    return bn_forward(bn, input, residual, act, backend, sync, process_group, _fold_cache(bn))
 
 
 def fused_add_relu(
@@ -411,7 +467,11 @@ def fused_add_relu(
     if tracer is not None:
         kwargs = {"relu_module": relu_module, "backend": backend}
         return tracer.create_proxy("call_function", fused_add_relu, (x, residual), kwargs)
-    if has_hooks(relu_module) or not _fusable(None, None, relu_module):
+    if (
+        has_hooks(relu_module)
+        or not _fusable(None, None, relu_module)
+        or (relu_module is not None and act_of_module(relu_module) != RELU_ACT)
+    ):
         return _relu(x + residual, True, relu_module)
     if not _same_shape(x, residual) or x.dtype not in SUPPORTED_DTYPES:
         # operands of other shapes, dtypes or devices, integer or complex ones: eager ops
@@ -715,22 +775,54 @@ def _module_of(root: nn.Module, node: fx.Node) -> nn.Module | None:
     return root.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _relu_of(root: nn.Module, node: fx.Node):
-    """(input node, inplace, ReLU module path or None) when ``node`` is a ReLU."""
+# The activation functions a site may end with: for each, its parameters after the input
+# (name, default) and whether it writes its input in place.
+_ACT_CALLS = {
+    torch.relu: ((), False),
+    torch.relu_: ((), True),
+    F.relu: ((("inplace", False),), False),
+    F.relu_: ((), True),
+    F.relu6: ((("inplace", False),), False),
+    F.hardtanh: ((("min_val", -1.0), ("max_val", 1.0), ("inplace", False)), False),
+    F.hardtanh_: ((("min_val", -1.0), ("max_val", 1.0)), True),
+    F.leaky_relu: ((("negative_slope", 0.01), ("inplace", False)), False),
+    F.leaky_relu_: ((("negative_slope", 0.01),), True),
+    F.silu: ((("inplace", False),), False),
+    F.hardswish: ((("inplace", False),), False),
+    F.gelu: ((("approximate", "none"),), False),
+}
+_ACT_INPLACE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.Hardswish)
+
+
+def _act_of(root: nn.Module, node: fx.Node):
+    """(input node, inplace, module path or None, Act) when ``node`` applies an activation
+    the fused kernels apply (any spelling: a module, a function, a method)."""
     if node.op == "call_module":
         m = root.get_submodule(node.target)
-        if type(m) is nn.ReLU and len(node.args) == 1 and not node.kwargs:
-            return node.args[0], m.inplace, node.target
-        return None
-    if node.op == "call_function" and node.target in RELU_FUNCTIONS:
+        act = act_of_module(m)
+        if not act or len(node.args) != 1 or node.kwargs:
+            return None
+        inplace = bool(getattr(m, "inplace", False)) and isinstance(m, _ACT_INPLACE_MODULES)
+        return node.args[0], inplace, node.target, act
+    if node.op == "call_function" and node.target in _ACT_CALLS:
+        params, inplace = _ACT_CALLS[node.target]
         args, kwargs = list(node.args), dict(node.kwargs)
         inp = args.pop(0) if args else kwargs.pop("input", None)
-        inplace = node.target in (torch.relu_, F.relu_)
-        if node.target is F.relu:
-            inplace = args.pop(0) if args else kwargs.pop("inplace", False)
-        if args or kwargs or not isinstance(inp, fx.Node) or not isinstance(inplace, bool):
+        if not isinstance(inp, fx.Node) or len(args) > len(params):
             return None
-        return inp, inplace, None
+        values = dict(params)
+        values.update(zip((name for name, _ in params), args, strict=False))
+        for key, value in kwargs.items():
+            if key not in values:
+                return None
+            values[key] = value
+        if any(isinstance(v, fx.Node) for v in values.values()):
+            return None
+        inplace = values.pop("inplace", inplace)
+        act = act_of_call(node.target, (inp, *values.values()), {})
+        if not act or not isinstance(inplace, bool):
+            return None
+        return inp, inplace, None, act
     if (
         node.op == "call_method"
         and node.target in ("relu", "relu_")
@@ -738,7 +830,7 @@ def _relu_of(root: nn.Module, node: fx.Node):
         and not node.kwargs
         and isinstance(node.args[0], fx.Node)
     ):
-        return node.args[0], node.target == "relu_", None
+        return node.args[0], node.target == "relu_", None, RELU_ACT
     return None
 
 
@@ -774,10 +866,10 @@ _FRESH_METHODS = {"add", "sub", "mul", "div", "clone", "relu", "float", "double"
 
 
 def _inplace_target(root: nn.Module, node: fx.Node) -> fx.Node | None:
-    """The value an in-place ReLU or add writes into (None for other nodes)."""
-    relu = _relu_of(root, node)
-    if relu is not None:
-        return relu[0] if relu[1] else None
+    """The value an in-place activation or add writes into (None for other nodes)."""
+    act = _act_of(root, node)
+    if act is not None:
+        return act[0] if act[1] else None
     add = _add_of(node)
     return add[0] if add is not None and add[2] else None
 
@@ -790,12 +882,12 @@ def _fresh(root: nn.Module, node: fx.Node, depth: int = 0) -> bool:
     target = _inplace_target(root, node)
     if target is not None:
         return _private(root, target, node, depth + 1)
-    if _relu_of(root, node) is not None or _add_of(node) is not None:
+    if _act_of(root, node) is not None or _add_of(node) is not None:
         return True  # out of place
     if node.op == "call_module":
         return isinstance(root.get_submodule(node.target), _FRESH_MODULES)
     if node.op == "call_function":
-        return node.target in _FRESH_FUNCTIONS and node.target is not F.relu
+        return node.target in _FRESH_FUNCTIONS
     if node.op == "call_method":
         return node.target in _FRESH_METHODS
     return False
@@ -817,11 +909,11 @@ def _normalise(root: nn.Module, graph: fx.Graph) -> list[nn.Module]:
     removed = []
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
-        relu = _relu_of(root, node)
+        act = _act_of(root, node)
         add = _add_of(node)
         target = None
-        if relu is not None and relu[1]:
-            target = relu[0]
+        if act is not None and act[1]:
+            target = act[0]
         elif add is not None and add[2]:
             target = add[0]
         if target is not None:
@@ -852,6 +944,8 @@ class _Site:
     """One fused site: the pattern, the module paths it reads and the rewritten node."""
 
     act_inside = False  # the BatchNorm is a norm-act one: its own drop and act included
+    has_act = False  # the site ends with an activation of the graph (module or function)
+    activation = None  # a function's activation, as (code, parameter): fixed at conversion
 
     def __init__(self, pattern, conv=None, bn=None, relu=None, names=()):
         self.pattern, self.conv, self.bn, self.relu = pattern, conv, bn, relu
@@ -911,14 +1005,24 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         m = _module_of(root, node)
         return is_batch_norm(m) and node not in claimed and inner_act(m) is None
 
+    def act_site(site, found):
+        site.has_act = True
+        if found[2] is None and found[3] != RELU_ACT:
+            site.activation = found[3].args
+        return site
+
     for node in list(graph.nodes):
-        relu = _relu_of(root, node)
-        if relu is None or node in claimed:
+        found = _act_of(root, node)
+        if found is None or node in claimed:
             continue
-        x, _, relu_path = relu
+        x, _, act_path, act = found
+        tag = "relu" if act.kind == RELU else act.name
         add = _add_of(x) if x not in claimed else None
-        if add is not None and _single_user(x, node):
+        # After an add: BN + add + an activation whose derivative the output gives (the
+        # others run after the fused BatchNorm and add), or add + ReLU alone.
+        if add is not None and _single_user(x, node) and act.from_output:
             a, b, inplace = add
+            bn_operand = any(is_bn(o) and _single_user(o, x) for o in (a, b))
             if inplace and not _private(root, a, x):
                 # `a += ...` must stay in place: the caller's tensor, or a value that
                 # another one may alias (a view taken before), sees the update
@@ -927,7 +1031,8 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
                 else:
                     why = (f"adds into {name(a)} in place, which another value may alias "
                            "(kept in place)")  # fmt: skip
-                left.append((name(node), f"not fused with {name(x)}: {why}"))
+                if act.kind == RELU or bn_operand:
+                    left.append((name(node), f"not fused with {name(x)}: {why}"))
                 continue
             done = False
             for operand, other in ((a, b), (b, a)):
@@ -938,19 +1043,18 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
                     continue
                 nodes = [n for n in (conv, operand, x, node) if n is not None]
                 bn_path = operand.target
+                names = [name(n) for n in nodes if n is not x]
                 if conv is not None:
-                    site = _Site("conv-bn-add-relu", conv.target, bn_path, relu_path,
-                                 [name(n) for n in nodes if n is not x])  # fmt: skip
-                    sites.append((site, nodes, conv.args[0], other))
+                    site = _Site(f"conv-bn-add-{tag}", conv.target, bn_path, act_path, names)
+                    sites.append((act_site(site, found), nodes, conv.args[0], other))
                 else:
-                    site = _Site("bn-add-relu", None, bn_path, relu_path,
-                                 [name(n) for n in nodes if n is not x])  # fmt: skip
-                    sites.append((site, nodes, operand.args[0], other))
+                    site = _Site(f"bn-add-{tag}", None, bn_path, act_path, names)
+                    sites.append((act_site(site, found), nodes, operand.args[0], other))
                 claimed.update(nodes)
                 done = True
                 break
-            if not done:
-                site = _Site("add-relu", None, None, relu_path, [name(x), name(node)])
+            if not done and act.kind == RELU:
+                site = _Site("add-relu", None, None, act_path, [name(x), name(node)])
                 sites.append((site, [x, node], a, b))
                 claimed.update((x, node))
             continue
@@ -961,14 +1065,36 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
                 continue
             nodes = [n for n in (conv, x, node) if n is not None]
             if conv is not None:
-                site = _Site("conv-bn-relu", conv.target, x.target, relu_path, map(name, nodes))
-                sites.append((site, nodes, conv.args[0], None))
+                site = _Site(f"conv-bn-{tag}", conv.target, x.target, act_path, map(name, nodes))
+                sites.append((act_site(site, found), nodes, conv.args[0], None))
             else:
-                site = _Site("bn-relu", None, x.target, relu_path, map(name, nodes))
-                sites.append((site, nodes, x.args[0], None))
+                site = _Site(f"bn-{tag}", None, x.target, act_path, map(name, nodes))
+                sites.append((act_site(site, found), nodes, x.args[0], None))
             claimed.update(nodes)
-        elif is_bn(x) or add is not None:
+        elif is_bn(x) or (add is not None and act.kind == RELU):
             left.append((name(node), f"not fused with {name(x)}: {_users_text(x)}"))
+    # A BatchNorm and the add after it, with no activation the kernels can take after the
+    # add (MobileNet's and EfficientNet's inverted residuals: BN -> add): BN + add fused.
+    for node in list(graph.nodes):
+        add = _add_of(node) if node not in claimed else None
+        if add is None:
+            continue
+        a, b, inplace = add
+        if inplace and not _private(root, a, node):
+            continue  # (stays in place: see above)
+        for operand, other in ((a, b), (b, a)):
+            if not (is_bn(operand) and _single_user(operand, node)):
+                continue
+            conv, why = bn_unit(operand, node)
+            if why:  # (the BatchNorm's own entry comes from the loop below)
+                continue
+            nodes = [n for n in (conv, operand, node) if n is not None]
+            pattern = "conv-bn-add" if conv is not None else "bn-add"
+            site = _Site(pattern, conv.target if conv is not None else None, operand.target,
+                         None, map(name, nodes))  # fmt: skip
+            sites.append((site, nodes, (conv or operand).args[0], other))
+            claimed.update(nodes)
+            break
     # Every other BatchNorm: with its convolution when that can be fused, else alone (a
     # norm-act BatchNorm with its own ReLU fused, any other activation of its own run as
     # a module after the fused BatchNorm).
@@ -989,11 +1115,12 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         if isinstance(_module_of(root, src) if isinstance(src, fx.Node) else None, nn.Conv2d):
             conv_node, _ = bn_unit(node, None)  # (a conv that cannot be fused is listed)
         inner = inner_act(m)
+        fused_inner = isinstance(inner, Act)
         pattern = ("conv-bn" if conv_node is not None else "bn") + (
-            "-relu" if inner == "relu" else ""
+            ("-relu" if inner.kind == RELU else f"-{inner.name}") if fused_inner else ""
         )
         nodes = [n for n in (conv_node, node) if n is not None]
-        names = [name(n) for n in nodes] + ([f"{node.target}.act"] if inner == "relu" else [])
+        names = [name(n) for n in nodes] + ([f"{node.target}.act"] if fused_inner else [])
         site = _Site(pattern, conv_node.target if conv_node is not None else None,
                      node.target, None, names)  # fmt: skip
         site.act_inside = inner is not None
@@ -1001,17 +1128,23 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         claimed.update(nodes)
         if inner == "module":
             act = m._modules["act"]
+            why = ONLY_RELU
+            if type(m._modules["drop"]) is not nn.Identity:
+                why = f"its drop, {act_text(m._modules['drop'])}, comes first"
             left.append((f"{node.target}.act", f"{act_text(act)} after {name(node)} runs as "
-                         f"its own pass ({ONLY_RELU})"))  # fmt: skip
-    # Every activation that reads a fused BatchNorm's output: in its site, or listed here.
+                         f"its own pass ({why})"))  # fmt: skip
+    # Every activation that reads a fused BatchNorm's output: in its site, or listed here
+    # (once: one the loop above listed already keeps its entry).
+    listed = {entry[0] for entry in left}
     for site, nodes, *_ in sites:
-        if site.pattern.endswith("relu"):
+        if site.has_act or site.pattern == "add-relu":
             continue
         for user in nodes[-1].users:
             act = _activation_of(root, user)
-            if act is not None:
-                left.append((name(user), f"{act} after {name(nodes[-1])} runs as its own "
-                             f"pass ({ONLY_RELU})"))  # fmt: skip
+            if act is None or name(user) in listed:
+                continue
+            left.append((name(user), f"{act} after {name(nodes[-1])} runs as its own "
+                         f"pass ({ONLY_RELU})"))  # fmt: skip
     seen = set()
     left = [e for e in left if not (e in seen or seen.add(e))]
     return sites, left
@@ -1034,11 +1167,11 @@ def _rewrite(graph: fx.Graph, sites, backend: str, sync: bool, has_group: bool) 
                     fused_add_relu, (inp, residual), {"relu_module": relu_mod, "backend": backend}
                 )
             else:
-                relu = (site.relu is not None or site.pattern.endswith("relu")) and not (
-                    site.act_inside  # the BatchNorm applies its own act, read at call time
-                )
-                kwargs = {"relu": relu, "relu_module": relu_mod, "backend": backend,
+                # (a norm-act BatchNorm applies its own act, read at call time)
+                kwargs = {"relu": site.has_act, "relu_module": relu_mod, "backend": backend,
                           "sync": sync}  # fmt: skip
+                if site.activation is not None:
+                    kwargs["activation"] = site.activation
                 if group is not None:
                     kwargs["process_group"] = group
                 if conv is not None:

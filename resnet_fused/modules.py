@@ -11,6 +11,8 @@ from torch.nn.modules import module as _nn_module
 
 from . import _extension
 from ._env import read_env
+from ._validation import act_argument
+from .activations import IDENTITY, RELU, Act, as_act
 from .functional.auto_choice import CONV_BACKEND_ENV, EAGER, POLICY_ENV
 from .functional.batch_norm_act import batch_norm_act
 from .ops import fingerprint as fingerprint_op
@@ -33,6 +35,37 @@ def bn_update_factor(bn: nn.BatchNorm2d, training: bool) -> float:
     return factor
 
 
+def _get_activation(self) -> Act:
+    act = self.__dict__.get("_activation")
+    if act is None:  # (pickled before activations were a parameter: relu only)
+        act = as_act(bool(self.__dict__.get("relu", True)))
+    return act
+
+
+def _set_activation(self, value) -> None:
+    self.__dict__["_activation"] = as_act(value, "activation")
+
+
+def _get_relu(self) -> bool:
+    return _get_activation(self).kind == RELU
+
+
+def _set_relu(self, value) -> None:
+    _set_activation(self, act_argument(value, None))
+
+
+# A fused module's activation (an Act; assigning a name, an Act or a bool converts it as
+# ``activation=`` does), and ``relu``: whether it is ReLU (assigning a bool sets ReLU or
+# identity). Modules pickled before activations were a parameter hold ``relu`` only.
+_ACTIVATION = property(_get_activation, _set_activation, doc="The activation (an Act).")
+_RELU = property(_get_relu, _set_relu, doc="Whether the activation is ReLU.")
+
+
+def _act_repr(module) -> str:
+    act = module.activation
+    return f"relu={act.kind == RELU}" if act.kind in (IDENTITY, RELU) else f"activation={act!r}"
+
+
 class FusedBatchNormAct2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` followed by an optional residual add and ReLU, fused.
 
@@ -40,7 +73,10 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
     ``state_dict`` keys, and the same meaning of every option (``affine``,
     ``track_running_stats``, ``momentum=None`` for a cumulative average through
     ``num_batches_tracked``, ``eps``). ``forward(input, residual=None)`` computes
-    ``relu(bn(input) + residual)`` (ReLU when ``relu=True``).
+    ``act(bn(input) + residual)``: ReLU when ``relu=True``, or ``activation`` (a name, a
+    module or a :class:`resnet_fused.activations.Act`; see
+    :func:`resnet_fused.batch_norm_act`). ``activation`` holds the Act; ``relu`` says
+    whether it is ReLU (setting it sets ReLU or identity).
     """
 
     def __init__(
@@ -54,15 +90,16 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
         dtype=None,
         *,
         relu: bool = True,
+        activation=None,
         backend: str = "auto",
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.relu = relu
+        self.activation = act_argument(relu, activation)
         self.backend = backend
 
     @classmethod
     def from_batch_norm(
-        cls, bn: nn.BatchNorm2d, *, relu: bool = True, backend: str = "auto"
+        cls, bn: nn.BatchNorm2d, *, relu: bool = True, activation=None, backend: str = "auto"
     ) -> FusedBatchNormAct2d:
         """A fused module sharing ``bn``'s parameters and buffers (not copies)."""
         fused = cls(
@@ -73,6 +110,7 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
             bn.track_running_stats,
             device="meta",
             relu=relu,
+            activation=activation,
             backend=backend,
         )
         for name in ("weight", "bias"):
@@ -88,17 +126,20 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
             cache = self.__dict__.get("_plan_cache")
             if cache is None:
                 cache = self.__dict__["_plan_cache"] = FoldCache()
-        return bn_forward(self, input, residual, self.relu, self.backend, cache=cache)
+        return bn_forward(self, input, residual, self.activation, self.backend, cache=cache)
+
+    activation = _ACTIVATION
+    relu = _RELU
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
+        return f"{super().extra_repr()}, {_act_repr(self)}, backend={self.backend!r}"
 
 
 torch.serialization.add_safe_globals([FusedBatchNormAct2d])
 
 
 def bn_forward(
-    bn: nn.modules.batchnorm._BatchNorm, input: Tensor, residual: Tensor | None, relu: bool,
+    bn: nn.modules.batchnorm._BatchNorm, input: Tensor, residual: Tensor | None, act: Act,
     backend: str, sync: bool = False, process_group=None, cache: FoldCache | None = None,
 ) -> Tensor:  # fmt: skip
     """``relu(bn(input) + residual)`` through the fused kernels with ``bn``'s settings as
@@ -107,7 +148,7 @@ def bn_forward(
     :func:`conv_bn_forward` (the plan in ``cache.bn_plan``)."""
     signature = None
     if cache is not None and not sync:
-        signature = _bn_signature(bn, input, residual, relu, backend)
+        signature = _bn_signature(bn, input, residual, act, backend)
         planned = cache.bn_plan
         if signature is not None and planned is not None and planned[0] == signature:
             bp, bb = bn._parameters, bn._buffers
@@ -119,7 +160,7 @@ def bn_forward(
                 rm = rv = None
             return planned[1].run(
                 input, rm, rv, bp.get("weight"), bp.get("bias"), bn_training, factor, bn.eps,
-                residual, relu,
+                residual, act,
             )  # fmt: skip
     bn._check_input_dim(input)
     factor = bn_update_factor(bn, bn.training)
@@ -136,7 +177,7 @@ def bn_forward(
         factor,
         bn.eps,
         residual=residual,
-        relu=relu,
+        activation=act,
         backend=backend,
         sync=sync,
         process_group=process_group,
@@ -147,7 +188,7 @@ def bn_forward(
     return out
 
 
-def _bn_signature(bn, input, residual, relu, backend) -> tuple | None:
+def _bn_signature(bn, input, residual, act, backend) -> tuple | None:
     """What a BatchNorm(+add)+ReLU call's checks and choice depend on (see
     :func:`_unit_signature`); None under torch.compile and for synchronised BN."""
     if torch.compiler.is_compiling() or isinstance(bn, nn.SyncBatchNorm):
@@ -155,7 +196,7 @@ def _bn_signature(bn, input, residual, relu, backend) -> tuple | None:
     amp = None
     if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(input.device.type):
         amp = torch.get_autocast_dtype(input.device.type)
-    return _call_signature(bn, input, residual, relu, backend, amp)
+    return _call_signature(bn, input, residual, act, backend, amp)
 
 
 _AMP = 2  # where the signatures put the autocast dtype
@@ -175,7 +216,7 @@ def _tensors_signature(*tensors) -> tuple:
 _TENSORS = getattr(_extension._C, "tensor_signature", None) or _tensors_signature
 
 
-def _call_signature(bn, input, residual, relu, backend, amp) -> tuple | None:
+def _call_signature(bn, input, residual, act, backend, amp) -> tuple | None:
     """The signature of a BatchNorm(+add)+ReLU call (see :func:`_unit_signature`), read
     from the module's own dicts (nn.Module.__getattr__ costs more than the rest of a
     read). None when an argument is not a tensor (the checked path says what is wrong)."""
@@ -188,7 +229,7 @@ def _call_signature(bn, input, residual, relu, backend, amp) -> tuple | None:
         return None
     return (
         tensors, torch.is_grad_enabled(), amp, bn.training, bn.momentum, bn.eps,
-        bn.track_running_stats, type(bn), relu, backend, read_env(POLICY_ENV),
+        bn.track_running_stats, type(bn), act, backend, read_env(POLICY_ENV),
     )  # fmt: skip
 
 
@@ -412,17 +453,17 @@ def has_hooks(*modules: nn.Module | None) -> bool:
 
 
 def unfused_unit(
-    conv: nn.Module, bn: nn.Module, input: Tensor, residual: Tensor | None, relu: bool
+    conv: nn.Module, bn: nn.Module, input: Tensor, residual: Tensor | None, act: Act
 ) -> Tensor:
     """``relu(bn(conv(input)) + residual)`` through the modules themselves (their hooks
     run), for units whose modules carry hooks."""
     out = bn(conv(input))
     if residual is not None:
         out = out + residual
-    return torch.relu(out) if relu else out
+    return act(out)
 
 
-def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
+def _unit_signature(conv, bn, input, residual, act, backend) -> tuple | None:
     """Everything a unit's checks and choices depend on, read now: the tensors' shapes,
     strides, dtypes, devices and ``requires_grad`` (one ``bytes`` value from the
     extension, see ``_TENSORS``); grad mode; the autocast dtype (item
@@ -449,7 +490,7 @@ def _unit_signature(conv, bn, input, residual, relu, backend) -> tuple | None:
         return None
     return (
         tensors, torch.is_grad_enabled(), amp, bn.training, bn.momentum, bn.eps,
-        bn.track_running_stats, type(bn), relu, backend, read_env(POLICY_ENV), conv.stride,
+        bn.track_running_stats, type(bn), act, backend, read_env(POLICY_ENV), conv.stride,
         conv.padding, conv.dilation, conv.groups, conv.padding_mode, read_env(CONV_BACKEND_ENV),
         torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_allow_tf32(),
     )  # fmt: skip
@@ -460,7 +501,7 @@ def conv_bn_forward(
     bn: nn.BatchNorm2d,
     input: Tensor,
     residual: Tensor | None,
-    relu: bool,
+    act: Act,
     backend: str,
     cache: FoldCache | None = None,
     sync: bool = False,
@@ -483,11 +524,11 @@ def conv_bn_forward(
         sync, process_group = True, process_group or bn.process_group
     signature = None
     if cache is not None and not sync:
-        signature = _unit_signature(conv, bn, input, residual, relu, backend)
+        signature = _unit_signature(conv, bn, input, residual, act, backend)
         planned = cache.plan
         if signature is not None and planned is not None and planned[0] == signature:
             return _run_plan(
-                planned[1], conv, bn, input, residual, relu, backend, cache, signature[_AMP]
+                planned[1], conv, bn, input, residual, act, backend, cache, signature[_AMP]
             )
     from .functional.conv_bn_act import conv_bn_act
 
@@ -521,7 +562,7 @@ def conv_bn_forward(
         momentum=factor,
         eps=bn.eps,
         residual=residual,
-        relu=relu,
+        activation=act,
         backend=backend,
         sync_bn=sync,
         process_group=process_group,
@@ -534,7 +575,7 @@ def conv_bn_forward(
     return out
 
 
-def _run_plan(plan, conv, bn, input, residual, relu, backend, cache, amp) -> Tensor:
+def _run_plan(plan, conv, bn, input, residual, act, backend, cache, amp) -> Tensor:
     """One call of a planned unit: the parameters and buffers as they are now, then the
     planned op calls (with the bookkeeping of nn.BatchNorm2d.forward). Under autocast
     (``amp``: its dtype) the convolution's operands are cast as ``conv_bn_act`` casts
@@ -559,31 +600,31 @@ def _run_plan(plan, conv, bn, input, residual, relu, backend, cache, amp) -> Ten
         stride, padding, dilation, groups = plan.geometry
         out = unit(
             input, w, conv_b, bp.get("weight"), bp.get("bias"), rm, rv, tracked, stride,
-            padding, dilation, groups, plan.batch_stats, bn.momentum, bn.eps, residual, relu,
+            padding, dilation, groups, plan.batch_stats, bn.momentum, bn.eps, residual, *act.args,
         )  # fmt: skip
         if out is not NotImplemented:
             return out
     if amp is None:
         return _run_planned_ops(
-            plan, conv, bn, input, w, conv_b, rm, rv, residual, relu, backend, cache, input.dtype
+            plan, conv, bn, input, w, conv_b, rm, rv, residual, act, backend, cache, input.dtype
         )
     with torch.autocast(input.device.type, enabled=False):
         input, w = input.to(amp), w.to(amp)
         conv_b = None if conv_b is None else conv_b.to(amp)
         residual = None if residual is None else residual.to(amp)
         return _run_planned_ops(
-            plan, conv, bn, input, w, conv_b, rm, rv, residual, relu, backend, cache, amp
+            plan, conv, bn, input, w, conv_b, rm, rv, residual, act, backend, cache, amp
         )
 
 
 def _run_planned_ops(
-    plan, conv, bn, x, w, conv_b, rm, rv, residual, relu, backend, cache, fold_dtype
+    plan, conv, bn, x, w, conv_b, rm, rv, residual, act, backend, cache, fold_dtype
 ) -> Tensor:  # fmt: skip
     bp = bn._parameters
     bn_w, bn_b = bp.get("weight"), bp.get("bias")
     if plan.batch_stats:  # a TrainPlan
         factor = bn_update_factor(bn, bn.training)
-        return plan.run(x, w, conv_b, bn_w, bn_b, rm, rv, factor, bn.eps, residual, relu)
+        return plan.run(x, w, conv_b, bn_w, bn_b, rm, rv, factor, bn.eps, residual, act)
     folded = None
     if plan.impl == EAGER:
         pass
@@ -596,7 +637,7 @@ def _run_planned_ops(
         )  # fmt: skip
     else:
         folded = _planned_fold(conv, bn, fold_dtype, cache, backend)
-    return plan.run(x, w, conv_b, bn_w, bn_b, rm, rv, bn.eps, residual, relu, folded)
+    return plan.run(x, w, conv_b, bn_w, bn_b, rm, rv, bn.eps, residual, act, folded)
 
 
 class FusedConvBNReLU2d(nn.Module):
@@ -604,8 +645,9 @@ class FusedConvBNReLU2d(nn.Module):
 
     Holds the original modules as ``conv`` and ``bn``, so its ``state_dict`` has the keys
     of ``nn.Sequential(conv, bn, relu)`` with ``0.``/``1.`` replaced by ``conv.``/``bn.``.
-    ``forward(input, residual=None)`` computes ``relu(bn(conv(input)) + residual)``
-    (ReLU when ``relu=True``) with :func:`resnet_fused.conv_bn_act`.
+    ``forward(input, residual=None)`` computes ``act(bn(conv(input)) + residual)`` (ReLU
+    when ``relu=True``, or ``activation``, as :class:`FusedBatchNormAct2d`) with
+    :func:`resnet_fused.conv_bn_act`.
 
     In eval mode the folded weight and bias are cached (CPU), and refolded whenever a
     parameter or buffer of ``conv`` or ``bn`` changes (an optimizer step, an in-place
@@ -633,6 +675,7 @@ class FusedConvBNReLU2d(nn.Module):
         dtype=None,
         *,
         relu: bool = True,
+        activation=None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -644,13 +687,19 @@ class FusedConvBNReLU2d(nn.Module):
         self.bn = nn.BatchNorm2d(
             out_channels, eps, momentum, affine, track_running_stats, **factory
         )
-        self.relu = relu
+        self.activation = act_argument(relu, activation)
         self.backend = backend
         self._fold_cache = FoldCache()
 
     @classmethod
     def from_modules(
-        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, *, backend: str = "auto"
+        cls,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d,
+        relu: bool = True,
+        *,
+        activation=None,
+        backend: str = "auto",
     ) -> FusedConvBNReLU2d:
         """A fused module holding ``conv`` and ``bn`` themselves (shared, not copied)."""
         if not isinstance(conv, nn.Conv2d) or isinstance(conv, nn.ConvTranspose2d):
@@ -670,7 +719,7 @@ class FusedConvBNReLU2d(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.conv, fused.bn = conv, bn
-        fused.relu, fused.backend = relu, backend
+        fused.activation, fused.backend = act_argument(relu, activation), backend
         fused._fold_cache = FoldCache()
         fused.training = conv.training  # its own flag only: conv and bn keep theirs
         return fused
@@ -678,11 +727,16 @@ class FusedConvBNReLU2d(nn.Module):
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         conv, bn = self._modules["conv"], self._modules["bn"]
         if has_hooks(conv, bn):  # run the modules themselves: their hooks fire
-            return unfused_unit(conv, bn, input, residual, self.relu)
-        return conv_bn_forward(conv, bn, input, residual, self.relu, self.backend, self._fold_cache)
+            return unfused_unit(conv, bn, input, residual, self.activation)
+        return conv_bn_forward(
+            conv, bn, input, residual, self.activation, self.backend, self._fold_cache
+        )
+
+    activation = _ACTIVATION
+    relu = _RELU
 
     def extra_repr(self) -> str:
-        return f"relu={self.relu}, backend={self.backend!r}"
+        return f"{_act_repr(self)}, backend={self.backend!r}"
 
 
 def _maybe_pack(w: Tensor, groups: int) -> Tensor | None:

@@ -10,8 +10,9 @@ traced with ``torch.fx``). Both read what they may fuse from here:
   norm-act BatchNorm (:func:`is_norm_act`) and a frozen BatchNorm (:func:`is_frozen_bn`),
   recognised by structure (timm is never imported);
 * the convolution: exactly ``nn.Conv2d`` with zeros padding (:func:`why_not_conv`);
-* the spellings of ReLU and add that a traced graph may use, and the activations other
-  than ReLU that the report accounts for (only ReLU is fused with a BatchNorm so far);
+* the spellings of ReLU and add that a traced graph may use, and the activations the
+  report accounts for when they are not fused (those the kernels do not apply:
+  :data:`ONLY_RELU` says which they apply; the fused ones are resnet_fused.activations');
 * resnet_fused's own module classes (:func:`register`, :func:`own_classes`), which the
   graph pass never traces into.
 """
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activations import act_of_module
 from .modules import FusedBatchNormAct2d, FusedConvBNReLU2d, _conv_padding
 
 __all__ = [
@@ -86,19 +88,20 @@ def num_features(m: nn.Module) -> int:
     return m.num_features if hasattr(m, "num_features") else m._buffers["weight"].numel()
 
 
-def inner_act(bn: nn.Module) -> str | None:
+def inner_act(bn: nn.Module):
     """What a norm-act BatchNorm applies after normalising, read now: None (a plain
-    BatchNorm, or identity ``drop`` and ``act``), "relu" (``nn.ReLU`` after an identity
-    ``drop``: fused) or "module" (anything else: its ``drop`` and ``act`` run as modules
-    after the fused BatchNorm)."""
+    BatchNorm, or identity ``drop`` and ``act``), an :class:`~resnet_fused.activations.Act`
+    (an activation the fused kernels apply, after an identity ``drop``: fused) or "module"
+    (anything else: its ``drop`` and ``act`` run as modules after the fused BatchNorm)."""
     if type(bn) in BN_TYPES or not bn._modules or not (is_norm_act(bn) or is_frozen_bn(bn)):
         return None
     drop, act = bn._modules["drop"], bn._modules["act"]
     if type(drop) is not nn.Identity:
         return "module"
-    if type(act) is nn.Identity:
-        return None
-    return "relu" if type(act) is nn.ReLU else "module"
+    found = act_of_module(act)
+    if found is None:
+        return "module"
+    return found if found else None
 
 
 def bn_modules(bn: nn.Module) -> tuple[nn.Module, ...]:
@@ -165,7 +168,10 @@ def why_not_bn(bn: nn.Module) -> str | None:
             " with other children than drop and act (not a norm-act layer)")  # fmt: skip
 
 
-ONLY_RELU = "only ReLU is fused with a BatchNorm so far"
+ONLY_RELU = (
+    "the fused kernels apply ReLU, ReLU6, LeakyReLU, SiLU, Hardswish and GELU, and after a "
+    "residual add only ReLU, ReLU6 and LeakyReLU with a positive slope"
+)
 
 # Activations other than ReLU a BatchNorm's output commonly feeds (for the report: each
 # one that reads a fused BatchNorm's output is listed, as not fused with it).

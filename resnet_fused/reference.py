@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .activations import Act, as_act
+
 
 def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``relu(x + residual)``."""
@@ -26,14 +28,16 @@ def relu_backward(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# BatchNorm -> (residual add) -> ReLU.
+# BatchNorm -> (residual add) -> activation (resnet_fused.activations; ReLU below).
 #
 # Per channel c over m = N*H*W values y (training):
 #   mean = sum(y)/m     var = sum((y - mean)^2)/m     invstd = 1/sqrt(var + eps)
-#   out  = relu((y - mean)*invstd*w + b [+ residual])
+#   out  = act((y - mean)*invstd*w + b [+ residual])
 #   running_mean <- (1 - momentum)*running_mean + momentum*mean
 #   running_var  <- (1 - momentum)*running_var  + momentum*var*m/(m - 1)
-# Backward, with g = grad_out masked by (out > 0) and xhat = (y - mean)*invstd:
+# Backward, with g = grad_out masked by (out > 0) (in general g = grad_out*act'(pre), pre
+# the argument of act, read from out where act allows it, else recomputed) and
+# xhat = (y - mean)*invstd:
 #   d_bias = sum(g)   d_weight = sum(g*xhat)   d_residual = g
 #   d_input = w*invstd*(g - d_bias/m - xhat*d_weight/m)      (batch statistics)
 #   d_input = w*invstd*g                                      (running statistics)
@@ -109,26 +113,33 @@ def bn_act_forward(
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
     eps: float,
-    relu: bool,
+    act: int,
+    act_param: float,
 ) -> torch.Tensor:
-    """out = relu((x - mean)*invstd*w + b [+ residual]), rounded once to input's dtype."""
+    """out = act((x - mean)*invstd*w + b [+ residual]), rounded once to input's dtype."""
     _, y, _ = _affine(input, mean, var, weight, bias, eps)
     if residual is not None:
         y = y + residual.to(y.dtype)
-    if relu:
-        y = torch.relu(y)
+    y = Act(act, act_param)(y)
     return y.to(input.dtype).contiguous(memory_format=_layout(input))
 
 
-def _relu_mask(grad, input, mean, var, weight, bias, out, eps, relu):
-    """grad_out with the ReLU's mask applied: from ``out`` when given, else recomputed
-    from the input (BN + ReLU without residual)."""
-    if not relu:
+def _act_grad(grad, input, mean, var, weight, bias, out, eps, act, act_param):
+    """grad_out * act': from ``out`` when given (the activations whose derivative is a
+    function of the output), else at the pre-activation recomputed from the input (BN +
+    activation without residual). ReLU's mask is that of the pre-activation rounded to
+    input's dtype (the stored output's mask)."""
+    a = Act(act, act_param)
+    if not a:
         return grad
-    if out is None:
-        _, y, _ = _affine(input, mean, var, weight, bias, eps)
-        out = y.to(input.dtype)
-    return torch.where(out <= 0, torch.zeros_like(grad), grad)
+    if out is not None:
+        if not a.from_output:
+            raise ValueError(f"out must be None for {a.name}: its derivative needs the input")
+        return a.backward_from_output(grad, out)
+    _, y, _ = _affine(input, mean, var, weight, bias, eps)
+    if a.kind == 1:
+        y = y.to(input.dtype)
+    return a.backward(grad.to(y.dtype), y).to(grad.dtype)
 
 
 def bn_act_backward_reduce(
@@ -140,13 +151,14 @@ def bn_act_backward_reduce(
     bias: torch.Tensor | None,
     out: torch.Tensor | None,
     eps: float,
-    relu: bool,
+    act: int,
+    act_param: float,
     write_masked_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum(g), sum(g*xhat), g or an empty tensor) with g the masked gradient; the sums in
+    """(sum(g), sum(g*xhat), g or an empty tensor) with g = grad_out*act'; the sums in
     the stats dtype."""
     acc = stats_dtype(input.dtype, input.device)
-    g = _relu_mask(grad_out, input, mean, var, weight, bias, out, eps, relu)
+    g = _act_grad(grad_out, input, mean, var, weight, bias, out, eps, act, act_param)
     xhat, _, _ = _affine(input, mean, var, None, None, eps)
     dims = [d for d in range(input.dim()) if d != 1]
     g_acc = g.to(acc)
@@ -170,13 +182,15 @@ def bn_act_backward_elemt(
     sum_dy: torch.Tensor,
     sum_dy_xhat: torch.Tensor,
     eps: float,
-    relu_mask_from_input: bool,
+    act: int,
+    act_param: float,
     batch_stats: bool,
 ) -> torch.Tensor:
-    """d_input. ``grad`` is already masked unless ``relu_mask_from_input``."""
+    """d_input. ``grad`` is multiplied by act' at the pre-activation recomputed from the
+    input (identity: ``grad`` is already the gradient at the pre-activation)."""
     acc = stats_dtype(input.dtype, input.device)
     nd = input.dim()
-    g = _relu_mask(grad, input, mean, var, weight, bias, None, eps, relu_mask_from_input)
+    g = _act_grad(grad, input, mean, var, weight, bias, None, eps, act, act_param)
     xhat, _, invstd = _affine(input, mean, var, None, None, eps)
     scale = _per_channel(invstd, nd)
     if weight is not None:
@@ -204,9 +218,12 @@ def batch_norm_act(
     *,
     residual: torch.Tensor | None = None,
     relu: bool = True,
+    activation=None,
 ) -> torch.Tensor:
-    """relu(batch_norm(input) + residual) through torch.nn.functional: the test oracle.
-    Batch statistics are used in training and whenever running_mean is None."""
+    """act(batch_norm(input) + residual) through torch.nn.functional: the test oracle.
+    Batch statistics are used in training and whenever running_mean is None. The
+    activation: ``activation`` when given (see resnet_fused.activations.as_act), else ReLU
+    when ``relu``."""
     y = torch.nn.functional.batch_norm(
         input,
         running_mean,
@@ -219,16 +236,16 @@ def batch_norm_act(
     )
     if residual is not None:
         y = y + residual
-    return torch.relu(y) if relu else y
+    return as_act(relu if activation is None else activation)(y)
 
 
 # ---------------------------------------------------------------------------------------
-# Convolution -> BatchNorm -> (residual add) -> ReLU.
+# Convolution -> BatchNorm -> (residual add) -> activation.
 #
 #   y = conv2d(x, W, conv_bias);   out = batch_norm_act(y, ...)
 # Eval mode folds BN into the convolution (torch.nn.utils.fusion.fuse_conv_bn_weights):
 #   s = w*invstd (per output channel);  W' = W*s;  b' = (conv_bias - running_mean)*s + b
-#   out = relu(conv2d(x, W') + b' [+ residual])
+#   out = act(conv2d(x, W') + b' [+ residual])
 # ---------------------------------------------------------------------------------------
 
 
@@ -250,9 +267,10 @@ def conv_bn_act(
     eps: float = 1e-5,
     residual: torch.Tensor | None = None,
     relu: bool = True,
+    activation=None,
 ) -> torch.Tensor:
-    """``relu(batch_norm(conv2d(input)) + residual)`` through torch.nn.functional, unfused
-    and unfolded: the test oracle."""
+    """``act(batch_norm(conv2d(input)) + residual)`` through torch.nn.functional, unfused
+    and unfolded: the test oracle (the activation as in :func:`batch_norm_act`)."""
     y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     return batch_norm_act(
         y,
@@ -265,6 +283,7 @@ def conv_bn_act(
         eps,
         residual=residual,
         relu=relu,
+        activation=activation,
     )
 
 
@@ -272,7 +291,8 @@ def bias_act(
     input: torch.Tensor,
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
-    relu: bool,
+    act: int,
+    act_param: float,
 ) -> torch.Tensor:
     """``act(input + bias[c] [+ residual])`` in the elementwise arithmetic dtype (fp32 for
     fp32, as eager's adds), rounded once: the eval-mode epilogue of a convolution with BN
@@ -283,6 +303,5 @@ def bias_act(
         y = y + _per_channel(bias.to(acc), input.dim())
     if residual is not None:
         y = y + residual.to(acc)
-    if relu:
-        y = torch.relu(y)
+    y = Act(act, act_param)(y)
     return y.to(input.dtype).contiguous(memory_format=_layout(input))

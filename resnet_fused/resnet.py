@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from .activations import ID_ACT, RELU_ACT
 from .graph_convert import _ATTR as _GRAPH_ATTR
 from .graph_convert import convert_graphs, fused_conv_bn, graph_report, unfuse_graphs
 from .modules import FoldCache, conv_bn_forward, has_hooks, own_hooks
@@ -261,8 +262,9 @@ class _FusedBlock(nn.Module):
         if cache is None:
             cache = self._fold_caches[name] = FoldCache()
         return conv_bn_forward(
-            conv, bn, x, residual, relu, self.backend, cache, self.sync_bn, self.process_group
-        )
+            conv, bn, x, residual, RELU_ACT if relu else ID_ACT, self.backend, cache,
+            self.sync_bn, self.process_group,
+        )  # fmt: skip
 
     def _units(self, x: Tensor) -> Tensor:
         """The fused units in torchvision's order (conv-bn-relu units, then the downsample
@@ -534,7 +536,7 @@ class FusedStemConv2d(nn.Conv2d):
                 process_group=self.process_group,
             )  # fmt: skip
         return conv_bn_forward(
-            self, self._bn, input, None, True, self.backend, self._fold_cache, self.sync_bn,
+            self, self._bn, input, None, RELU_ACT, self.backend, self._fold_cache, self.sync_bn,
             self.process_group,
         )  # fmt: skip
 
@@ -639,12 +641,13 @@ def convert(
     process_group=None,
     leaf_modules=(),
 ) -> nn.Module:
-    """The fused twin of ``model``: every Conv2d->BatchNorm2d->(add)->ReLU, Conv2d->
-    BatchNorm2d, BatchNorm2d->(add)->ReLU, BatchNorm2d and add->ReLU of its computation
-    fused. timm's norm-act layers (``BatchNormAct2d``, ``SyncBatchNormAct``) and frozen
-    BatchNorms (torchvision's ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``)
-    count as BatchNorms; only ReLU is fused with a BatchNorm so far (other activations
-    run as before and are listed in the report).
+    """The fused twin of ``model``: every Conv2d->BatchNorm2d->(add)->act, Conv2d->
+    BatchNorm2d, BatchNorm2d->(add)->act, BatchNorm2d and add->ReLU of its computation
+    fused (act: ReLU, ReLU6, LeakyReLU, SiLU, Hardswish or GELU, in any spelling; after
+    an add only the first three). timm's norm-act layers (``BatchNormAct2d``,
+    ``SyncBatchNormAct``) and frozen BatchNorms (torchvision's ``FrozenBatchNorm2d``,
+    timm's ``FrozenBatchNormAct2d``) count as BatchNorms, their own activation fused
+    with them; other activations run as before and are listed in the report.
 
     Two mechanisms, one set of rules (see :func:`conversion_report`):
 

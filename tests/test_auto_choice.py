@@ -13,20 +13,22 @@ import time
 import pytest
 import torch
 from conftest import backend_params
+from torch import nn
 
 import resnet_fused
+from resnet_fused.activations import as_act
 from resnet_fused.functional import auto_choice as fc
 from resnet_fused.functional import conv_bn_act as fc_unit
 
 
-def _key(n=8, tf32=True, bias=False, dtype=torch.float32):
+def _key(n=8, tf32=True, bias=False, dtype=torch.float32, act="relu"):
     x = torch.empty(n, 4, 6, 6, dtype=dtype)
     w = torch.empty(8, 4, 3, 3, dtype=dtype)
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = tf32
     try:
         return fc.conv_unit_key(
-            x, w, ((1, 1), (1, 1), (1, 1), 1), True, None, True,
+            x, w, ((1, 1), (1, 1), (1, 1), 1), True, None, as_act(act),
             torch.empty(8) if bias else None,
         )  # fmt: skip
     finally:
@@ -37,6 +39,9 @@ def test_key_has_tf32_mode_conv_bias_and_a_batch_bucket():
     assert _key(tf32=True) != _key(tf32=False)  # fp32 convolutions change speed with TF32
     assert _key(tf32=True, dtype=torch.bfloat16) == _key(tf32=False, dtype=torch.bfloat16)
     assert _key(bias=True) != _key(bias=False)
+    # the activation is part of the epilogue (and so of the timing), parameter included
+    assert _key(act="silu") != _key() != _key(act="identity")
+    assert _key(act=nn.LeakyReLU(0.1)) != _key(act=nn.LeakyReLU(0.2))
     # the last, smaller batch of an epoch reuses the pick of its power-of-two bucket
     assert _key(n=200) == _key(n=256) != _key(n=257)
     assert _key(n=1) != _key(n=2)

@@ -220,7 +220,7 @@ def test_cpu_fp32_statistics_accumulate_in_fp64(backend, layout, kind):
     assert torch.equal(mean.float(), eager_mean)
     # Backward sums: sum(g) and sum(g * xhat) to fp64 accuracy.
     sum_dy, sum_dy_xhat, _ = kernels.backward_reduce(
-        g, x, mean, var, w, b, None, 1e-5, False, False
+        g, x, mean, var, w, b, None, 1e-5, 0, 0.0, False
     )
     assert sum_dy.dtype == sum_dy_xhat.dtype == torch.float64
     xhat64 = (x64 - mean64[None, :, None, None]) * (var64 + 1e-5).rsqrt()[None, :, None, None]
@@ -442,15 +442,18 @@ def _opcheck_bn(names, device):
             stats, (inp, torch.zeros(5, device=device), torch.ones(5, device=device), 0.1)
         )
         torch.library.opcheck(stats, (inp, None, None, 0.1))
-        torch.library.opcheck(fwd, (inp, mean, var, w, b, inp.clone(), 1e-5, True))
-        torch.library.opcheck(fwd, (inp, mean, var, None, None, None, 1e-5, False))
+        torch.library.opcheck(fwd, (inp, mean, var, w, b, inp.clone(), 1e-5, 1, 0.0))
+        torch.library.opcheck(fwd, (inp, mean, var, None, None, None, 1e-5, 0, 0.0))
+        torch.library.opcheck(fwd, (inp, mean, var, w, b, None, 1e-5, 4, 0.0))  # SiLU
         gi = g.to(inp.dtype)
-        torch.library.opcheck(red, (gi, inp, mean, var, w, b, inp.clone(), 1e-5, True, True))
-        torch.library.opcheck(red, (gi, inp, mean, var, None, b, None, 1e-5, True, False))
-        torch.library.opcheck(elemt, (gi, inp, mean, var, w, b, mean, var, 1e-5, True, True))
+        torch.library.opcheck(red, (gi, inp, mean, var, w, b, inp.clone(), 1e-5, 1, 0.0, True))
+        torch.library.opcheck(red, (gi, inp, mean, var, None, b, None, 1e-5, 1, 0.0, False))
+        torch.library.opcheck(red, (gi, inp, mean, var, w, b, None, 1e-5, 3, 0.2, True))
+        torch.library.opcheck(elemt, (gi, inp, mean, var, w, b, mean, var, 1e-5, 1, 0.0, True))
         torch.library.opcheck(
-            elemt, (gi, inp, mean, var, None, None, mean, var, 1e-5, False, False)
+            elemt, (gi, inp, mean, var, None, None, mean, var, 1e-5, 0, 0.0, False)
         )
+        torch.library.opcheck(elemt, (gi, inp, mean, var, w, b, mean, var, 1e-5, 6, 0.0, True))
 
 
 @pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
@@ -563,15 +566,19 @@ def test_cpp_bn_ops_check_their_arguments():
     mean, var = torch.zeros(4), torch.ones(4)
     lib = torch.ops.resnet_fused
     with pytest.raises(RuntimeError, match=r"weight must have shape \(C,\)"):
-        lib.bn_act_forward(x, mean, var, torch.ones(3), None, None, 1e-5, True)
+        lib.bn_act_forward(x, mean, var, torch.ones(3), None, None, 1e-5, 1, 0.0)
     with pytest.raises(RuntimeError, match="input must be a 4-D tensor"):
         lib.bn_stats(x[0], None, None, 0.1)
     with pytest.raises(RuntimeError, match="residual must have the dtype of input"):
-        lib.bn_act_forward(x, mean, var, None, None, x.half(), 1e-5, True)
+        lib.bn_act_forward(x, mean, var, None, None, x.half(), 1e-5, 1, 0.0)
     with pytest.raises(RuntimeError, match="grad_out must have the shape of input"):
-        lib.bn_act_backward_reduce(x[:1], x, mean, var, None, None, None, 1e-5, True, False)
+        lib.bn_act_backward_reduce(x[:1], x, mean, var, None, None, None, 1e-5, 1, 0.0, False)
     with pytest.raises(RuntimeError, match="sum_dy must have shape"):
-        lib.bn_act_backward_elemt(x, x, mean, var, None, None, mean[:2], var, 1e-5, True, True)
+        lib.bn_act_backward_elemt(x, x, mean, var, None, None, mean[:2], var, 1e-5, 1, 0.0, True)
+    with pytest.raises(RuntimeError, match="act must be an activation code"):
+        lib.bn_act_forward(x, mean, var, None, None, None, 1e-5, -1, 0.0)
+    with pytest.raises(RuntimeError, match="out must be None for silu"):
+        lib.bn_act_backward_reduce(x, x, mean, var, None, None, x, 1e-5, 4, 0.0, False)
 
 
 @pytest.mark.parametrize("backend", backend_params(("cpu", "triton", "cuda")))

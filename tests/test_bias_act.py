@@ -36,11 +36,21 @@ RESIDUALS = ["none", "same", "other"]
 SHAPES = [(2, 5, 7, 7), (1, 3, 7, 7), (3, 24, 5, 7), (4, 8, 1, 1), (2, 1, 3, 3)]
 
 
-def _ops(backend):
+def _raw_ops(backend):
     lib = torch.ops.resnet_fused
     if backend == "triton":
         return lib.bias_act_triton, lib.bias_act_triton_
     return lib.bias_act, lib.bias_act_
+
+
+def _ops(backend):
+    """The ops with ``relu`` (a bool) for their activation: ReLU or identity (every other
+    activation: tests/test_activations.py)."""
+    op, op_ = _raw_ops(backend)
+    return (
+        lambda x, b, r, relu: op(x, b, r, int(relu), 0.0),
+        lambda x, b, r, relu: op_(x, b, r, int(relu), 0.0),
+    )
 
 
 def _tensor(shape, dtype, device, layout, scale=1.0):
@@ -167,9 +177,9 @@ def _op_samples(device):
 
 def _opcheck(op, op_, device):
     for x, b, r, relu in _op_samples(device):
-        torch.library.opcheck(op, (x, b, r, relu))
+        torch.library.opcheck(op, (x, b, r, int(relu), 0.0))
         if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-            torch.library.opcheck(op_, (x.clone(), b, r, relu))
+            torch.library.opcheck(op_, (x.clone(), b, r, int(relu), 0.0))
 
 
 @pytest.mark.skipif(not _extension.is_loaded(), reason="extension not built")
@@ -249,11 +259,11 @@ def test_portable_cpu_kernels_in_subprocess():
         "    for fmt in (torch.contiguous_format, torch.channels_last):\n"
         "        x = torch.randn(3, 24, 5, 7, dtype=dt).to(memory_format=fmt)\n"
         "        r = torch.randn_like(x); b = torch.randn(24)\n"
-        "        out = torch.ops.resnet_fused.bias_act(x, b, r, True)\n"
+        "        out = torch.ops.resnet_fused.bias_act(x, b, r, 1, 0.0)\n"
         "        exp = torch.relu(x.to(acc) + b.to(acc)[:, None, None] + r.to(acc)).to(dt)\n"
         "        assert torch.equal(out, exp), (dt, fmt)\n"
         "        x0 = x.clone(memory_format=torch.preserve_format)\n"
-        "        torch.ops.resnet_fused.bias_act_(x, b, None, False)\n"
+        "        torch.ops.resnet_fused.bias_act_(x, b, None, 0, 0.0)\n"
         "        assert torch.equal(x, (x0.to(acc) + b.to(acc)[:, None, None]).to(dt)), (dt, fmt)\n"
         "print('ok')\n"
     )

@@ -218,7 +218,7 @@ def test_bias_act(backend, dtype, where, value, relu):
     eager = x + bias.to(dt)[None, :, None, None] + res
     eager = torch.relu(eager) if relu else eager
     if backend == "torch":
-        out = reference.bias_act(x, bias, res, relu)
+        out = reference.bias_act(x, bias, res, int(relu), 0.0)
     else:
         lib = torch.ops.resnet_fused
         op, op_ = (
@@ -226,9 +226,9 @@ def test_bias_act(backend, dtype, where, value, relu):
             if backend == "triton"
             else (lib.bias_act, lib.bias_act_)
         )
-        out = op(x, bias, res, relu)
+        out = op(x, bias, res, int(relu), 0.0)
         xi = x.clone()
-        op_(xi, bias, res, relu)
+        op_(xi, bias, res, int(relu), 0.0)
         assert_same_nonfinite(xi, eager, name="bias_act_")
     assert_same_nonfinite(out, eager, name="bias_act")
 

@@ -135,8 +135,8 @@ def test_norm_act_is_recognised_by_structure():
 
 
 @pytest.mark.parametrize(
-    "act", [nn.ReLU, nn.SiLU, nn.Hardswish, nn.Identity, lambda: nn.LeakyReLU(0.1)],
-    ids=["relu", "silu", "hardswish", "identity", "leaky"],
+    "act", [nn.ReLU, nn.SiLU, nn.Hardswish, nn.Identity, lambda: nn.LeakyReLU(0.1), nn.Mish],
+    ids=["relu", "silu", "hardswish", "identity", "leaky", "mish"],
 )  # fmt: skip
 def test_norm_act_models_fuse_every_batchnorm_with_parity(act):
     model = _net(act)
@@ -150,9 +150,9 @@ def test_norm_act_models_fuse_every_batchnorm_with_parity(act):
     fused = " ".join(report["fused"])
     assert "0.conv, 0.bn" in fused and "1.conv2, 1.bn2, 1.act (conv-bn-add-relu)" in fused
     acts = [e for e in report["not_fused"] if ".act:" in e]
-    if act in (nn.ReLU, nn.Identity):
+    if act is not nn.Mish:  # fused with their BatchNorm
         assert acts == []
-    else:  # every activation a norm-act layer applies, accounted
+    else:  # every activation a norm-act layer applies that the kernels do not, accounted
         assert len(acts) == 4 and all("runs as its own pass" in e for e in acts)
     _assert_parity(model, converted, x)
 
@@ -192,7 +192,9 @@ def test_norm_act_read_at_call_time():
 
 def test_activation_after_a_plain_batchnorm_is_reported():
     """torchvision's Conv2dNormActivation (Conv2d, BatchNorm2d, activation): the
-    convolution and BatchNorm fused, the activation listed as not fused with it."""
+    convolution, BatchNorm and activation fused when the kernels apply the activation;
+    otherwise the activation listed as not fused with it, with the reason (one the
+    kernels do not apply; a BatchNorm output with two users)."""
     from torchvision.ops.misc import Conv2dNormActivation
 
     torch.manual_seed(0)
@@ -200,6 +202,7 @@ def test_activation_after_a_plain_batchnorm_is_reported():
         Conv2dNormActivation(3, 4, activation_layer=nn.Hardswish),
         Conv2dNormActivation(4, 4, activation_layer=nn.ReLU6),
         Conv2dNormActivation(4, 4, activation_layer=nn.ReLU),
+        Conv2dNormActivation(4, 4, activation_layer=nn.Mish),
     ).double()
 
     class Fn(nn.Module):
@@ -207,26 +210,31 @@ def test_activation_after_a_plain_batchnorm_is_reported():
             super().__init__()
             self.body = _randomise(model)
             self.bn = nn.BatchNorm2d(4).double()
+            self.bn2 = nn.BatchNorm2d(4).double()
 
         def forward(self, x):
-            return F.silu(self.bn(self.body(x)))
+            y = self.bn2(F.elu(self.bn(self.body(x))))
+            return F.silu(y) + y
 
     full = _randomise(Fn()).double()
     converted = _convert(full)
     report = resnet_fused.conversion_report(converted)
     assert sorted(report["fused"]) == [
         "bn (bn)",
-        "body.0.0, body.0.1 (conv-bn)",
-        "body.1.0, body.1.1 (conv-bn)",
+        "bn2 (bn)",
+        "body.0.0, body.0.1, body.0.2 (conv-bn-hardswish)",
+        "body.1.0, body.1.1, body.1.2 (conv-bn-relu6)",
         "body.2.0, body.2.1, body.2.2 (conv-bn-relu)",
+        "body.3.0, body.3.1 (conv-bn)",
     ]
+    kernels = (
+        "the fused kernels apply ReLU, ReLU6, LeakyReLU, SiLU, Hardswish and GELU, and "
+        "after a residual add only ReLU, ReLU6 and LeakyReLU with a positive slope"
+    )
     assert sorted(report["not_fused"]) == [
-        "body.0.2: left alone: body.0.2 (Hardswish) after body.0.1 runs as its own pass "
-        "(only ReLU is fused with a BatchNorm so far)",
-        "body.1.2: left alone: body.1.2 (ReLU6) after body.1.1 runs as its own pass "
-        "(only ReLU is fused with a BatchNorm so far)",
-        "silu: left alone: silu (silu) after bn runs as its own pass "
-        "(only ReLU is fused with a BatchNorm so far)",
+        f"body.3.2: left alone: body.3.2 (Mish) after body.3.1 runs as its own pass ({kernels})",
+        f"elu: left alone: elu (elu) after bn runs as its own pass ({kernels})",
+        "silu: left alone: not fused with bn2: its output has 2 users",
     ]
     _accounted_once(full, report)
     _assert_parity(full, converted, torch.randn(2, 3, 8, 8, dtype=torch.float64))
@@ -286,13 +294,10 @@ def test_frozen_batchnorms_fused_as_eval_batchnorms(act):
     silu = act is nn.SiLU
     assert report["fused"] == [
         "conv1, bn1, relu (conv-bn-relu)",
-        "conv2, bn2 (conv-bn)" if silu else "conv2, bn2, bn2.act (conv-bn-relu)",
+        "conv2, bn2, bn2.act (conv-bn-silu)" if silu else "conv2, bn2, bn2.act (conv-bn-relu)",
         "bn3, bn3.act (bn-relu)",
     ]
-    assert report["not_fused"] == (
-        ["bn2.act: left alone: SiLU after bn2 runs as its own pass (only ReLU is fused with "
-         "a BatchNorm so far)"] if silu else []
-    )  # fmt: skip
+    assert report["not_fused"] == []
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
     out, ref = converted(x), model(x)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

@@ -164,7 +164,7 @@ def test_ops_that_write_in_place_bump_version_counters():
     lib.add_relu_(a, r)
     assert a._version > 0 and r._version == 0
     y = torch.randn(2, 4, 3, 3)
-    lib.bias_act_(y, torch.randn(4), None, True)
+    lib.bias_act_(y, torch.randn(4), None, 1, 0.0)
     assert y._version > 0
     # An in-place write to a tensor autograd saved is caught, as for aten's ops.
     w = torch.randn(2, 4, 3, 3, requires_grad=True)

@@ -795,13 +795,13 @@ def test_bias_act(backend):
             )
             if not dense:
                 with pytest.raises((ValueError, RuntimeError), match="input"):
-                    op_(target, bias, res, relu)
+                    op_(target, bias, res, int(relu), 0.0)
                 return
-            op_(target, bias, res, relu)
+            op_(target, bias, res, int(relu), 0.0)
             out = target
         else:
             x_before = x.clone()
-            out = op(x, bias, res, relu)
+            out = op(x, bias, res, int(relu), 0.0)
             assert torch.equal(x, x_before), "bias_act must not modify its input"
             _check_layout(out, x, backend)
         eager_pre, pre64 = compose(dtype), compose(torch.float64)

@@ -136,7 +136,7 @@ def test_conv_epilogue(case, dtype, with_bias, residual, relu):
     res = None
     if residual is not None:
         res = _layout(torch.randn(n, cout, p, q, device=DEVICE).to(dtype), residual)
-    out, partials = _run(case, x, weight, bias=bias, residual=res, relu=relu)
+    out, partials = _run(case, x, weight, bias=bias, residual=res, act=int(relu))
     assert partials is None
     ref = _reference(case, x, weight, bias, res, relu)
     _check_out(out, ref, dtype)
@@ -355,7 +355,7 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="bias must be float32"):
         conv.conv2d(x, wp, k, s, p, d, bias=torch.zeros(weight.shape[0], dtype=torch.float16))
     with pytest.raises(ValueError, match="stats=True requires"):
-        conv.conv2d(x, wp, k, s, p, d, relu=True, stats=True)
+        conv.conv2d(x, wp, k, s, p, d, act=1, stats=True)
     with pytest.raises(ValueError, match="partials must be"):
         conv.finalize_stats(torch.zeros(2, 3, 4), None, None, 0.1)
     with pytest.raises(ValueError, match="running_mean must be"):

@@ -52,18 +52,21 @@ def _op_calls():
         ("add_relu_triton_", lambda: ops.add_relu_triton_(x.clone(), r)),
         ("relu_backward_triton", lambda: ops.relu_backward_triton(r, x)),
         ("bn_stats_triton", lambda: ops.bn_stats_triton(x, c.clone(), c.clone(), 0.1)),
-        ("bn_act_forward_triton", lambda: ops.bn_act_forward_triton(x, c, c, c, c, r, 1e-5, True)),
+        (
+            "bn_act_forward_triton",
+            lambda: ops.bn_act_forward_triton(x, c, c, c, c, r, 1e-5, 1, 0.0),
+        ),
         (
             "bn_act_backward_reduce_triton",
-            lambda: ops.bn_act_backward_reduce_triton(r, x, c, c, c, c, None, 1e-5, True, True),
+            lambda: ops.bn_act_backward_reduce_triton(r, x, c, c, c, c, None, 1e-5, 1, 0.0, True),
         ),
         (
             "bn_act_backward_elemt_triton",
-            lambda: ops.bn_act_backward_elemt_triton(r, x, c, c, c, c, c, c, 1e-5, True, True),
+            lambda: ops.bn_act_backward_elemt_triton(r, x, c, c, c, c, c, c, 1e-5, 1, 0.0, True),
         ),
-        ("bias_act_triton", lambda: ops.bias_act_triton(x, c, r, True)),
-        ("bias_act_triton_", lambda: ops.bias_act_triton_(x.clone(), c, r, True)),
-        ("conv_bias_act_triton", lambda: ops.conv_bias_act_triton(x, wp, *geo, None, None, True)),
+        ("bias_act_triton", lambda: ops.bias_act_triton(x, c, r, 1, 0.0)),
+        ("bias_act_triton_", lambda: ops.bias_act_triton_(x.clone(), c, r, 1, 0.0)),
+        ("conv_bias_act_triton", lambda: ops.conv_bias_act_triton(x, wp, *geo, None, None, 1, 0.0)),
         (
             "conv_bn_stats_triton",
             lambda: ops.conv_bn_stats_triton(x, wp, *geo, c[:3].clone(), c[:3].clone(), 0.1),
@@ -101,7 +104,7 @@ def test_triton_ops_on_the_second_gpu():
         torch.testing.assert_close(var, x.var(dim=(0, 2, 3), unbiased=False))
         w = torch.randn(4, 8, 3, 3, device=dev)
         y = ops.conv_bias_act_triton(
-            x, conv.pack_weight(w), [3, 3], [1, 1], [1, 1], [1, 1], None, None, False
+            x, conv.pack_weight(w), [3, 3], [1, 1], [1, 1], [1, 1], None, None, 0, 0.0
         )
         ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=1).float()
         torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # TF32 by default

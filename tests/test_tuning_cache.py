@@ -17,6 +17,7 @@ import torch
 
 import resnet_fused
 from resnet_fused.__main__ import main as cli_main
+from resnet_fused.activations import Act
 from resnet_fused.functional import auto_choice as fc
 from resnet_fused.functional import tuning_cache as tc
 
@@ -79,7 +80,8 @@ def _run(code, env, timeout=120):
 def test_key_json_round_trip():
     x = torch.empty(3, 4, 6, 6).to(memory_format=torch.channels_last)
     w = torch.empty(8, 4, 3, 3)
-    key = (*fc.conv_unit_key(x, w, ((1, 1), (1, 1), (1, 1), 1), True, None, True), ("cpu", "eager"))
+    geometry = ((1, 1), (1, 1), (1, 1), 1)
+    key = (*fc.conv_unit_key(x, w, geometry, True, None, Act(3, 0.2)), ("cpu", "eager"))
     text = tc.encode_key(key)
     assert tc.decode_key(text, CPU) == key
     assert json.loads(text)[4] == {"memory_format": "channels_last"}

@@ -71,7 +71,7 @@ def _unit(entry, conv, bn, x, residual, relu):
     return ENTRIES[entry](
         x, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, tracked, conv.stride,
         conv.padding, conv.dilation, conv.groups, training or rm is None, bn.momentum, bn.eps,
-        residual, relu,
+        residual, int(relu), 0.0,
     )  # fmt: skip
 
 
@@ -274,7 +274,7 @@ def test_opcheck(training):
         x, conv.weight.detach().requires_grad_(), conv.bias.detach().requires_grad_(),
         bn.weight.detach().requires_grad_(), bn.bias.detach().requires_grad_(),
         bn.running_mean, bn.running_var, bn.num_batches_tracked if training else None,
-        [1, 1], [1, 1], [1, 1], 1, training, 0.1, 1e-5, r, True,
+        [1, 1], [1, 1], [1, 1], 1, training, 0.1, 1e-5, r, 1, 0.0,
     )  # fmt: skip
     torch.library.opcheck(OP, args)
 
@@ -284,12 +284,15 @@ def test_bad_arguments_are_refused():
     x, _ = _inputs(torch.float32, False, False)
     with pytest.raises(TypeError, match="expected a Tensor or None"):
         ops.EAGER_UNIT(x, conv.weight, 3, None, None, None, None, None, (1, 1), (1, 1), (1, 1),
-                       1, True, 0.1, 1e-5, None, True)  # fmt: skip
+                       1, True, 0.1, 1e-5, None, 1, 0.0)  # fmt: skip
     with pytest.raises(RuntimeError, match="residual must have the output's shape"):
         _unit("python", conv, bn, x, torch.zeros(5, 1, 1), True)
     with pytest.raises(RuntimeError, match="bn_weight should contain 5 elements"):
         OP(x, conv.weight, None, torch.ones(3), None, None, None, None, [1, 1], [1, 1], [1, 1],
-           1, True, 0.1, 1e-5, None, True)  # fmt: skip
+           1, True, 0.1, 1e-5, None, 1, 0.0)  # fmt: skip
+    with pytest.raises(RuntimeError, match="act must be an activation code"):
+        OP(x, conv.weight, None, None, None, None, None, None, [1, 1], [1, 1], [1, 1],
+           1, True, 0.1, 1e-5, None, 8, 0.0)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

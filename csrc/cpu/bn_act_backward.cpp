@@ -1,5 +1,5 @@
 // bn_act_backward_reduce and bn_act_backward_elemt on the CPU: the backward of the
-// BatchNorm -> (residual add) -> ReLU decomposition (maths in resnet_fused/reference.py).
+// BatchNorm -> (residual add) -> activation decomposition (maths in resnet_fused/reference.py).
 // The entry points check arguments, bring operands into the working layout (NCHW or
 // channels_last, see bn_memory_format), fold the per-channel parameters into arrays
 // (cpu/bn_host.h) and call the vectorised, threaded loops of cpu/kernels_impl.h; the sums
@@ -15,6 +15,7 @@
 #include <optional>
 #include <tuple>
 
+#include "act.h"
 #include "common.h"
 #include "cpu/bn_host.h"
 #include "cpu/isa.h"
@@ -26,9 +27,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out, double eps,
-    bool relu, bool write_masked_grad) {
+    int64_t act, double act_param, bool write_masked_grad) {
   check_bn_backward_reduce_args(grad_out, input, mean, var, weight, bias, out);
+  check_act(act);
   const bool has_out = out.has_value() && out->defined();
+  const bool apply = act != kActIdentity;
+  TORCH_CHECK(!(apply && has_out) || act_from_output(act, act_param),
+              "bn_act_backward_reduce: out must be None for ", act_name(act),
+              " (its derivative is not a function of the output; it is recomputed from input)");
   const at::ScalarType acc = acc_dtype(input);
   const int64_t C = input.size(1);
   const at::MemoryFormat fmt = bn_memory_format(input);
@@ -40,16 +46,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
   }
   const at::Tensor x = bn_in_format(input, fmt);
   const at::Tensor g = bn_in_format(grad_out, fmt);
-  const at::Tensor o = relu && has_out ? bn_in_format(*out, fmt) : at::Tensor();
+  const at::Tensor o = apply && has_out ? bn_in_format(*out, fmt) : at::Tensor();
   const cpu::BnMask mask =
-      !relu ? cpu::BnMask::kNone : (has_out ? cpu::BnMask::kFromOut : cpu::BnMask::kFromInput);
+      !apply ? cpu::BnMask::kNone : (has_out ? cpu::BnMask::kFromOut : cpu::BnMask::kFromInput);
   const Affine a = fold_affine(input, mean, var, weight, bias, eps);
   cpu::kernels().bn_backward_reduce(
       input.scalar_type(), g.const_data_ptr(), x.const_data_ptr(),
       o.defined() ? o.const_data_ptr() : nullptr,
       write_masked_grad ? masked.mutable_data_ptr() : nullptr, geometry(x, fmt),
       a.mean.const_data_ptr(), a.scale.const_data_ptr(), a.bias.const_data_ptr(),
-      a.mean_acc.const_data_ptr(), mask, sum_dy.mutable_data_ptr(), sum_dy_xmu.mutable_data_ptr());
+      a.mean_acc.const_data_ptr(), mask, cpu::ActSpec{act, act_param}, sum_dy.mutable_data_ptr(),
+      sum_dy_xmu.mutable_data_ptr());
   // sum_dy_xhat = sum_dy_xmu * invstd, per channel (as the aten product would).
   at::Tensor sum_dy_xhat = at::empty({C}, input.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "bn_act_backward_reduce_xhat", [&] {
@@ -68,8 +75,10 @@ at::Tensor bn_act_backward_elemt_cpu(const at::Tensor& grad, const at::Tensor& i
                                      const std::optional<at::Tensor>& weight,
                                      const std::optional<at::Tensor>& bias,
                                      const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat,
-                                     double eps, bool relu_mask_from_input, bool batch_stats) {
+                                     double eps, int64_t act, double act_param,
+                                     bool batch_stats) {
   check_bn_backward_elemt_args(grad, input, mean, var, weight, bias, sum_dy, sum_dy_xhat);
+  check_act(act);
   const at::MemoryFormat fmt = bn_memory_format(input);
   at::Tensor dx = empty_in_format(input, fmt);
   if (input.numel() == 0) {
@@ -113,7 +122,8 @@ at::Tensor bn_act_backward_elemt_cpu(const at::Tensor& grad, const at::Tensor& i
       geometry(x, fmt), a.mean.const_data_ptr(), a.scale.const_data_ptr(),
       a.bias.const_data_ptr(), a.mean_acc.const_data_ptr(), a.scale_acc.const_data_ptr(),
       batch_stats ? k.const_data_ptr() : nullptr, batch_stats ? c.const_data_ptr() : nullptr,
-      relu_mask_from_input ? cpu::BnMask::kFromInput : cpu::BnMask::kNone);
+      act != kActIdentity ? cpu::BnMask::kFromInput : cpu::BnMask::kNone,
+      cpu::ActSpec{act, act_param});
   return dx;
 }
 

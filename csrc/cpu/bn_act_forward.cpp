@@ -1,5 +1,5 @@
-// bn_act_forward on the CPU: out = relu((input - mean) * rsqrt(var + eps) * weight + bias
-// [+ residual]), the forward of the BatchNorm -> (residual add) -> ReLU decomposition (maths
+// bn_act_forward on the CPU: out = act((input - mean) * rsqrt(var + eps) * weight + bias
+// [+ residual]), the forward of the BatchNorm -> (residual add) -> activation decomposition (maths
 // in resnet_fused/reference.py). The entry point checks arguments, brings operands into the
 // working layout (NCHW or channels_last, see bn_memory_format), folds the per-channel
 // parameters into arrays in the arithmetic type (cpu/bn_host.h) and calls the vectorised,
@@ -15,6 +15,7 @@
 
 #include <optional>
 
+#include "act.h"
 #include "common.h"
 #include "cpu/bn_host.h"
 #include "cpu/isa.h"
@@ -25,8 +26,10 @@ namespace {
 at::Tensor bn_act_forward_cpu(const at::Tensor& input, const at::Tensor& mean,
                               const at::Tensor& var, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& residual, double eps, bool relu) {
+                              const std::optional<at::Tensor>& residual, double eps, int64_t act,
+                              double act_param) {
   check_bn_forward_args(input, mean, var, weight, bias, residual);
+  check_act(act);
   const bool has_res = residual.has_value() && residual->defined();
   const at::MemoryFormat fmt = bn_memory_format(input);
   at::Tensor out = empty_in_format(input, fmt);
@@ -39,7 +42,7 @@ at::Tensor bn_act_forward_cpu(const at::Tensor& input, const at::Tensor& mean,
   cpu::kernels().bn_forward(input.scalar_type(), x.const_data_ptr(),
                             has_res ? res.const_data_ptr() : nullptr, out.mutable_data_ptr(),
                             geometry(x, fmt), a.mean.const_data_ptr(), a.scale.const_data_ptr(),
-                            a.bias.const_data_ptr(), relu);
+                            a.bias.const_data_ptr(), cpu::ActSpec{act, act_param});
   return out;
 }
 
@@ -49,8 +52,8 @@ at::Tensor bn_act_forward_cpu(const at::Tensor& input, const at::Tensor& mean,
 // input + bias (+ residual) in at::opmath_type (fp32 for fp32 input, as eager's adds),
 // rounded once to input's dtype.
 void bias_act_into(const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                   const std::optional<at::Tensor>& residual, bool relu, at::Tensor& out,
-                   at::MemoryFormat fmt) {
+                   const std::optional<at::Tensor>& residual, int64_t act, double act_param,
+                   at::Tensor& out, at::MemoryFormat fmt) {
   const at::ScalarType acc = opmath_dtype(x);
   const auto acc_opts = x.options().dtype(acc);
   const int64_t C = x.size(1);
@@ -63,30 +66,34 @@ void bias_act_into(const at::Tensor& x, const std::optional<at::Tensor>& bias,
   cpu::kernels().bn_forward(x.scalar_type(), x.const_data_ptr(),
                             res.defined() ? res.const_data_ptr() : nullptr, out.mutable_data_ptr(),
                             geometry(x, fmt), mean.const_data_ptr(), scale.const_data_ptr(),
-                            b.const_data_ptr(), relu);
+                            b.const_data_ptr(), cpu::ActSpec{act, act_param});
 }
 
 at::Tensor bias_act_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& residual, bool relu) {
+                        const std::optional<at::Tensor>& residual, int64_t act,
+                        double act_param) {
   check_bias_act_args(input, bias, residual);
+  check_act(act);
   const at::MemoryFormat fmt = bn_memory_format(input);
   at::Tensor out = empty_in_format(input, fmt);
   if (out.numel() == 0) {
     return out;
   }
-  bias_act_into(bn_in_format(input, fmt), bias, residual, relu, out, fmt);
+  bias_act_into(bn_in_format(input, fmt), bias, residual, act, act_param, out, fmt);
   return out;
 }
 
 void bias_act_inplace_cpu(at::Tensor& input, const std::optional<at::Tensor>& bias,
-                          const std::optional<at::Tensor>& residual, bool relu) {
+                          const std::optional<at::Tensor>& residual, int64_t act,
+                          double act_param) {
   check_bias_act_inplace_args(input, bias, residual);
+  check_act(act);
   if (input.numel() == 0) {
     return;
   }
   // Dense in NCHW or channels_last (checked), so input is already in its bn layout. Each
   // element is read before it is written, by the same thread: x and out may alias.
-  bias_act_into(input, bias, residual, relu, input, bn_memory_format(input));
+  bias_act_into(input, bias, residual, act, act_param, input, bn_memory_format(input));
 }
 
 }  // namespace

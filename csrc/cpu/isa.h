@@ -24,10 +24,18 @@ struct BnGeometry {
   bool channels_last;
 };
 
-// How the BN backward finds the ReLU's mask: none (no ReLU), from the forward output
-// (out <= 0 -> 0), or recomputed from the input (y = (x - mean)*scale + bias rounded to
-// the input dtype <= 0 -> 0; BN + ReLU without residual).
+// Where the BN backward reads the activation's derivative: nowhere (identity, or the
+// gradient is already taken through it), from the forward output (ReLU: out <= 0 -> 0;
+// the activations of act_from_output), or at the pre-activation recomputed from the input
+// (y = (x - mean)*scale + bias; BN + activation without residual; for ReLU the mask of y
+// rounded to the input dtype, so that it agrees with the stored output).
 enum class BnMask : int { kNone = 0, kFromOut = 1, kFromInput = 2 };
+
+// The activation (csrc/act.h's ActKind) and its parameter (LeakyReLU's slope).
+struct ActSpec {
+  int64_t kind;
+  double param;
+};
 
 // Type-erased kernels. Full-size buffers hold `dtype`. The reductions' per-channel outputs
 // (mean, var, sums) hold the accumulation type, ATen's CPU acc_type (acc_dtype in
@@ -49,22 +57,24 @@ struct Kernels {
   // out = act((x - mean)*scale + bias [+ residual]); residual may be null.
   void (*bn_forward)(c10::ScalarType dtype, const void* x, const void* residual, void* out,
                      const BnGeometry& g, const void* mean, const void* scale, const void* bias,
-                     bool relu);
-  // sum_dy = sum g, sum_dy_xmu = sum g*(x - mean_acc), with g = grad masked per `mask` (the
-  // mask from mean, scale and bias, as bn_forward computes y), the sums in the accumulation
-  // type; writes g to `masked` when not null. `out` is read for BnMask::kFromOut only.
+                     ActSpec act);
+  // sum_dy = sum g, sum_dy_xmu = sum g*(x - mean_acc), with g = grad * act' read per `mask`
+  // (from mean, scale and bias, as bn_forward computes y, or from `out`), the sums in the
+  // accumulation type; writes g to `masked` when not null. `out` is read for
+  // BnMask::kFromOut only.
   void (*bn_backward_reduce)(c10::ScalarType dtype, const void* grad, const void* x,
                              const void* out, void* masked, const BnGeometry& g, const void* mean,
                              const void* scale, const void* bias, const void* mean_acc,
-                             BnMask mask, void* sum_dy, void* sum_dy_xmu);
-  // dx = g*scale + (x - mean)*k + c, with g = grad masked per `mask` (kNone or kFromInput;
-  // the mask from mean, scale and bias in the arithmetic type, as bn_forward computes y),
+                             BnMask mask, ActSpec act, void* sum_dy, void* sum_dy_xmu);
+  // dx = g*scale + (x - mean)*k + c, with g = grad * act' per `mask` (kNone or kFromInput;
+  // the pre-activation from mean, scale and bias in the arithmetic type, as bn_forward
+  // computes y),
   // dx computed in the accumulation type from mean_acc, scale_acc, k and c (accumulation
   // type); k and c null (running statistics): dx = g*scale.
   void (*bn_backward_elemt)(c10::ScalarType dtype, const void* grad, const void* x, void* dx,
                             const BnGeometry& g, const void* mean, const void* scale,
                             const void* bias, const void* mean_acc, const void* scale_acc,
-                            const void* k, const void* c, BnMask mask);
+                            const void* k, const void* c, BnMask mask, ActSpec act);
 };
 
 extern const Kernels kernels_default;

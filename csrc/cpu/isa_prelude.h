@@ -25,4 +25,5 @@
 #include <type_traits>
 #include <vector>
 
+#include "act.h"
 #include "cpu/isa.h"

@@ -229,6 +229,93 @@ inline void load_acc(const scalar_t* p, Vectorized<bn_acc_t<scalar_t>>* out) {
 }
 #endif
 
+#if RF_USE_VEC
+// The activations of csrc/act.h on vectors of the arithmetic type (the same formulas as
+// the scalar functions there and torch's vectorised kernels: exp, erf and tanh are
+// at::vec's Sleef calls). ReLU is handled by the callers (clamp_min and the rounded mask).
+template <typename T>
+inline Vectorized<T> act_vec(int64_t act, const Vectorized<T>& v, T param) {
+  using V = Vectorized<T>;
+  const V zero(T(0)), one(T(1)), half(T(0.5)), six(T(6)), three(T(3));
+  switch (act) {
+    case kActReLU:
+      return at::vec::clamp_min(v, zero);
+    case kActReLU6:
+      return at::vec::clamp(v, zero, six);
+    case kActLeakyReLU:
+      return V::blendv(v * V(param), v, v > zero);
+    case kActSiLU:
+      return v / (one + v.neg().exp());
+    case kActHardswish:
+      return v * at::vec::clamp(v + three, zero, six) / six;
+    case kActGELU:
+      return v * half * (one + (v * V(T(act_math::kSqrt1_2))).erf());
+    case kActGELUTanh: {
+      const V inner = V(T(act_math::kSqrt2OverPi)) * (v + V(T(act_math::kGeluTanhK)) * v * v * v);
+      return half * v * (one + inner.tanh());
+    }
+    default:
+      return v;
+  }
+}
+
+// g * act'(pre).
+template <typename T>
+inline Vectorized<T> act_grad_pre_vec(int64_t act, const Vectorized<T>& pre,
+                                      const Vectorized<T>& g, T param) {
+  using V = Vectorized<T>;
+  const V zero(T(0)), one(T(1)), half(T(0.5)), six(T(6)), three(T(3));
+  switch (act) {
+    case kActReLU:
+      return V::blendv(g, zero, pre <= zero);
+    case kActReLU6:
+      return V::blendv(g, zero, (pre <= zero) | (pre >= six));
+    case kActLeakyReLU:
+      return V::blendv(g * V(param), g, pre > zero);
+    case kActSiLU: {
+      const V s = one / (one + pre.neg().exp());
+      return g * s * (one + pre * (one - s));
+    }
+    case kActHardswish: {
+      const V mid = g * (pre / three + half);
+      return V::blendv(V::blendv(mid, g, pre >= three), zero, pre <= three.neg());
+    }
+    case kActGELU: {
+      const V cdf = half * (one + (pre * V(T(act_math::kSqrt1_2))).erf());
+      const V pdf = (V(T(-0.5)) * pre * pre).exp() * V(T(act_math::kInvSqrt2Pi));
+      return g * (cdf + pre * pdf);
+    }
+    case kActGELUTanh: {
+      const V x2 = pre * pre;
+      const V kb(T(act_math::kSqrt2OverPi)), kk(T(act_math::kGeluTanhK));
+      const V t = (kb * (pre + kk * x2 * pre)).tanh();
+      const V d_inner = kb * (one + V(T(3)) * kk * x2);
+      return g * (half * (one + t) + half * pre * (one - t * t) * d_inner);
+    }
+    default:
+      return g;
+  }
+}
+
+// g * act' read from the output (act_from_output holds).
+template <typename T>
+inline Vectorized<T> act_grad_out_vec(int64_t act, const Vectorized<T>& out,
+                                      const Vectorized<T>& g, T param) {
+  using V = Vectorized<T>;
+  const V zero(T(0)), six(T(6));
+  switch (act) {
+    case kActReLU:
+      return V::blendv(g, zero, out <= zero);
+    case kActReLU6:
+      return V::blendv(g, zero, (out <= zero) | (out >= six));
+    case kActLeakyReLU:
+      return V::blendv(g * V(param), g, out > zero);
+    default:
+      return g;
+  }
+}
+#endif
+
 // Mean (of x - shift) and M2 of `len` contiguous values: the corrected two-pass
 // algorithm (the second pass reads from cache). Pass one gives an approximate centre mu;
 // pass two sums d = x - mu and d*d, and mu + sum(d)/len is the mean to working
@@ -460,12 +547,14 @@ void bn_stats_typed(const scalar_t* x, const BnGeometry& g, bn_acc_t<scalar_t>* 
 template <typename scalar_t>
 void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, const BnGeometry& g,
                       const op_t<scalar_t>* mean, const op_t<scalar_t>* scale,
-                      const op_t<scalar_t>* bias, bool relu) {
+                      const op_t<scalar_t>* bias, ActSpec act) {
   using acc_t = op_t<scalar_t>;
   const int64_t C = g.C;
+  const int64_t kind = act.kind;
+  const acc_t param = static_cast<acc_t>(act.param);
   auto element = [&](acc_t xv, acc_t m, acc_t s, acc_t b, acc_t r) {
     const acc_t y = mul_add(xv - m, s, b) + r;
-    return relu ? relu_scalar(y) : y;
+    return kind == kActReLU ? relu_scalar(y) : act_apply<acc_t>(kind, param, y);
   };
   if (g.channels_last) {
     const int64_t M = g.N * g.HW;
@@ -490,9 +579,12 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
             a += ra;
             b += rb;
           }
-          if (relu) {
+          if (kind == kActReLU) {
             a = at::vec::clamp_min(a, zero);
             b = at::vec::clamp_min(b, zero);
+          } else if (kind != kActIdentity) {
+            a = act_vec<acc_t>(kind, a, param);
+            b = act_vec<acc_t>(kind, b, param);
           }
           V::store(out + base + c, a, b);
         }
@@ -526,9 +618,12 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
             a += ra;
             b += rb;
           }
-          if (relu) {
+          if (kind == kActReLU) {
             a = at::vec::clamp_min(a, zero);
             b = at::vec::clamp_min(b, zero);
+          } else if (kind != kActIdentity) {
+            a = act_vec<acc_t>(kind, a, param);
+            b = act_vec<acc_t>(kind, b, param);
           }
           V::store(out + base + i, a, b);
         }
@@ -543,17 +638,23 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
   }
 }
 
-// g for one element: grad masked per `mask`.
+// g for one element: grad * act' per `mask`. ReLU's mask from the input compares y with
+// the largest value that rounds to zero, so that it agrees with the stored output's mask.
 template <typename scalar_t>
-inline op_t<scalar_t> masked_grad_scalar(BnMask mask, op_t<scalar_t> grad, op_t<scalar_t> xmu,
-                                         op_t<scalar_t> s, op_t<scalar_t> b, const scalar_t* out,
-                                         int64_t offset) {
+inline op_t<scalar_t> masked_grad_scalar(BnMask mask, const ActSpec& act, op_t<scalar_t> grad,
+                                         op_t<scalar_t> xmu, op_t<scalar_t> s, op_t<scalar_t> b,
+                                         const scalar_t* out, int64_t offset) {
   using acc_t = op_t<scalar_t>;
+  const acc_t param = static_cast<acc_t>(act.param);
   if (mask == BnMask::kFromOut) {
-    return static_cast<acc_t>(out[offset]) <= acc_t(0) ? acc_t(0) : grad;
+    const acc_t o = static_cast<acc_t>(out[offset]);
+    return act.kind == kActReLU ? (o <= acc_t(0) ? acc_t(0) : grad)
+                                : act_grad_from_out<acc_t>(act.kind, param, o, grad);
   }
   if (mask == BnMask::kFromInput) {
-    return mul_add(xmu, s, b) <= zero_threshold<scalar_t>() ? acc_t(0) : grad;
+    const acc_t y = mul_add(xmu, s, b);
+    return act.kind == kActReLU ? (y <= zero_threshold<scalar_t>() ? acc_t(0) : grad)
+                                : act_grad_from_pre<acc_t>(act.kind, param, y, grad);
   }
   return grad;
 }
@@ -561,16 +662,21 @@ inline op_t<scalar_t> masked_grad_scalar(BnMask mask, op_t<scalar_t> grad, op_t<
 #if RF_USE_VEC
 template <typename scalar_t>
 inline Vectorized<op_t<scalar_t>> masked_grad_vec(
-    BnMask mask, const Vectorized<op_t<scalar_t>>& grad, const Vectorized<op_t<scalar_t>>& xmu,
-    const Vectorized<op_t<scalar_t>>& s, const Vectorized<op_t<scalar_t>>& b,
-    const Vectorized<op_t<scalar_t>>& outv) {
-  using aVec = Vectorized<op_t<scalar_t>>;
+    BnMask mask, const ActSpec& act, const Vectorized<op_t<scalar_t>>& grad,
+    const Vectorized<op_t<scalar_t>>& xmu, const Vectorized<op_t<scalar_t>>& s,
+    const Vectorized<op_t<scalar_t>>& b, const Vectorized<op_t<scalar_t>>& outv) {
+  using acc_t = op_t<scalar_t>;
+  using aVec = Vectorized<acc_t>;
   const aVec zero(0);
+  const acc_t param = static_cast<acc_t>(act.param);
   if (mask == BnMask::kFromOut) {
-    return aVec::blendv(grad, zero, outv <= zero);
+    return act.kind == kActReLU ? aVec::blendv(grad, zero, outv <= zero)
+                                : act_grad_out_vec<acc_t>(act.kind, outv, grad, param);
   }
   if (mask == BnMask::kFromInput) {
-    return aVec::blendv(grad, zero, at::vec::fmadd(xmu, s, b) <= aVec(zero_threshold<scalar_t>()));
+    const aVec y = at::vec::fmadd(xmu, s, b);
+    return act.kind == kActReLU ? aVec::blendv(grad, zero, y <= aVec(zero_threshold<scalar_t>()))
+                                : act_grad_pre_vec<acc_t>(act.kind, y, grad, param);
   }
   return grad;
 }
@@ -580,7 +686,7 @@ template <typename scalar_t>
 void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const scalar_t* out,
                               scalar_t* masked, const BnGeometry& g, const op_t<scalar_t>* mean,
                               const op_t<scalar_t>* scale, const op_t<scalar_t>* bias,
-                              const bn_acc_t<scalar_t>* mean_acc, BnMask mask,
+                              const bn_acc_t<scalar_t>* mean_acc, BnMask mask, ActSpec act,
                               bn_acc_t<scalar_t>* sum_dy, bn_acc_t<scalar_t>* sum_dy_xmu) {
   using o_t = op_t<scalar_t>;
   using a_t = bn_acc_t<scalar_t>;
@@ -594,8 +700,8 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
   // exact but for the sums' roundings).
   auto element = [&](int64_t off, int64_t c, a_t& dy, a_t& dyx) {
     const o_t xv = static_cast<o_t>(x[off]);
-    const o_t gv = masked_grad_scalar<scalar_t>(mask, static_cast<o_t>(grad[off]), xv - mean[c],
-                                                scale[c], bias[c], out, off);
+    const o_t gv = masked_grad_scalar<scalar_t>(mask, act, static_cast<o_t>(grad[off]),
+                                                xv - mean[c], scale[c], bias[c], out, off);
     if (masked != nullptr) {
       masked[off] = static_cast<scalar_t>(gv);
     }
@@ -611,7 +717,7 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
   // dyx[] (kParts acc_t vectors each).
   auto vec_part = [&](const oVec& xv, oVec gv, const oVec& outv, const oVec& mv, const oVec& sv,
                       const oVec& bv, const aVec* ma, aVec* dy, aVec* dyx) -> oVec {
-    gv = masked_grad_vec<scalar_t>(mask, gv, xv - mv, sv, bv, outv);
+    gv = masked_grad_vec<scalar_t>(mask, act, gv, xv - mv, sv, bv, outv);
     for (int p = 0; p < kParts; ++p) {
       const aVec gp = widen<o_t, a_t>(gv, p);
       dy[p] += gp;
@@ -764,7 +870,7 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
                              const op_t<scalar_t>* scale, const op_t<scalar_t>* bias,
                              const bn_acc_t<scalar_t>* mean_acc,
                              const bn_acc_t<scalar_t>* scale_acc, const bn_acc_t<scalar_t>* k,
-                             const bn_acc_t<scalar_t>* cst, BnMask mask) {
+                             const bn_acc_t<scalar_t>* cst, BnMask mask, ActSpec act) {
   using o_t = op_t<scalar_t>;
   using a_t = bn_acc_t<scalar_t>;
   const int64_t C = g.C;
@@ -773,7 +879,7 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
   // would turn it into NaN where eager's gradient g*scale is finite.
   const bool batch = k != nullptr;
   auto element = [&](o_t xv, o_t gv, int64_t c) -> scalar_t {
-    const o_t gm = masked_grad_scalar<scalar_t>(mask, gv, xv - mean[c], scale[c], bias[c],
+    const o_t gm = masked_grad_scalar<scalar_t>(mask, act, gv, xv - mean[c], scale[c], bias[c],
                                                 nullptr, 0);
     const a_t ga = static_cast<a_t>(gm);
     const a_t xmu = static_cast<a_t>(xv) - mean_acc[c];
@@ -789,7 +895,7 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
   // the masked gradient in op_t, then dx in acc_t.
   auto vec_part = [&](const oVec& xv, oVec gv, const oVec& mv, const oVec& sv, const oVec& bv,
                       const aVec* ma, const aVec* sa, const aVec* ka, const aVec* ca) -> oVec {
-    gv = masked_grad_vec<scalar_t>(mask, gv, xv - mv, sv, bv, oVec(0));
+    gv = masked_grad_vec<scalar_t>(mask, act, gv, xv - mv, sv, bv, oVec(0));
     aVec out[kParts];
     for (int p = 0; p < kParts; ++p) {
       const aVec gp = widen<o_t, a_t>(gv, p);
@@ -890,33 +996,34 @@ void bn_stats_impl(c10::ScalarType dtype, const void* x, const BnGeometry& g, vo
 
 void bn_forward_impl(c10::ScalarType dtype, const void* x, const void* residual, void* out,
                      const BnGeometry& g, const void* mean, const void* scale, const void* bias,
-                     bool relu) {
+                     ActSpec act) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_forward_cpu", [&] {
     bn_forward_typed<scalar_t>(static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(residual),
                                static_cast<scalar_t*>(out), g, static_cast<cop_ptr<scalar_t>>(mean),
                                static_cast<cop_ptr<scalar_t>>(scale),
-                               static_cast<cop_ptr<scalar_t>>(bias), relu);
+                               static_cast<cop_ptr<scalar_t>>(bias), act);
   });
 }
 
 void bn_backward_reduce_impl(c10::ScalarType dtype, const void* grad, const void* x,
                              const void* out, void* masked, const BnGeometry& g, const void* mean,
                              const void* scale, const void* bias, const void* mean_acc,
-                             BnMask mask, void* sum_dy, void* sum_dy_xmu) {
+                             BnMask mask, ActSpec act, void* sum_dy, void* sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_backward_reduce_cpu", [&] {
     bn_backward_reduce_typed<scalar_t>(
         static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(x),
         static_cast<const scalar_t*>(out), static_cast<scalar_t*>(masked), g,
         static_cast<cop_ptr<scalar_t>>(mean), static_cast<cop_ptr<scalar_t>>(scale),
         static_cast<cop_ptr<scalar_t>>(bias), static_cast<const bn_acc_t<scalar_t>*>(mean_acc),
-        mask, static_cast<acc_ptr<scalar_t>>(sum_dy), static_cast<acc_ptr<scalar_t>>(sum_dy_xmu));
+        mask, act, static_cast<acc_ptr<scalar_t>>(sum_dy),
+        static_cast<acc_ptr<scalar_t>>(sum_dy_xmu));
   });
 }
 
 void bn_backward_elemt_impl(c10::ScalarType dtype, const void* grad, const void* x, void* dx,
                             const BnGeometry& g, const void* mean, const void* scale,
                             const void* bias, const void* mean_acc, const void* scale_acc,
-                            const void* k, const void* c, BnMask mask) {
+                            const void* k, const void* c, BnMask mask, ActSpec act) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_backward_elemt_cpu", [&] {
     using cacc_ptr = const bn_acc_t<scalar_t>*;
     bn_backward_elemt_typed<scalar_t>(
@@ -924,7 +1031,7 @@ void bn_backward_elemt_impl(c10::ScalarType dtype, const void* grad, const void*
         static_cast<scalar_t*>(dx), g, static_cast<cop_ptr<scalar_t>>(mean),
         static_cast<cop_ptr<scalar_t>>(scale), static_cast<cop_ptr<scalar_t>>(bias),
         static_cast<cacc_ptr>(mean_acc), static_cast<cacc_ptr>(scale_acc),
-        static_cast<cacc_ptr>(k), static_cast<cacc_ptr>(c), mask);
+        static_cast<cacc_ptr>(k), static_cast<cacc_ptr>(c), mask, act);
   });
 }
 

@@ -1,9 +1,10 @@
 // bn_act_backward_reduce and bn_act_backward_elemt on CUDA: the backward of the
-// BatchNorm -> (residual add) -> ReLU decomposition in resnet_fused/reference.py (which
-// defines the maths). The reduction computes sum g and sum g*xhat per channel (g = grad_out
-// masked by the ReLU, optionally written out) as deterministic per-block partials and a
-// per-channel sum; the elementwise pass writes grad_input. Geometry and plans:
-// bn_launch.cuh; per-channel affine, mask rule and block sums: bn_stats_math.cuh.
+// BatchNorm -> (residual add) -> activation decomposition in resnet_fused/reference.py
+// (which defines the maths). The reduction computes sum g and sum g*xhat per channel
+// (g = grad_out * act'(.), optionally written out) as deterministic per-block partials and
+// a per-channel sum; the elementwise pass writes grad_input. Geometry and plans:
+// bn_launch.cuh; per-channel affine, activation derivative (act.h, a runtime switch on the
+// uniform act code) and block sums: bn_stats_math.cuh.
 // Traffic: reduce reads grad_out and input (+ out) and optionally writes the masked
 // gradient; elemt reads grad and input and writes grad_input.
 #include <ATen/Dispatch.h>
@@ -26,30 +27,28 @@
 namespace resnet_fused {
 namespace {
 
-// How the backward passes mask the gradient by the ReLU.
-constexpr int kMaskNone = 0;       // no ReLU: g = grad
-constexpr int kMaskFromOut = 1;    // g = 0 where out <= 0
-constexpr int kMaskFromInput = 2;  // g = 0 where round(BN(x)) <= 0
+// How the backward passes apply the activation's derivative to the gradient.
+constexpr int kMaskNone = 0;       // identity: g = grad
+constexpr int kMaskFromOut = 1;    // g = act_grad_from_out(out, grad) (ReLU: 0 where out <= 0)
+constexpr int kMaskFromInput = 2;  // g = act_grad_from_pre(BN(x), grad) (ReLU: 0 where
+                                   // round(BN(x)) <= 0, see act_grad_pre)
 
 // ---------------------------------------------------------------------------------------
-// 3. Backward reduction: sum g, sum g*xhat (g = grad_out masked by the ReLU), and g
+// 3. Backward reduction: sum g, sum g*xhat (g = grad_out * act'(.)), and g
 // ---------------------------------------------------------------------------------------
 
-// Masked gradient of one element; sets xhat.
+// Gradient at the pre-activation of one element; sets xhat.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t masked_grad_value(const ChannelAffine<acc_t>& a, scalar_t go,
                                                    scalar_t x, scalar_t o, int mask_mode,
-                                                   acc_t& xhat) {
+                                                   const ActArg<acc_t>& act, acc_t& xhat) {
   xhat = a.xhat(static_cast<acc_t>(x));
-  acc_t g = static_cast<acc_t>(go);
+  const acc_t g = static_cast<acc_t>(go);
   if (mask_mode == kMaskFromOut) {
-    if (static_cast<acc_t>(o) <= acc_t(0)) {
-      g = acc_t(0);
-    }
-  } else if (mask_mode == kMaskFromInput) {
-    if (relu_blocks<scalar_t, acc_t>(a.y(xhat))) {
-      g = acc_t(0);
-    }
+    return act_grad_out(act, static_cast<acc_t>(o), g);
+  }
+  if (mask_mode == kMaskFromInput) {
+    return act_grad_pre<scalar_t, acc_t>(act, a.y(xhat), g);
   }
   return g;
 }
@@ -59,6 +58,7 @@ __global__ void __launch_bounds__(kThreads)
     bn_bwd_reduce_nchw_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
                               const scalar_t* __restrict__ out, scalar_t* __restrict__ masked,
                               const BnParams<at::opmath_type<scalar_t>> p, const int mask_mode,
+                              const ActArg<at::opmath_type<scalar_t>> act,
                               at::opmath_type<scalar_t>* __restrict__ psum,
                               at::opmath_type<scalar_t>* __restrict__ psum_xhat, const NchwGeom g) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -110,7 +110,8 @@ __global__ void __launch_bounds__(kThreads)
           for (int k = 0; k < VEC; ++k) {
             acc_t xhat;
             const acc_t gk = masked_grad_value<scalar_t, acc_t>(
-                a, gs[u].v[k], xs[u].v[k], read_out ? os[u].v[k] : scalar_t(0), mask_mode, xhat);
+                a, gs[u].v[k], xs[u].v[k], read_out ? os[u].v[k] : scalar_t(0), mask_mode, act,
+                xhat);
             it_dy += gk;
             it_dy_xhat += gk * xhat;
             mg.v[k] = static_cast<scalar_t>(gk);
@@ -136,6 +137,7 @@ __global__ void __launch_bounds__(kThreads)
     bn_bwd_reduce_nhwc_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
                               const scalar_t* __restrict__ out, scalar_t* __restrict__ masked,
                               const BnParams<at::opmath_type<scalar_t>> p, const int mask_mode,
+                              const ActArg<at::opmath_type<scalar_t>> act,
                               at::opmath_type<scalar_t>* __restrict__ psum,
                               at::opmath_type<scalar_t>* __restrict__ psum_xhat, const NhwcGeom g) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -195,7 +197,7 @@ __global__ void __launch_bounds__(kThreads)
             acc_t xhat;
             const acc_t gk = masked_grad_value<scalar_t, acc_t>(
                 a[k], gs[u].v[k], xs[u].v[k], read_out ? os[u].v[k] : scalar_t(0), mask_mode,
-                xhat);
+                act, xhat);
             sum_dy[k] += gk;
             sum_dy_xhat[k] += gk * xhat;
             mg.v[k] = static_cast<scalar_t>(gk);
@@ -275,7 +277,7 @@ struct ElemtParams {
   const acc_t* sum_dy;       // null unless batch_stats
   const acc_t* sum_dy_xhat;  // null unless batch_stats
   acc_t m;                   // values per channel
-  bool mask_from_input;
+  ActArg<acc_t> act;         // applied to grad at BN(x) (identity: grad is final)
 };
 
 // Per-channel coefficients of grad_input = scale * (g - mean_dy - xhat * mean_dy_xhat).
@@ -298,12 +300,12 @@ __device__ __forceinline__ ElemtChannel<acc_t> load_elemt(const BnParams<acc_t>&
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ scalar_t elemt_value(const ElemtChannel<acc_t>& ch, scalar_t grad,
-                                                scalar_t x, bool mask_from_input,
+                                                scalar_t x, const ActArg<acc_t>& act,
                                                 bool batch_stats) {
   const acc_t xhat = ch.a.xhat(static_cast<acc_t>(x));
   acc_t g = static_cast<acc_t>(grad);
-  if (mask_from_input && relu_blocks<scalar_t, acc_t>(ch.a.y(xhat))) {
-    g = acc_t(0);
+  if (act.kind != kActIdentity) {
+    g = act_grad_pre<scalar_t, acc_t>(act, ch.a.y(xhat), g);
   }
   if (batch_stats) {
     g = g - ch.mean_dy - xhat * ch.mean_dy_xhat;
@@ -354,8 +356,7 @@ __global__ void __launch_bounds__(kThreads)
         P o;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          o.v[k] = elemt_value<scalar_t, acc_t>(ch, gs[u].v[k], xs[u].v[k], e.mask_from_input,
-                                                batch_stats);
+          o.v[k] = elemt_value<scalar_t, acc_t>(ch, gs[u].v[k], xs[u].v[k], e.act, batch_stats);
         }
         ov[off[u]] = o;
       }
@@ -407,8 +408,8 @@ __global__ void __launch_bounds__(kThreads)
         P o;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          o.v[k] = elemt_value<scalar_t, acc_t>(ch[k], gs[u].v[k], xs[u].v[k],
-                                                e.mask_from_input, batch_stats);
+          o.v[k] = elemt_value<scalar_t, acc_t>(ch[k], gs[u].v[k], xs[u].v[k], e.act,
+                                                batch_stats);
         }
         ov[(r + static_cast<int64_t>(u) * by) * g.cv + cv] = o;
       }
@@ -424,7 +425,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out, double eps,
-    bool relu, bool write_masked_grad) {
+    int64_t act, double act_param, bool write_masked_grad) {
+  check_act(act);
+  TORCH_CHECK(!present(out) || act_from_output(act, act_param),
+              "bn_act_backward_reduce: `out` was given, but the derivative of ", act_name(act),
+              " (act_param ", act_param, ") is not a function of its output; pass out=None to "
+              "recompute the pre-activation from the input");
   check_bn_backward_reduce_args(grad_out, input, mean, var, weight, bias, out);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = bn_memory_format(input);
@@ -444,7 +450,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
   if (C == 0) {
     return {sum_dy, sum_dy_xhat, masked};
   }
-  const int mask_mode = !relu ? kMaskNone : (present(out) ? kMaskFromOut : kMaskFromInput);
+  const int mask_mode =
+      act == kActIdentity ? kMaskNone : (present(out) ? kMaskFromOut : kMaskFromInput);
   at::Tensor go;
   at::Tensor x;
   at::Tensor o;
@@ -475,6 +482,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
       const BnParams<acc_t> p{mean_a.const_data_ptr<acc_t>(), var_a.const_data_ptr<acc_t>(),
                               data_or_null<acc_t>(w_a), data_or_null<acc_t>(b_a),
                               static_cast<acc_t>(eps)};
+      const ActArg<acc_t> act_a = make_act_arg<acc_t>(act, act_param);
       const scalar_t* gp = go.const_data_ptr<scalar_t>();
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* opp = data_or_null<scalar_t>(o);
@@ -495,14 +503,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
           const auto kernel = bn_bwd_reduce_nhwc_kernel<scalar_t, VEC>;
           const Plan plan = plan_for(kernel, N, C, HW, true, VEC, device);
           alloc_partials(plan);
-          kernel<<<plan.grid, plan.block, 0, stream>>>(gp, xp, opp, mp, p, mask_mode, ps, psx,
-                                                       plan.nhwc);
+          kernel<<<plan.grid, plan.block, 0, stream>>>(gp, xp, opp, mp, p, mask_mode, act_a, ps,
+                                                       psx, plan.nhwc);
         } else {
           const auto kernel = bn_bwd_reduce_nchw_kernel<scalar_t, VEC>;
           const Plan plan = plan_for(kernel, N, C, HW, false, VEC, device);
           alloc_partials(plan);
-          kernel<<<plan.grid, plan.block, 0, stream>>>(gp, xp, opp, mp, p, mask_mode, ps, psx,
-                                                       plan.nchw);
+          kernel<<<plan.grid, plan.block, 0, stream>>>(gp, xp, opp, mp, p, mask_mode, act_a, ps,
+                                                       psx, plan.nchw);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -521,7 +529,9 @@ at::Tensor bn_act_backward_elemt_cuda(const at::Tensor& grad, const at::Tensor& 
                                       const std::optional<at::Tensor>& weight,
                                       const std::optional<at::Tensor>& bias,
                                       const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat,
-                                      double eps, bool relu_mask_from_input, bool batch_stats) {
+                                      double eps, int64_t act, double act_param,
+                                      bool batch_stats) {
+  check_act(act);
   check_bn_backward_elemt_args(grad, input, mean, var, weight, bias, sum_dy, sum_dy_xhat);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = bn_memory_format(input);
@@ -541,7 +551,8 @@ at::Tensor bn_act_backward_elemt_cuda(const at::Tensor& grad, const at::Tensor& 
   const at::Tensor mean_a = per_channel_acc(mean, acc);
   const at::Tensor var_a = per_channel_acc(var, acc);
   const at::Tensor w_a = optional_per_channel_acc(weight, acc);
-  const at::Tensor b_a = relu_mask_from_input ? optional_per_channel_acc(bias, acc) : at::Tensor();
+  const at::Tensor b_a =
+      act != kActIdentity ? optional_per_channel_acc(bias, acc) : at::Tensor();
   const at::Tensor sdy_a = batch_stats ? per_channel_acc(sum_dy, acc) : at::Tensor();
   const at::Tensor sdyx_a = batch_stats ? per_channel_acc(sum_dy_xhat, acc) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -552,7 +563,7 @@ at::Tensor bn_act_backward_elemt_cuda(const at::Tensor& grad, const at::Tensor& 
                             data_or_null<acc_t>(w_a), data_or_null<acc_t>(b_a),
                             static_cast<acc_t>(eps)};
     const ElemtParams<acc_t> e{data_or_null<acc_t>(sdy_a), data_or_null<acc_t>(sdyx_a),
-                               static_cast<acc_t>(m), relu_mask_from_input};
+                               static_cast<acc_t>(m), make_act_arg<acc_t>(act, act_param)};
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = grad_input.mutable_data_ptr<scalar_t>();

@@ -1,9 +1,10 @@
-// bn_act_forward on CUDA: out = relu((x - mean) * rsqrt(var + eps) * weight + bias
-// [+ residual]), the forward of the BatchNorm -> (residual add) -> ReLU decomposition in
+// bn_act_forward on CUDA: out = act((x - mean) * rsqrt(var + eps) * weight + bias
+// [+ residual]), the forward of the BatchNorm -> (residual add) -> activation decomposition in
 // resnet_fused/reference.py (which defines the maths); and bias_act / bias_act_, the
 // eval-mode epilogue of a conv with BN folded into it, which runs the same kernels through
 // the same launcher (launch_bn_forward). Geometry and plans: bn_launch.cuh; per-channel
-// affine: bn_stats_math.cuh. Traffic: reads x (+ residual), writes out, one pass.
+// affine and activation (act.h, a runtime switch on the uniform act code): bn_stats_math.cuh.
+// Traffic: reads x (+ residual), writes out, one pass.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -24,27 +25,25 @@ namespace resnet_fused {
 namespace {
 
 // ---------------------------------------------------------------------------------------
-// 2. Forward: out = relu((x - mean)*invstd*w + b [+ residual])
+// 2. Forward: out = act((x - mean)*invstd*w + b [+ residual])
 // ---------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ scalar_t forward_value(const ChannelAffine<acc_t>& a, scalar_t x,
-                                                  const scalar_t* res, scalar_t r, bool relu) {
+                                                  const scalar_t* res, scalar_t r,
+                                                  const ActArg<acc_t>& act) {
   acc_t y = a.y(a.xhat(static_cast<acc_t>(x)));
   if (res != nullptr) {
     y += static_cast<acc_t>(r);
   }
-  if (relu) {
-    y = y < acc_t(0) ? acc_t(0) : y;  // NaN propagates
-  }
-  return static_cast<scalar_t>(y);
+  return static_cast<scalar_t>(act_forward(act, y));
 }
 
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     bn_fwd_nchw_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
                        scalar_t* __restrict__ out, const BnParams<at::opmath_type<scalar_t>> p,
-                       const bool relu, const NchwGeom g) {
+                       const ActArg<at::opmath_type<scalar_t>> act, const NchwGeom g) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   constexpr int U = items_per_iter<scalar_t, VEC>();
@@ -84,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           o.v[k] = forward_value<scalar_t, acc_t>(a, xs[u].v[k], res,
-                                                  res != nullptr ? rs[u].v[k] : scalar_t(0), relu);
+                                                  res != nullptr ? rs[u].v[k] : scalar_t(0), act);
         }
         ov[off[u]] = o;
       }
@@ -96,7 +95,7 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     bn_fwd_nhwc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
                        scalar_t* __restrict__ out, const BnParams<at::opmath_type<scalar_t>> p,
-                       const bool relu, const NhwcGeom g) {
+                       const ActArg<at::opmath_type<scalar_t>> act, const NhwcGeom g) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   constexpr int U = items_per_iter<scalar_t, VEC>();
@@ -137,7 +136,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           o.v[k] = forward_value<scalar_t, acc_t>(a[k], xs[u].v[k], res,
-                                                  res != nullptr ? rs[u].v[k] : scalar_t(0), relu);
+                                                  res != nullptr ? rs[u].v[k] : scalar_t(0), act);
         }
         ov[(r + static_cast<int64_t>(u) * by) * g.cv + cv] = o;
       }
@@ -153,19 +152,20 @@ __global__ void __launch_bounds__(kThreads)
 // shared by bn_act_forward and bias_act.
 template <typename scalar_t, typename acc_t>
 void launch_bn_forward(const scalar_t* xp, const scalar_t* rp, scalar_t* op,
-                       const BnParams<acc_t>& p, bool relu, bool channels_last, int64_t N,
-                       int64_t C, int64_t HW, c10::DeviceIndex device, cudaStream_t stream) {
+                       const BnParams<acc_t>& p, const ActArg<acc_t>& act, bool channels_last,
+                       int64_t N, int64_t C, int64_t HW, c10::DeviceIndex device,
+                       cudaStream_t stream) {
   const int vec = pick_vec<scalar_t>(channels_last ? C : HW, {xp, rp, op});
   with_vec<scalar_t>(vec, [&](auto vec_c) {
     constexpr int VEC = decltype(vec_c)::value;
     if (channels_last) {
       const auto kernel = bn_fwd_nhwc_kernel<scalar_t, VEC>;
       const Plan plan = plan_for(kernel, N, C, HW, true, VEC, device);
-      kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nhwc);
+      kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, act, plan.nhwc);
     } else {
       const auto kernel = bn_fwd_nchw_kernel<scalar_t, VEC>;
       const Plan plan = plan_for(kernel, N, C, HW, false, VEC, device);
-      kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, relu, plan.nchw);
+      kernel<<<plan.grid, plan.block, 0, stream>>>(xp, rp, op, p, act, plan.nchw);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -174,7 +174,9 @@ void launch_bn_forward(const scalar_t* xp, const scalar_t* rp, scalar_t* op,
 at::Tensor bn_act_forward_cuda(const at::Tensor& input, const at::Tensor& mean,
                                const at::Tensor& var, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& residual, double eps, bool relu) {
+                               const std::optional<at::Tensor>& residual, double eps, int64_t act,
+                               double act_param) {
+  check_act(act);
   check_bn_forward_args(input, mean, var, weight, bias, residual);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = bn_memory_format(input);
@@ -204,23 +206,23 @@ at::Tensor bn_act_forward_cuda(const at::Tensor& input, const at::Tensor& mean,
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = data_or_null<scalar_t>(r);
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    launch_bn_forward<scalar_t, acc_t>(xp, rp, op, p, relu, channels_last, N, C, HW, device,
-                                       stream);
+    launch_bn_forward<scalar_t, acc_t>(xp, rp, op, p, make_act_arg<acc_t>(act, act_param),
+                                       channels_last, N, C, HW, device, stream);
   });
   return out;
 }
 
 // ---------------------------------------------------------------------------------------
 // bias_act: the eval-mode epilogue of a conv with BN folded into it,
-// out = relu(x + bias [+ residual]). It runs the forward kernels with mean, var and weight
+// out = act(x + bias [+ residual]). It runs the forward kernels with mean, var and weight
 // absent: xhat = (x - 0)*1 = x and y = fma(x, 1, bias) = x + bias, one rounding, so the
 // result is the composition in acc_t rounded once. One pass: reads x (+ residual), writes
 // out (which may be x itself: every element is read, then written, by the same thread).
 // ---------------------------------------------------------------------------------------
 
 void bias_act_launch(const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                     const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out,
-                     at::MemoryFormat fmt) {
+                     const std::optional<at::Tensor>& residual, int64_t act, double act_param,
+                     const at::Tensor& out, at::MemoryFormat fmt) {
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const int64_t N = x.size(0);
   const int64_t C = x.size(1);
@@ -236,13 +238,15 @@ void bias_act_launch(const at::Tensor& x, const std::optional<at::Tensor>& bias,
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = data_or_null<scalar_t>(r);
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    launch_bn_forward<scalar_t, acc_t>(xp, rp, op, p, relu, channels_last, N, C, HW, device,
-                                       stream);
+    launch_bn_forward<scalar_t, acc_t>(xp, rp, op, p, make_act_arg<acc_t>(act, act_param),
+                                       channels_last, N, C, HW, device, stream);
   });
 }
 
 at::Tensor bias_act_cuda(const at::Tensor& input, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& residual, bool relu) {
+                         const std::optional<at::Tensor>& residual, int64_t act,
+                         double act_param) {
+  check_act(act);
   check_bias_act_args(input, bias, residual);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = bn_memory_format(input);
@@ -250,19 +254,21 @@ at::Tensor bias_act_cuda(const at::Tensor& input, const std::optional<at::Tensor
   if (out.numel() == 0) {
     return out;
   }
-  bias_act_launch(bn_in_format(input, fmt), bias, residual, relu, out, fmt);
+  bias_act_launch(bn_in_format(input, fmt), bias, residual, act, act_param, out, fmt);
   return out;
 }
 
 void bias_act_inplace_cuda(at::Tensor& input, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& residual, bool relu) {
+                           const std::optional<at::Tensor>& residual, int64_t act,
+                           double act_param) {
+  check_act(act);
   check_bias_act_inplace_args(input, bias, residual);
   if (input.numel() == 0) {
     return;
   }
   const c10::cuda::CUDAGuard guard(input.device());
   // Dense in NCHW or channels_last (checked): input is already in its bn layout.
-  bias_act_launch(input, bias, residual, relu, input, bn_memory_format(input));
+  bias_act_launch(input, bias, residual, act, act_param, input, bn_memory_format(input));
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // Device maths shared by the CUDA BatchNorm-family kernels: accumulate-type arithmetic
 // (fma, inverse std, rounded ops that are never contracted), the per-channel affine
 // (BnParams -> ChannelAffine: xhat and y = xhat*w + b, as forward and backward both
-// compute them), the ReLU mask rule, Welford / Chan merges and the block reductions.
+// compute them), the activation and its derivative (act.h, with the ReLU mask rule),
+// Welford / Chan merges and the block reductions.
 //
 // Reductions are deterministic: no atomics. Each block reduces its range in a fixed order
 // (per-thread sequential, warp shuffles, shared memory across warps) and writes one
@@ -18,6 +19,7 @@
 
 #include <cstdint>
 
+#include "act.h"
 #include "cuda/bn_launch.cuh"
 
 namespace resnet_fused {
@@ -85,6 +87,55 @@ __device__ __forceinline__ ChannelAffine<acc_t> load_affine(const BnParams<acc_t
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ bool relu_blocks(acc_t y) {
   return static_cast<acc_t>(static_cast<scalar_t>(y)) <= acc_t(0);
+}
+
+// The activation of a kernel (act.h: an ActKind code, checked on the host, and
+// LeakyReLU's slope in acc_t). The kind is uniform across the grid, so the switches below
+// do not diverge; identity and ReLU are tested first and stay as cheap as a bool flag.
+template <typename acc_t>
+struct ActArg {
+  int kind;
+  acc_t param;
+};
+
+template <typename acc_t>
+ActArg<acc_t> make_act_arg(int64_t act, double act_param) {
+  return ActArg<acc_t>{static_cast<int>(act), static_cast<acc_t>(act_param)};
+}
+
+// act(y) in acc_t.
+template <typename acc_t>
+__device__ __forceinline__ acc_t act_forward(const ActArg<acc_t>& act, acc_t y) {
+  if (act.kind == kActIdentity) {
+    return y;
+  }
+  if (act.kind == kActReLU) {
+    return y < acc_t(0) ? acc_t(0) : y;  // NaN propagates
+  }
+  return act_apply<acc_t>(act.kind, act.param, y);
+}
+
+// g * act'(y) at the pre-activation y recomputed in acc_t from the input. ReLU masks by
+// relu_blocks (y rounded to scalar_t, as the forward stored it), so the recomputed mask
+// agrees with the stored output; the others take the derivative at y itself.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t act_grad_pre(const ActArg<acc_t>& act, acc_t y, acc_t g) {
+  if (act.kind == kActIdentity) {
+    return g;
+  }
+  if (act.kind == kActReLU) {
+    return relu_blocks<scalar_t, acc_t>(y) ? acc_t(0) : g;
+  }
+  return act_grad_from_pre<acc_t>(act.kind, act.param, y, g);
+}
+
+// g * act'(.) from the stored output o (act_from_output holds, checked on the host).
+template <typename acc_t>
+__device__ __forceinline__ acc_t act_grad_out(const ActArg<acc_t>& act, acc_t o, acc_t g) {
+  if (act.kind == kActReLU) {
+    return o <= acc_t(0) ? acc_t(0) : g;
+  }
+  return act_grad_from_out<acc_t>(act.kind, act.param, o, g);
 }
 
 // Chan's merge of (nb, mean_b, m2_b) into (n, mean, m2). Empty sides are skipped, so

@@ -12,7 +12,8 @@ from . import block, goals, harness, host, layer, model, op, report, sync
 from .timing import device_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OPS = ("add_relu", "bn_relu", "bn_add_relu")
+OPS = ("add_relu", "bn_relu", "bn_add_relu", "bn_relu6", "bn_silu", "bn_hardswish", "bn_gelu")
+DEFAULT_OPS = ("add_relu", "bn_relu", "bn_add_relu", "bn_relu6", "bn_silu", "bn_hardswish")
 LAYOUTS = ("channels_last", "nchw")
 
 
@@ -59,8 +60,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ops",
-        default=",".join(OPS),
-        help=f"comma-separated ops of the op level (default: {','.join(OPS)})",
+        default=",".join(DEFAULT_OPS),
+        help=f"comma-separated ops of the op level, of {','.join(OPS)} (default: "
+        f"{','.join(DEFAULT_OPS)})",
     )
     parser.add_argument(
         "--layers",

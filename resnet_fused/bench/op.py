@@ -25,6 +25,10 @@ from .timing import copy_bandwidth
 RESNET50_BLOCK_OUTPUTS = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
 # Inputs of ResNet-50's BN + ReLU (stem and block bodies; C, H, W).
 RESNET50_BN_RELU = [(64, 112, 112), (64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
+# Inputs of MobileNetV2's / EfficientNet-B0's BN + activation (expanded depthwise blocks).
+MOBILENET_BN_ACT = [(32, 112, 112), (144, 56, 56), (192, 28, 28), (384, 14, 14), (960, 7, 7)]
+# BatchNorm + another activation: op name -> the activation (resnet_fused.activations).
+ACT_OPS = {"bn_relu6": "relu6", "bn_silu": "silu", "bn_hardswish": "hardswish", "bn_gelu": "gelu"}
 
 # Minimal tensor passes of the fused op: (op, mode) -> full-size tensors moved.
 TRAFFIC = {
@@ -38,6 +42,10 @@ TRAFFIC = {
     ("bn_add_relu", "train forward"): 4,
     ("bn_add_relu", "train forward+backward"): 11,
     ("bn_add_relu", "eval forward"): 3,
+    # BN + another activation: as BN+ReLU (its backward recomputes the pre-activation).
+    **{(name, "train forward"): 3 for name in ACT_OPS},
+    **{(name, "train forward+backward"): 8 for name in ACT_OPS},
+    **{(name, "eval forward"): 2 for name in ACT_OPS},
 }
 
 
@@ -70,11 +78,21 @@ def _eager_add_relu(x, r):
     return torch.relu(x + r)
 
 
-def _eager_bn_act(x, r, rm, rv, w, b, training):
+def _eager_bn_act(x, r, rm, rv, w, b, training, act="relu"):
+    """What the eager modules run: batch_norm, add, the activation in place (as
+    torchvision's blocks: ReLU, ReLU6, SiLU and Hardswish with inplace=True)."""
     y = F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
     if r is not None:
         y = y + r
-    return torch.relu(y)
+    if act == "relu":
+        return torch.relu_(y)
+    if act == "relu6":
+        return F.hardtanh_(y, 0.0, 6.0)
+    if act == "silu":
+        return F.silu(y, inplace=True)
+    if act == "hardswish":
+        return F.hardswish(y, inplace=True)
+    return F.gelu(y)
 
 
 def _make_fn(case: Case, provider: str) -> Callable:
@@ -85,13 +103,14 @@ def _make_fn(case: Case, provider: str) -> Callable:
         if provider.startswith("compile"):
             return compiled(_eager_add_relu, provider)
         return lambda x, r: resnet_fused.add_relu(x, r, backend=provider)
+    act = ACT_OPS.get(case.op, "relu")
     if provider == "eager":
-        return lambda x, r, rm, rv, w, b: _eager_bn_act(x, r, rm, rv, w, b, training)
+        return lambda x, r, rm, rv, w, b: _eager_bn_act(x, r, rm, rv, w, b, training, act)
     if provider.startswith("compile"):
         fn = compiled(_eager_bn_act, provider)
-        return lambda x, r, rm, rv, w, b: fn(x, r, rm, rv, w, b, training)
+        return lambda x, r, rm, rv, w, b: fn(x, r, rm, rv, w, b, training, act)
     return lambda x, r, rm, rv, w, b: resnet_fused.batch_norm_act(
-        x, rm, rv, w, b, training, residual=r, backend=provider
+        x, rm, rv, w, b, training, residual=r, activation=act, backend=provider
     )
 
 
@@ -237,9 +256,12 @@ def batch_norm_act_cases(
 ) -> list[Case]:
     relu_shapes = RESNET50_BN_RELU[1:4:2] if quick else RESNET50_BN_RELU
     add_shapes = RESNET50_BLOCK_OUTPUTS[:3:2] if quick else RESNET50_BLOCK_OUTPUTS
+    act_shapes = MOBILENET_BN_ACT[1:4:2] if quick else MOBILENET_BN_ACT
     modes = ("train forward", "train forward+backward", "eval forward")
     cases = []
-    for op, shapes in (("bn_relu", relu_shapes), ("bn_add_relu", add_shapes)):
+    ops = [("bn_relu", relu_shapes), ("bn_add_relu", add_shapes)]
+    ops += [(name, act_shapes) for name in ACT_OPS]
+    for op, shapes in ops:
         for chw in shapes:
             for layout in layouts:
                 for mode in modes:

@@ -340,10 +340,10 @@ def make_trial(forward: Callable[..., torch.Tensor], tensors, grad: bool):
     return trial
 
 
-def conv_unit_key(x, w, geometry, training, residual, relu, conv_bias=None, grad=False):
+def conv_unit_key(x, w, geometry, training, residual, act, conv_bias=None, grad=False):
     """What a Conv+BN unit's timing depends on: shapes (batch bucketed), dtype, layout,
-    geometry, mode, epilogue, conv bias, whether the backward is timed, the TF32 mode
-    and device."""
+    geometry, mode, epilogue (residual; the activation as ``(code, parameter)``), conv
+    bias, whether the backward is timed, the TF32 mode and device."""
     return (
         "conv_bn_act",
         batch_bucket(x.shape[0]),
@@ -354,7 +354,7 @@ def conv_unit_key(x, w, geometry, training, residual, relu, conv_bias=None, grad
         geometry,
         training,
         residual is not None,
-        relu,
+        act.args,
         conv_bias is not None,
         grad,
         tf32_mode(x.dtype),
@@ -363,7 +363,7 @@ def conv_unit_key(x, w, geometry, training, residual, relu, conv_bias=None, grad
 
 
 def _resolve_conv_backend(
-    backend, x, w, geometry, training, residual, relu, trial, conv_bias=None, *, grad=False,
+    backend, x, w, geometry, training, residual, act, trial, conv_bias=None, *, grad=False,
     can_time=True, alternative: str | None = None,
 ) -> str:  # fmt: skip
     """Like resolve_backend, but ``"auto"`` picks the fastest of the fused backends (on
@@ -385,6 +385,6 @@ def _resolve_conv_backend(
     if device.type == "cuda":
         fused = [c for c in ("cuda", "triton") if unavailable_reason(c, device) is None]
     return choose(
-        lambda: conv_unit_key(x, w, geometry, training, residual, relu, conv_bias, grad),
+        lambda: conv_unit_key(x, w, geometry, training, residual, act, conv_bias, grad),
         [*fused, EAGER], trial, device, can_time=can_time,
     )  # fmt: skip

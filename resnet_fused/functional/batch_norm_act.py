@@ -1,4 +1,4 @@
-"""``batch_norm_act``: fused BatchNorm -> (residual add) -> ReLU (argument checks, backend
+"""``batch_norm_act``: fused BatchNorm -> (residual add) -> activation (argument checks, backend
 choice, synchronisation, autograd wiring). The four ops (bn_stats, bn_act_forward,
 bn_act_backward_reduce, bn_act_backward_elemt) are in :mod:`resnet_fused.ops.batch_norm_act`,
 the maths in :mod:`resnet_fused.reference`."""
@@ -15,11 +15,13 @@ from .. import ops, reference
 from .._compat import compose_reference_under_compile
 from .._layout import stats_dtype
 from .._validation import (
+    act_argument,
     check_bn_input,
     check_bn_options,
     check_like,
     check_optional_per_channel,
 )
+from ..activations import ID_ACT
 from ..backends import resolve_backend
 from ._common import cached_kernels, needs_autograd
 from .auto_choice import EAGER, batch_bucket, choose, layout_class, make_trial
@@ -69,24 +71,26 @@ def _make_bn_kernels(backend: str) -> _BatchNormKernels:
 class _BatchNormAct(torch.autograd.Function):
     """out = act(BN(input) [+ residual]) given the statistics (mean, var) to normalise with.
 
-    Saves input, the statistics, weight and bias, plus ``out`` only for BN + add + ReLU
-    (where the ReLU mask cannot be recomputed from the input alone). Eager BN + ReLU saves
-    input and out; this saves input only (the mask is recomputed).
+    Saves input, the statistics, weight and bias, plus ``out`` only for BN + add + act
+    (where the activation's derivative cannot be recomputed from the input alone; only
+    activations whose derivative is a function of the output take a residual). Eager BN +
+    ReLU saves input and out; this saves input only (the mask is recomputed), and for SiLU,
+    Hardswish or GELU the pre-activation is recomputed in the backward passes.
     """
 
     @staticmethod
     def forward(
-        ctx, input, weight, bias, residual, mean, var, eps, relu, batch_stats, backend, sync
+        ctx, input, weight, bias, residual, mean, var, eps, act, batch_stats, backend, sync
     ):
         kernels = _bn_kernels(backend)
-        out = kernels.forward(input, mean, var, weight, bias, residual, eps, relu)
-        # The ReLU mask comes from `out` with a residual, else from input (needs bias).
-        keep_out = relu and residual is not None
-        keep_bias = relu and residual is None
+        out = kernels.forward(input, mean, var, weight, bias, residual, eps, *act.args)
+        # act' comes from `out` with a residual, else from input (needs bias).
+        keep_out = bool(act) and residual is not None
+        keep_bias = bool(act) and residual is None
         ctx.save_for_backward(
             input, mean, var, weight, bias if keep_bias else None, out if keep_out else None
         )
-        ctx.eps, ctx.relu, ctx.batch_stats, ctx.backend = eps, relu, batch_stats, backend
+        ctx.eps, ctx.act, ctx.batch_stats, ctx.backend = eps, act, batch_stats, backend
         ctx.sync = sync  # distributed.SyncInfo or None
         ctx.has_residual = residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -98,16 +102,16 @@ class _BatchNormAct(torch.autograd.Function):
         need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
         bias_dtype = ctx.bias_dtype
         kernels = _bn_kernels(ctx.backend)
-        eps, relu, batch_stats = ctx.eps, ctx.relu, ctx.batch_stats
-        # With residual + ReLU the reduction pass also writes the masked gradient, which
+        eps, act, batch_stats = ctx.eps, ctx.act, ctx.batch_stats
+        # With residual + act the reduction pass also writes the gradient through act, which
         # is d_residual and the gradient the elementwise pass normalises.
-        write_masked = relu and ctx.has_residual and (need_input or need_residual)
+        write_masked = bool(act) and ctx.has_residual and (need_input or need_residual)
         need_sums = (batch_stats and need_input) or need_weight or need_bias
         sum_dy = sum_dy_xhat = None
         masked = grad_out
         if need_sums or write_masked:
             sum_dy, sum_dy_xhat, masked_grad = kernels.backward_reduce(
-                grad_out, input, mean, var, weight, bias, out, eps, relu, write_masked
+                grad_out, input, mean, var, weight, bias, out, eps, *act.args, write_masked
             )
             if write_masked:
                 masked = masked_grad
@@ -115,7 +119,7 @@ class _BatchNormAct(torch.autograd.Function):
         if need_input:
             if sum_dy is None:  # running statistics, no parameter gradients: sums unused
                 sum_dy = sum_dy_xhat = torch.zeros_like(mean, dtype=stats_dtype(input.dtype))
-            mask_from_input = relu and not ctx.has_residual
+            act_from_input = ID_ACT if ctx.has_residual else act
             # Synchronised BN: the input gradient needs the sums over every rank; the
             # parameter gradients stay local (DDP averages them).
             sum_dy_e, sum_dy_xhat_e = sum_dy, sum_dy_xhat
@@ -133,7 +137,7 @@ class _BatchNormAct(torch.autograd.Function):
                 sum_dy_e,
                 sum_dy_xhat_e,
                 eps,
-                mask_from_input,
+                *act_from_input.args,
                 batch_stats,
             )
         grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
@@ -143,7 +147,7 @@ class _BatchNormAct(torch.autograd.Function):
 
 
 def _check_batch_norm_act_args(
-    input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
+    input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act
 ):
     check_bn_input(input)
     for t, name in (
@@ -155,14 +159,14 @@ def _check_batch_norm_act_args(
         check_optional_per_channel(t, name, input)
     if residual is not None:
         check_like(residual, "residual", input, "input")
-    check_bn_options(running_mean, running_var, momentum, eps, training, relu)
+    check_bn_options(running_mean, running_var, momentum, eps, training, act, residual)
 
 
 def _eager_batch_norm_act(
-    input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
+    input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act
 ):  # fmt: skip
-    """What eager PyTorch runs: batch_norm (cuDNN/oneDNN), in-place add and ReLU. (The
-    aten call of F.batch_norm, whose checks batch_norm_act has made.)"""
+    """What eager PyTorch runs: batch_norm (cuDNN/oneDNN), in-place add and the activation.
+    (The aten call of F.batch_norm, whose checks batch_norm_act has made.)"""
     batch_stats = training or running_mean is None
     out = torch.batch_norm(
         input, weight, bias, running_mean, running_var, batch_stats, float(momentum),
@@ -170,12 +174,12 @@ def _eager_batch_norm_act(
     )  # fmt: skip
     if residual is not None:
         out = out.add_(residual)
-    return out.relu_() if relu else out
+    return act.eager_(out)
 
 
 def _resolve_auto(
     impl, input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
-    relu,
+    act,
 ) -> str:  # fmt: skip
     """``"auto"``: the faster of the fused kernels (``impl``) and eager at this shape,
     timed once per key (forward, and backward when autograd records the call)."""
@@ -194,7 +198,7 @@ def _resolve_auto(
             None if residual is None else layout_class(residual),
             training or running_mean is None,
             update,
-            relu,
+            act.args,
             grad,
             input.device,
         )
@@ -204,16 +208,16 @@ def _resolve_auto(
         rm, rv = (running_mean.clone(), running_var.clone()) if update else (
             running_mean, running_var)  # fmt: skip
         if c == EAGER:
-            return _eager_batch_norm_act(x, rm, rv, w, b, training, momentum, eps, res, relu)
+            return _eager_batch_norm_act(x, rm, rv, w, b, training, momentum, eps, res, act)
         return batch_norm_act(
-            x, rm, rv, w, b, training, momentum, eps, residual=res, relu=relu, backend=c
+            x, rm, rv, w, b, training, momentum, eps, residual=res, activation=act, backend=c
         )
 
     return choose(key, [impl, EAGER], make_trial(forward, tensors, grad), input.device)
 
 
 class BatchNormPlan:
-    """A BatchNorm(+add)+ReLU call's decisions: the backend (or eager), whether batch
+    """A BatchNorm(+add)+activation call's decisions: the backend (or eager), whether batch
     statistics are used and whether the running statistics are updated.
     :meth:`run` is the call without re-checking or re-choosing; the caller
     (``modules.bn_forward``) runs it only for calls whose signature (shapes, dtypes,
@@ -226,11 +230,11 @@ class BatchNormPlan:
         self.impl, self.batch_stats, self.update = impl, batch_stats, update
 
     def run(self, input, running_mean, running_var, weight, bias, training, momentum, eps,
-            residual, relu):  # fmt: skip
+            residual, act):  # fmt: skip
         if self.impl == EAGER:
             return _eager_batch_norm_act(
                 input, running_mean, running_var, weight, bias, training, momentum, eps,
-                residual, relu,
+                residual, act,
             )  # fmt: skip
         kernels = _bn_kernels(self.impl)
         if self.batch_stats:
@@ -243,9 +247,9 @@ class BatchNormPlan:
         else:
             mean, var = running_mean, running_var
         if not needs_autograd(*(t for t in (input, weight, bias, residual) if t is not None)):
-            return kernels.forward(input, mean, var, weight, bias, residual, float(eps), relu)
+            return kernels.forward(input, mean, var, weight, bias, residual, float(eps), *act.args)
         return _BatchNormAct.apply(
-            input, weight, bias, residual, mean, var, float(eps), relu, self.batch_stats,
+            input, weight, bias, residual, mean, var, float(eps), act, self.batch_stats,
             self.impl, None,
         )  # fmt: skip
 
@@ -262,12 +266,13 @@ def batch_norm_act(
     *,
     residual: Tensor | None = None,
     relu: bool = True,
+    activation=None,
     backend: str = "auto",
     sync: bool = False,
     process_group=None,
     _record: list | None = None,
 ) -> Tensor:
-    """Fused ``relu(batch_norm(input) + residual)`` (residual and ReLU optional).
+    """Fused ``act(batch_norm(input) + residual)`` (residual and activation optional).
 
     Arguments mean what they mean in :func:`torch.nn.functional.batch_norm`:
 
@@ -281,7 +286,12 @@ def batch_norm_act(
         momentum: the running-statistics update factor.
         eps: added to the variance.
         residual: Tensor like ``input``, added after the affine transform.
-        relu: apply ReLU at the end.
+        relu: apply ReLU at the end (when ``activation`` is not given).
+        activation: the activation at the end, instead of ``relu``: a name (``"relu"``,
+            ``"relu6"``, ``"leaky_relu"``, ``"silu"``, ``"hardswish"``, ``"gelu"``,
+            ``"gelu_tanh"``, ``"identity"``), an activation module (``nn.SiLU()``,
+            ``nn.LeakyReLU(0.2)``, ...) or a :class:`resnet_fused.activations.Act`. With a
+            residual, only identity, ReLU, ReLU6 and LeakyReLU with a positive slope.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         sync: in training, synchronise the batch statistics over ``process_group``
             (default: the world group) like ``nn.SyncBatchNorm``; a warning and local
@@ -291,8 +301,9 @@ def batch_norm_act(
         Tensor like ``input`` (channels_last input gives channels_last output).
         Differentiable in input, weight, bias and residual.
     """
+    act = act_argument(relu, activation)
     _check_batch_norm_act_args(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
+        input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act
     )
     impl = resolve_backend(backend, input.device)
     kernels = _bn_kernels(impl)
@@ -305,7 +316,7 @@ def batch_norm_act(
     ):
         return reference.batch_norm_act(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
-            residual=residual, relu=relu,
+            residual=residual, activation=act,
         )  # fmt: skip
     size_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
     if batch_stats and group is None and size_per_channel == 1:
@@ -315,14 +326,14 @@ def batch_norm_act(
     if backend == "auto" and impl != "torch" and group is None:
         impl = _resolve_auto(
             impl, input, running_mean, running_var, weight, bias, training, momentum, eps,
-            residual, relu,
+            residual, act,
         )  # fmt: skip
         if impl == EAGER:
             if _record is not None:
                 _record.append(BatchNormPlan(EAGER, batch_stats, False))
             return _eager_batch_norm_act(
                 input, running_mean, running_var, weight, bias, training, momentum, eps,
-                residual, relu,
+                residual, act,
             )  # fmt: skip
         kernels = _bn_kernels(impl)
     if _record is not None and group is None:
@@ -346,7 +357,7 @@ def batch_norm_act(
         mean, var = running_mean, running_var
     tensors = (input, weight, bias, residual)
     if not needs_autograd(*(t for t in tensors if t is not None)):
-        return kernels.forward(input, mean, var, weight, bias, residual, float(eps), relu)
+        return kernels.forward(input, mean, var, weight, bias, residual, float(eps), *act.args)
     return _BatchNormAct.apply(
-        input, weight, bias, residual, mean, var, float(eps), relu, batch_stats, impl, sync_info
+        input, weight, bias, residual, mean, var, float(eps), act, batch_stats, impl, sync_info
     )

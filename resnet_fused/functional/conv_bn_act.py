@@ -35,12 +35,14 @@ from .._compat import compose_reference_under_compile
 from .._geometry import conv_output_hw, pair
 from .._layout import bn_memory_format, stats_dtype
 from .._validation import (
+    act_argument,
     check_bn_input,
     check_bn_options,
     check_device_dtype,
     check_floating,
     check_optional_per_channel,
 )
+from ..activations import ID_ACT, IDENTITY, RELU
 from ..backends import resolve_backend, unavailable_reason
 from ..ops import EAGER_UNIT
 from ._common import check_batch_size, needs_autograd
@@ -63,7 +65,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _check_args(
     input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, stride,
-    padding, dilation, groups, training, momentum, eps, residual, relu,
+    padding, dilation, groups, training, momentum, eps, residual, act,
 ):  # fmt: skip
     check_bn_input(input)
     check_floating(conv_weight, "conv_weight")
@@ -102,7 +104,7 @@ def _check_args(
         (running_var, "running_var"),
     ):
         check_optional_per_channel(t, name, input, c_out, what)
-    check_bn_options(running_mean, running_var, momentum, eps, training, relu)
+    check_bn_options(running_mean, running_var, momentum, eps, training, act)
     p, q = conv_output_hw(
         input.shape[2], input.shape[3], conv_weight.shape[2:], stride, padding, dilation
     )
@@ -231,7 +233,7 @@ def _mkldnn_ok(x: Tensor, add_relu: bool = False) -> bool:
 
 
 def _eval_forward(
-    impl, x, w, b, residual, stride, padding, dilation, groups, relu, w_packed, w_finite=None
+    impl, x, w, b, residual, stride, padding, dilation, groups, act, w_packed, w_finite=None
 ):
     """act(conv2d(x, w) + b [+ residual]) on backend ``impl`` (no autograd). ``w_finite``:
     whether w and b are known to be finite (a cached fold knows; None: look)."""
@@ -240,14 +242,15 @@ def _eval_forward(
             w_packed = _triton_pack(w)
         return ops.conv_bias_act_triton(
             x, w_packed, list(w.shape[2:]), list(stride), list(padding), list(dilation),
-            b, residual, relu,
+            b, residual, *act.args,
         )  # fmt: skip
-    if impl == "cpu" and _mkldnn_ok(x, residual is not None and relu):
-        # oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps NaN: it is used only
-        # where the inputs are finite (a NaN cannot then arise inside, short of
-        # overflowing fp32). Inference tensors cannot carry a finite mark, and a read of
-        # every input would cost as much as the ReLU pass: their ReLU runs after oneDNN's
-        # convolution, in place (torch.relu_'s NaN rule).
+    if impl == "cpu" and _mkldnn_ok(x, residual is not None and bool(act)):
+        # oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps NaN: the activation
+        # post-ops are used only where the inputs are finite (a NaN cannot then arise
+        # inside, short of overflowing fp32). Inference tensors cannot carry a finite
+        # mark, and a read of every input would cost as much as the activation pass: their
+        # activation runs after oneDNN's convolution (torch's own op: its NaN rule). After
+        # a residual add oneDNN gets ReLU only; the others run after it.
         inference = x.is_inference()
         if inference:
             finite = False
@@ -255,42 +258,45 @@ def _eval_forward(
             finite = (w_finite if w_finite is not None else not _non_finite(w, b)) and not any(
                 t is not None and not _known_finite(t) and _non_finite(t) for t in (x, residual)
             )
-        if finite or not relu or inference:
-            post_relu = relu and finite
+        if finite or not act or inference:
+            post = bool(act) and finite and (residual is None or act.kind == RELU)
             bias = b.to(x.dtype) if b is not None else None
             if residual is None:
+                attr, scalars, algorithm = act.onednn if post else ("none", [], "")
                 out = _mkldnn_pointwise(
                     x, w, bias, list(padding), list(stride), list(dilation), groups,
-                    "relu" if post_relu else "none", [], "",
+                    attr, scalars, algorithm,
                 )  # fmt: skip
             else:
                 out = _mkldnn_pointwise.binary(
                     x, residual, w, bias, list(padding), list(stride), list(dilation), groups,
-                    "add", None, "relu" if post_relu else None, [], "",
+                    "add", None, "relu" if post else None, [], "",
                 )  # fmt: skip
-            if relu and not post_relu:
-                out = out.relu_()
+            if act and not post:
+                out = act.eager_(out)
             if finite:
                 _mark_finite(out)
             return out
     if impl in ("cpu", CPU_EPILOGUE) and x.dtype in (torch.float32, torch.float64):
-        # The bias inside aten's convolution (free), then ReLU or add+ReLU in place: one
-        # pass over the output, as bias_act_ would be, with less fixed cost. (Half
-        # precision keeps bias_act_: its fp32 bias is added before rounding once.)
-        y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+        # The bias inside aten's convolution (free), then the activation or add+ReLU in
+        # place: one pass over the output, as bias_act_ would be, with less fixed cost.
+        # (Half precision keeps bias_act_: its fp32 bias is added before rounding once.)
+        # Other activations after an add: bias_act_, one pass.
         if residual is None:
-            return y.relu_() if relu else y
-        if relu:
-            torch.ops.resnet_fused.add_relu_(y, residual)
-            return y
-        return y.add_(residual)
+            return act.eager_(F.conv2d(x, w, b, stride, padding, dilation, groups))
+        if act.kind in (IDENTITY, RELU):
+            y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+            if act:
+                torch.ops.resnet_fused.add_relu_(y, residual)
+                return y
+            return y.add_(residual)
     y = F.conv2d(x, w, None, stride, padding, dilation, groups)
     if impl == "torch":
-        return reference.bias_act(y, b, residual, relu)
+        return reference.bias_act(y, b, residual, *act.args)
     if impl == "triton":
-        ops.bias_act_triton_(y, b, residual, relu)
+        ops.bias_act_triton_(y, b, residual, *act.args)
     else:
-        torch.ops.resnet_fused.bias_act_(y, b, residual, relu)
+        torch.ops.resnet_fused.bias_act_(y, b, residual, *act.args)
     return y
 
 
@@ -301,27 +307,39 @@ def _triton_pack(w: Tensor) -> Tensor:
 
 
 class _ConvBiasAct(torch.autograd.Function):
-    """out = act(conv2d(x, W') + b' [+ residual]); saves x, W' and out."""
+    """out = act(conv2d(x, W') + b' [+ residual]); saves x, W' and out (SiLU, Hardswish,
+    GELU: the pre-activation instead, computed in a pass of its own, as eager saves it)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, residual, geometry, relu, impl, w_packed):
+    def forward(ctx, x, w, b, residual, geometry, act, impl, w_packed):
         stride, padding, dilation, groups = geometry
-        out = _eval_forward(
-            impl, x, w, b, residual, stride, padding, dilation, groups, relu, w_packed
-        )
-        ctx.save_for_backward(x, w, out if relu else None)
-        ctx.geometry, ctx.relu, ctx.impl = geometry, relu, impl
+        if act.from_output:
+            out = saved = _eval_forward(
+                impl, x, w, b, residual, stride, padding, dilation, groups, act, w_packed
+            )
+        else:
+            saved = _eval_forward(
+                impl, x, w, b, residual, stride, padding, dilation, groups, ID_ACT, w_packed
+            )
+            out = act(saved)
+        ctx.save_for_backward(x, w, saved if act else None)
+        ctx.geometry, ctx.act, ctx.impl = geometry, act, impl
         ctx.b_dtype = None if b is None else b.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w, out = ctx.saved_tensors
+        x, w, saved = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
         need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
         g = grad_out
-        if ctx.relu:
-            g = _relu_backward(ctx.impl)(g.contiguous(memory_format=bn_memory_format(out)), out)
+        act = ctx.act
+        if act.kind == RELU:
+            g = _relu_backward(ctx.impl)(g.contiguous(memory_format=bn_memory_format(saved)), saved)
+        elif act.from_output:
+            g = act.backward_from_output(g, saved)
+        elif act:
+            g = act.backward(g, saved)
         grad_x = grad_w = None
         if need_x or need_w:
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
@@ -368,7 +386,7 @@ class _TritonConvStats(torch.autograd.Function):
 
 
 def _train_forward(
-    impl, x, w, conv_b, bn_w, bn_b, rm, rv, geometry, momentum, eps, residual, relu, update,
+    impl, x, w, conv_b, bn_w, bn_b, rm, rv, geometry, momentum, eps, residual, act, update,
     bn_impl=None, group=None,
 ):  # fmt: skip
     """Training forward: the convolution on ``impl`` (Triton: with the statistics
@@ -399,14 +417,14 @@ def _train_forward(
         mean, var, sync = finish_sync(mean, var, count, rm_s, rv_s, momentum, group)
     kernels = _bn_kernels(bn_impl)
     if not needs_autograd(*(t for t in (y, bn_w, bn_b, residual) if t is not None)):
-        return kernels.forward(y, mean, var, bn_w, bn_b, residual, float(eps), relu)
+        return kernels.forward(y, mean, var, bn_w, bn_b, residual, float(eps), *act.args)
     return _BatchNormAct.apply(
-        y, bn_w, bn_b, residual, mean, var, float(eps), relu, True, bn_impl, sync
+        y, bn_w, bn_b, residual, mean, var, float(eps), act, True, bn_impl, sync
     )
 
 
 def _eager_unit(
-    x, w, conv_b, bn_w, bn_b, rm, rv, geometry, training, momentum, eps, residual, relu
+    x, w, conv_b, bn_w, bn_b, rm, rv, geometry, training, momentum, eps, residual, act
 ):  # fmt: skip
     """The unit as eager PyTorch runs it unconverted (``backend="auto"``'s ``"eager"``
     pick): conv2d, batch_norm (cuDNN/oneDNN; updating the running statistics in
@@ -418,7 +436,7 @@ def _eager_unit(
     if EAGER_UNIT is not None and not torch.compiler.is_compiling():
         out = EAGER_UNIT(
             x, w, conv_b, bn_w, bn_b, rm, rv, None, stride, padding, dilation, groups,
-            batch_stats, float(momentum), float(eps), residual, relu,
+            batch_stats, float(momentum), float(eps), residual, *act.args,
         )  # fmt: skip
         if out is not NotImplemented:
             return out
@@ -426,7 +444,7 @@ def _eager_unit(
     y = F.batch_norm(y, rm, rv, bn_w, bn_b, batch_stats, float(momentum), float(eps))
     if residual is not None:
         y = y.add_(residual)
-    return y.relu_() if relu else y
+    return act.eager_(y)
 
 
 # --- plans: what the first call of a unit decided, for the calls after it ----------------------
@@ -449,15 +467,15 @@ class TrainPlan:
         # module's own bookkeeping), else None.
         self.unit = EAGER_UNIT if impl == EAGER else None
 
-    def run(self, x, w, conv_b, bn_w, bn_b, rm, rv, momentum, eps, residual, relu):
+    def run(self, x, w, conv_b, bn_w, bn_b, rm, rv, momentum, eps, residual, act):
         if self.impl == EAGER:
             return _eager_unit(
                 x, w, conv_b, bn_w, bn_b, rm, rv, self.geometry, True, momentum, eps, residual,
-                relu,
+                act,
             )  # fmt: skip
         return _train_forward(
             self.impl, x, w, conv_b, bn_w, bn_b, rm, rv, self.geometry, momentum, eps,
-            residual, relu, self.update, self.bn_impl,
+            residual, act, self.update, self.bn_impl,
         )  # fmt: skip
 
 
@@ -474,19 +492,19 @@ class EvalPlan:
         self.impl, self.geometry, self.grad = impl, geometry, grad
         self.unit = EAGER_UNIT if impl == EAGER else None  # (see TrainPlan)
 
-    def run(self, x, w, conv_b, bn_w, bn_b, rm, rv, eps, residual, relu, folded):
+    def run(self, x, w, conv_b, bn_w, bn_b, rm, rv, eps, residual, act, folded):
         if self.impl == EAGER:
             return _eager_unit(
                 x, w, conv_b, bn_w, bn_b, rm, rv, self.geometry, False, 0.0, eps, residual,
-                relu,
+                act,
             )  # fmt: skip
         if self.grad:
             w_f, b_f = folded
-            return _ConvBiasAct.apply(x, w_f, b_f, residual, self.geometry, relu, self.impl, None)
+            return _ConvBiasAct.apply(x, w_f, b_f, residual, self.geometry, act, self.impl, None)
         stride, padding, dilation, groups = self.geometry
         w_f, b_f, w_packed, w_finite = folded
         return _eval_forward(
-            self.impl, x, w_f, b_f, residual, stride, padding, dilation, groups, relu,
+            self.impl, x, w_f, b_f, residual, stride, padding, dilation, groups, act,
             w_packed if self.impl == "triton" else None, w_finite,
         )  # fmt: skip
 
@@ -512,6 +530,7 @@ def conv_bn_act(
     eps: float = 1e-5,
     residual: Tensor | None = None,
     relu: bool = True,
+    activation=None,
     backend: str = "auto",
     sync_bn: bool = False,
     process_group=None,
@@ -519,7 +538,7 @@ def conv_bn_act(
     _fold_check=None,
     _record: list | None = None,
 ) -> Tensor:
-    """Fused ``relu(batch_norm(conv2d(input, conv_weight, conv_bias)) + residual)``.
+    """Fused ``act(batch_norm(conv2d(input, conv_weight, conv_bias)) + residual)``.
 
     Arguments mean what they mean in :func:`torch.nn.functional.conv2d` and
     :func:`torch.nn.functional.batch_norm`:
@@ -536,8 +555,10 @@ def conv_bn_act(
         stride, padding, dilation: int or pair; groups: int.
         training: batch statistics (and running-statistics update) instead of folding.
         momentum, eps: as in ``nn.BatchNorm2d``.
-        residual: Tensor like the output, added after BatchNorm, before ReLU.
-        relu: apply ReLU at the end.
+        residual: Tensor like the output, added after BatchNorm, before the activation.
+        relu: apply ReLU at the end (when ``activation`` is not given).
+        activation: the activation at the end, instead of ``relu`` (as in
+            :func:`resnet_fused.batch_norm_act`: a name, a module or an ``Act``).
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         sync_bn, process_group: in training, synchronise the BatchNorm statistics over
             the group (default: world), like ``nn.SyncBatchNorm``.
@@ -547,18 +568,19 @@ def conv_bn_act(
         conv_weight, conv_bias, bn_weight, bn_bias and residual. Under autocast the
         convolution runs in the autocast dtype, as ``F.conv2d`` would.
     """
+    act = act_argument(relu, activation)
     if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
         return _conv_bn_act_autocast(
             input, conv_weight, bn_weight, bn_bias, running_mean, running_var,
             conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
             groups=groups, training=training, momentum=momentum, eps=eps,
-            residual=residual, relu=relu, backend=backend, sync_bn=sync_bn,
+            residual=residual, activation=act, backend=backend, sync_bn=sync_bn,
             process_group=process_group, _folded=_folded, _fold_check=_fold_check,
             _record=_record,
         )  # fmt: skip
     stride, padding, dilation = _check_args(
         input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, stride,
-        padding, dilation, groups, training, momentum, eps, residual, relu,
+        padding, dilation, groups, training, momentum, eps, residual, act,
     )  # fmt: skip
     geometry = (stride, padding, dilation, groups)
     batch_stats = training or running_mean is None
@@ -570,7 +592,7 @@ def conv_bn_act(
             input, conv_weight, bn_weight, bn_bias, running_mean, running_var,
             conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
             groups=groups, training=training, momentum=momentum, eps=eps, residual=residual,
-            relu=relu,
+            activation=act,
         )  # fmt: skip
 
     if batch_stats:
@@ -599,10 +621,10 @@ def conv_bn_act(
         def unit(impl, x, w, cb, bw, bb, res, rm, rv):
             if impl == EAGER:
                 return _eager_unit(
-                    x, w, cb, bw, bb, rm, rv, geometry, True, momentum, eps, res, relu
+                    x, w, cb, bw, bb, rm, rv, geometry, True, momentum, eps, res, act
                 )
             return _train_forward(
-                impl, x, w, cb, bw, bb, rm, rv, geometry, momentum, eps, res, relu, update,
+                impl, x, w, cb, bw, bb, rm, rv, geometry, momentum, eps, res, act, update,
                 bn_impl if bn_impl is not None and impl in ("cuda", "triton") else None,
                 group,
             )  # fmt: skip
@@ -618,7 +640,7 @@ def conv_bn_act(
 
         grad = needs_autograd(*(t for t in tensors if t is not None))
         impl = _resolve_conv_backend(
-            backend, input, conv_weight, geometry, True, residual, relu,
+            backend, input, conv_weight, geometry, True, residual, act,
             make_trial(trial_unit, tensors, grad), conv_bias, grad=grad,
         )  # fmt: skip
         if _record is not None:
@@ -635,7 +657,7 @@ def conv_bn_act(
         impl = resolve_backend(backend, input.device)
         y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
         return _BatchNormAct.apply(
-            y, bn_weight, bn_bias, residual, running_mean, running_var, float(eps), relu,
+            y, bn_weight, bn_bias, residual, running_mean, running_var, float(eps), act,
             False, impl, None,
         )  # fmt: skip
 
@@ -650,10 +672,10 @@ def conv_bn_act(
     def run_eval(impl, packed=None):
         if not needs_autograd(*(t for t in (input, w_f, b_f, residual) if t is not None)):
             return _eval_forward(
-                impl, input, w_f, b_f, residual, stride, padding, dilation, groups, relu, packed,
+                impl, input, w_f, b_f, residual, stride, padding, dilation, groups, act, packed,
                 w_finite,
             )  # fmt: skip
-        return _ConvBiasAct.apply(input, w_f, b_f, residual, geometry, relu, impl, packed)
+        return _ConvBiasAct.apply(input, w_f, b_f, residual, geometry, act, impl, packed)
 
     def trial(impl):
         # Time what the real call runs: with the packed weight it will be given (a
@@ -662,7 +684,7 @@ def conv_bn_act(
         if impl == EAGER:
             return _eager_unit(
                 input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
-                geometry, False, momentum, eps, residual, relu,
+                geometry, False, momentum, eps, residual, act,
             )  # fmt: skip
         if (
             impl == "triton"
@@ -687,10 +709,14 @@ def conv_bn_act(
     # its primitive each time), which small units do not earn back: aten's convolution
     # with the folded bias + the epilogue is timed against it.
     alternative = None
-    if not grad and input.device.type == "cpu" and _mkldnn_ok(input, residual is not None and relu):
+    if (
+        not grad
+        and input.device.type == "cpu"
+        and _mkldnn_ok(input, residual is not None and bool(act))
+    ):
         alternative = CPU_EPILOGUE
     impl = _resolve_conv_backend(
-        backend, input, conv_weight, geometry, False, residual, relu, no_grad_trial,
+        backend, input, conv_weight, geometry, False, residual, act, no_grad_trial,
         conv_bias, grad=grad, alternative=alternative,
     )  # fmt: skip
     if _record is not None and (_folded is not None or grad):
@@ -732,7 +758,7 @@ def _conv_bn_act_autocast(input, conv_weight, *args, **kwargs) -> Tensor:
                 cast(input), cast(conv_weight), kwargs["conv_bias"], bn_weight, bn_bias,
                 running_mean, running_var, kwargs["stride"], kwargs["padding"],
                 kwargs["dilation"], kwargs["groups"], kwargs["training"], kwargs["momentum"],
-                kwargs["eps"], kwargs["residual"], kwargs["relu"],
+                kwargs["eps"], kwargs["residual"], kwargs["activation"],
             )  # fmt: skip
             w_f, b_f = fold_conv_bn(
                 conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias,

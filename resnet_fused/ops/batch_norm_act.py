@@ -1,4 +1,4 @@
-"""BatchNorm -> (residual add) -> ReLU: bn_stats, bn_act_forward, bn_act_backward_reduce
+"""BatchNorm -> (residual add) -> activation: bn_stats, bn_act_forward, bn_act_backward_reduce
 and bn_act_backward_elemt. Fake kernels of the C++ ops (csrc: cpu/batch_norm_act.cpp,
 cuda/batch_norm_act.cu) and the Triton ops (kernels: resnet_fused.triton.bn_stats,
 bn_act_forward, bn_act_backward)."""
@@ -29,12 +29,23 @@ def _bn_stats_triton_fake(input, running_mean, running_var, momentum):
     return _stats_fake(input, device_rule=False)
 
 
-def _bn_act_forward_fake(input, mean, var, weight, bias, residual, eps, relu):
+def _bn_act_forward_fake(input, mean, var, weight, bias, residual, eps, act, act_param):
     return empty_bn_like(input)
 
 
 def _bn_act_backward_reduce_fake(
-    grad_out, input, mean, var, weight, bias, out, eps, relu, write_masked_grad, device_rule=True
+    grad_out,
+    input,
+    mean,
+    var,
+    weight,
+    bias,
+    out,
+    eps,
+    act,
+    act_param,
+    write_masked_grad,
+    device_rule=True,
 ):
     sum_dy, sum_dy_xhat = _stats_fake(input, device_rule)
     masked = empty_bn_like(input) if write_masked_grad else input.new_empty((0,))
@@ -42,10 +53,21 @@ def _bn_act_backward_reduce_fake(
 
 
 def _bn_act_backward_reduce_triton_fake(
-    grad_out, input, mean, var, weight, bias, out, eps, relu, write_masked_grad
+    grad_out, input, mean, var, weight, bias, out, eps, act, act_param, write_masked_grad
 ):
     return _bn_act_backward_reduce_fake(
-        grad_out, input, mean, var, weight, bias, out, eps, relu, write_masked_grad, False
+        grad_out,
+        input,
+        mean,
+        var,
+        weight,
+        bias,
+        out,
+        eps,
+        act,
+        act_param,
+        write_masked_grad,
+        False,
     )
 
 
@@ -59,7 +81,8 @@ def _bn_act_backward_elemt_fake(
     sum_dy,
     sum_dy_xhat,
     eps,
-    relu_mask_from_input,
+    act,
+    act_param,
     batch_stats,
 ):
     return empty_bn_like(input)
@@ -101,10 +124,11 @@ def bn_act_forward_triton(
     bias: Tensor | None,
     residual: Tensor | None,
     eps: float,
-    relu: bool,
+    act: int,
+    act_param: float,
 ) -> Tensor:
     return _kernels("bn_act_forward").bn_act_forward(
-        input, mean, var, weight, bias, residual, eps, relu
+        input, mean, var, weight, bias, residual, eps, act, act_param
     )
 
 
@@ -121,11 +145,12 @@ def bn_act_backward_reduce_triton(
     bias: Tensor | None,
     out: Tensor | None,
     eps: float,
-    relu: bool,
+    act: int,
+    act_param: float,
     write_masked_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels("bn_act_backward").bn_act_backward_reduce(
-        grad_out, input, mean, var, weight, bias, out, eps, relu, write_masked_grad
+        grad_out, input, mean, var, weight, bias, out, eps, act, act_param, write_masked_grad
     )
 
 
@@ -143,7 +168,8 @@ def bn_act_backward_elemt_triton(
     sum_dy: Tensor,
     sum_dy_xhat: Tensor,
     eps: float,
-    relu_mask_from_input: bool,
+    act: int,
+    act_param: float,
     batch_stats: bool,
 ) -> Tensor:
     return _kernels("bn_act_backward").bn_act_backward_elemt(
@@ -156,7 +182,8 @@ def bn_act_backward_elemt_triton(
         sum_dy,
         sum_dy_xhat,
         eps,
-        relu_mask_from_input,
+        act,
+        act_param,
         batch_stats,
     )
 

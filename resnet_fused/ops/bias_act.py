@@ -1,4 +1,4 @@
-"""bias_act (eval-mode conv epilogue with BN folded in): out = relu(input + bias [+ res]),
+"""bias_act (eval-mode conv epilogue with BN folded in): out = act(input + bias [+ res]),
 and its in-place form. Fake kernels of the C++ ops (csrc: cpu/batch_norm_act.cpp,
 cuda/batch_norm_act.cu) and the Triton ops (kernels: resnet_fused.triton.bias_act)."""
 
@@ -17,11 +17,11 @@ def _kernels():
     return bias_act
 
 
-def _bias_act_fake(input, bias, residual, relu):
+def _bias_act_fake(input, bias, residual, act, act_param):
     return empty_bn_like(input)
 
 
-def _bias_act_inplace_fake(input, bias, residual, relu):
+def _bias_act_inplace_fake(input, bias, residual, act, act_param):
     return None
 
 
@@ -32,9 +32,9 @@ if _extension.is_loaded():
 
 @torch.library.custom_op("resnet_fused::bias_act_triton", mutates_args=())
 def bias_act_triton(
-    input: Tensor, bias: Tensor | None, residual: Tensor | None, relu: bool
+    input: Tensor, bias: Tensor | None, residual: Tensor | None, act: int, act_param: float
 ) -> Tensor:
-    return _kernels().bias_act(input, bias, residual, relu)
+    return _kernels().bias_act(input, bias, residual, act, act_param)
 
 
 bias_act_triton.register_fake(_bias_act_fake)
@@ -42,9 +42,9 @@ bias_act_triton.register_fake(_bias_act_fake)
 
 @torch.library.custom_op("resnet_fused::bias_act_triton_", mutates_args=("input",))
 def bias_act_triton_(
-    input: Tensor, bias: Tensor | None, residual: Tensor | None, relu: bool
+    input: Tensor, bias: Tensor | None, residual: Tensor | None, act: int, act_param: float
 ) -> None:
-    _kernels().bias_act_(input, bias, residual, relu)
+    _kernels().bias_act_(input, bias, residual, act, act_param)
 
 
 bias_act_triton_.register_fake(_bias_act_inplace_fake)

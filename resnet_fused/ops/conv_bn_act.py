@@ -51,7 +51,8 @@ def conv_bias_act_triton(
     dilation: list[int],
     bias: Tensor | None,
     residual: Tensor | None,
-    relu: bool,
+    act: int,
+    act_param: float,
 ) -> Tensor:
     out, _ = _triton_conv().conv2d(
         x,
@@ -62,13 +63,14 @@ def conv_bias_act_triton(
         tuple(dilation),
         bias=bias,
         residual=residual,
-        relu=relu,
+        act=act,
+        act_param=act_param,
     )
     return out
 
 
 @conv_bias_act_triton.register_fake
-def _(x, w_packed, kernel_size, stride, padding, dilation, bias, residual, relu):
+def _(x, w_packed, kernel_size, stride, padding, dilation, bias, residual, act, act_param):
     return _conv_out_empty(x, w_packed, kernel_size, stride, padding, dilation)
 
 

@@ -1,4 +1,4 @@
-"""conv_bn_act_eager: the eager Conv -> BatchNorm -> (add) -> ReLU unit as one C++ op and
+"""conv_bn_act_eager: the eager Conv -> BatchNorm -> (add) -> activation unit as one C++ op and
 one autograd node (csrc/unit.cpp), and its fake kernel.
 
 ``EAGER_UNIT`` is its Python entry point (``resnet_fused._C.conv_bn_act_eager``: the same
@@ -10,7 +10,7 @@ those. Arguments, as the schema (``csrc/resnet_fused.cpp``)::
 
     EAGER_UNIT(input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
                running_var, num_batches_tracked, stride, padding, dilation, groups,
-               training, momentum, eps, residual, relu)
+               training, momentum, eps, residual, act, act_param)
 
 ``training`` is F.batch_norm's flag (batch statistics; running statistics updated in place
 when given); ``num_batches_tracked``, when given, is nn.BatchNorm2d's counter (incremented;
@@ -32,7 +32,7 @@ if _extension.is_loaded() and hasattr(torch.ops.resnet_fused, "conv_bn_act_eager
     def _conv_bn_act_eager_fake(
         input: Tensor, conv_weight: Tensor, conv_bias, bn_weight, bn_bias, running_mean,
         running_var, num_batches_tracked, stride, padding, dilation, groups, training,
-        momentum, eps, residual, relu,
+        momentum, eps, residual, act, act_param,
     ) -> Tensor:  # fmt: skip
         y = torch.ops.aten.convolution(
             input, conv_weight, conv_bias, stride, padding, dilation, False, [0, 0], groups

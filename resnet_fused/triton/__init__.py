@@ -2,12 +2,13 @@
 
   add_relu.py         add_relu, add_relu_ (in place), relu_backward
   bn_stats.py         BatchNorm batch statistics (+ running statistics update)
-  bn_act_forward.py   BatchNorm apply -> (residual add) -> ReLU
+  bn_act_forward.py   BatchNorm apply -> (residual add) -> activation
   bn_act_backward.py  its backward: the reduction and the elementwise pass
-  bias_act.py         relu(input + bias [+ residual]) (eval epilogue, BN folded)
+  bias_act.py         act(input + bias [+ residual]) (eval epilogue, BN folded)
   conv.py             implicit-GEMM conv2d with fused epilogues and BN statistics
   _bn_tiles.py        the tiling planner and device helpers of the BatchNorm-family kernels
-  _common.py          helpers of every module (dtypes, layouts, the device guard)
+  _common.py          helpers of every module (dtypes, layouts, the device guard, the
+                      activations' jit helpers: resnet_fused.activations, csrc/act.h)
 
 Importing this package does not import triton: the kernel modules are loaded on first
 use, so ``import resnet_fused`` stays fast and works without it."""

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED
+from ._common import ACT_IDENTITY, ACT_RELU, INTERPRETED, _act_grad, _act_grad_from_out
 
 # Tiling knobs (module constants so that tests can shrink them to exercise the merges).
 # The interpreter pays per program and per tile, so it gets big tiles and few programs.
@@ -160,20 +160,25 @@ def _affine(x, mean, invstd, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
 
 
 @triton.jit
-def _relu_masked_grad(
-    g_ptr, x, o_ptr, offs, mask, mean, invstd, w, b, x_dtype: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr, MASK_FROM_OUT: tl.constexpr,
+def _act_masked_grad(
+    g_ptr, x, o_ptr, offs, mask, mean, invstd, w, b, param, x_dtype: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, FROM_OUT: tl.constexpr,
 ):  # fmt: skip
-    """Load grad and apply the ReLU mask: from ``out`` (MASK_FROM_OUT) or from
-    y = BN(x) rounded to x's dtype. 0 where the activation is <= 0 (NaN passes)."""
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    if RELU:
-        if MASK_FROM_OUT:
-            o = tl.load(o_ptr + offs, mask=mask, other=0.0)
-            g = tl.where(o <= 0, tl.zeros_like(g), g)
+    """Load grad and multiply it by the activation's derivative, in x's (ACC) type: read
+    from ``out`` (FROM_OUT; identity, ReLU, ReLU6, LeakyReLU with a positive slope) or
+    taken at the pre-activation y = BN(x) recomputed as the forward computes it. ReLU: 0
+    where y rounded to x's dtype (the stored output's mask) is <= 0 (NaN passes); the
+    others at y itself (the forward applied them to it, unrounded)."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(x.dtype)
+    if ACT != ACT_IDENTITY:
+        if FROM_OUT:
+            o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(x.dtype)
+            g = _act_grad_from_out(g, o, ACT, param)
         else:
-            y = _affine(x, mean, invstd, w, b, HAS_W, HAS_B).to(x_dtype)
-            g = tl.where(y <= 0, tl.zeros_like(g), g)
+            y = _affine(x, mean, invstd, w, b, HAS_W, HAS_B)
+            if ACT == ACT_RELU:
+                y = y.to(x_dtype).to(x.dtype)
+            g = _act_grad(g, y, ACT, param)
     return g
 
 

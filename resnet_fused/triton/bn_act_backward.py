@@ -1,8 +1,9 @@
-"""Triton BatchNorm -> (residual add) -> ReLU, backward
+"""Triton BatchNorm -> (residual add) -> activation, backward
 (resnet_fused.reference.bn_act_backward_reduce / bn_act_backward_elemt):
 
-  g = grad_out masked by the ReLU (from ``out``, or from y = BN(x) recomputed and rounded
-      to x's dtype)
+  g = grad_out * act'(.) (act: resnet_fused.activations, formulas and conventions at
+      kinks: csrc/act.h), read from ``out`` (identity, ReLU, ReLU6, LeakyReLU with a
+      positive slope), or taken at y = BN(x) recomputed and rounded to x's dtype
   reduce:  sum_dy = sum(g),  sum_dy_xhat = sum(g*xhat)   (and g itself, when asked)
   elemt:   grad_input = w*invstd*(g - sum_dy/m - xhat*sum_dy_xhat/m)   (batch stats)
                       = w*invstd*g                                     (running stats)
@@ -24,6 +25,8 @@ import triton.language as tl
 from .._layout import bn_memory_format, stats_dtype
 from .._validation import check_bn_input, check_like
 from ._bn_tiles import (
+    _acc_scalar,
+    _act_masked_grad,
     _affine_params,
     _bc,
     _chan,
@@ -34,29 +37,36 @@ from ._bn_tiles import (
     _in_fmt,
     _load_chan,
     _plan_for,
-    _relu_masked_grad,
     _split_float,
     _tile,
 )
-from ._common import check_bn_affine_args, check_per_channel, compute_dtype, on_input_device
+from ._common import (
+    act_from_output,
+    check_act,
+    check_bn_affine_args,
+    check_per_channel,
+    compute_dtype,
+    on_input_device,
+)
 
 
 @triton.jit
 def _backward_reduce_kernel(
     g_ptr, x_ptr, o_ptr, mg_ptr, p0_ptr, p1_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps_hi, eps_lo,
-    C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr,
-    MASK_FROM_OUT: tl.constexpr, WRITE_MG: tl.constexpr,
+    ap_hi, ap_lo, C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    FROM_OUT: tl.constexpr, WRITE_MG: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, CL: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
     """Partial sum(g) and sum(g*xhat) of a run of tiles -> p0[split, c], p1[split, c];
-    g (the masked grad) stored when WRITE_MG."""
+    g (grad_out * act') stored when WRITE_MG."""
     pid_s = tl.program_id(1)
     ch, cmask = _channels(tl.program_id(0), C, BC)
     mean, invstd, w, b = _affine_params(
         mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps_hi, eps_lo, HAS_W, HAS_B, ACC
     )
+    param = _acc_scalar(ap_hi, ap_lo, ACC)
     acc_dy = tl.zeros([BR, BC, BK], ACC)
     acc_dyx = tl.zeros([BR, BC, BK], ACC)
     t0 = pid_s * tiles_per_prog
@@ -65,15 +75,14 @@ def _backward_reduce_kernel(
         offs, mask, _ = _tile(t, ch, C, HW, R, n_col_tiles, BR, BC, BK, CL)
         xr = tl.load(x_ptr + offs, mask=mask, other=0.0)
         x = xr.to(ACC)
-        g = _relu_masked_grad(
-            g_ptr, x, o_ptr, offs, mask, mean, invstd, w, b, xr.dtype,
-            HAS_W, HAS_B, RELU, MASK_FROM_OUT,
+        g = _act_masked_grad(
+            g_ptr, x, o_ptr, offs, mask, mean, invstd, w, b, param, xr.dtype,
+            HAS_W, HAS_B, ACT, FROM_OUT,
         )  # fmt: skip
         if WRITE_MG:
             tl.store(mg_ptr + offs, g.to(mg_ptr.dtype.element_ty), mask=mask)
-        ga = g.to(ACC)
-        acc_dy += ga
-        acc_dyx += ga * tl.where(mask, x - mean, 0.0)
+        acc_dy += g
+        acc_dyx += g * tl.where(mask, x - mean, 0.0)
     tl.store(p0_ptr + pid_s * C + ch, _chan_sum(acc_dy, BR, BC), mask=cmask)
     sum_dyx = _chan_sum(acc_dyx, BR, BC) * tl.reshape(invstd, [BC])
     tl.store(p1_ptr + pid_s * C + ch, sum_dyx, mask=cmask)
@@ -101,8 +110,8 @@ def _sum_finalize_kernel(
 @triton.jit
 def _backward_elemt_kernel(
     g_ptr, x_ptr, gi_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sdy_ptr, sdyx_ptr, eps_hi, eps_lo,
-    m, C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU_FROM_INPUT: tl.constexpr,
+    ap_hi, ap_lo, m, C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BATCH_STATS: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, CL: tl.constexpr,
     ACC: tl.constexpr,
@@ -111,6 +120,7 @@ def _backward_elemt_kernel(
     mean, invstd, w, b = _affine_params(
         mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps_hi, eps_lo, HAS_W, HAS_B, ACC
     )
+    param = _acc_scalar(ap_hi, ap_lo, ACC)
     scale = invstd * w
     if BATCH_STATS:
         mean_dy = _bc(_load_chan(sdy_ptr, ch, cmask, ACC)) / m
@@ -121,10 +131,10 @@ def _backward_elemt_kernel(
         offs, mask, _ = _tile(t, ch, C, HW, R, n_col_tiles, BR, BC, BK, CL)
         xr = tl.load(x_ptr + offs, mask=mask, other=0.0)
         x = xr.to(ACC)
-        g = _relu_masked_grad(
-            g_ptr, x, g_ptr, offs, mask, mean, invstd, w, b, xr.dtype,
-            HAS_W, HAS_B, RELU_FROM_INPUT, False,
-        ).to(ACC)  # fmt: skip
+        g = _act_masked_grad(
+            g_ptr, x, g_ptr, offs, mask, mean, invstd, w, b, param, xr.dtype,
+            HAS_W, HAS_B, ACT, False,
+        )  # fmt: skip
         if BATCH_STATS:
             g = g - mean_dy - (x - mean) * k
         tl.store(gi_ptr + offs, (g * scale).to(gi_ptr.dtype.element_ty), mask=mask)
@@ -140,14 +150,25 @@ def bn_act_backward_reduce(
     bias: torch.Tensor | None,
     out: torch.Tensor | None,
     eps: float,
-    relu: bool,
+    act: int,
+    act_param: float,
     write_masked_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum g, sum g*xhat, g if write_masked_grad else empty), g = grad_out * act'(.): from
+    ``out`` when given (act must allow it: Act.from_output), else at the pre-activation
+    recomputed from the input."""
+    act, act_param = check_act(act, act_param)
     check_bn_input(input)
     check_like(grad_out, "grad_out", input, "input")
     check_bn_affine_args(input, mean, var, weight, bias)
     if out is not None:
         check_like(out, "out", input, "input")
+        if not act_from_output(act, act_param):
+            raise ValueError(
+                f"out must be None for act={act} (act_param={act_param}): its derivative is "
+                "not a function of the output (only identity, relu, relu6 and leaky_relu with "
+                "a positive slope); pass out=None to recompute it from the input"
+            )
     acc = stats_dtype(input.dtype)
     C = input.shape[1]
     fmt = bn_memory_format(input)
@@ -157,8 +178,8 @@ def bn_act_backward_reduce(
         return zeros, zeros.clone(), masked
     x = _in_fmt(input, fmt)
     g = _in_fmt(grad_out, fmt)
-    mask_from_out = bool(relu) and out is not None
-    o = _in_fmt(out, fmt) if mask_from_out else x
+    from_out = act != 0 and out is not None
+    o = _in_fmt(out, fmt) if from_out else x
     mean_a, var_a = _chan(mean, acc), _chan(var, acc)
     w, b = _chan(weight, acc), _chan(bias, acc)
     p = _plan_for(x, fmt)
@@ -168,9 +189,9 @@ def bn_act_backward_reduce(
     _backward_reduce_kernel[p.grid](
         g, x, o, masked if write_masked_grad else x, p_dy, p_dyx, mean_a, var_a,
         w if w is not None else mean_a, b if b is not None else mean_a,
-        *_split_float(eps), *p.args(),
-        HAS_W=w is not None, HAS_B=b is not None, RELU=bool(relu),
-        MASK_FROM_OUT=mask_from_out, WRITE_MG=bool(write_masked_grad),
+        *_split_float(eps), *_split_float(act_param), *p.args(),
+        HAS_W=w is not None, HAS_B=b is not None, ACT=act,
+        FROM_OUT=from_out, WRITE_MG=bool(write_masked_grad),
         ACC=compute_dtype(input.dtype), **p.meta(),
     )  # fmt: skip
     if p.splits == 1:
@@ -196,9 +217,14 @@ def bn_act_backward_elemt(
     sum_dy: torch.Tensor,
     sum_dy_xhat: torch.Tensor,
     eps: float,
-    relu_mask_from_input: bool,
+    act: int,
+    act_param: float,
     batch_stats: bool,
 ) -> torch.Tensor:
+    """grad_input from ``grad`` and the two sums; ``grad`` is multiplied by act' at the
+    pre-activation recomputed from the input first (act=0: it already is the gradient at
+    the pre-activation)."""
+    act, act_param = check_act(act, act_param)
     check_bn_input(input)
     check_like(grad, "grad", input, "input")
     check_bn_affine_args(input, mean, var, weight, bias)
@@ -218,9 +244,8 @@ def bn_act_backward_elemt(
     _backward_elemt_kernel[p.grid](
         g, x, grad_input, mean_a, var_a,
         w if w is not None else mean_a, b if b is not None else mean_a, sdy, sdyx,
-        *_split_float(eps), p.m, *p.args(),
-        HAS_W=w is not None, HAS_B=b is not None,
-        RELU_FROM_INPUT=bool(relu_mask_from_input), BATCH_STATS=bool(batch_stats),
+        *_split_float(eps), *_split_float(act_param), p.m, *p.args(),
+        HAS_W=w is not None, HAS_B=b is not None, ACT=act, BATCH_STATS=bool(batch_stats),
         ACC=compute_dtype(input.dtype), **p.meta(),
     )  # fmt: skip
     return grad_input

@@ -1,11 +1,12 @@
-"""Triton BatchNorm apply -> (residual add) -> ReLU, forward
+"""Triton BatchNorm apply -> (residual add) -> activation, forward
 (resnet_fused.reference.bn_act_forward):
 
-  out = relu((x - mean)*invstd*w + b [+ residual]),  invstd = 1/sqrt(var + eps)
+  out = act((x - mean)*invstd*w + b [+ residual]),  invstd = 1/sqrt(var + eps)
 
-in fp32 (fp64 for fp64 input), rounded once on store. Memory traffic: reads x (+ residual),
-writes out: 2-3 passes where eager's batch_norm, add and relu take 4-6. Tiles and launch
-plan: resnet_fused.triton._bn_tiles.
+with act one of resnet_fused.activations (code ``act``, LeakyReLU slope ``act_param``;
+formulas: csrc/act.h), in fp32 (fp64 for fp64 input), rounded once on store. Memory
+traffic: reads x (+ residual), writes out: 2-3 passes where eager's batch_norm, add and
+activation take 4-6. Tiles and launch plan: resnet_fused.triton._bn_tiles.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import triton.language as tl
 from .._layout import bn_memory_format, stats_dtype
 from .._validation import check_bn_input, check_like
 from ._bn_tiles import (
+    _acc_scalar,
     _affine,
     _affine_params,
     _chan,
@@ -27,14 +29,14 @@ from ._bn_tiles import (
     _split_float,
     _tile,
 )
-from ._common import check_bn_affine_args, compute_dtype, on_input_device
+from ._common import _act_apply, check_act, check_bn_affine_args, compute_dtype, on_input_device
 
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, res_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps_hi, eps_lo,
+    x_ptr, res_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps_hi, eps_lo, ap_hi, ap_lo,
     C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, CL: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
@@ -42,6 +44,7 @@ def _forward_kernel(
     mean, invstd, w, b = _affine_params(
         mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps_hi, eps_lo, HAS_W, HAS_B, ACC
     )
+    param = _acc_scalar(ap_hi, ap_lo, ACC)
     t0 = tl.program_id(1) * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, n_tiles)
     for t in range(t0, t1):
@@ -50,8 +53,7 @@ def _forward_kernel(
         y = _affine(x, mean, invstd, w, b, HAS_W, HAS_B)
         if HAS_RES:
             y = y + tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if RELU:
-            y = tl.where(y < 0, 0.0, y)  # NaN propagates, as torch.relu does
+        y = _act_apply(y, ACT, param)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -64,8 +66,10 @@ def bn_act_forward(
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
     eps: float,
-    relu: bool,
+    act: int,
+    act_param: float,
 ) -> torch.Tensor:
+    act, act_param = check_act(act, act_param)
     check_bn_input(input)
     check_bn_affine_args(input, mean, var, weight, bias)
     if residual is not None:
@@ -83,8 +87,8 @@ def bn_act_forward(
     _forward_kernel[p.grid](
         x, res if res is not None else x, out, mean_a, var_a,
         w if w is not None else mean_a, b if b is not None else mean_a,
-        *_split_float(eps), *p.args(),
-        HAS_W=w is not None, HAS_B=b is not None, HAS_RES=res is not None, RELU=bool(relu),
+        *_split_float(eps), *_split_float(act_param), *p.args(),
+        HAS_W=w is not None, HAS_B=b is not None, HAS_RES=res is not None, ACT=act,
         ACC=compute_dtype(input.dtype), **p.meta(),
     )  # fmt: skip
     return out

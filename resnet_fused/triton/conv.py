@@ -18,7 +18,8 @@ instead (k -> (r, s, ci) per BLOCK_K vector), so a 7x7x3 stem runs 147/BLOCK_K i
 instead of 49 mostly masked ones. Accumulation is fp32 (tl.dot; fp32 operands use TF32
 when torch.backends.cudnn.allow_tf32 is set, like torch's convolutions).
 
-Epilogue, on the fp32 accumulator: + bias[co], + residual (any strides), ReLU, one rounding
+Epilogue, on the fp32 accumulator: + bias[co], + residual (any strides), the activation
+(resnet_fused.activations: constexpr code ACT, runtime LeakyReLU slope), one rounding
 to x's dtype, store into a channels_last out. With stats=True it also writes BatchNorm
 partial statistics of the stored (rounded) values: partials[3, T, Cout] float32 =
 (count, mean, M2) of each run of STATS_ROWS output rows ("stats tile"; T =
@@ -52,7 +53,7 @@ import triton
 import triton.language as tl
 
 from .._geometry import conv_output_hw, pair
-from ._common import INTERPRETED, on_input_device
+from ._common import INTERPRETED, _act_apply, check_act, on_input_device
 
 # Rows per stats tile of the partial statistics (tuned BLOCK_M must be a multiple in stats
 # mode). 128 rows: the partials add 3*4 bytes per 128 values written (under 5% of an fp16
@@ -97,7 +98,7 @@ FP32_CONFIGS = [
 # dtype of every tensor argument. X_CL/RES_CL: the layout class of x and residual.
 _TUNE_KEY = [
     "M", "P", "Q", "Cout", "Cin", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w",
-    "dil_h", "dil_w", "HAS_BIAS", "HAS_RES", "RELU", "STATS", "PRECISION", "X_CL", "RES_CL",
+    "dil_h", "dil_w", "HAS_BIAS", "HAS_RES", "ACT", "STATS", "PRECISION", "X_CL", "RES_CL",
 ]  # fmt: skip
 
 
@@ -109,9 +110,9 @@ def _conv_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, part_ptr,
     M, Cout, Cin, H, W, P, Q, T,
     sxn, sxc, sxh, sxw, srn, src, srh, srw,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, act_param,
     R: tl.constexpr, S: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
     FLAT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     X_CL: tl.constexpr, RES_CL: tl.constexpr,
     UPCAST: tl.constexpr, SROWS: tl.constexpr, GROUP: tl.constexpr,
@@ -197,8 +198,7 @@ def _conv_kernel(
         r_row = img.to(tl.int64) * srn + p.to(tl.int64) * srh + q.to(tl.int64) * srw
         r_off = r_row[:, None] + (offs_n.to(tl.int64) * src)[None, :]
         y += tl.load(res_ptr + r_off, mask=out_ok, other=0.0).to(tl.float32)
-    if RELU:
-        y = tl.where(y < 0, 0.0, y)  # NaN propagates, as torch.relu does
+    y = _act_apply(y, ACT, tl.full([], act_param, tl.float32))
     yo = y.to(out_ptr.dtype.element_ty)
     o_off = offs_m.to(tl.int64)[:, None] * Cout + offs_n[None, :]
     tl.store(out_ptr + o_off, yo, mask=out_ok)
@@ -391,11 +391,14 @@ def conv2d(
     *,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
-    relu: bool = False,
+    act: int = 0,
+    act_param: float = 0.0,
     stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """out = relu?(conv2d(x, weight) + bias + residual), channels_last, x's dtype; with
-    stats=True also the partials [3, num_stats_tiles(N*P*Q), Cout] float32 of out."""
+    """out = act(conv2d(x, weight) + bias + residual), channels_last, x's dtype (act:
+    resnet_fused.activations code, act_param LeakyReLU's slope); with stats=True also the
+    partials [3, num_stats_tiles(N*P*Q), Cout] float32 of out."""
+    act, act_param = check_act(act, act_param)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 4-D [N, Cin, H, W] tensor, got {shape}")
@@ -439,8 +442,8 @@ def conv2d(
             raise TypeError(f"residual dtype {residual.dtype} does not match x dtype {x.dtype}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device}, x on {x.device}")
-    if stats and (bias is not None or residual is not None or relu):
-        raise ValueError("stats=True requires bias=None, residual=None and relu=False")
+    if stats and (bias is not None or residual is not None or act != 0):
+        raise ValueError("stats=True requires bias=None, residual=None and act=0 (identity)")
     M = N * P * Q
     if M > _INT32_MAX or w_packed.numel() > _INT32_MAX:
         raise ValueError(f"too large: N*P*Q = {M} and R*S*Cin*Cout must be < 2^31")
@@ -461,10 +464,10 @@ def conv2d(
         x, w, out, bias if bias is not None else out, res,
         partials if partials is not None else out,
         M, Cout, Cin, H, W, P, Q, T, *x.stride(), *res.stride(),
-        sh, sw, ph, pw, dh, dw,
+        sh, sw, ph, pw, dh, dw, act_param,
     )  # fmt: skip
     meta = dict(
-        R=R, S=S, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
+        R=R, S=S, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act,
         STATS=bool(stats), FLAT_K=Cin < SMALL_CIN, PRECISION=precision,
         X_CL=x.stride(1) == 1, RES_CL=res.stride(1) == 1,
         UPCAST=INTERPRETED and x.dtype == torch.bfloat16, SROWS=STATS_ROWS, GROUP=GROUP_M,

@@ -1,0 +1,501 @@
+"""The activation as a parameter of every fused op (issue 21, item 1): identity, ReLU,
+ReLU6, LeakyReLU, SiLU, Hardswish and GELU (exact and tanh) on every backend, forward and
+every gradient, against the fp64 reference; the eval epilogues; the modules; the
+converter fusing every spelling of them.
+
+The tolerance rule is reference_check's. Activations with kinks (ReLU6 at 0 and 6,
+LeakyReLU at 0, Hardswish at -3 and 3) are treated as ReLU's kink is: within rounding of
+a kink the derivative legitimately differs between the fused result, eager and fp64, so
+the incoming gradient is zero at the few positions whose fp64 pre-activation lies within
+the pre-activation's error bound of a kink (:func:`_kink_free`); everywhere else a
+different branch is an error. The activations are continuous, so outputs need no such
+care."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import backend_device, backend_params
+from reference_check import assert_close_to_reference, kink_band
+from torch import nn
+
+import resnet_fused
+from resnet_fused.activations import (
+    GELU,
+    GELU_TANH,
+    HARDSWISH,
+    IDENTITY,
+    LEAKY_RELU,
+    NAMES,
+    RELU,
+    RELU6,
+    SILU,
+    Act,
+    act_of_call,
+    act_of_module,
+    as_act,
+)
+from tests.test_graph_convert import _assert_parity, _batch_norm_ops, _CountOps
+
+ACTS = [
+    Act(RELU6),
+    Act(LEAKY_RELU, 0.2),
+    Act(LEAKY_RELU, -0.3),
+    Act(SILU),
+    Act(HARDSWISH),
+    Act(GELU),
+    Act(GELU_TANH),
+    Act(RELU),
+    Act(IDENTITY),
+]
+ACT_IDS = [f"{a.name}{'' if a.kind != LEAKY_RELU else a.param}" for a in ACTS]
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def _kink_free(grad: torch.Tensor, act: Act, pre64: torch.Tensor, band: float) -> torch.Tensor:
+    """``grad`` with zeros where the fp64 pre-activation is within ``band`` of a kink."""
+    near = torch.zeros_like(pre64, dtype=torch.bool)
+    for k in act.kinks:
+        near |= (pre64 - k).abs() <= band
+    return torch.where(near.to(grad.device), torch.zeros_like(grad), grad)
+
+
+def _data(shape, dtype, device, channels_last, scale=2.0, offset=0.3):
+    t = torch.randn(shape, dtype=torch.float64) * scale + offset
+    t = t.to(device=device, dtype=dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+# (activation, case): with a residual only the activations whose derivative the output
+# gives (the others are refused, test_activation_arguments).
+CASES = [
+    pytest.param(act, case, id=f"{act_id}-{case}")
+    for act, act_id in zip(ACTS, ACT_IDS, strict=True)
+    for case in ("train", "train_residual", "eval", "eval_residual_nchw")
+    if act.from_output or "residual" not in case
+]
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu", "triton")))
+@pytest.mark.parametrize(("act", "case"), CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp64"])
+def test_batch_norm_act_every_activation(backend, act, case, dtype):
+    residual = "residual" in case
+    device = backend_device(backend)
+    training = case.startswith("train")
+    channels_last = not case.endswith("nchw") and act.kind % 2 == 0
+    shape = (3, 5, 6, 7) if training else (2, 4, 5, 3)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x = _data(shape, dtype, device, channels_last).requires_grad_()
+    r = _data(shape, dtype, device, channels_last, 1.0, 0.0).requires_grad_() if residual else None
+    w = (torch.rand(shape[1], dtype=pdtype, device=device) + 0.5).requires_grad_()
+    b = torch.randn(shape[1], dtype=pdtype, device=device).requires_grad_()
+    rm = torch.randn(shape[1], dtype=pdtype, device=device) * 0.2
+    rv = torch.rand(shape[1], dtype=pdtype, device=device) + 0.5
+    rm_e, rv_e = rm.clone(), rv.clone()
+    rm64, rv64 = rm.double(), rv.double()
+    leaves = [t for t in (x, w, b, r) if t is not None]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, w64, b64 = leaves64[:3]
+    r64 = leaves64[3] if residual else None
+
+    out = resnet_fused.batch_norm_act(
+        x, rm, rv, w, b, training, 0.1, 1e-5, residual=r, activation=act, backend=backend
+    )
+    pre_e = F.batch_norm(x, rm_e, rv_e, w, b, training, 0.1, 1e-5)
+    pre_e = pre_e + r if residual else pre_e
+    eager = act(pre_e)
+    pre64 = F.batch_norm(x64, rm64, rv64, w64, b64, training, 0.1, 1e-5)
+    pre64 = pre64 + r64 if residual else pre64
+    ref = act(pre64)
+    assert out.dtype == dtype and out.shape == x.shape
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_reference(out, eager, ref, name="out")
+    band = kink_band(pre_e, pre64)
+    grad = _kink_free(_data(shape, dtype, device, False, 1.0, 0.0), act, pre64, band)
+    grads = torch.autograd.grad(out, leaves, grad)
+    eager_grads = torch.autograd.grad(eager, leaves, grad)
+    ref_grads = torch.autograd.grad(ref, leaves64, grad.double())
+    names = ["input", "weight", "bias", "residual"]
+    for name, g, ge, gr in zip(names, grads, eager_grads, ref_grads, strict=False):
+        assert_close_to_reference(g, ge, gr, name=f"grad {name}")
+    if training:
+        assert_close_to_reference(rm, rm_e, rm64 * 0.9 + 0.1 * x64.mean((0, 2, 3)), name="rm")
+        m = x64.numel() // shape[1]
+        var64 = x64.var((0, 2, 3), unbiased=False) * m / (m - 1)
+        assert_close_to_reference(rv, rv_e, rv64 * 0.9 + 0.1 * var64, name="rv")
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpu", "triton")))
+@pytest.mark.parametrize("act", ACTS[:7], ids=ACT_IDS[:7])
+def test_kinks_and_non_finite_values(backend, act):
+    """Pre-activations exactly at the kinks (and at +-0, +-Inf, NaN): the forward as
+    torch's activation, the gradient at each kink torch's one-sided value, and
+    non-finite values where eager has them."""
+    device = backend_device(backend)
+    values = torch.tensor(
+        [-3.0, 3.0, 0.0, -0.0, 6.0, -6.0, 1.5, -1.5, 7.0, float("inf"), -float("inf"),
+         float("nan"), 2.5, -2.5, 0.5, -0.5],
+        dtype=torch.float64,
+    )  # fmt: skip
+    x = values.reshape(1, 1, 4, 4).repeat(2, 3, 1, 1).to(device)
+    mean = torch.zeros(3, dtype=torch.float64, device=device)
+    var = torch.full((3,), 1.0 - 1e-5, dtype=torch.float64, device=device)
+    # (var + eps = 1 exactly: the pre-activation is the input itself)
+    lib = resnet_fused.ops if backend == "triton" else torch.ops.resnet_fused
+    forward = lib.bn_act_forward_triton if backend == "triton" else lib.bn_act_forward
+    out = forward(x, mean, var, None, None, None, 1e-5, *act.args)
+    # piecewise-linear ones exactly; the smooth ones (exp, erf, tanh) to fp64 rounding
+    tol = 0.0 if act.kinks else 1e-14
+    torch.testing.assert_close(out, act(x), rtol=tol, atol=tol, equal_nan=True)
+    g = torch.ones_like(x)
+    finite = torch.isfinite(x)
+    want = act.backward(g, x)
+    reduce = (
+        lib.bn_act_backward_reduce_triton if backend == "triton" else lib.bn_act_backward_reduce
+    )
+    _, _, masked = reduce(g, x, mean, var, None, None, None, 1e-5, *act.args, True)
+    torch.testing.assert_close(masked[finite], want[finite], rtol=tol, atol=tol)
+    if act.from_output:
+        _, _, masked = reduce(g, x, mean, var, None, None, out, 1e-5, *act.args, True)
+        torch.testing.assert_close(masked[finite], want[finite], rtol=0, atol=0)
+    else:
+        with pytest.raises((RuntimeError, ValueError), match="out"):
+            reduce(g, x, mean, var, None, None, out, 1e-5, *act.args, True)
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu", "triton")))
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_conv_bn_act_every_activation(backend, act, training):
+    """Conv -> BN -> activation, training (batch statistics) and eval (BatchNorm folded
+    into the convolution: oneDNN's post-op, the epilogue or the Triton convolution), fp32
+    channels_last, forward and every gradient."""
+    device = backend_device(backend)
+    dtype = torch.float32
+    x = _data((2, 3, 7, 6), dtype, device, True).requires_grad_()
+    cw = (torch.randn(5, 3, 3, 3, dtype=torch.float64) * 0.4).to(device, dtype).requires_grad_()
+    bw = (torch.rand(5, dtype=dtype, device=device) + 0.5).requires_grad_()
+    bb = torch.randn(5, dtype=dtype, device=device).requires_grad_()
+    rm = torch.randn(5, dtype=dtype, device=device) * 0.2
+    rv = torch.rand(5, dtype=dtype, device=device) + 0.5
+    leaves = [x, cw, bw, bb]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    out = resnet_fused.conv_bn_act(
+        x, cw, bw, bb, rm.clone(), rv.clone(), padding=1, training=training, activation=act,
+        backend=backend,
+    )  # fmt: skip
+
+    def pre(xx, ww, gw, gb, m, v):
+        return F.batch_norm(F.conv2d(xx, ww, padding=1), m, v, gw, gb, training, 0.1, 1e-5)
+
+    pre_e = pre(*leaves, rm.clone(), rv.clone())
+    pre64 = pre(*leaves64, rm.double(), rv.double())
+    eager, ref = act(pre_e), act(pre64)
+    assert_close_to_reference(out, eager, ref, name="out")
+    grad = _kink_free(torch.randn_like(out), act, pre64, kink_band(pre_e, pre64))
+    grads = torch.autograd.grad(out, leaves, grad)
+    eager_grads = torch.autograd.grad(eager, leaves, grad)
+    ref_grads = torch.autograd.grad(ref, leaves64, grad.double())
+    for name, g, ge, gr in zip(["x", "conv_w", "bn_w", "bn_b"], grads, eager_grads, ref_grads,
+                               strict=True):  # fmt: skip
+        assert_close_to_reference(g, ge, gr, name=f"grad {name}")
+
+
+@pytest.mark.parametrize(
+    ("act", "residual"),
+    [
+        pytest.param(act, residual, id=f"{act_id}-{'residual' if residual else 'plain'}")
+        for act, act_id in zip(ACTS, ACT_IDS, strict=True)
+        for residual in (False, True)
+        if act.from_output or not residual
+    ],
+)
+def test_eval_epilogue_paths(act, residual):
+    """Every CPU eval epilogue, without autograd: oneDNN's fused convolution with the
+    activation as its post-op, the same under inference_mode (the activation after it),
+    aten's convolution with the bias plus the activation in place, and bias_act_."""
+    from resnet_fused.functional import conv_bn_act as cba
+
+    x = _data((2, 4, 6, 5), torch.float32, "cpu", True)
+    w = torch.randn(6, 4, 3, 3) * 0.3
+    b = torch.randn(6)
+    r = _data((2, 6, 6, 5), torch.float32, "cpu", True, 1.0, 0.0) if residual else None
+    geometry = ((1, 1), (1, 1), (1, 1), 1)
+    ref64 = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    ref64 = act(ref64 + r.double() if residual else ref64)
+    pre = F.conv2d(x, w, b, padding=1)
+    eager = act(pre + r if residual else pre)
+    for impl in ("cpu", cba.CPU_EPILOGUE, "torch"):
+        for inference in (False, True):
+            ctx = torch.inference_mode() if inference else torch.no_grad()
+            with ctx:
+                out = cba._eval_forward(impl, x, w, b, r, *geometry, act, None)
+            assert_close_to_reference(out, eager, ref64, name=f"{impl} inference={inference}")
+    y = F.conv2d(x, w, None, padding=1)
+    torch.ops.resnet_fused.bias_act_(y, b, r, *act.args)
+    assert_close_to_reference(y, eager, ref64, name="bias_act_")
+
+
+def test_activation_arguments():
+    assert as_act(True) == Act(RELU) and as_act(False) == as_act(None) == Act(IDENTITY)
+    assert as_act("silu") == as_act("swish") == as_act(nn.SiLU()) == Act(SILU)
+    assert as_act("leaky_relu") == Act(LEAKY_RELU, 0.01)
+    assert as_act(nn.LeakyReLU(0.2, inplace=True)) == Act(LEAKY_RELU, 0.2)
+    assert as_act(nn.Hardtanh(0.0, 6.0)) == as_act(nn.ReLU6()) == Act(RELU6)
+    assert as_act(nn.GELU(approximate="tanh")) == Act(GELU_TANH)
+    assert act_of_module(nn.Hardtanh(-1.0, 1.0)) is None
+    assert act_of_module(nn.Tanh()) is None
+    assert act_of_call(F.hardtanh, (None, 0, 6), {}) == Act(RELU6)
+    assert act_of_call(F.leaky_relu, (None,), {"negative_slope": 0.3}) == Act(LEAKY_RELU, 0.3)
+    assert act_of_call(F.gelu, (None,), {"approximate": "tanh"}) == Act(GELU_TANH)
+    assert act_of_call(torch.tanh, (None,), {}) is None
+    with pytest.raises(ValueError, match="activation: unknown activation 'mish'"):
+        as_act("mish")
+    with pytest.raises(ValueError, match="activation: Tanh is not an activation"):
+        as_act(nn.Tanh())
+    with pytest.raises(TypeError, match="activation must be"):
+        as_act(3)
+    with pytest.raises(ValueError, match="act: silu takes no parameter"):
+        Act(SILU, 0.5)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        resnet_fused.batch_norm_act(x, None, None, relu="silu")
+    with pytest.raises(ValueError, match="activation='silu' with a residual is not fused"):
+        resnet_fused.batch_norm_act(x, None, None, residual=x, activation="silu")
+    with pytest.raises(RuntimeError, match="act must be an activation code"):
+        torch.ops.resnet_fused.bias_act(x, None, None, 9, 0.0)
+    with pytest.raises(ValueError, match="act"):
+        resnet_fused.ops.bias_act_triton(x, None, None, 9, 0.0)
+    for k, name in enumerate(NAMES):
+        assert as_act(name).kind == k
+
+
+@pytest.mark.parametrize("act", ["silu", "hardswish", "relu6", nn.LeakyReLU(0.1), "gelu"])
+def test_modules_take_the_activation(act):
+    torch.manual_seed(0)
+    unit = resnet_fused.FusedConvBNReLU2d(3, 4, 3, padding=1, activation=act).double()
+    bn = resnet_fused.FusedBatchNormAct2d(4, activation=act).double()
+    a = as_act(act)
+    assert unit.activation == a and bn.activation == a and not unit.relu
+    assert f"activation={a!r}" in repr(unit)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for training in (True, False):
+        unit.train(training), bn.train(training)
+        want = a(F.batch_norm(unit.conv(x), unit.bn.running_mean.clone(),
+                              unit.bn.running_var.clone(), unit.bn.weight, unit.bn.bias,
+                              training, 0.0, 1e-5))  # fmt: skip
+        torch.testing.assert_close(unit(x), want, rtol=1e-10, atol=1e-10)
+        y = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+        want = a(F.batch_norm(y, bn.running_mean.clone(), bn.running_var.clone(), bn.weight,
+                              bn.bias, training, 0.0, 1e-5))  # fmt: skip
+        torch.testing.assert_close(bn(y), want, rtol=1e-10, atol=1e-10)
+    unit.relu = True
+    assert unit.activation == Act(RELU) and "relu=True, backend" in repr(unit)
+    unit.activation = "hardswish"
+    assert unit.activation == Act(HARDSWISH)
+    # A module pickled before activations were a parameter holds `relu` only.
+    old = copy.deepcopy(bn)
+    del old.__dict__["_activation"]
+    old.__dict__["relu"] = False
+    old = pickle.loads(pickle.dumps(old))
+    assert old.activation == Act(IDENTITY) and old.relu is False
+
+
+class _Spellings(nn.Module):
+    """Every spelling of every activation after a BatchNorm: modules (inplace or not),
+    functions with positional and keyword parameters, in-place functions, after a
+    residual add (ReLU6: fused; SiLU: BN + add fused, SiLU after), after a BatchNorm
+    alone."""
+
+    def __init__(self):
+        super().__init__()
+        c = 4
+
+        def conv(cin=c):
+            return nn.Conv2d(cin, c, 3, padding=1, bias=False)
+
+        self.conv1, self.bn1, self.act1 = conv(3), nn.BatchNorm2d(c), nn.SiLU(inplace=True)
+        self.conv2, self.bn2 = conv(), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = conv(), nn.BatchNorm2d(c)
+        self.conv4, self.bn4 = conv(), nn.BatchNorm2d(c)
+        self.conv5, self.bn5, self.act5 = conv(), nn.BatchNorm2d(c), nn.Hardswish()
+        self.conv6, self.bn6, self.act6 = conv(), nn.BatchNorm2d(c), nn.ReLU6(inplace=True)
+        self.conv7, self.bn7, self.act7 = conv(), nn.BatchNorm2d(c), nn.SiLU()
+        self.bn8, self.act8 = nn.BatchNorm2d(c), nn.GELU()
+        self.conv9, self.bn9 = conv(), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = F.hardtanh(self.bn2(self.conv2(x)), 0.0, 6.0)
+        x = F.leaky_relu_(self.bn3(self.conv3(x)), 0.2)
+        x = F.gelu(self.bn4(self.conv4(x)), approximate="tanh")
+        x = self.act5(self.bn5(self.conv5(x)))
+        x = self.act6(self.bn6(self.conv6(x)) + x)
+        x = self.act7(self.bn7(self.conv7(x)) + x)
+        x = self.act8(self.bn8(x))
+        return F.silu(self.bn9(self.conv9(x)), inplace=True)
+
+
+def _randomise(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _convert(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return resnet_fused.convert(model, backend="cpu")
+
+
+_ACT_OPS = ("silu", "hardswish", "hardtanh", "leaky_relu", "gelu", "relu")
+
+
+def _act_ops(model, x) -> int:
+    model = copy.deepcopy(model)
+    with _CountOps() as mode:
+        model(x)
+    return sum(any(op.startswith(f"aten.{a}") for a in _ACT_OPS) for op in mode.ops)
+
+
+def test_converter_fuses_every_spelling():
+    torch.manual_seed(0)
+    model = _randomise(_Spellings()).double()
+    converted = _convert(copy.deepcopy(model))
+    report = resnet_fused.conversion_report(converted)
+    assert sorted(report["fused"]) == [
+        "bn8, act8 (bn-gelu)",
+        "conv1, bn1, act1 (conv-bn-silu)",
+        "conv2, bn2, hardtanh (conv-bn-relu6)",
+        "conv3, bn3, leaky_relu_ (conv-bn-leaky_relu)",
+        "conv4, bn4, gelu (conv-bn-gelu_tanh)",
+        "conv5, bn5, act5 (conv-bn-hardswish)",
+        "conv6, bn6, act6 (conv-bn-add-relu6)",
+        "conv7, bn7, add_1 (conv-bn-add)",
+        "conv9, bn9, silu (conv-bn-silu)",
+    ], report["fused"]
+    assert report["not_fused"] == [
+        "act7: left alone: act7 (SiLU) after add_1 runs as its own pass (the fused kernels "
+        "apply ReLU, ReLU6, LeakyReLU, SiLU, Hardswish and GELU, and after a residual add "
+        "only ReLU, ReLU6 and LeakyReLU with a positive slope)"
+    ], report["not_fused"]
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    for training in (True, False):
+        assert _batch_norm_ops(converted.train(training), x) == 0
+    # In training only act7 (SiLU after an add) runs as an activation op of its own. (In
+    # fp64 eval each unit is aten's convolution with the folded bias, then the activation
+    # in place: two passes where eager makes three.)
+    assert _act_ops(converted.train(), x) == 1
+    assert _act_ops(model.train(), x) == 9
+    _assert_parity(model, converted, x)
+
+
+def test_converted_activation_read_at_call_time():
+    """An activation module replaced after conversion is what runs (fused when the
+    kernels apply it, as a module when not); hooks on it make the site run unfused."""
+    torch.manual_seed(0)
+    model = _randomise(_Spellings()).double()
+    converted = _convert(copy.deepcopy(model))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+
+    def same():
+        model.eval(), converted.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), model(x), rtol=1e-10, atol=1e-10)
+
+    same()
+    for m in (model, converted):
+        m.act1 = nn.Hardswish()
+        m.act5 = nn.Tanh()  # not an activation the kernels apply: runs as the module
+        m.act6 = nn.LeakyReLU(0.3)
+    same()
+    calls = []
+    converted.act1.register_forward_hook(lambda *a: calls.append(1))
+    same()
+    assert calls == [1]
+
+
+def test_norm_act_layers_fuse_their_activation():
+    """timm-style norm-act BatchNorms with SiLU, Hardswish, ReLU6 or LeakyReLU: the act
+    is fused (pattern with its name), none is reported as its own pass."""
+    from tests.test_norm_act import _accounted_once, _net
+
+    for act in (nn.SiLU, nn.Hardswish, nn.ReLU6, lambda: nn.LeakyReLU(0.1)):
+        model = _net(act)
+        converted = _convert(model)
+        report = resnet_fused.conversion_report(converted)
+        _accounted_once(model, report)
+        assert not [e for e in report["not_fused"] if "own pass" in e], report["not_fused"]
+        x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+        assert _act_ops(converted.train(), x) < _act_ops(model.train(), x)
+        _assert_parity(model, converted, x)
+
+
+@pytest.mark.parametrize("act", ["silu", "hardswish", "relu6", "gelu", "identity"])
+@pytest.mark.parametrize("training", [True, False])
+def test_eager_unit_op_matches_eager_modules(act, training):
+    """The C++ eager unit with each activation: bit-identical to eager's modules,
+    forward and every gradient (eager's own ops and backward formulas)."""
+    from resnet_fused.ops import EAGER_UNIT
+
+    if EAGER_UNIT is None:
+        pytest.skip("the compiled extension is not loaded")
+    a = as_act(act)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    bn = _randomise(nn.BatchNorm2d(4)).train(training)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    bn2 = copy.deepcopy(bn)
+    out = EAGER_UNIT(
+        x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, None,
+        (1, 1), (1, 1), (1, 1), 1, training, 0.1, 1e-5, None, *a.args,
+    )  # fmt: skip
+    want = a(bn2(conv(x)))
+    assert torch.equal(out, want)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, conv.weight, bn.weight, bn.bias), g)
+    ref = torch.autograd.grad(want, (x, conv.weight, bn2.weight, bn2.bias), g)
+    for u, v in zip(got, ref, strict=True):
+        assert torch.equal(u, v)
+    assert torch.equal(bn.running_var, bn2.running_var)
+
+
+def test_portable_cpu_kernels_in_subprocess():
+    """The baseline (non-AVX2) CPU kernels, chosen with ATEN_CPU_CAPABILITY=default: the
+    scalar activations of csrc/act.h, forward and backward, as the vector ones."""
+    import os
+    import subprocess
+    import sys
+
+    if not resnet_fused.is_available("cpu", "cpu"):
+        pytest.skip("extension not built")
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "import resnet_fused, test_activations as t\n"
+        "assert resnet_fused._extension.build_info()['cpu_isa'] == 'DEFAULT'\n"
+        "for p in t.CASES:\n"
+        "    for dtype in (torch.float32, torch.bfloat16):\n"
+        "        torch.manual_seed(0)\n"
+        "        t.test_batch_norm_act_every_activation('cpu', *p.values, dtype)\n"
+        "for act in t.ACTS[:7]:\n"
+        "    t.test_kinks_and_non_finite_values('cpu', act)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -361,7 +361,9 @@ def test_opcheck_triton_conv_ops(backend):
     geo = ([3, 3], [2, 2], [1, 1], [1, 1])
     lib = torch.ops.resnet_fused
     torch.library.opcheck(lib.conv_bias_act_triton.default, (x, wp, *geo, b, res, 1, 0.0))
-    torch.library.opcheck(lib.conv_bias_act_triton.default, (x, wp, *geo, None, None, False))
+    torch.library.opcheck(
+        lib.conv_bias_act_triton.default, (x, wp, *geo, None, None, 4, 0.0)
+    )  # SiLU
     rm, rv = torch.zeros(6, device=device), torch.ones(6, device=device)
     torch.library.opcheck(lib.conv_bn_stats_triton.default, (x, wp, *geo, rm, rv, 0.1))
     torch.library.opcheck(lib.conv_bn_stats_triton.default, (x, wp, *geo, None, None, 0.1))

@@ -544,7 +544,10 @@ void bn_stats_typed(const scalar_t* x, const BnGeometry& g, bn_acc_t<scalar_t>* 
 // planes the parameters are scalars of channel c; for channels_last rows they vary along
 // the row. Both loops are written out in each kernel below for clarity and speed.
 
-template <typename scalar_t>
+// kGeneric: the loops for an activation other than identity and ReLU (a runtime switch
+// whose exp/erf/tanh calls would otherwise cost the ReLU loops their registers: every
+// vector register is caller-saved); identity and ReLU get loops without them.
+template <typename scalar_t, bool kGeneric>
 void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, const BnGeometry& g,
                       const op_t<scalar_t>* mean, const op_t<scalar_t>* scale,
                       const op_t<scalar_t>* bias, ActSpec act) {
@@ -554,7 +557,11 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
   const acc_t param = static_cast<acc_t>(act.param);
   auto element = [&](acc_t xv, acc_t m, acc_t s, acc_t b, acc_t r) {
     const acc_t y = mul_add(xv - m, s, b) + r;
-    return kind == kActReLU ? relu_scalar(y) : act_apply<acc_t>(kind, param, y);
+    if constexpr (kGeneric) {
+      return act_apply<acc_t>(kind, param, y);
+    } else {
+      return kind == kActReLU ? relu_scalar(y) : y;
+    }
   };
   if (g.channels_last) {
     const int64_t M = g.N * g.HW;
@@ -579,12 +586,12 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
             a += ra;
             b += rb;
           }
-          if (kind == kActReLU) {
-            a = at::vec::clamp_min(a, zero);
-            b = at::vec::clamp_min(b, zero);
-          } else if (kind != kActIdentity) {
+          if constexpr (kGeneric) {
             a = act_vec<acc_t>(kind, a, param);
             b = act_vec<acc_t>(kind, b, param);
+          } else if (kind == kActReLU) {
+            a = at::vec::clamp_min(a, zero);
+            b = at::vec::clamp_min(b, zero);
           }
           V::store(out + base + c, a, b);
         }
@@ -618,12 +625,12 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
             a += ra;
             b += rb;
           }
-          if (kind == kActReLU) {
-            a = at::vec::clamp_min(a, zero);
-            b = at::vec::clamp_min(b, zero);
-          } else if (kind != kActIdentity) {
+          if constexpr (kGeneric) {
             a = act_vec<acc_t>(kind, a, param);
             b = act_vec<acc_t>(kind, b, param);
+          } else if (kind == kActReLU) {
+            a = at::vec::clamp_min(a, zero);
+            b = at::vec::clamp_min(b, zero);
           }
           V::store(out + base + i, a, b);
         }
@@ -640,7 +647,7 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
 
 // g for one element: grad * act' per `mask`. ReLU's mask from the input compares y with
 // the largest value that rounds to zero, so that it agrees with the stored output's mask.
-template <typename scalar_t>
+template <typename scalar_t, bool kGeneric>
 inline op_t<scalar_t> masked_grad_scalar(BnMask mask, const ActSpec& act, op_t<scalar_t> grad,
                                          op_t<scalar_t> xmu, op_t<scalar_t> s, op_t<scalar_t> b,
                                          const scalar_t* out, int64_t offset) {
@@ -648,19 +655,25 @@ inline op_t<scalar_t> masked_grad_scalar(BnMask mask, const ActSpec& act, op_t<s
   const acc_t param = static_cast<acc_t>(act.param);
   if (mask == BnMask::kFromOut) {
     const acc_t o = static_cast<acc_t>(out[offset]);
-    return act.kind == kActReLU ? (o <= acc_t(0) ? acc_t(0) : grad)
-                                : act_grad_from_out<acc_t>(act.kind, param, o, grad);
+    if constexpr (kGeneric) {
+      return act_grad_from_out<acc_t>(act.kind, param, o, grad);
+    } else {
+      return o <= acc_t(0) ? acc_t(0) : grad;  // ReLU
+    }
   }
   if (mask == BnMask::kFromInput) {
     const acc_t y = mul_add(xmu, s, b);
-    return act.kind == kActReLU ? (y <= zero_threshold<scalar_t>() ? acc_t(0) : grad)
-                                : act_grad_from_pre<acc_t>(act.kind, param, y, grad);
+    if constexpr (kGeneric) {
+      return act_grad_from_pre<acc_t>(act.kind, param, y, grad);
+    } else {
+      return y <= zero_threshold<scalar_t>() ? acc_t(0) : grad;  // ReLU
+    }
   }
   return grad;
 }
 
 #if RF_USE_VEC
-template <typename scalar_t>
+template <typename scalar_t, bool kGeneric>
 inline Vectorized<op_t<scalar_t>> masked_grad_vec(
     BnMask mask, const ActSpec& act, const Vectorized<op_t<scalar_t>>& grad,
     const Vectorized<op_t<scalar_t>>& xmu, const Vectorized<op_t<scalar_t>>& s,
@@ -670,19 +683,25 @@ inline Vectorized<op_t<scalar_t>> masked_grad_vec(
   const aVec zero(0);
   const acc_t param = static_cast<acc_t>(act.param);
   if (mask == BnMask::kFromOut) {
-    return act.kind == kActReLU ? aVec::blendv(grad, zero, outv <= zero)
-                                : act_grad_out_vec<acc_t>(act.kind, outv, grad, param);
+    if constexpr (kGeneric) {
+      return act_grad_out_vec<acc_t>(act.kind, outv, grad, param);
+    } else {
+      return aVec::blendv(grad, zero, outv <= zero);  // ReLU
+    }
   }
   if (mask == BnMask::kFromInput) {
     const aVec y = at::vec::fmadd(xmu, s, b);
-    return act.kind == kActReLU ? aVec::blendv(grad, zero, y <= aVec(zero_threshold<scalar_t>()))
-                                : act_grad_pre_vec<acc_t>(act.kind, y, grad, param);
+    if constexpr (kGeneric) {
+      return act_grad_pre_vec<acc_t>(act.kind, y, grad, param);
+    } else {
+      return aVec::blendv(grad, zero, y <= aVec(zero_threshold<scalar_t>()));  // ReLU
+    }
   }
   return grad;
 }
 #endif
 
-template <typename scalar_t>
+template <typename scalar_t, bool kGeneric>
 void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const scalar_t* out,
                               scalar_t* masked, const BnGeometry& g, const op_t<scalar_t>* mean,
                               const op_t<scalar_t>* scale, const op_t<scalar_t>* bias,
@@ -700,7 +719,7 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
   // exact but for the sums' roundings).
   auto element = [&](int64_t off, int64_t c, a_t& dy, a_t& dyx) {
     const o_t xv = static_cast<o_t>(x[off]);
-    const o_t gv = masked_grad_scalar<scalar_t>(mask, act, static_cast<o_t>(grad[off]),
+    const o_t gv = masked_grad_scalar<scalar_t, kGeneric>(mask, act, static_cast<o_t>(grad[off]),
                                                 xv - mean[c], scale[c], bias[c], out, off);
     if (masked != nullptr) {
       masked[off] = static_cast<scalar_t>(gv);
@@ -717,7 +736,7 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
   // dyx[] (kParts acc_t vectors each).
   auto vec_part = [&](const oVec& xv, oVec gv, const oVec& outv, const oVec& mv, const oVec& sv,
                       const oVec& bv, const aVec* ma, aVec* dy, aVec* dyx) -> oVec {
-    gv = masked_grad_vec<scalar_t>(mask, act, gv, xv - mv, sv, bv, outv);
+    gv = masked_grad_vec<scalar_t, kGeneric>(mask, act, gv, xv - mv, sv, bv, outv);
     for (int p = 0; p < kParts; ++p) {
       const aVec gp = widen<o_t, a_t>(gv, p);
       dy[p] += gp;
@@ -864,7 +883,7 @@ inline Vectorized<o_t> narrow(const Vectorized<a_t>* parts) {
 // its terms cancel where BatchNorm's output does not depend on the input (a channel that is
 // all padding but one value), so float input is computed in double, as the reference
 // computes it, and rounded once.
-template <typename scalar_t>
+template <typename scalar_t, bool kGeneric>
 void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* dx,
                              const BnGeometry& g, const op_t<scalar_t>* mean,
                              const op_t<scalar_t>* scale, const op_t<scalar_t>* bias,
@@ -879,7 +898,7 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
   // would turn it into NaN where eager's gradient g*scale is finite.
   const bool batch = k != nullptr;
   auto element = [&](o_t xv, o_t gv, int64_t c) -> scalar_t {
-    const o_t gm = masked_grad_scalar<scalar_t>(mask, act, gv, xv - mean[c], scale[c], bias[c],
+    const o_t gm = masked_grad_scalar<scalar_t, kGeneric>(mask, act, gv, xv - mean[c], scale[c], bias[c],
                                                 nullptr, 0);
     const a_t ga = static_cast<a_t>(gm);
     const a_t xmu = static_cast<a_t>(xv) - mean_acc[c];
@@ -895,7 +914,7 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
   // the masked gradient in op_t, then dx in acc_t.
   auto vec_part = [&](const oVec& xv, oVec gv, const oVec& mv, const oVec& sv, const oVec& bv,
                       const aVec* ma, const aVec* sa, const aVec* ka, const aVec* ca) -> oVec {
-    gv = masked_grad_vec<scalar_t>(mask, act, gv, xv - mv, sv, bv, oVec(0));
+    gv = masked_grad_vec<scalar_t, kGeneric>(mask, act, gv, xv - mv, sv, bv, oVec(0));
     aVec out[kParts];
     for (int p = 0; p < kParts; ++p) {
       const aVec gp = widen<o_t, a_t>(gv, p);
@@ -981,6 +1000,16 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
   }
 }
 
+// f(std::bool_constant<kGeneric>): the loops for identity and ReLU, or the generic ones.
+template <typename F>
+void with_act_loops(const ActSpec& act, const F& f) {
+  if (act.kind == kActIdentity || act.kind == kActReLU) {
+    f(std::false_type{});
+  } else {
+    f(std::true_type{});
+  }
+}
+
 template <typename scalar_t>
 using acc_ptr = bn_acc_t<scalar_t>*;
 template <typename scalar_t>
@@ -998,10 +1027,12 @@ void bn_forward_impl(c10::ScalarType dtype, const void* x, const void* residual,
                      const BnGeometry& g, const void* mean, const void* scale, const void* bias,
                      ActSpec act) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_forward_cpu", [&] {
-    bn_forward_typed<scalar_t>(static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(residual),
-                               static_cast<scalar_t*>(out), g, static_cast<cop_ptr<scalar_t>>(mean),
-                               static_cast<cop_ptr<scalar_t>>(scale),
-                               static_cast<cop_ptr<scalar_t>>(bias), act);
+    with_act_loops(act, [&](auto generic) {
+      bn_forward_typed<scalar_t, decltype(generic)::value>(
+          static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(residual),
+          static_cast<scalar_t*>(out), g, static_cast<cop_ptr<scalar_t>>(mean),
+          static_cast<cop_ptr<scalar_t>>(scale), static_cast<cop_ptr<scalar_t>>(bias), act);
+    });
   });
 }
 
@@ -1010,13 +1041,15 @@ void bn_backward_reduce_impl(c10::ScalarType dtype, const void* grad, const void
                              const void* scale, const void* bias, const void* mean_acc,
                              BnMask mask, ActSpec act, void* sum_dy, void* sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_backward_reduce_cpu", [&] {
-    bn_backward_reduce_typed<scalar_t>(
-        static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(x),
-        static_cast<const scalar_t*>(out), static_cast<scalar_t*>(masked), g,
-        static_cast<cop_ptr<scalar_t>>(mean), static_cast<cop_ptr<scalar_t>>(scale),
-        static_cast<cop_ptr<scalar_t>>(bias), static_cast<const bn_acc_t<scalar_t>*>(mean_acc),
-        mask, act, static_cast<acc_ptr<scalar_t>>(sum_dy),
-        static_cast<acc_ptr<scalar_t>>(sum_dy_xmu));
+    with_act_loops(act, [&](auto generic) {
+      bn_backward_reduce_typed<scalar_t, decltype(generic)::value>(
+          static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(x),
+          static_cast<const scalar_t*>(out), static_cast<scalar_t*>(masked), g,
+          static_cast<cop_ptr<scalar_t>>(mean), static_cast<cop_ptr<scalar_t>>(scale),
+          static_cast<cop_ptr<scalar_t>>(bias), static_cast<const bn_acc_t<scalar_t>*>(mean_acc),
+          mask, act, static_cast<acc_ptr<scalar_t>>(sum_dy),
+          static_cast<acc_ptr<scalar_t>>(sum_dy_xmu));
+    });
   });
 }
 
@@ -1026,12 +1059,14 @@ void bn_backward_elemt_impl(c10::ScalarType dtype, const void* grad, const void*
                             const void* k, const void* c, BnMask mask, ActSpec act) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_backward_elemt_cpu", [&] {
     using cacc_ptr = const bn_acc_t<scalar_t>*;
-    bn_backward_elemt_typed<scalar_t>(
-        static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(x),
-        static_cast<scalar_t*>(dx), g, static_cast<cop_ptr<scalar_t>>(mean),
-        static_cast<cop_ptr<scalar_t>>(scale), static_cast<cop_ptr<scalar_t>>(bias),
-        static_cast<cacc_ptr>(mean_acc), static_cast<cacc_ptr>(scale_acc),
-        static_cast<cacc_ptr>(k), static_cast<cacc_ptr>(c), mask, act);
+    with_act_loops(act, [&](auto generic) {
+      bn_backward_elemt_typed<scalar_t, decltype(generic)::value>(
+          static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(x),
+          static_cast<scalar_t*>(dx), g, static_cast<cop_ptr<scalar_t>>(mean),
+          static_cast<cop_ptr<scalar_t>>(scale), static_cast<cop_ptr<scalar_t>>(bias),
+          static_cast<cacc_ptr>(mean_acc), static_cast<cacc_ptr>(scale_acc),
+          static_cast<cacc_ptr>(k), static_cast<cacc_ptr>(c), mask, act);
+    });
   });
 }
 

@@ -1005,6 +1005,17 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         m = _module_of(root, node)
         return is_batch_norm(m) and node not in claimed and inner_act(m) is None
 
+    def bn_of_add(a, b, add):
+        """(BatchNorm operand, the other operand, its conv node or None) of ``add`` (of
+        ``a`` and ``b``) when the BatchNorm can be fused with the add, else None."""
+        for operand, other in ((a, b), (b, a)):
+            if not (is_bn(operand) and _single_user(operand, add)):
+                continue
+            conv, why = bn_unit(operand, add)
+            if not why:  # (else the BatchNorm's own entry comes from the loop below)
+                return operand, other, conv
+        return None
+
     def act_site(site, found):
         site.has_act = True
         if found[2] is None and found[3] != RELU_ACT:
@@ -1034,13 +1045,9 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
                 if act.kind == RELU or bn_operand:
                     left.append((name(node), f"not fused with {name(x)}: {why}"))
                 continue
-            done = False
-            for operand, other in ((a, b), (b, a)):
-                if not (is_bn(operand) and _single_user(operand, x)):
-                    continue
-                conv, why = bn_unit(operand, x)
-                if why:  # (the BatchNorm's own entry comes from the loop below)
-                    continue
+            found_bn = bn_of_add(a, b, x)
+            if found_bn is not None:
+                operand, other, conv = found_bn
                 nodes = [n for n in (conv, operand, x, node) if n is not None]
                 bn_path = operand.target
                 names = [name(n) for n in nodes if n is not x]
@@ -1051,9 +1058,7 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
                     site = _Site(f"bn-add-{tag}", None, bn_path, act_path, names)
                     sites.append((act_site(site, found), nodes, operand.args[0], other))
                 claimed.update(nodes)
-                done = True
-                break
-            if not done and act.kind == RELU:
+            elif act.kind == RELU:
                 site = _Site("add-relu", None, None, act_path, [name(x), name(node)])
                 sites.append((site, [x, node], a, b))
                 claimed.update((x, node))
@@ -1080,21 +1085,16 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         if add is None:
             continue
         a, b, inplace = add
-        if inplace and not _private(root, a, node):
-            continue  # (stays in place: see above)
-        for operand, other in ((a, b), (b, a)):
-            if not (is_bn(operand) and _single_user(operand, node)):
-                continue
-            conv, why = bn_unit(operand, node)
-            if why:  # (the BatchNorm's own entry comes from the loop below)
-                continue
-            nodes = [n for n in (conv, operand, node) if n is not None]
-            pattern = "conv-bn-add" if conv is not None else "bn-add"
-            site = _Site(pattern, conv.target if conv is not None else None, operand.target,
-                         None, map(name, nodes))  # fmt: skip
-            sites.append((site, nodes, (conv or operand).args[0], other))
-            claimed.update(nodes)
-            break
+        found_bn = None if inplace and not _private(root, a, node) else bn_of_add(a, b, node)
+        if found_bn is None:  # (an in-place add that must stay in place: see above)
+            continue
+        operand, other, conv = found_bn
+        nodes = [n for n in (conv, operand, node) if n is not None]
+        pattern = "conv-bn-add" if conv is not None else "bn-add"
+        site = _Site(pattern, conv.target if conv is not None else None, operand.target,
+                     None, map(name, nodes))  # fmt: skip
+        sites.append((site, nodes, (conv or operand).args[0], other))
+        claimed.update(nodes)
     # Every other BatchNorm: with its convolution when that can be fused, else alone (a
     # norm-act BatchNorm with its own ReLU fused, any other activation of its own run as
     # a module after the fused BatchNorm).

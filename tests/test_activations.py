@@ -41,6 +41,7 @@ from resnet_fused.activations import (
     as_act,
 )
 from tests.test_graph_convert import _assert_parity, _batch_norm_ops, _CountOps
+from tests.test_norm_act import _randomise
 
 ACTS = [
     Act(RELU6),
@@ -341,17 +342,6 @@ class _Spellings(nn.Module):
         x = self.act7(self.bn7(self.conv7(x)) + x)
         x = self.act8(self.bn8(x))
         return F.silu(self.bn9(self.conv9(x)), inplace=True)
-
-
-def _randomise(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
 
 
 def _convert(model):

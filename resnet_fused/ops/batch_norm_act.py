@@ -52,23 +52,8 @@ def _bn_act_backward_reduce_fake(
     return sum_dy, sum_dy_xhat, masked
 
 
-def _bn_act_backward_reduce_triton_fake(
-    grad_out, input, mean, var, weight, bias, out, eps, act, act_param, write_masked_grad
-):
-    return _bn_act_backward_reduce_fake(
-        grad_out,
-        input,
-        mean,
-        var,
-        weight,
-        bias,
-        out,
-        eps,
-        act,
-        act_param,
-        write_masked_grad,
-        False,
-    )
+def _bn_act_backward_reduce_triton_fake(*args):
+    return _bn_act_backward_reduce_fake(*args, device_rule=False)
 
 
 def _bn_act_backward_elemt_fake(

@@ -370,7 +370,8 @@ def summary(rows: list[dict]) -> list[str]:
         f"in {sum(r['fused_sites'] for r in ok)} fused sites.",
         f"- Every BatchNorm fused: {len(all_fused)} of {len(ok)} models; no eager "
         f"batch_norm op left in a training or eval forward: {len(no_eager)} of {len(ok)}.",
-        f"- Activations after a fused BatchNorm that run as their own pass (not ReLU): "
+        f"- Activations after a fused BatchNorm that run as their own pass (those the "
+        f"kernels do not apply, or SiLU/Hardswish/GELU after a residual add): "
         f"{sum(r['act_not_fused'] for r in ok)}, in "
         f"{sum(1 for r in ok if r['act_not_fused'])} models; other `not_fused` entries: "
         f"{sum(r['other_not_fused'] for r in ok)}.",

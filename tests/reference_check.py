@@ -15,6 +15,11 @@ reference:
   eager gradients are then taken through the fused output's mask
   (:func:`through_fused_mask`), so a flip within rounding of zero is not an error while a
   flip where the fp64 pre-activation is clearly away from zero is.
+* The other activations' kinks (ReLU6 at 0 and 6, LeakyReLU at 0, Hardswish at -3 and
+  3) are treated as ReLU's: the incoming gradient is zero where the fp64 pre-activation
+  is within the pre-activation's error bound (:func:`kink_band`) of a kink
+  (:func:`kink_free`), so the derivative's side there is not tested and everywhere else
+  it is. The activations are continuous: outputs need no such care.
 """
 
 from __future__ import annotations
@@ -108,6 +113,15 @@ def assert_relu_mask(
         f"{int(flips.sum())} positions, up to |pre-activation| = {worst:.3e} > {band:.3e} "
         "(beyond rounding of zero)"
     )
+
+
+def kink_free(grad: torch.Tensor, kinks, pre64: torch.Tensor, band: float) -> torch.Tensor:
+    """``grad`` with zeros where the fp64 pre-activation ``pre64`` is within ``band`` of
+    one of ``kinks`` (pre-activation values where the derivative jumps)."""
+    near = torch.zeros_like(pre64, dtype=torch.bool)
+    for k in kinks:
+        near |= (pre64 - k).abs() <= band
+    return torch.where(near.to(grad.device), torch.zeros_like(grad), grad)
 
 
 def through_fused_mask(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import backend_device, backend_params
-from reference_check import assert_close_to_reference, kink_band
+from reference_check import assert_close_to_reference, kink_band, kink_free
 from torch import nn
 
 import resnet_fused
@@ -59,11 +59,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 
 def _kink_free(grad: torch.Tensor, act: Act, pre64: torch.Tensor, band: float) -> torch.Tensor:
-    """``grad`` with zeros where the fp64 pre-activation is within ``band`` of a kink."""
-    near = torch.zeros_like(pre64, dtype=torch.bool)
-    for k in act.kinks:
-        near |= (pre64 - k).abs() <= band
-    return torch.where(near.to(grad.device), torch.zeros_like(grad), grad)
+    return kink_free(grad, act.kinks, pre64, band)
 
 
 def _data(shape, dtype, device, channels_last, scale=2.0, offset=0.3):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-import warnings
 
 import pytest
 import torch
@@ -41,7 +40,7 @@ from resnet_fused.activations import (
     as_act,
 )
 from tests.test_graph_convert import _assert_parity, _batch_norm_ops, _CountOps
-from tests.test_norm_act import _randomise
+from tests.test_norm_act import _convert, _randomise
 
 ACTS = [
     Act(RELU6),
@@ -338,12 +337,6 @@ class _Spellings(nn.Module):
         x = self.act7(self.bn7(self.conv7(x)) + x)
         x = self.act8(self.bn8(x))
         return F.silu(self.bn9(self.conv9(x)), inplace=True)
-
-
-def _convert(model):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return resnet_fused.convert(model, backend="cpu")
 
 
 _ACT_OPS = ("silu", "hardswish", "hardtanh", "leaky_relu", "gelu", "relu")

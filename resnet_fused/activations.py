@@ -79,6 +79,13 @@ class Act:
         return self.kind in (IDENTITY, RELU, RELU6) or (self.kind == LEAKY_RELU and self.param > 0)
 
     @property
+    def transcendental(self) -> bool:
+        """Whether the derivative costs an exp or erf per element (SiLU, GELU, GELU tanh):
+        on the CPU, where that arithmetic rather than memory bounds the BatchNorm backward,
+        it is computed once and stored instead of recomputed in a second pass."""
+        return self.kind in (SILU, GELU, GELU_TANH)
+
+    @property
     def kinks(self) -> tuple[float, ...]:
         return _KINKS.get(self.kind, ())
 

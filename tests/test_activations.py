@@ -451,6 +451,59 @@ def test_eager_unit_op_matches_eager_modules(act, training):
     assert torch.equal(bn.running_var, bn2.running_var)
 
 
+@pytest.mark.parametrize("backend", backend_params(("cpu", "triton")))
+@pytest.mark.parametrize("act", [Act(SILU), Act(GELU), Act(GELU_TANH)], ids=["silu", "gelu", "gelu_tanh"])
+def test_fp32_smooth_activations_over_the_float_range(backend, act):
+    """fp32 SiLU and GELU (the CPU kernels' inline exp and erf, Triton's) on a sweep of
+    pre-activations from -120 to 120, dense near 0, where exp under- and overflows, and
+    at +-Inf and NaN: the forward and act' (the reduction pass's masked gradient) each
+    within the tolerance rule (2x eager fp32's error plus the fp32 floor) of fp64, with
+    non-finite values where eager has them."""
+    device = backend_device(backend)
+    dense = torch.linspace(-12.0, 12.0, 4801, dtype=torch.float64)
+    wide = torch.linspace(-120.0, 120.0, 2401, dtype=torch.float64)
+    edges = torch.tensor([-88.8, -88.7, -87.4, -87.3, -104.0, -103.9, 88.7, 88.8, 1e-30, -1e-30,
+                          1e17, -1e17, float("inf"), -float("inf"), float("nan")],
+                         dtype=torch.float64)  # fmt: skip
+    pre64 = torch.cat([dense, wide, edges])
+    pad = (-pre64.numel()) % 8
+    pre64 = torch.cat([pre64, torch.zeros(pad, dtype=torch.float64)])
+    pre32 = pre64.float()
+    pre64 = pre32.double()  # the fp32 values exactly
+    c = 8
+    x = pre32.reshape(-1, c, 1, 1).to(device)  # channels of any value: BN is the identity
+    mean = torch.zeros(c, dtype=torch.float64 if backend == "cpu" else torch.float32, device=device)
+    var = torch.full_like(mean, 1.0 - 1e-5)
+    lib = resnet_fused.ops if backend == "triton" else torch.ops.resnet_fused
+    forward = lib.bn_act_forward_triton if backend == "triton" else lib.bn_act_forward
+    reduce = (
+        lib.bn_act_backward_reduce_triton if backend == "triton" else lib.bn_act_backward_reduce
+    )
+    # the pre-activation is x itself (var + eps = 1, no affine) up to fp32 rounding of 1/sqrt(1)
+    out = forward(x, mean, var, None, None, None, 1e-5, *act.args).cpu().reshape(-1)
+    g = torch.ones_like(x)
+    _, _, masked = reduce(g, x, mean, var, None, None, None, 1e-5, *act.args, True)
+    masked = masked.cpu().reshape(-1)
+    finite = torch.isfinite(pre64)
+    ref_out = act(pre64)
+    ref_grad = act.backward(torch.ones_like(pre64), pre64)
+    eager_grad = act.backward(torch.ones_like(pre32), pre32)
+    assert_close_to_reference(out[finite], act(pre32)[finite], ref_out[finite], name=act.name)
+    assert_close_to_reference(
+        masked[finite], eager_grad[finite], ref_grad[finite], name=f"{act.name}'"
+    )
+    # NaN in, NaN out; at +-Inf the limit (Inf, 0; act' 1, 0) or NaN as eager has there
+    nan = torch.isnan(pre64)
+    assert out[nan].isnan().all() and masked[nan].isnan().all()
+    inf = torch.isinf(pre64)
+    limit = torch.where(pre64[inf] > 0, float("inf"), 0.0).float()
+    dlimit = torch.where(pre64[inf] > 0, 1.0, 0.0).float()
+    assert ((out[inf] == limit) | (out[inf].isnan() & act(pre32)[inf].isnan())).all(), out[inf]
+    assert ((masked[inf] == dlimit) | (masked[inf].isnan() & eager_grad[inf].isnan())).all(), (
+        masked[inf]
+    )
+
+
 def test_portable_cpu_kernels_in_subprocess():
     """The baseline (non-AVX2) CPU kernels, chosen with ATEN_CPU_CAPABILITY=default: the
     scalar activations of csrc/act.h, forward and backward, as the vector ones."""

@@ -230,11 +230,85 @@ inline void load_acc(const scalar_t* p, Vectorized<bn_acc_t<scalar_t>>* out) {
 #endif
 
 #if RF_USE_VEC
-// The activations of csrc/act.h on vectors of the arithmetic type (the same formulas as
-// the scalar functions there and torch's vectorised kernels: exp, erf and tanh are
-// at::vec's Sleef calls). ReLU is handled by the callers (clamp_min and the rounded mask).
+// exp for float vectors, inline (no call): at::vec's exp() is a call into Sleef, across
+// which every vector register of the loops around it is spilled (all are caller-saved);
+// that cost, not the polynomial, made SiLU and GELU 2-4x slower per element inside the
+// fused loops than in eager's own activation kernels. exp(x) = 2^n * e^r with
+// n = round(x*log2(e)), r = x - n*ln2 (two-part ln2, exact to float precision) and a
+// degree-7 polynomial for e^r on |r| <= ln2/2 (the Cephes expf coefficients); about
+// 1 ulp, like Sleef's u10. 2^n is applied as two factors 2^(n/2) so that results in the
+// subnormal range round gradually and x > ~88.72 overflows to inf; NaN propagates.
+C10_ALWAYS_INLINE Vectorized<float> exp_inline(const Vectorized<float>& xv) {
+  static_assert(Vectorized<float>::size() == 8, "exp_inline is written for AVX2 vectors");
+  const __m256 x = xv;
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)),
+                                  _mm256_set1_ps(89.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1);
+  const __m256i n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  const __m256 res = _mm256_mul_ps(_mm256_mul_ps(y, s1), s2);
+  return _mm256_blendv_ps(res, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+// exp: inline for float, at::vec's (Sleef) for double input's arithmetic.
 template <typename T>
-inline Vectorized<T> act_vec(int64_t act, const Vectorized<T>& v, T param) {
+C10_ALWAYS_INLINE Vectorized<T> exp_vec(const Vectorized<T>& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return exp_inline(v);
+  } else {
+    return v.exp();
+  }
+}
+
+// erf(z) and exp(-z*z) together (GELU's backward needs both). Float: Abramowitz and
+// Stegun 7.1.26, the formula at::vec's float erf uses (|error| <= 1.5e-7), with the inline
+// exp; double: at::vec's erf and exp.
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> erf_vec(const Vectorized<T>& z, Vectorized<T>* exp_neg_z2) {
+  using V = Vectorized<T>;
+  if constexpr (!std::is_same_v<T, float>) {  // double input: at::vec's (Sleef) erf and exp
+    if (exp_neg_z2 != nullptr) {
+      *exp_neg_z2 = (z * z).neg().exp();
+    }
+    return z.erf();
+  }
+  const V az = z.abs();
+  const V t = V(T(1)) / at::vec::fmadd(V(T(0.3275911)), az, V(T(1)));
+  V poly = at::vec::fmadd(V(T(1.061405429)), t, V(T(-1.453152027)));
+  poly = at::vec::fmadd(poly, t, V(T(1.421413741)));
+  poly = at::vec::fmadd(poly, t, V(T(-0.284496736)));
+  poly = at::vec::fmadd(poly, t, V(T(0.254829592)));
+  poly = poly * t;
+  const V e = exp_vec<T>((z * z).neg());
+  if (exp_neg_z2 != nullptr) {
+    *exp_neg_z2 = e;
+  }
+  const V mag = V(T(1)) - poly * e;
+  // sign(z) * mag, NaN propagating through mag.
+  return V::blendv(mag, mag.neg(), z < V(T(0)));
+}
+
+// The activations of csrc/act.h on vectors of the arithmetic type. SiLU and GELU use the
+// formulas of torch's vectorised kernels (x / (1 + exp(-x)); erf by the formula at::vec
+// uses) with the inline exp above; GELU's tanh form as x * sigmoid(2u), the same function
+// (0.5 * (1 + tanh(u)) = sigmoid(2u)) without tanh, finite for every finite input. ReLU is
+// handled by the callers (clamp_min and the rounded mask).
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> act_vec(int64_t act, const Vectorized<T>& v, T param) {
   using V = Vectorized<T>;
   const V zero(T(0)), one(T(1)), half(T(0.5)), six(T(6)), three(T(3));
   switch (act) {
@@ -245,14 +319,14 @@ inline Vectorized<T> act_vec(int64_t act, const Vectorized<T>& v, T param) {
     case kActLeakyReLU:
       return V::blendv(v * V(param), v, v > zero);
     case kActSiLU:
-      return v / (one + v.neg().exp());
+      return v / (one + exp_vec<T>(v.neg()));
     case kActHardswish:
       return v * at::vec::clamp(v + three, zero, six) / six;
     case kActGELU:
-      return v * half * (one + (v * V(T(act_math::kSqrt1_2))).erf());
+      return v * half * (one + erf_vec<T>(v * V(T(act_math::kSqrt1_2)), nullptr));
     case kActGELUTanh: {
       const V inner = V(T(act_math::kSqrt2OverPi)) * (v + V(T(act_math::kGeluTanhK)) * v * v * v);
-      return half * v * (one + inner.tanh());
+      return v / (one + exp_vec<T>(inner * V(T(-2))));
     }
     default:
       return v;
@@ -261,7 +335,7 @@ inline Vectorized<T> act_vec(int64_t act, const Vectorized<T>& v, T param) {
 
 // g * act'(pre).
 template <typename T>
-inline Vectorized<T> act_grad_pre_vec(int64_t act, const Vectorized<T>& pre,
+C10_ALWAYS_INLINE Vectorized<T> act_grad_pre_vec(int64_t act, const Vectorized<T>& pre,
                                       const Vectorized<T>& g, T param) {
   using V = Vectorized<T>;
   const V zero(T(0)), one(T(1)), half(T(0.5)), six(T(6)), three(T(3));
@@ -273,7 +347,7 @@ inline Vectorized<T> act_grad_pre_vec(int64_t act, const Vectorized<T>& pre,
     case kActLeakyReLU:
       return V::blendv(g * V(param), g, pre > zero);
     case kActSiLU: {
-      const V s = one / (one + pre.neg().exp());
+      const V s = one / (one + exp_vec<T>(pre.neg()));
       return g * s * (one + pre * (one - s));
     }
     case kActHardswish: {
@@ -281,16 +355,18 @@ inline Vectorized<T> act_grad_pre_vec(int64_t act, const Vectorized<T>& pre,
       return V::blendv(V::blendv(mid, g, pre >= three), zero, pre <= three.neg());
     }
     case kActGELU: {
-      const V cdf = half * (one + (pre * V(T(act_math::kSqrt1_2))).erf());
-      const V pdf = (V(T(-0.5)) * pre * pre).exp() * V(T(act_math::kInvSqrt2Pi));
-      return g * (cdf + pre * pdf);
+      // exp(-z^2) with z = pre/sqrt(2) is the density's exp(-pre^2/2): computed once.
+      V e;
+      const V cdf = half * (one + erf_vec<T>(pre * V(T(act_math::kSqrt1_2)), &e));
+      return g * (cdf + pre * e * V(T(act_math::kInvSqrt2Pi)));
     }
     case kActGELUTanh: {
+      // 0.5*(1 + tanh(u)) = s = sigmoid(2u) and 0.5*(1 - tanh(u)^2) = 2*s*(1 - s).
       const V x2 = pre * pre;
       const V kb(T(act_math::kSqrt2OverPi)), kk(T(act_math::kGeluTanhK));
-      const V t = (kb * (pre + kk * x2 * pre)).tanh();
+      const V s = one / (one + exp_vec<T>(kb * (pre + kk * x2 * pre) * V(T(-2))));
       const V d_inner = kb * (one + V(T(3)) * kk * x2);
-      return g * (half * (one + t) + half * pre * (one - t * t) * d_inner);
+      return g * (s + V(T(2)) * pre * s * (one - s) * d_inner);
     }
     default:
       return g;
@@ -299,7 +375,7 @@ inline Vectorized<T> act_grad_pre_vec(int64_t act, const Vectorized<T>& pre,
 
 // g * act' read from the output (act_from_output holds).
 template <typename T>
-inline Vectorized<T> act_grad_out_vec(int64_t act, const Vectorized<T>& out,
+C10_ALWAYS_INLINE Vectorized<T> act_grad_out_vec(int64_t act, const Vectorized<T>& out,
                                       const Vectorized<T>& g, T param) {
   using V = Vectorized<T>;
   const V zero(T(0)), six(T(6));
@@ -544,15 +620,18 @@ void bn_stats_typed(const scalar_t* x, const BnGeometry& g, bn_acc_t<scalar_t>* 
 // planes the parameters are scalars of channel c; for channels_last rows they vary along
 // the row. Both loops are written out in each kernel below for clarity and speed.
 
-// kGeneric: the loops for an activation other than identity and ReLU (a runtime switch
-// whose exp/erf/tanh calls would otherwise cost the ReLU loops their registers: every
-// vector register is caller-saved); identity and ReLU get loops without them.
-template <typename scalar_t, bool kGeneric>
+// kGeneric: the loops for an activation other than identity and ReLU, instantiated per
+// activation (kKind, see with_act_loops); identity and ReLU share loops without the
+// activation code. The vector helpers they use are forced inline (C10_ALWAYS_INLINE and the
+// lambdas' attribute): GCC otherwise outlined them once per-activation copies existed, and
+// every vector then went through memory.
+template <typename scalar_t, bool kGeneric, int kKind>
 void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, const BnGeometry& g,
                       const op_t<scalar_t>* mean, const op_t<scalar_t>* scale,
-                      const op_t<scalar_t>* bias, ActSpec act) {
+                      const op_t<scalar_t>* bias, ActSpec act_in) {
   using acc_t = op_t<scalar_t>;
   const int64_t C = g.C;
+  const ActSpec act{kGeneric ? kKind : act_in.kind, act_in.param};
   const int64_t kind = act.kind;
   const acc_t param = static_cast<acc_t>(act.param);
   auto element = [&](acc_t xv, acc_t m, acc_t s, acc_t b, acc_t r) {
@@ -674,7 +753,7 @@ inline op_t<scalar_t> masked_grad_scalar(BnMask mask, const ActSpec& act, op_t<s
 
 #if RF_USE_VEC
 template <typename scalar_t, bool kGeneric>
-inline Vectorized<op_t<scalar_t>> masked_grad_vec(
+C10_ALWAYS_INLINE Vectorized<op_t<scalar_t>> masked_grad_vec(
     BnMask mask, const ActSpec& act, const Vectorized<op_t<scalar_t>>& grad,
     const Vectorized<op_t<scalar_t>>& xmu, const Vectorized<op_t<scalar_t>>& s,
     const Vectorized<op_t<scalar_t>>& b, const Vectorized<op_t<scalar_t>>& outv) {
@@ -701,12 +780,13 @@ inline Vectorized<op_t<scalar_t>> masked_grad_vec(
 }
 #endif
 
-template <typename scalar_t, bool kGeneric>
+template <typename scalar_t, bool kGeneric, int kKind>
 void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const scalar_t* out,
                               scalar_t* masked, const BnGeometry& g, const op_t<scalar_t>* mean,
                               const op_t<scalar_t>* scale, const op_t<scalar_t>* bias,
-                              const bn_acc_t<scalar_t>* mean_acc, BnMask mask, ActSpec act,
+                              const bn_acc_t<scalar_t>* mean_acc, BnMask mask, ActSpec act_in,
                               bn_acc_t<scalar_t>* sum_dy, bn_acc_t<scalar_t>* sum_dy_xmu) {
+  const ActSpec act{kGeneric ? kKind : act_in.kind, act_in.param};
   using o_t = op_t<scalar_t>;
   using a_t = bn_acc_t<scalar_t>;
   const int64_t C = g.C;
@@ -735,7 +815,8 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
   // One op_t vector: the masked gradient (stored when asked), then its sums into dy[] and
   // dyx[] (kParts acc_t vectors each).
   auto vec_part = [&](const oVec& xv, oVec gv, const oVec& outv, const oVec& mv, const oVec& sv,
-                      const oVec& bv, const aVec* ma, aVec* dy, aVec* dyx) -> oVec {
+                      const oVec& bv, const aVec* ma, aVec* dy,
+                      aVec* dyx) C10_ALWAYS_INLINE_ATTRIBUTE -> oVec {
     gv = masked_grad_vec<scalar_t, kGeneric>(mask, act, gv, xv - mv, sv, bv, outv);
     for (int p = 0; p < kParts; ++p) {
       const aVec gp = widen<o_t, a_t>(gv, p);
@@ -883,13 +964,14 @@ inline Vectorized<o_t> narrow(const Vectorized<a_t>* parts) {
 // its terms cancel where BatchNorm's output does not depend on the input (a channel that is
 // all padding but one value), so float input is computed in double, as the reference
 // computes it, and rounded once.
-template <typename scalar_t, bool kGeneric>
+template <typename scalar_t, bool kGeneric, int kKind>
 void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* dx,
                              const BnGeometry& g, const op_t<scalar_t>* mean,
                              const op_t<scalar_t>* scale, const op_t<scalar_t>* bias,
                              const bn_acc_t<scalar_t>* mean_acc,
                              const bn_acc_t<scalar_t>* scale_acc, const bn_acc_t<scalar_t>* k,
-                             const bn_acc_t<scalar_t>* cst, BnMask mask, ActSpec act) {
+                             const bn_acc_t<scalar_t>* cst, BnMask mask, ActSpec act_in) {
+  const ActSpec act{kGeneric ? kKind : act_in.kind, act_in.param};
   using o_t = op_t<scalar_t>;
   using a_t = bn_acc_t<scalar_t>;
   const int64_t C = g.C;
@@ -913,7 +995,8 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
   // One op_t vector of x and grad at channels c.. (NCHW: scalar parameters broadcast):
   // the masked gradient in op_t, then dx in acc_t.
   auto vec_part = [&](const oVec& xv, oVec gv, const oVec& mv, const oVec& sv, const oVec& bv,
-                      const aVec* ma, const aVec* sa, const aVec* ka, const aVec* ca) -> oVec {
+                      const aVec* ma, const aVec* sa, const aVec* ka,
+                      const aVec* ca) C10_ALWAYS_INLINE_ATTRIBUTE -> oVec {
     gv = masked_grad_vec<scalar_t, kGeneric>(mask, act, gv, xv - mv, sv, bv, oVec(0));
     aVec out[kParts];
     for (int p = 0; p < kParts; ++p) {
@@ -938,7 +1021,7 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
 #if RF_USE_VEC
         oVec ga, gb, xa, xb;
         aVec ma[kParts], sa[kParts], ka[kParts], ca[kParts];
-        auto load_params = [&](int64_t c0) {
+        auto load_params = [&](int64_t c0) C10_ALWAYS_INLINE_ATTRIBUTE {
           for (int p = 0; p < kParts; ++p) {
             const int64_t o = c0 + p * aVec::size();
             ma[p] = aVec::loadu(mean_acc + o);
@@ -1000,13 +1083,29 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
   }
 }
 
-// f(std::bool_constant<kGeneric>): the loops for identity and ReLU, or the generic ones.
+// f(std::bool_constant<kGeneric>, std::integral_constant<int, kKind>): the loops for
+// identity and ReLU (kind read at run time), or one instantiation per other activation,
+// its kind a constant, so that the compiler hoists the activation's constants out of the
+// loops and interleaves the two vectors of a step (with a run-time switch each vector
+// went through the jump table alone: 1.5-2x slower for SiLU and GELU).
 template <typename F>
 void with_act_loops(const ActSpec& act, const F& f) {
-  if (act.kind == kActIdentity || act.kind == kActReLU) {
-    f(std::false_type{});
-  } else {
-    f(std::true_type{});
+  using generic = std::true_type;
+  switch (act.kind) {
+    case kActReLU6:
+      return f(generic{}, std::integral_constant<int, kActReLU6>{});
+    case kActLeakyReLU:
+      return f(generic{}, std::integral_constant<int, kActLeakyReLU>{});
+    case kActSiLU:
+      return f(generic{}, std::integral_constant<int, kActSiLU>{});
+    case kActHardswish:
+      return f(generic{}, std::integral_constant<int, kActHardswish>{});
+    case kActGELU:
+      return f(generic{}, std::integral_constant<int, kActGELU>{});
+    case kActGELUTanh:
+      return f(generic{}, std::integral_constant<int, kActGELUTanh>{});
+    default:  // identity, ReLU (checked by the op)
+      return f(std::false_type{}, std::integral_constant<int, kActIdentity>{});
   }
 }
 
@@ -1027,8 +1126,8 @@ void bn_forward_impl(c10::ScalarType dtype, const void* x, const void* residual,
                      const BnGeometry& g, const void* mean, const void* scale, const void* bias,
                      ActSpec act) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_forward_cpu", [&] {
-    with_act_loops(act, [&](auto generic) {
-      bn_forward_typed<scalar_t, decltype(generic)::value>(
+    with_act_loops(act, [&](auto generic, auto kind) {
+      bn_forward_typed<scalar_t, decltype(generic)::value, decltype(kind)::value>(
           static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(residual),
           static_cast<scalar_t*>(out), g, static_cast<cop_ptr<scalar_t>>(mean),
           static_cast<cop_ptr<scalar_t>>(scale), static_cast<cop_ptr<scalar_t>>(bias), act);
@@ -1041,8 +1140,8 @@ void bn_backward_reduce_impl(c10::ScalarType dtype, const void* grad, const void
                              const void* scale, const void* bias, const void* mean_acc,
                              BnMask mask, ActSpec act, void* sum_dy, void* sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_backward_reduce_cpu", [&] {
-    with_act_loops(act, [&](auto generic) {
-      bn_backward_reduce_typed<scalar_t, decltype(generic)::value>(
+    with_act_loops(act, [&](auto generic, auto kind) {
+      bn_backward_reduce_typed<scalar_t, decltype(generic)::value, decltype(kind)::value>(
           static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(x),
           static_cast<const scalar_t*>(out), static_cast<scalar_t*>(masked), g,
           static_cast<cop_ptr<scalar_t>>(mean), static_cast<cop_ptr<scalar_t>>(scale),
@@ -1059,8 +1158,8 @@ void bn_backward_elemt_impl(c10::ScalarType dtype, const void* grad, const void*
                             const void* k, const void* c, BnMask mask, ActSpec act) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_act_backward_elemt_cpu", [&] {
     using cacc_ptr = const bn_acc_t<scalar_t>*;
-    with_act_loops(act, [&](auto generic) {
-      bn_backward_elemt_typed<scalar_t, decltype(generic)::value>(
+    with_act_loops(act, [&](auto generic, auto kind) {
+      bn_backward_elemt_typed<scalar_t, decltype(generic)::value, decltype(kind)::value>(
           static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(x),
           static_cast<scalar_t*>(dx), g, static_cast<cop_ptr<scalar_t>>(mean),
           static_cast<cop_ptr<scalar_t>>(scale), static_cast<cop_ptr<scalar_t>>(bias),

@@ -107,6 +107,14 @@ class _BatchNormAct(torch.autograd.Function):
         # is d_residual and the gradient the elementwise pass normalises.
         write_masked = bool(act) and ctx.has_residual and (need_input or need_residual)
         need_sums = (batch_stats and need_input) or need_weight or need_bias
+        # SiLU/GELU on the CPU: the reduction pass, which runs anyway, also writes
+        # g = grad_out * act'(pre), and the elementwise pass reads it instead of evaluating
+        # act' a second time (one more pass over memory against one exp/erf per element:
+        # the exp is the dearer on a CPU; on a GPU the recomputation is the cheaper).
+        masked_once = (
+            act.transcendental and need_sums and need_input and input.device.type == "cpu"
+        )
+        write_masked = write_masked or masked_once
         sum_dy = sum_dy_xhat = None
         masked = grad_out
         if need_sums or write_masked:
@@ -119,7 +127,7 @@ class _BatchNormAct(torch.autograd.Function):
         if need_input:
             if sum_dy is None:  # running statistics, no parameter gradients: sums unused
                 sum_dy = sum_dy_xhat = torch.zeros_like(mean, dtype=stats_dtype(input.dtype))
-            act_from_input = ID_ACT if ctx.has_residual else act
+            act_from_input = ID_ACT if ctx.has_residual or masked_once else act
             # Synchronised BN: the input gradient needs the sums over every rank; the
             # parameter gradients stay local (DDP averages them).
             sum_dy_e, sum_dy_xhat_e = sum_dy, sum_dy_xhat

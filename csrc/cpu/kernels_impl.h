@@ -833,14 +833,24 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
         a_t* dyx = p_dyx.data() + t * C;
         const int64_t r0 = t * rows_per_tile;
         const int64_t r1 = std::min(M, r0 + rows_per_tile);
-        // Rows outside, channels inside: every tensor streams through once, in order;
-        // the tile's per-channel sums live in dy/dyx (2*C values, L1). Per channel the
-        // rows are summed in order, as a channel-outer loop would.
-        for (int64_t row = r0; row < r1; ++row) {
-          int64_t c = 0;
+        // Blocks of kStep channels outside, the tile's rows inside: a block's parameters
+        // and acc_t sums stay in registers down the rows (rows outside loaded and stored
+        // 2*kParts sums per vector); the later blocks read the tile's lines again from
+        // L2. Per channel the rows are summed in order, as before.
+        int64_t c = 0;
 #if RF_USE_VEC
-          constexpr int64_t h = oVec::size();
-          for (; c + V::kStep <= C; c += V::kStep) {
+        constexpr int64_t h = oVec::size();
+        for (; c + V::kStep <= C; c += V::kStep) {
+          const oVec mva = oVec::loadu(mean + c), mvb = oVec::loadu(mean + c + h);
+          const oVec sva = oVec::loadu(scale + c), svb = oVec::loadu(scale + c + h);
+          const oVec bva = oVec::loadu(bias + c), bvb = oVec::loadu(bias + c + h);
+          aVec maa[kParts], mab[kParts], sdya[kParts], sdyb[kParts], sdyxa[kParts], sdyxb[kParts];
+          for (int p = 0; p < kParts; ++p) {
+            maa[p] = aVec::loadu(mean_acc + c + p * aVec::size());
+            mab[p] = aVec::loadu(mean_acc + c + h + p * aVec::size());
+            sdya[p] = sdyb[p] = sdyxa[p] = sdyxb[p] = aVec(a_t(0));
+          }
+          for (int64_t row = r0; row < r1; ++row) {
             const int64_t off = row * C + c;
             oVec ga, gb, xa, xb, oa(0), ob(0);
             V::load(grad + off, ga, gb);
@@ -848,37 +858,23 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
             if (mask == BnMask::kFromOut) {
               V::load(out + off, oa, ob);
             }
-            for (int64_t half : {int64_t(0), h}) {
-              const int64_t c0 = c + half;
-              aVec ma[kParts], sdy[kParts], sdyx[kParts];
-              for (int p = 0; p < kParts; ++p) {
-                const int64_t o = c0 + p * aVec::size();
-                ma[p] = aVec::loadu(mean_acc + o);
-                sdy[p] = aVec::loadu(dy + o);
-                sdyx[p] = aVec::loadu(dyx + o);
-              }
-              const oVec gm = vec_part(half == 0 ? xa : xb, half == 0 ? ga : gb,
-                                       half == 0 ? oa : ob, oVec::loadu(mean + c0),
-                                       oVec::loadu(scale + c0), oVec::loadu(bias + c0), ma, sdy,
-                                       sdyx);
-              for (int p = 0; p < kParts; ++p) {
-                const int64_t o = c0 + p * aVec::size();
-                sdy[p].store(dy + o);
-                sdyx[p].store(dyx + o);
-              }
-              if (half == 0) {
-                ga = gm;
-              } else {
-                gb = gm;
-              }
-            }
+            ga = vec_part(xa, ga, oa, mva, sva, bva, maa, sdya, sdyxa);
+            gb = vec_part(xb, gb, ob, mvb, svb, bvb, mab, sdyb, sdyxb);
             if (masked != nullptr) {
               V::store(masked + off, ga, gb);
             }
           }
+          for (int p = 0; p < kParts; ++p) {
+            sdya[p].store(dy + c + p * aVec::size());
+            sdyb[p].store(dy + c + h + p * aVec::size());
+            sdyxa[p].store(dyx + c + p * aVec::size());
+            sdyxb[p].store(dyx + c + h + p * aVec::size());
+          }
+        }
 #endif
-          for (; c < C; ++c) {
-            element(row * C + c, c, dy[c], dyx[c]);
+        for (int64_t row = r0; row < r1; ++row) {
+          for (int64_t cc = c; cc < C; ++cc) {
+            element(row * C + cc, cc, dy[cc], dyx[cc]);
           }
         }
       }

@@ -1011,38 +1011,52 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
     const int64_t M = g.N * g.HW;
     at::parallel_for(0, M, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t base = row * C;
+      // Sub-ranges of chunk_rows(C) rows (a few hundred KB: they stay in L2); in each,
+      // blocks of kStep channels outside and the rows inside, the block's parameters
+      // loaded once (rows outside reloaded 2*4*kParts acc_t vectors per step).
+      const int64_t sub = chunk_rows(C);
+      for (int64_t r0 = begin; r0 < end; r0 += sub) {
+        const int64_t r1 = std::min(end, r0 + sub);
         int64_t c = 0;
 #if RF_USE_VEC
-        oVec ga, gb, xa, xb;
-        aVec ma[kParts], sa[kParts], ka[kParts], ca[kParts];
-        auto load_params = [&](int64_t c0) C10_ALWAYS_INLINE_ATTRIBUTE {
-          for (int p = 0; p < kParts; ++p) {
-            const int64_t o = c0 + p * aVec::size();
-            ma[p] = aVec::loadu(mean_acc + o);
-            sa[p] = aVec::loadu(scale_acc + o);
-            if (batch) {
-              ka[p] = aVec::loadu(k + o);
-              ca[p] = aVec::loadu(cst + o);
-            }
-          }
-        };
         constexpr int64_t h = oVec::size();
         for (; c + V::kStep <= C; c += V::kStep) {
-          V::load(grad + base + c, ga, gb);
-          V::load(x + base + c, xa, xb);
-          load_params(c);
-          const oVec ra = vec_part(xa, ga, oVec::loadu(mean + c), oVec::loadu(scale + c),
-                                   oVec::loadu(bias + c), ma, sa, ka, ca);
-          load_params(c + h);
-          const oVec rb = vec_part(xb, gb, oVec::loadu(mean + c + h), oVec::loadu(scale + c + h),
-                                   oVec::loadu(bias + c + h), ma, sa, ka, ca);
-          V::store(dx + base + c, ra, rb);
+          const oVec mva = oVec::loadu(mean + c), mvb = oVec::loadu(mean + c + h);
+          const oVec sva = oVec::loadu(scale + c), svb = oVec::loadu(scale + c + h);
+          const oVec bva = oVec::loadu(bias + c), bvb = oVec::loadu(bias + c + h);
+          aVec maa[kParts], saa[kParts], kaa[kParts], caa[kParts];
+          aVec mab[kParts], sab[kParts], kab[kParts], cab[kParts];
+          for (int p = 0; p < kParts; ++p) {
+            const int64_t oa = c + p * aVec::size(), ob = c + h + p * aVec::size();
+            maa[p] = aVec::loadu(mean_acc + oa);
+            mab[p] = aVec::loadu(mean_acc + ob);
+            saa[p] = aVec::loadu(scale_acc + oa);
+            sab[p] = aVec::loadu(scale_acc + ob);
+            kaa[p] = kab[p] = caa[p] = cab[p] = aVec(a_t(0));
+            if (batch) {
+              kaa[p] = aVec::loadu(k + oa);
+              kab[p] = aVec::loadu(k + ob);
+              caa[p] = aVec::loadu(cst + oa);
+              cab[p] = aVec::loadu(cst + ob);
+            }
+          }
+          for (int64_t row = r0; row < r1; ++row) {
+            const int64_t off = row * C + c;
+            oVec ga, gb, xa, xb;
+            V::load(grad + off, ga, gb);
+            V::load(x + off, xa, xb);
+            const oVec ra = vec_part(xa, ga, mva, sva, bva, maa, saa, kaa, caa);
+            const oVec rb = vec_part(xb, gb, mvb, svb, bvb, mab, sab, kab, cab);
+            V::store(dx + off, ra, rb);
+          }
         }
 #endif
-        for (; c < C; ++c) {
-          dx[base + c] = element(static_cast<o_t>(x[base + c]), static_cast<o_t>(grad[base + c]), c);
+        for (int64_t row = r0; row < r1; ++row) {
+          const int64_t base = row * C;
+          for (int64_t cc = c; cc < C; ++cc) {
+            dx[base + cc] =
+                element(static_cast<o_t>(x[base + cc]), static_cast<o_t>(grad[base + cc]), cc);
+          }
         }
       }
     });

@@ -249,8 +249,7 @@ C10_ALWAYS_INLINE void prefetch_rows_ahead(const scalar_t* p, int64_t C, int64_t
 #if RF_USE_VEC
 // exp for float vectors, inline (no call): at::vec's exp() is a call into Sleef, across
 // which every vector register of the loops around it is spilled (all are caller-saved);
-// that cost, not the polynomial, made SiLU and GELU 2-4x slower per element inside the
-// fused loops than in eager's own activation kernels. exp(x) = 2^n * e^r with
+// in the fused loops that spilling was a large part of SiLU's and GELU's cost per element. exp(x) = 2^n * e^r with
 // n = round(x*log2(e)), r = x - n*ln2 (two-part ln2, exact to float precision) and a
 // degree-7 polynomial for e^r on |r| <= ln2/2 (the Cephes expf coefficients); about
 // 1 ulp, like Sleef's u10. 2^n is applied as two factors 2^(n/2) so that results in the
@@ -302,21 +301,20 @@ C10_ALWAYS_INLINE Vectorized<T> erf_vec(const Vectorized<T>& z, Vectorized<T>* e
       *exp_neg_z2 = (z * z).neg().exp();
     }
     return z.erf();
+  } else {
+    const V t = V(T(1)) / at::vec::fmadd(V(T(0.3275911)), z.abs(), V(T(1)));
+    V poly = at::vec::fmadd(V(T(1.061405429)), t, V(T(-1.453152027)));
+    poly = at::vec::fmadd(poly, t, V(T(1.421413741)));
+    poly = at::vec::fmadd(poly, t, V(T(-0.284496736)));
+    poly = at::vec::fmadd(poly, t, V(T(0.254829592)));
+    const V e = exp_inline((z * z).neg());
+    if (exp_neg_z2 != nullptr) {
+      *exp_neg_z2 = e;
+    }
+    const V mag = V(T(1)) - poly * t * e;
+    // sign(z) * mag, NaN propagating through mag.
+    return V::blendv(mag, mag.neg(), z < V(T(0)));
   }
-  const V az = z.abs();
-  const V t = V(T(1)) / at::vec::fmadd(V(T(0.3275911)), az, V(T(1)));
-  V poly = at::vec::fmadd(V(T(1.061405429)), t, V(T(-1.453152027)));
-  poly = at::vec::fmadd(poly, t, V(T(1.421413741)));
-  poly = at::vec::fmadd(poly, t, V(T(-0.284496736)));
-  poly = at::vec::fmadd(poly, t, V(T(0.254829592)));
-  poly = poly * t;
-  const V e = exp_vec<T>((z * z).neg());
-  if (exp_neg_z2 != nullptr) {
-    *exp_neg_z2 = e;
-  }
-  const V mag = V(T(1)) - poly * e;
-  // sign(z) * mag, NaN propagating through mag.
-  return V::blendv(mag, mag.neg(), z < V(T(0)));
 }
 
 // The activations of csrc/act.h on vectors of the arithmetic type. SiLU and GELU use the
@@ -1118,29 +1116,23 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
 }
 
 // f(std::bool_constant<kGeneric>, std::integral_constant<int, kKind>): the loops for
-// identity and ReLU (kind read at run time), or one instantiation per other activation,
-// its kind a constant, so that the compiler hoists the activation's constants out of the
-// loops and interleaves the two vectors of a step (with a run-time switch each vector
-// went through the jump table alone: 1.5-2x slower for SiLU and GELU).
+// identity and ReLU (kind read at run time: kGeneric false), or the instantiation for one
+// of kKinds, its kind a compile-time constant so that the activation switch in the vector
+// helpers folds away.
+template <int... kKinds, typename F>
+void dispatch_act_kind(int64_t kind, const F& f) {
+  const bool generic =
+      ((kind == kKinds && (f(std::true_type{}, std::integral_constant<int, kKinds>{}), true)) ||
+       ...);
+  if (!generic) {  // identity, ReLU (the op has checked the code)
+    f(std::false_type{}, std::integral_constant<int, kActIdentity>{});
+  }
+}
+
 template <typename F>
 void with_act_loops(const ActSpec& act, const F& f) {
-  using generic = std::true_type;
-  switch (act.kind) {
-    case kActReLU6:
-      return f(generic{}, std::integral_constant<int, kActReLU6>{});
-    case kActLeakyReLU:
-      return f(generic{}, std::integral_constant<int, kActLeakyReLU>{});
-    case kActSiLU:
-      return f(generic{}, std::integral_constant<int, kActSiLU>{});
-    case kActHardswish:
-      return f(generic{}, std::integral_constant<int, kActHardswish>{});
-    case kActGELU:
-      return f(generic{}, std::integral_constant<int, kActGELU>{});
-    case kActGELUTanh:
-      return f(generic{}, std::integral_constant<int, kActGELUTanh>{});
-    default:  // identity, ReLU (checked by the op)
-      return f(std::false_type{}, std::integral_constant<int, kActIdentity>{});
-  }
+  dispatch_act_kind<kActReLU6, kActLeakyReLU, kActSiLU, kActHardswish, kActGELU, kActGELUTanh>(
+      act.kind, f);
 }
 
 template <typename scalar_t>

@@ -45,10 +45,11 @@ Rules:
   With ``sync_bn``, running a plain ``nn.BatchNorm2d`` that computes batch statistics
   through the modules would not synchronise them: that raises (as the fused torchvision
   blocks do) instead of silently training on each rank's own statistics.
-* Values a traced forward reads from ``self.training`` are baked into the graph: the
-  module is traced in training and in eval mode and the generated forward picks the
-  graph by the module's own ``training`` flag at call time (each graph with its own
-  globals).
+* Values a traced forward reads from ``self.training`` are baked into the graph: a
+  module whose traced forwards read a ``training`` flag is traced in training and in eval
+  mode and the generated forward picks the graph by the module's own ``training`` flag
+  at call time (each graph with its own globals); one whose forwards read none is traced
+  once (the eval graph would be the same).
 * Operands the fused kernels do not take (integer add->ReLU, a residual of another dtype,
   e.g. fp32 under bf16 autocast, whose sum eager promotes) run as eager ops; the report
   counts such calls.
@@ -1567,12 +1568,20 @@ def _optional_arguments(module: nn.Module):
 
 def _trace(module: nn.Module, leaf_types, leaf_ids: set[int]):
     """(train graph, eval graph, {tag: tracer}) or raises; on failure the innermost module
-    that failed is returned to be made a leaf instead: (None, None, (path, exc))."""
+    that failed is returned to be made a leaf instead: (None, None, (path, exc)). The
+    module is traced in eval mode too only where its traced forwards read a ``training``
+    flag."""
     modes = {m: m.training for m in module.modules()}
     graphs, tracers = {}, {}
     _, concrete = _optional_arguments(module)
     try:
         for tag, flag in (("train", True), ("eval", False)):
+            if tag == "eval" and not any(name == "training" for _, name, _ in tracers["train"].reads):
+                # No traced forward read a training flag, and only such a read can make
+                # the two traces differ (leaves are not traced into): eval's graph is
+                # the same graph, copied (each mode's graph is rewritten on its own).
+                graphs[tag], tracers[tag] = copy.deepcopy(graphs["train"]), tracers["train"]
+                break
             module.train(flag)
             tracer = _Tracer(leaf_types, leaf_ids)
             try:

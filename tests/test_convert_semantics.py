@@ -188,6 +188,62 @@ def test_training_branch_between_fused_sites(branch):
         _assert_same(model, fused, x)
 
 
+class _LeafFlagBranch(nn.Module):
+    """Reads a leaf's flag (``self.bn2.training``), not its own: the eval trace differs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        if self.bn2.training:
+            x = x.flip(0)
+        return torch.relu(self.bn2(self.conv2(x)))
+
+
+def _count_traces(monkeypatch) -> list[str]:
+    from resnet_fused import graph_convert
+
+    traced = []
+    original = graph_convert._Tracer.trace
+
+    def counting(self, root, concrete_args=None):
+        traced.append(type(root).__name__)
+        return original(self, root, concrete_args)
+
+    monkeypatch.setattr(graph_convert._Tracer, "trace", counting)
+    return traced
+
+
+def test_a_forward_reading_no_training_flag_is_traced_once(monkeypatch):
+    """Only a read of a training flag can make the eval trace differ: a model whose traced
+    forwards read none is traced once, its eval graph a copy; one reading a leaf's flag is
+    traced in both modes, and both behave as the original."""
+    traced = _count_traces(monkeypatch)
+    model = _randomise(torchvision.models.resnet18(num_classes=4).double())
+    fused = _convert(model)
+    assert traced == ["ResNet"]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for mode in (True, False):
+        model.train(mode)
+        fused.train(mode)
+        _assert_same(model, fused, x)
+    traced.clear()
+    model = _randomise(_LeafFlagBranch().double())
+    fused = _convert(model)
+    assert traced == ["_LeafFlagBranch", "_LeafFlagBranch"]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for mode in (True, False, True):
+        model.train(mode)
+        fused.train(mode)
+        _assert_same(model, fused, x)
+    model.bn2.eval()
+    fused.bn2.eval()  # the leaf's own flag, with the model in training
+    _assert_same(model, fused, x)
+
+
 def test_timm_drop_path_trains():
     model = _randomise(
         timm.create_model("resnet18", pretrained=False, num_classes=5, drop_path_rate=0.3)

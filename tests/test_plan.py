@@ -272,3 +272,48 @@ def test_from_modules_keeps_each_modules_flag():
     before = bn.running_mean.clone()
     unit(torch.randn(2, 3, 5, 5, dtype=torch.float64))
     torch.testing.assert_close(bn.running_mean, before, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(
+    not conv_bn_act_module._MKLDNN_POINTWISE or conv_bn_act_module._REORDER is None,
+    reason="this torch has no oneDNN fused convolution",
+)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_planned_eval_unit_keeps_the_onednn_weight(monkeypatch, residual, layout):
+    """A planned fp32 CPU eval unit hands oneDNN's convolution its weight reordered once
+    (an mkldnn tensor, kept by the plan), not the dense fold it would reorder at every
+    call; an EMA-style write to the conv weight (``.data``: no version bump) makes a new
+    fold, and the plan reorders that one. Outputs match eager's modules throughout."""
+    monkeypatch.setenv("RESNET_FUSED_AUTO", "fused")
+    calls = []
+    real = conv_bn_act_module._mkldnn_pointwise
+
+    class Spy:
+        def __call__(self, x, w, *args):
+            calls.append(w.is_mkldnn)
+            return real(x, w, *args)
+
+        def binary(self, x, other, w, *args):
+            calls.append(w.is_mkldnn)
+            return real.binary(x, other, w, *args)
+
+    monkeypatch.setattr(conv_bn_act_module, "_mkldnn_pointwise", Spy())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    conv, bn = _pair(dtype=torch.float32)
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn).eval().to(memory_format=fmt)
+    torch.manual_seed(3)
+    res = torch.randn(2, 5, 7, 7).to(memory_format=fmt) if residual else None
+    for step in range(4):
+        if step == 2:
+            conv.weight.data.mul_(1.5)
+        x = torch.randn(2, 3, 7, 7).to(memory_format=fmt)
+        with torch.no_grad():
+            out = unit(x, res)
+            y = bn(conv(x))
+            expected = torch.relu(y + res if residual else y)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert unit._fold_cache.plan is not None
+        assert calls and calls[-1], f"step {step}: oneDNN got a dense weight"
+        packed_for = unit._fold_cache.plan[1].onednn[0]
+        assert packed_for is unit._fold_cache.entry[1][0]  # made from the current fold

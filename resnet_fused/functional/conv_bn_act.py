@@ -232,11 +232,30 @@ def _mkldnn_ok(x: Tensor, add_relu: bool = False) -> bool:
     return _onednn_supports(x.dtype) and torch._C._get_mkldnn_enabled()
 
 
+_REORDER = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
+
+
+def _onednn_weight(w: Tensor, x: Tensor, geometry, residual: Tensor | None, act) -> Tensor | None:
+    """``w`` reordered once into the blocked layout oneDNN's convolution picks for input
+    ``x``'s shape (an opaque mkldnn tensor, as Inductor's freezing keeps), where the CPU
+    eval unit runs oneDNN's fused convolution; None elsewhere. Given a dense weight,
+    oneDNN reorders it at every call: on ResNet-50's deep layers (weights of 1-9 MB,
+    small images) that is 10-25% of the convolution. A planned eval unit keeps it
+    beside the cached fold (see :class:`EvalPlan`)."""
+    if _REORDER is None or not _mkldnn_ok(x, residual is not None and bool(act)):
+        return None
+    stride, padding, dilation, groups = geometry
+    with torch.no_grad():
+        return _REORDER(w, list(padding), list(stride), list(dilation), groups, list(x.shape))
+
+
 def _eval_forward(
-    impl, x, w, b, residual, stride, padding, dilation, groups, act, w_packed, w_finite=None
+    impl, x, w, b, residual, stride, padding, dilation, groups, act, w_packed, w_finite=None,
+    w_onednn=None,
 ):
     """act(conv2d(x, w) + b [+ residual]) on backend ``impl`` (no autograd). ``w_finite``:
-    whether w and b are known to be finite (a cached fold knows; None: look)."""
+    whether w and b are known to be finite (a cached fold knows; None: look). ``w_onednn``:
+    ``w`` reordered for oneDNN (:func:`_onednn_weight`), used by its fused convolution."""
     if impl == "triton" and groups == 1 and x.dtype in _TRITON_CONV_DTYPES:
         if w_packed is None:
             w_packed = _triton_pack(w)
@@ -261,6 +280,8 @@ def _eval_forward(
         if finite or not act or inference:
             post = bool(act) and finite and (residual is None or act.kind == RELU)
             bias = b.to(x.dtype) if b is not None else None
+            if w_onednn is not None:
+                w = w_onednn
             if residual is None:
                 attr, scalars, algorithm = act.onednn if post else ("none", [], "")
                 out = _mkldnn_pointwise(
@@ -485,12 +506,15 @@ class EvalPlan:
     takes the fold from the caller: the cached one without autograd, a differentiable
     one (:func:`fold_conv_bn`) with it (see :class:`TrainPlan` for when it may run)."""
 
-    __slots__ = ("geometry", "grad", "impl", "unit")
+    __slots__ = ("geometry", "grad", "impl", "onednn", "unit")
     batch_stats = False
 
-    def __init__(self, impl, geometry, grad) -> None:
+    def __init__(self, impl, geometry, grad, onednn=None) -> None:
         self.impl, self.geometry, self.grad = impl, geometry, grad
         self.unit = EAGER_UNIT if impl == EAGER else None  # (see TrainPlan)
+        # (W', W' reordered for oneDNN at this plan's input shape) or None: the CPU's
+        # fused convolution's weight, made again when the cached fold is remade (a new W')
+        self.onednn = onednn
 
     def run(self, x, w, conv_b, bn_w, bn_b, rm, rv, eps, residual, act, folded):
         if self.impl == EAGER:
@@ -503,9 +527,17 @@ class EvalPlan:
             return _ConvBiasAct.apply(x, w_f, b_f, residual, self.geometry, act, self.impl, None)
         stride, padding, dilation, groups = self.geometry
         w_f, b_f, w_packed, w_finite = folded
+        w_onednn = None
+        if self.impl == "cpu":
+            onednn = self.onednn  # (read once: another thread may replace it)
+            if onednn is not None and onednn[0] is w_f:
+                w_onednn = onednn[1]
+            else:
+                w_onednn = _onednn_weight(w_f, x, self.geometry, residual, act)
+                self.onednn = (w_f, w_onednn)
         return _eval_forward(
             self.impl, x, w_f, b_f, residual, stride, padding, dilation, groups, act,
-            w_packed if self.impl == "triton" else None, w_finite,
+            w_packed if self.impl == "triton" else None, w_finite, w_onednn,
         )  # fmt: skip
 
 
@@ -669,11 +701,22 @@ def conv_bn_act(
         )
         w_packed = w_finite = None
 
+    grad = needs_autograd(*(t for t in (input, w_f, b_f, residual) if t is not None))
+    # A module's cached fold without autograd: its plan keeps W' reordered for oneDNN
+    # (made here once, for the trials and this call, and handed to the plan).
+    onednn = None
+
     def run_eval(impl, packed=None):
-        if not needs_autograd(*(t for t in (input, w_f, b_f, residual) if t is not None)):
+        nonlocal onednn
+        if not grad:
+            w_onednn = None
+            if impl == "cpu" and _folded is not None:
+                if onednn is None:
+                    onednn = (w_f, _onednn_weight(w_f, input, geometry, residual, act))
+                w_onednn = onednn[1]
             return _eval_forward(
                 impl, input, w_f, b_f, residual, stride, padding, dilation, groups, act, packed,
-                w_finite,
+                w_finite, w_onednn,
             )  # fmt: skip
         return _ConvBiasAct.apply(input, w_f, b_f, residual, geometry, act, impl, packed)
 
@@ -704,7 +747,6 @@ def conv_bn_act(
                 _fold_check()
             return trial(impl)
 
-    grad = needs_autograd(*(t for t in (input, w_f, b_f, residual) if t is not None))
     # On a CPU, oneDNN's fused convolution costs a fixed ~0.1-0.2 ms per call (it builds
     # its primitive each time), which small units do not earn back: aten's convolution
     # with the folded bias + the epilogue is timed against it.
@@ -719,11 +761,13 @@ def conv_bn_act(
         backend, input, conv_weight, geometry, False, residual, act, no_grad_trial,
         conv_bias, grad=grad, alternative=alternative,
     )  # fmt: skip
-    if _record is not None and (_folded is not None or grad):
-        _record.append(EvalPlan(impl, geometry, grad))
     if impl == EAGER:
-        return trial(EAGER)
-    return run_eval(impl, w_packed if impl == "triton" else None)
+        out = trial(EAGER)
+    else:
+        out = run_eval(impl, w_packed if impl == "triton" else None)
+    if _record is not None and (_folded is not None or grad):
+        _record.append(EvalPlan(impl, geometry, grad, onednn if impl == "cpu" else None))
+    return out
 
 
 def _conv_bn_act_autocast(input, conv_weight, *args, **kwargs) -> Tensor:

@@ -1576,7 +1576,9 @@ def _trace(module: nn.Module, leaf_types, leaf_ids: set[int]):
     _, concrete = _optional_arguments(module)
     try:
         for tag, flag in (("train", True), ("eval", False)):
-            if tag == "eval" and not any(name == "training" for _, name, _ in tracers["train"].reads):
+            if tag == "eval" and not any(
+                name == "training" for _, name, _ in tracers["train"].reads
+            ):
                 # No traced forward read a training flag, and only such a read can make
                 # the two traces differ (leaves are not traced into): eval's graph is
                 # the same graph, copied (each mode's graph is rewritten on its own).

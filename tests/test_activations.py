@@ -452,7 +452,9 @@ def test_eager_unit_op_matches_eager_modules(act, training):
 
 
 @pytest.mark.parametrize("backend", backend_params(("cpu", "triton")))
-@pytest.mark.parametrize("act", [Act(SILU), Act(GELU), Act(GELU_TANH)], ids=["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize(
+    "act", [Act(SILU), Act(GELU), Act(GELU_TANH)], ids=["silu", "gelu", "gelu_tanh"]
+)
 def test_fp32_smooth_activations_over_the_float_range(backend, act):
     """fp32 SiLU and GELU (the CPU kernels' inline exp and erf, Triton's) on a sweep of
     pre-activations from -120 to 120, dense near 0, where exp under- and overflows, and

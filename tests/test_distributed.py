@@ -25,12 +25,46 @@ from resnet_fused.bench.tutorial import TutorialResNet
 SIZES = [3, 2]  # images per rank: uneven on purpose
 
 
+class _ActsNet(nn.Module):
+    """A MobileNet-like stack with every activation family the kernels fuse after a
+    BatchNorm: Conv->BN->SiLU, a depthwise Conv->BN->ReLU6, Conv->BN->Hardswish,
+    Conv->BN->add->LeakyReLU, BN->GELU (tanh) and BN->GELU, in module and function
+    spellings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        c = 8
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.SiLU()
+        )
+        self.dw = nn.Sequential(
+            nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU6()
+        )
+        self.pw = nn.Sequential(
+            nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c), nn.Hardswish()
+        )
+        self.conv, self.bn = nn.Conv2d(2 * c, 2 * c, 3, 1, 1, bias=False), nn.BatchNorm2d(2 * c)
+        self.bn_gelu = nn.BatchNorm2d(2 * c)
+        self.bn_last = nn.BatchNorm2d(2 * c)
+        self.head = nn.Linear(2 * c, 10)
+
+    def forward(self, x):
+        x = self.pw(self.dw(self.stem(x)))
+        x = nn.functional.leaky_relu(self.bn(self.conv(x)) + x, 0.1)
+        x = nn.functional.gelu(self.bn_gelu(x), approximate="tanh")
+        x = nn.functional.gelu(self.bn_last(x))
+        return self.head(x.mean((2, 3)))
+
+
 def _build(kind: str) -> nn.Module:
     """``block``: a torchvision Bottleneck; ``resnet18``: torchvision's; ``tutorial``: the
     user-written tutorial ResNet (graph-level converter), ``tutorial_syncbn`` the same with
-    nn.SyncBatchNorm.convert_sync_batchnorm applied (before resnet_fused.convert)."""
+    nn.SyncBatchNorm.convert_sync_batchnorm applied (before resnet_fused.convert);
+    ``acts``: :class:`_ActsNet` (graph-level converter, activations other than ReLU)."""
     torch.manual_seed(0)
-    if kind == "block":
+    if kind == "acts":
+        model = _ActsNet()
+    elif kind == "block":
         down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
         model = Bottleneck(16, 8, 2, down)
     elif kind.startswith("tutorial"):
@@ -50,7 +84,7 @@ def _build(kind: str) -> nn.Module:
 def _data(kind: str):
     g = torch.Generator().manual_seed(1)
     # the tutorial ResNet at 16x16: its last stage's BatchNorm sees 2x2 values per image
-    side = 16 if kind.startswith("tutorial") else 32
+    side = 16 if kind.startswith("tutorial") or kind == "acts" else 32
     shape = (sum(SIZES), 16, 8, 8) if kind == "block" else (sum(SIZES), 3, side, side)
     x = torch.randn(shape, generator=g)
     out_shape = (sum(SIZES), 32, 4, 4) if kind == "block" else (sum(SIZES), 10)
@@ -163,6 +197,8 @@ def _run_ranks(
         ("tutorial", "eager"),
         ("tutorial", "group"),
         ("tutorial_syncbn", "allreduce"),
+        ("acts", "eager"),
+        ("acts", "fullgraph"),
     ],
 )
 def test_sync_bn_ddp_matches_single_process(kind, mode, tmp_path):
@@ -172,6 +208,11 @@ def test_sync_bn_ddp_matches_single_process(kind, mode, tmp_path):
     converter: ``convert(sync_bn=True)`` under DDP (over the world group, and over a
     group passed as ``process_group``), and with nn.SyncBatchNorm layers
     (which DDP does not accept on CPU) run directly with the gradients averaged by hand."""
+    if kind == "acts":  # every BatchNorm and its activation fused: synchronised by the kernels
+        report = resnet_fused.conversion_report(resnet_fused.convert(_build(kind)))
+        assert len(report["fused"]) == 6 and not report["not_fused"], report
+        for act in ("silu", "relu6", "hardswish", "leaky_relu", "gelu"):
+            assert any(act in site.lower() for site in report["fused"]), (act, report)
     _check_against_single_process(kind, _run_ranks(kind, tmp_path, mode), mode == "autocast")
 
 

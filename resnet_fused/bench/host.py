@@ -132,7 +132,10 @@ def _first_step(provider: str, cache_dir: str | None) -> float:
 
 def run_first_step(writer, rounds: int, progress=print) -> None:
     times: dict[str, list[float]] = {
-        "eager": [], "fused-cold": [], "fused-warm": [], "fused-warm-inplace": []
+        "eager": [],
+        "fused-cold": [],
+        "fused-warm": [],
+        "fused-warm-inplace": [],
     }
     with tempfile.TemporaryDirectory() as warm_dir:
         _first_step("fused-warm", warm_dir)  # fills the table the warm runs read

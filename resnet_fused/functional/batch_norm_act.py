@@ -111,9 +111,7 @@ class _BatchNormAct(torch.autograd.Function):
         # g = grad_out * act'(pre), and the elementwise pass reads it instead of evaluating
         # act' a second time (one more pass over memory against one exp/erf per element:
         # the exp is the dearer on a CPU; on a GPU the recomputation is the cheaper).
-        masked_once = (
-            act.transcendental and need_sums and need_input and input.device.type == "cpu"
-        )
+        masked_once = act.transcendental and need_sums and need_input and input.device.type == "cpu"
         write_masked = write_masked or masked_once
         sum_dy = sum_dy_xhat = None
         masked = grad_out

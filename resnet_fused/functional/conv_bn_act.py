@@ -252,7 +252,7 @@ def _onednn_weight(w: Tensor, x: Tensor, geometry, residual: Tensor | None, act)
 def _eval_forward(
     impl, x, w, b, residual, stride, padding, dilation, groups, act, w_packed, w_finite=None,
     w_onednn=None,
-):
+):  # fmt: skip
     """act(conv2d(x, w) + b [+ residual]) on backend ``impl`` (no autograd). ``w_finite``:
     whether w and b are known to be finite (a cached fold knows; None: look). ``w_onednn``:
     ``w`` reordered for oneDNN (:func:`_onednn_weight`), used by its fused convolution."""
@@ -761,10 +761,7 @@ def conv_bn_act(
         backend, input, conv_weight, geometry, False, residual, act, no_grad_trial,
         conv_bias, grad=grad, alternative=alternative,
     )  # fmt: skip
-    if impl == EAGER:
-        out = trial(EAGER)
-    else:
-        out = run_eval(impl, w_packed if impl == "triton" else None)
+    out = trial(EAGER) if impl == EAGER else run_eval(impl, w_packed if impl == "triton" else None)
     if _record is not None and (_folded is not None or grad):
         _record.append(EvalPlan(impl, geometry, grad, onednn if impl == "cpu" else None))
     return out

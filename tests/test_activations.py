@@ -77,7 +77,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", backend_params(("torch", "cpu", "triton")))
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu", "cuda", "triton")))
 @pytest.mark.parametrize(("act", "case"), CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp64"])
 def test_batch_norm_act_every_activation(backend, act, case, dtype):
@@ -128,12 +128,14 @@ def test_batch_norm_act_every_activation(backend, act, case, dtype):
         assert_close_to_reference(rv, rv_e, rv64 * 0.9 + 0.1 * var64, name="rv")
 
 
-@pytest.mark.parametrize("backend", backend_params(("cpu", "triton")))
+@pytest.mark.parametrize("backend", backend_params(("cpu", "cuda", "triton")))
 @pytest.mark.parametrize("act", ACTS[:7], ids=ACT_IDS[:7])
 def test_kinks_and_non_finite_values(backend, act):
     """Pre-activations exactly at the kinks (and at +-0, +-Inf, NaN): the forward as
     torch's activation, the gradient at each kink torch's one-sided value, and
-    non-finite values where eager has them."""
+    non-finite values where eager has them. The expected values are torch's CPU ops in
+    fp64 on every backend (torch's CUDA Hardswish multiplies by 1/6 rounded to float
+    precision, about 3e-8 from the fp64 value)."""
     device = backend_device(backend)
     values = torch.tensor(
         [-3.0, 3.0, 0.0, -0.0, 6.0, -6.0, 1.5, -1.5, 7.0, float("inf"), -float("inf"),
@@ -149,10 +151,10 @@ def test_kinks_and_non_finite_values(backend, act):
     out = forward(x, mean, var, None, None, None, 1e-5, *act.args)
     # piecewise-linear ones exactly; the smooth ones (exp, erf, tanh) to fp64 rounding
     tol = 0.0 if act.kinks else 1e-14
-    torch.testing.assert_close(out, act(x), rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(out, act(x.cpu()).to(device), rtol=tol, atol=tol, equal_nan=True)
     g = torch.ones_like(x)
     finite = torch.isfinite(x)
-    want = act.backward(g, x)
+    want = act.backward(g.cpu(), x.cpu()).to(device)
     reduce = (
         lib.bn_act_backward_reduce_triton if backend == "triton" else lib.bn_act_backward_reduce
     )
@@ -166,13 +168,16 @@ def test_kinks_and_non_finite_values(backend, act):
             reduce(g, x, mean, var, None, None, out, 1e-5, *act.args, True)
 
 
-@pytest.mark.parametrize("backend", backend_params(("torch", "cpu", "triton")))
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu", "cuda", "triton")))
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_conv_bn_act_every_activation(backend, act, training):
-    """Conv -> BN -> activation, training (batch statistics) and eval (BatchNorm folded
-    into the convolution: oneDNN's post-op, the epilogue or the Triton convolution), fp32
-    channels_last, forward and every gradient."""
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_conv_bn_act_every_activation(backend, act, training, residual):
+    """Conv -> BN (-> + residual) -> activation, training (batch statistics) and eval
+    (BatchNorm folded into the convolution: oneDNN's post-op, the epilogue or the Triton
+    convolution), fp32 channels_last, forward and every gradient (the residual's too).
+    After a residual, an activation whose derivative needs its input runs after the
+    fused unit in training: its backward must work."""
     device = backend_device(backend)
     dtype = torch.float32
     x = _data((2, 3, 7, 6), dtype, device, True).requires_grad_()
@@ -182,25 +187,31 @@ def test_conv_bn_act_every_activation(backend, act, training):
     rm = torch.randn(5, dtype=dtype, device=device) * 0.2
     rv = torch.rand(5, dtype=dtype, device=device) + 0.5
     leaves = [x, cw, bw, bb]
+    names = ["x", "conv_w", "bn_w", "bn_b"]
+    res = None
+    if residual:
+        res = _data((2, 5, 7, 6), dtype, device, True, 1.0, 0.0).requires_grad_()
+        leaves.append(res)
+        names.append("residual")
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     out = resnet_fused.conv_bn_act(
         x, cw, bw, bb, rm.clone(), rv.clone(), padding=1, training=training, activation=act,
-        backend=backend,
+        backend=backend, residual=res,
     )  # fmt: skip
 
-    def pre(xx, ww, gw, gb, m, v):
-        return F.batch_norm(F.conv2d(xx, ww, padding=1), m, v, gw, gb, training, 0.1, 1e-5)
+    def pre(xx, ww, gw, gb, *r, m, v):
+        y = F.batch_norm(F.conv2d(xx, ww, padding=1), m, v, gw, gb, training, 0.1, 1e-5)
+        return y + r[0] if r else y
 
-    pre_e = pre(*leaves, rm.clone(), rv.clone())
-    pre64 = pre(*leaves64, rm.double(), rv.double())
+    pre_e = pre(*leaves, m=rm.clone(), v=rv.clone())
+    pre64 = pre(*leaves64, m=rm.double(), v=rv.double())
     eager, ref = act(pre_e), act(pre64)
     assert_close_to_reference(out, eager, ref, name="out")
     grad = _kink_free(torch.randn_like(out), act, pre64, kink_band(pre_e, pre64))
     grads = torch.autograd.grad(out, leaves, grad)
     eager_grads = torch.autograd.grad(eager, leaves, grad)
     ref_grads = torch.autograd.grad(ref, leaves64, grad.double())
-    for name, g, ge, gr in zip(["x", "conv_w", "bn_w", "bn_b"], grads, eager_grads, ref_grads,
-                               strict=True):  # fmt: skip
+    for name, g, ge, gr in zip(names, grads, eager_grads, ref_grads, strict=True):
         assert_close_to_reference(g, ge, gr, name=f"grad {name}")
 
 
@@ -237,6 +248,31 @@ def test_eval_epilogue_paths(act, residual):
     y = F.conv2d(x, w, None, padding=1)
     torch.ops.resnet_fused.bias_act_(y, b, r, *act.args)
     assert_close_to_reference(y, eager, ref64, name="bias_act_")
+
+
+@pytest.mark.parametrize("act", ["silu", "hardswish", "gelu", nn.LeakyReLU(-0.2)])
+def test_module_with_residual_and_an_activation_from_its_input(act):
+    """A fused unit called with a residual and an activation whose derivative needs the
+    pre-activation: training steps (forward, backward, running statistics) and eval match
+    the eager modules in fp64, call after call."""
+    torch.manual_seed(0)
+    unit = resnet_fused.FusedConvBNReLU2d(3, 4, 3, padding=1, activation=act).double()
+    eager = copy.deepcopy(unit)
+    a = as_act(act)
+    for step, training in enumerate((True, True, False, True)):
+        unit.train(training), eager.train(training)
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+        r = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+        out = unit(x, r)
+        want = a(eager.bn(eager.conv(x)) + r)
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, [x, r, *unit.parameters()], g)
+        exp = torch.autograd.grad(want, [x, r, *eager.parameters()], g)
+        for i, (u, v) in enumerate(zip(got, exp, strict=True)):
+            torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-10, msg=f"step {step} grad {i}")
+        torch.testing.assert_close(unit.bn.running_mean, eager.bn.running_mean)
+        torch.testing.assert_close(unit.bn.running_var, eager.bn.running_var)
 
 
 def test_activation_arguments():
@@ -451,7 +487,7 @@ def test_eager_unit_op_matches_eager_modules(act, training):
     assert torch.equal(bn.running_var, bn2.running_var)
 
 
-@pytest.mark.parametrize("backend", backend_params(("cpu", "triton")))
+@pytest.mark.parametrize("backend", backend_params(("cpu", "cuda", "triton")))
 @pytest.mark.parametrize(
     "act", [Act(SILU), Act(GELU), Act(GELU_TANH)], ids=["silu", "gelu", "gelu_tanh"]
 )

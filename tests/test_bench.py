@@ -499,3 +499,28 @@ def test_fused_provider_whose_units_auto_ran_as_aten_ops_is_timed():
     bench_model.check_fused_ran("fused", 0, auto_decided=True)
     with pytest.raises(ValueError, match="dispatched no resnet_fused op"):
         bench_model.check_fused_ran("fused", 0, auto_decided=False)
+
+
+@pytest.mark.parametrize("mode", ["steady", "default"])
+def test_host_allocator_choice_is_applied_and_reported(tmp_path, mode):
+    """``--host-allocator default`` leaves glibc's heap settings alone (the timings then
+    include the page faults of fresh outputs); ``steady`` (the default) tunes them. Each
+    run is a new process (a tuned process stays tuned), and its rows and report say
+    which it was."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "resnet_fused", "bench", "--level", "op", "--device", "cpu",
+         "--quick", "--ops", "add_relu", "--layouts", "nchw", "--batch", "1", "--providers",
+         "eager", "--min-run-time", "0.01", "--rounds", "1", "--host-allocator", mode,
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (csv_path,) = tmp_path.glob("op_*.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert {r["host_allocator"] for r in rows} == {mode}
+    (md,) = tmp_path.glob("op_*.md")
+    words = "glibc's default heap settings" if mode == "default" else "steady state"
+    assert words in md.read_text()

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import block, goals, harness, host, layer, model, op, report, sync
+from . import block, goals, harness, host, layer, model, op, report, sync, timing
 from .timing import device_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -111,6 +111,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "first_step (a new process's first training step, cold and warm tuning table), "
         "r50_inference (ResNet-50 inference vs torch.compile with freezing); default: all",
     )
+    parser.add_argument(
+        "--host-allocator",
+        choices=("steady", "default"),
+        default="steady",
+        help="CPU runs: steady (default) keeps glibc from returning freed memory to the OS "
+        "between timed runs (the steady state of a long-running process); default leaves "
+        "glibc as a plain process has it, page faults on fresh outputs included",
+    )
     parser.add_argument("--out", default="results", help="output folder")
 
 
@@ -160,6 +168,7 @@ def run_bench(args: argparse.Namespace) -> int:
     auto_choice.reset()
     try:
         device = _device(args.device)
+        timing.set_host_allocator(getattr(args, "host_allocator", "steady"))
         if args.rounds < 1:
             raise _BadArgs(f"--rounds must be at least 1, got {args.rounds}")
         levels = ("op", "layer", "block", "model") if args.level == "suite" else (args.level,)
@@ -349,7 +358,9 @@ def summarise(rows: list[dict]) -> str:
         "# Op benchmark",
         "",
         f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
-        f"CUDA {env['cuda'] or '-'}; {env['date']}; dtype {env['dtype']}.",
+        f"CUDA {env['cuda'] or '-'}; {env['date']}; dtype {env['dtype']}"
+        + timing.allocator_text(env)
+        + ".",
         f"Measured copy bandwidth: {env['copy_gbps']} GB/s. GB/s charge every provider the "
         "fused op's minimal traffic, so GB/s ratios are speed ratios. "
         + harness.TIMING_NOTE.format(rounds=env.get("rounds", harness.ROUNDS)),

@@ -600,6 +600,7 @@ def verdicts(rows: list[dict], failures=()) -> list[list[str]]:
 
 def summarise(rows: list[dict], failures=()) -> str:
     from . import report
+    from .timing import allocator_text
 
     env = rows[0]
     lines = [
@@ -607,7 +608,9 @@ def summarise(rows: list[dict], failures=()) -> str:
         "",
         f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda'] or '-'}; {env['date']}; batch {env['batch']}, "
-        f"{env['image_size']}x{env['image_size']} images, AMP {env['amp']}.",
+        f"{env['image_size']}x{env['image_size']} images, AMP {env['amp']}"
+        + allocator_text(env)
+        + ".",
         "train = forward + cross-entropy + backward + SGD step; eval = inference. "
         "×eager(cl) is the speed-up over the same eager model in channels_last, ×compile "
         "over torch.compile of it. First step: the first step's wall time (compile, "

@@ -29,6 +29,36 @@ class Timing:
 
 
 _ALLOCATOR_TUNED = False
+# "steady" (default): keep_freed_host_memory tunes glibc; "default": glibc as a plain
+# Python process has it (``resnet-fused bench --host-allocator default``).
+HOST_ALLOCATORS = ("steady", "default")
+_HOST_ALLOCATOR = "steady"
+
+
+def set_host_allocator(mode: str) -> None:
+    """How CPU runs treat glibc's heap: ``"steady"`` keeps freed memory (see
+    :func:`keep_freed_host_memory`), ``"default"`` leaves glibc's settings alone, so that
+    the timings include the page faults a plain process pays for fresh outputs (which
+    fall harder on eager, which allocates more tensors per unit). Set before the first
+    timed run: a tuned process stays tuned."""
+    global _HOST_ALLOCATOR
+    if mode not in HOST_ALLOCATORS:
+        raise ValueError(f"host allocator must be one of {HOST_ALLOCATORS}, got {mode!r}")
+    _HOST_ALLOCATOR = mode
+
+
+def host_allocator() -> str:
+    return "steady" if _ALLOCATOR_TUNED else "default"
+
+
+def allocator_text(env: dict) -> str:
+    """A report's words for how a CPU run treated glibc's heap ("" for other devices)."""
+    mode = env.get("host_allocator")
+    if not mode:
+        return ""
+    if mode == "default":
+        return "; glibc's default heap settings (fresh outputs page-fault)"
+    return "; glibc kept from returning freed memory (steady state)"
 
 
 def keep_freed_host_memory() -> bool:
@@ -36,13 +66,16 @@ def keep_freed_host_memory() -> bool:
 
     With glibc's defaults, two freed activation-sized blocks at the top of the heap
     exceed its trim threshold, so every iteration page-faults its outputs afresh: eager
-    ``relu(x + r)`` then measures ~10x slower than its kernels run. Training processes
-    reach a steady state instead; this puts the benchmark there, for every provider alike.
-    Returns whether the setting took (glibc only).
+    ``relu(x + r)`` then measures ~10x slower than its kernels run. Long-running
+    processes often reach a steady state instead (or run another allocator); this puts
+    the benchmark there, for every provider alike, unless ``set_host_allocator("default")``
+    asked for glibc as it is. Returns whether the setting took (glibc only).
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return True
+    if _HOST_ALLOCATOR == "default":
+        return False
     try:
         import ctypes
 
@@ -156,10 +189,13 @@ def environment(device: torch.device) -> dict:
         triton_version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         triton_version = ""
-    return {
+    env = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "",
     }
+    if device.type == "cpu":
+        env["host_allocator"] = host_allocator()
+    return env

@@ -249,7 +249,8 @@ C10_ALWAYS_INLINE void prefetch_rows_ahead(const scalar_t* p, int64_t C, int64_t
 #if RF_USE_VEC
 // exp for float vectors, inline (no call): at::vec's exp() is a call into Sleef, across
 // which every vector register of the loops around it is spilled (all are caller-saved);
-// in the fused loops that spilling was a large part of SiLU's and GELU's cost per element. exp(x) = 2^n * e^r with
+// in the fused loops that spilling was a large part of SiLU's and GELU's cost per
+// element. exp(x) = 2^n * e^r with
 // n = round(x*log2(e)), r = x - n*ln2 (two-part ln2, exact to float precision) and a
 // degree-7 polynomial for e^r on |r| <= ln2/2 (the Cephes expf coefficients); about
 // 1 ulp, like Sleef's u10. 2^n is applied as two factors 2^(n/2) so that results in the

@@ -113,7 +113,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--host-allocator",
-        choices=("steady", "default"),
+        choices=timing.HOST_ALLOCATORS,
         default="steady",
         help="CPU runs: steady (default) keeps glibc from returning freed memory to the OS "
         "between timed runs (the steady state of a long-running process); default leaves "

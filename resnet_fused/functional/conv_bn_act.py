@@ -249,6 +249,14 @@ def _onednn_weight(w: Tensor, x: Tensor, geometry, residual: Tensor | None, act)
         return _REORDER(w, list(padding), list(stride), list(dilation), groups, list(x.shape))
 
 
+def _kept_onednn_weight(kept, w: Tensor, x: Tensor, geometry, residual, act) -> tuple:
+    """``kept`` = (W', W' reordered for oneDNN) while W' is the same tensor, else made
+    anew for ``w`` (a remade fold is a new tensor)."""
+    if kept is None or kept[0] is not w:
+        kept = (w, _onednn_weight(w, x, geometry, residual, act))
+    return kept
+
+
 def _eval_forward(
     impl, x, w, b, residual, stride, padding, dilation, groups, act, w_packed, w_finite=None,
     w_onednn=None,
@@ -529,12 +537,11 @@ class EvalPlan:
         w_f, b_f, w_packed, w_finite = folded
         w_onednn = None
         if self.impl == "cpu":
-            onednn = self.onednn  # (read once: another thread may replace it)
-            if onednn is not None and onednn[0] is w_f:
-                w_onednn = onednn[1]
-            else:
-                w_onednn = _onednn_weight(w_f, x, self.geometry, residual, act)
-                self.onednn = (w_f, w_onednn)
+            # (self.onednn read once: another thread may replace it)
+            self.onednn = kept = _kept_onednn_weight(
+                self.onednn, w_f, x, self.geometry, residual, act
+            )
+            w_onednn = kept[1]
         return _eval_forward(
             self.impl, x, w_f, b_f, residual, stride, padding, dilation, groups, act,
             w_packed if self.impl == "triton" else None, w_finite, w_onednn,
@@ -727,8 +734,7 @@ def conv_bn_act(
         if not grad:
             w_onednn = None
             if impl == "cpu" and _folded is not None:
-                if onednn is None:
-                    onednn = (w_f, _onednn_weight(w_f, input, geometry, residual, act))
+                onednn = _kept_onednn_weight(onednn, w_f, input, geometry, residual, act)
                 w_onednn = onednn[1]
             return _eval_forward(
                 impl, input, w_f, b_f, residual, stride, padding, dilation, groups, act, packed,

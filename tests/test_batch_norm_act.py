@@ -243,6 +243,88 @@ def test_cpu_fp32_statistics_accumulate_in_fp64(backend, layout, kind):
 
 
 @pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(3, 13, 37, 41), (2, 40, 30, 30)], ids=str)
+@pytest.mark.parametrize("act", ["identity", "relu_from_out", "silu_masked"])
+def test_cpu_channels_last_backward_over_tiles_and_row_groups(dtype, shape, act):
+    """The CPU backward's channels_last loops: several tiles (about 32768 values each),
+    each in groups of rows with a remainder, blocks of channels with a scalar tail (13 =
+    8 + 5; 40 = 5 x 8, or 2 x 16 + 8 for the 16-value blocks of bf16 and fp64), and a
+    prefetch stream running past the tensors' end. The sums match fp64 sums, g * act' and
+    the input gradient match the NCHW loops', and the result is the same on one thread."""
+    c = shape[1]
+    gen = torch.Generator().manual_seed(11)
+    x64 = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+    g64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x_cl = x64.to(dtype).contiguous(memory_format=torch.channels_last)
+    g_cl = g64.to(dtype).contiguous(memory_format=torch.channels_last)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(pdtype)
+    b = (torch.randn(c, generator=gen, dtype=torch.float64) * 0.5).to(pdtype)
+    kernels = resnet_fused.functional.batch_norm_act._bn_kernels("cpu")
+    code, with_out, write_masked = {
+        "identity": (0, False, False),
+        "relu_from_out": (1, True, False),
+        "silu_masked": (4, False, True),
+    }[act]
+
+    def backward(x, g):
+        mean, var = kernels.stats(x, None, None, 0.1)
+        out = kernels.forward(x, mean, var, w, b, None, 1e-5, code, 0.0) if with_out else None
+        sums = kernels.backward_reduce(g, x, mean, var, w, b, out, 1e-5, code, 0.0, write_masked)
+        return mean, var, sums
+
+    mean, var, (sum_dy, sum_dy_xhat, masked) = backward(x_cl, g_cl)
+    x_n, g_n = x_cl.contiguous(), g_cl.contiguous()
+    masked_n = backward(x_n, g_n)[2][2]
+    # g * act', elementwise from the same statistics' arithmetic: as the NCHW loops'.
+    if write_masked:
+        assert masked.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(
+            masked, masked_n, rtol=0, atol=2e-6 if dtype == torch.float32 else 0.02
+        )
+    # The sums against fp64 sums of the same g * act' (acc type: fp64 for fp32 and fp64
+    # input, fp32 for bf16, whose sums take g * act' before its rounding to bf16).
+    xhat = (x_cl.double() - mean.double()[None, :, None, None]) * (var.double() + 1e-5).rsqrt()[
+        None, :, None, None
+    ]
+    gm = (masked if write_masked else g_cl).double()
+    if act == "relu_from_out":
+        gm = torch.where(kernels.forward(x_cl, mean, var, w, b, None, 1e-5, 1, 0.0) > 0, gm, 0.0)
+    if write_masked and dtype == torch.bfloat16:
+        y = xhat * w.double()[None, :, None, None] + b.double()[None, :, None, None]
+        sig = torch.sigmoid(y)
+        gm = g_cl.double() * sig * (1 + y * (1 - sig))
+    rel = 1e-12 if dtype != torch.bfloat16 else 1e-5
+    scale = gm.abs().sum(dim=(0, 2, 3))
+    assert ((sum_dy.double() - gm.sum(dim=(0, 2, 3))).abs() <= rel * scale).all()
+    assert ((sum_dy_xhat.double() - (gm * xhat).sum(dim=(0, 2, 3))).abs() <= rel * 8 * scale).all()
+    # The input gradient from the same sums: elementwise, as the NCHW loops compute it.
+    gin = masked if write_masked else g_cl
+    act_e = 0 if write_masked else code
+    dx = kernels.backward_elemt(
+        gin, x_cl, mean, var, w, b, sum_dy, sum_dy_xhat, 1e-5, act_e, 0.0, True
+    )
+    dx_n = kernels.backward_elemt(
+        gin.contiguous(), x_n, mean, var, w, b, sum_dy, sum_dy_xhat, 1e-5, act_e, 0.0, True
+    )
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(dx, dx_n)
+    # Bit for bit on one thread (tiles, not threads, fix the order of the sums).
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, _, (sum_dy_1, sum_dy_xhat_1, masked_1) = backward(x_cl, g_cl)
+        dx_1 = kernels.backward_elemt(
+            gin, x_cl, mean, var, w, b, sum_dy, sum_dy_xhat, 1e-5, act_e, 0.0, True
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(sum_dy_1, sum_dy) and torch.equal(sum_dy_xhat_1, sum_dy_xhat)
+    assert torch.equal(masked_1, masked) and torch.equal(dx_1, dx)
+
+
+@pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
 def test_portable_cpu_bn_kernels_in_subprocess():
     """The baseline (non-AVX2) CPU kernels, chosen with ATEN_CPU_CAPABILITY=default: the
     fp64 statistics and sums and the recomputed ReLU mask, as the AVX2 kernels."""

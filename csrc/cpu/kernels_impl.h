@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -127,6 +128,49 @@ inline int64_t chunk_rows(int64_t C) {
   return std::max<int64_t>(1, kChunkElems / std::max<int64_t>(C, 1));
 }
 
+// The channels_last backward loops take a tile's rows in groups of about kGroupBytes of
+// each tensor, and at least kMinGroupRows rows: in a group, blocks of channels outside
+// and the group's rows inside, so that a block's parameters (and sums) stay in registers
+// down the rows while the group's lines, once the first blocks have brought them in, stay
+// in L1 for the others.
+constexpr int64_t kGroupBytes = 4096;
+constexpr int64_t kMinGroupRows = 16;
+
+template <typename scalar_t>
+inline int64_t group_rows(int64_t C) {
+  return std::max<int64_t>(
+      kMinGroupRows,
+      kGroupBytes / std::max<int64_t>(C * static_cast<int64_t>(sizeof(scalar_t)), 1));
+}
+
+#if RF_USE_VEC
+// A software prefetch stream kGroupsAhead groups ahead of the rows being worked on. A
+// block walks its group's rows at stride C, which the hardware prefetchers follow poorly
+// once the tensors are not in cache (the loops ran at 2-3x the time of the NCHW loops);
+// the lines of the group kGroupsAhead ahead are instead requested in address order, a
+// block's width per step, so that they are covered when every block has walked its group
+// (one step per row and block). Addresses are kept as integers: they run past the tensor's
+// end, where a prefetch is harmless (it never faults) but a pointer may not point. Streams
+// the loop writes (dx) are requested for writing.
+constexpr int64_t kGroupsAhead = 2;
+
+template <typename scalar_t, bool kWrite = false>
+struct PrefetchStream {
+  std::uintptr_t addr;
+  PrefetchStream(const scalar_t* base, int64_t first_row, int64_t C)
+      : addr(reinterpret_cast<std::uintptr_t>(base) +
+             static_cast<std::uintptr_t>(first_row * C) * sizeof(scalar_t)) {}
+  C10_ALWAYS_INLINE void step(int64_t values) {
+    if constexpr (kWrite) {
+      __builtin_prefetch(reinterpret_cast<const void*>(addr), 1, 3);
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(addr), _MM_HINT_T0);
+    }
+    addr += static_cast<std::uintptr_t>(values) * sizeof(scalar_t);
+  }
+};
+#endif
+
 // The largest value that rounds to zero in scalar_t (round to nearest even): the ReLU
 // mask recomputed in fp32 must agree with the mask of the rounded output.
 template <typename scalar_t>
@@ -229,22 +273,6 @@ inline void load_acc(const scalar_t* p, Vectorized<bn_acc_t<scalar_t>>* out) {
 }
 #endif
 
-#if RF_USE_VEC
-// The channels_last loops that walk a block of channels down a tile's rows (stride C)
-// read one or two cache lines per row and tensor; the hardware prefetchers follow that
-// stride poorly once the loop body is long (SiLU, GELU), so the lines kRowsAhead rows
-// ahead are requested explicitly (both lines a kStep block may straddle).
-constexpr int64_t kRowsAhead = 6;
-
-template <typename scalar_t>
-C10_ALWAYS_INLINE void prefetch_rows_ahead(const scalar_t* p, int64_t C, int64_t rows_left) {
-  if (rows_left > kRowsAhead) {
-    const char* q = reinterpret_cast<const char*>(p + kRowsAhead * C);
-    _mm_prefetch(q, _MM_HINT_T0);
-    _mm_prefetch(q + AccVec<scalar_t>::kStep * sizeof(scalar_t) - 1, _MM_HINT_T0);
-  }
-}
-#endif
 
 #if RF_USE_VEC
 // exp for float vectors, inline (no call): at::vec's exp() is a call into Sleef, across
@@ -662,6 +690,18 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
     const int64_t M = g.N * g.HW;
     at::parallel_for(0, M, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
+#if RF_USE_VEC
+      // Local copies: the vector stores may alias anything, so values read through the
+      // reference captures would be reloaded on every step.
+      const scalar_t* const xl = x;
+      const scalar_t* const rl = res;
+      scalar_t* const ol = out;
+      const acc_t* const ml = mean;
+      const acc_t* const sl = scale;
+      const acc_t* const bl = bias;
+      const int64_t kl = kind;
+      const acc_t pl = param;
+#endif
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * C;
         int64_t c = 0;
@@ -672,23 +712,23 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
         const aVec zero(0);
         aVec a, b, ra, rb;
         for (; c + V::kStep <= C; c += V::kStep) {
-          V::load(x + base + c, a, b);
-          a = at::vec::fmadd(a - aVec::loadu(mean + c), aVec::loadu(scale + c), aVec::loadu(bias + c));
-          b = at::vec::fmadd(b - aVec::loadu(mean + c + h), aVec::loadu(scale + c + h),
-                             aVec::loadu(bias + c + h));
-          if (res != nullptr) {
-            V::load(res + base + c, ra, rb);
+          V::load(xl + base + c, a, b);
+          a = at::vec::fmadd(a - aVec::loadu(ml + c), aVec::loadu(sl + c), aVec::loadu(bl + c));
+          b = at::vec::fmadd(b - aVec::loadu(ml + c + h), aVec::loadu(sl + c + h),
+                             aVec::loadu(bl + c + h));
+          if (rl != nullptr) {
+            V::load(rl + base + c, ra, rb);
             a += ra;
             b += rb;
           }
           if constexpr (kGeneric) {
-            a = act_vec<acc_t>(kind, a, param);
-            b = act_vec<acc_t>(kind, b, param);
-          } else if (kind == kActReLU) {
+            a = act_vec<acc_t>(kl, a, pl);
+            b = act_vec<acc_t>(kl, b, pl);
+          } else if (kl == kActReLU) {
             a = at::vec::clamp_min(a, zero);
             b = at::vec::clamp_min(b, zero);
           }
-          V::store(out + base + c, a, b);
+          V::store(ol + base + c, a, b);
         }
 #endif
         for (; c < C; ++c) {
@@ -711,23 +751,29 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
         using aVec = typename V::aVec;
         const aVec zero(0), mv(mean[c]), sv(scale[c]), bv(bias[c]);
         aVec a, b, ra, rb;
+        // Local copies (see the channels_last loop).
+        const scalar_t* const xl = x + base;
+        const scalar_t* const rl = res != nullptr ? res + base : nullptr;
+        scalar_t* const ol = out + base;
+        const int64_t kl = kind;
+        const acc_t pl = param;
         for (; i + V::kStep <= HW; i += V::kStep) {
-          V::load(x + base + i, a, b);
+          V::load(xl + i, a, b);
           a = at::vec::fmadd(a - mv, sv, bv);
           b = at::vec::fmadd(b - mv, sv, bv);
-          if (res != nullptr) {
-            V::load(res + base + i, ra, rb);
+          if (rl != nullptr) {
+            V::load(rl + i, ra, rb);
             a += ra;
             b += rb;
           }
           if constexpr (kGeneric) {
-            a = act_vec<acc_t>(kind, a, param);
-            b = act_vec<acc_t>(kind, b, param);
-          } else if (kind == kActReLU) {
+            a = act_vec<acc_t>(kl, a, pl);
+            b = act_vec<acc_t>(kl, b, pl);
+          } else if (kl == kActReLU) {
             a = at::vec::clamp_min(a, zero);
             b = at::vec::clamp_min(b, zero);
           }
-          V::store(out + base + i, a, b);
+          V::store(ol + i, a, b);
         }
 #endif
         for (; i < HW; ++i) {
@@ -830,7 +876,7 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
   constexpr int64_t kParts = kWidenParts<o_t, a_t>;
   // One op_t vector: the masked gradient (stored when asked), then its sums into dy[] and
   // dyx[] (kParts acc_t vectors each).
-  auto vec_part = [&](const oVec& xv, oVec gv, const oVec& outv, const oVec& mv, const oVec& sv,
+  auto vec_part = [=](const oVec& xv, oVec gv, const oVec& outv, const oVec& mv, const oVec& sv,
                       const oVec& bv, const aVec* ma, aVec* dy,
                       aVec* dyx) C10_ALWAYS_INLINE_ATTRIBUTE -> oVec {
     gv = masked_grad_vec<scalar_t, kGeneric>(mask, act, gv, xv - mv, sv, bv, outv);
@@ -849,53 +895,110 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
         a_t* dyx = p_dyx.data() + t * C;
         const int64_t r0 = t * rows_per_tile;
         const int64_t r1 = std::min(M, r0 + rows_per_tile);
-        // Blocks of kStep channels outside, the tile's rows inside: a block's parameters
-        // and acc_t sums stay in registers down the rows (rows outside loaded and stored
-        // 2*kParts sums per vector); the later blocks read the tile's lines again from
-        // L2. Per channel the rows are summed in order, as before.
-        int64_t c = 0;
+        // Groups of group_rows(C) rows in order, prefetched ahead (see PrefetchStream); in
+        // a group, blocks of channels outside and the group's rows inside: a block's
+        // parameters and acc_t sums stay in registers down the group's rows, and are
+        // loaded from and stored to the tile's sums once per group. Per channel the rows
+        // are still summed in order, so the sums are those of a channel-outer loop.
+        const int64_t group = group_rows<scalar_t>(C);
+        for (int64_t g0 = r0; g0 < r1; g0 += group) {
+          const int64_t g1 = std::min(r1, g0 + group);
+          int64_t c = 0;
 #if RF_USE_VEC
-        constexpr int64_t h = oVec::size();
-        for (; c + V::kStep <= C; c += V::kStep) {
-          const oVec mva = oVec::loadu(mean + c), mvb = oVec::loadu(mean + c + h);
-          const oVec sva = oVec::loadu(scale + c), svb = oVec::loadu(scale + c + h);
-          const oVec bva = oVec::loadu(bias + c), bvb = oVec::loadu(bias + c + h);
-          aVec maa[kParts], mab[kParts], sdya[kParts], sdyb[kParts], sdyxa[kParts], sdyxb[kParts];
-          for (int p = 0; p < kParts; ++p) {
-            maa[p] = aVec::loadu(mean_acc + c + p * aVec::size());
-            mab[p] = aVec::loadu(mean_acc + c + h + p * aVec::size());
-            sdya[p] = sdyb[p] = sdyxa[p] = sdyxb[p] = aVec(a_t(0));
-          }
-          for (int64_t row = r0; row < r1; ++row) {
-            const int64_t off = row * C + c;
-            prefetch_rows_ahead(grad + off, C, r1 - row);
-            prefetch_rows_ahead(x + off, C, r1 - row);
-            if (mask == BnMask::kFromOut) {
-              prefetch_rows_ahead(out + off, C, r1 - row);
+          constexpr int64_t h = oVec::size();
+          // Local copies: the loops' vector stores may alias anything, so values read
+          // through the lambdas' reference captures would be reloaded on every row.
+          const scalar_t* const xl = x;
+          const scalar_t* const gl = grad;
+          const scalar_t* const ol = mask == BnMask::kFromOut ? out : nullptr;
+          scalar_t* const ml = masked;
+          const int64_t Cl = C;
+          const auto vp = vec_part;
+          const int64_t ahead = g0 + kGroupsAhead * group;
+          PrefetchStream<scalar_t> pfx(xl, ahead, Cl), pfg(gl, ahead, Cl), pfo(ol, ahead, Cl);
+          PrefetchStream<scalar_t, /*kWrite=*/true> pfm(ml, ahead, Cl);
+          auto prefetch_step = [&](int64_t values) C10_ALWAYS_INLINE_ATTRIBUTE {
+            pfx.step(values);
+            pfg.step(values);
+            if (ol != nullptr) {
+              pfo.step(values);
             }
-            oVec ga, gb, xa, xb, oa(0), ob(0);
-            V::load(grad + off, ga, gb);
-            V::load(x + off, xa, xb);
-            if (mask == BnMask::kFromOut) {
-              V::load(out + off, oa, ob);
+            if (ml != nullptr) {
+              pfm.step(values);
             }
-            ga = vec_part(xa, ga, oa, mva, sva, bva, maa, sdya, sdyxa);
-            gb = vec_part(xb, gb, ob, mvb, svb, bvb, mab, sdyb, sdyxb);
-            if (masked != nullptr) {
-              V::store(masked + off, ga, gb);
+          };
+          if constexpr (kParts > 1) {
+            // Float input: blocks of one float vector. A block of kStep channels would
+            // keep 18 vectors live (its double sums, the double mean and the float
+            // parameters of both halves): more than AVX2's 16 registers, and the sums
+            // spilled to the stack made a dependency through memory on every row.
+            for (; c + h <= C; c += h) {
+              const oVec mv = oVec::loadu(mean + c), sv = oVec::loadu(scale + c);
+              const oVec bv = oVec::loadu(bias + c);
+              aVec ma[kParts], sdy[kParts], sdyx[kParts];
+              for (int p = 0; p < kParts; ++p) {
+                ma[p] = aVec::loadu(mean_acc + c + p * aVec::size());
+                sdy[p] = aVec::loadu(dy + c + p * aVec::size());
+                sdyx[p] = aVec::loadu(dyx + c + p * aVec::size());
+              }
+              for (int64_t row = g0; row < g1; ++row) {
+                const int64_t off = row * Cl + c;
+                prefetch_step(h);
+                const oVec xv = oVec::loadu(xl + off);
+                const oVec ov = ol != nullptr ? oVec::loadu(ol + off) : oVec(0);
+                const oVec gv = vp(xv, oVec::loadu(gl + off), ov, mv, sv, bv, ma, sdy, sdyx);
+                if (ml != nullptr) {
+                  gv.store(ml + off);
+                }
+              }
+              for (int p = 0; p < kParts; ++p) {
+                sdy[p].store(dy + c + p * aVec::size());
+                sdyx[p].store(dyx + c + p * aVec::size());
+              }
             }
           }
-          for (int p = 0; p < kParts; ++p) {
-            sdya[p].store(dy + c + p * aVec::size());
-            sdyb[p].store(dy + c + h + p * aVec::size());
-            sdyxa[p].store(dyx + c + p * aVec::size());
-            sdyxb[p].store(dyx + c + h + p * aVec::size());
+          for (; c + V::kStep <= C; c += V::kStep) {
+            const oVec mva = oVec::loadu(mean + c), mvb = oVec::loadu(mean + c + h);
+            const oVec sva = oVec::loadu(scale + c), svb = oVec::loadu(scale + c + h);
+            const oVec bva = oVec::loadu(bias + c), bvb = oVec::loadu(bias + c + h);
+            aVec maa[kParts], mab[kParts], sdya[kParts], sdyb[kParts], sdyxa[kParts], sdyxb[kParts];
+            for (int p = 0; p < kParts; ++p) {
+              const int64_t oa = c + p * aVec::size(), ob = c + h + p * aVec::size();
+              maa[p] = aVec::loadu(mean_acc + oa);
+              mab[p] = aVec::loadu(mean_acc + ob);
+              sdya[p] = aVec::loadu(dy + oa);
+              sdyb[p] = aVec::loadu(dy + ob);
+              sdyxa[p] = aVec::loadu(dyx + oa);
+              sdyxb[p] = aVec::loadu(dyx + ob);
+            }
+            for (int64_t row = g0; row < g1; ++row) {
+              const int64_t off = row * Cl + c;
+              prefetch_step(V::kStep);
+              oVec ga, gb, xa, xb, oa(0), ob(0);
+              V::load(gl + off, ga, gb);
+              V::load(xl + off, xa, xb);
+              if (ol != nullptr) {
+                V::load(ol + off, oa, ob);
+              }
+              ga = vp(xa, ga, oa, mva, sva, bva, maa, sdya, sdyxa);
+              gb = vp(xb, gb, ob, mvb, svb, bvb, mab, sdyb, sdyxb);
+              if (ml != nullptr) {
+                V::store(ml + off, ga, gb);
+              }
+            }
+            for (int p = 0; p < kParts; ++p) {
+              const int64_t oa = c + p * aVec::size(), ob = c + h + p * aVec::size();
+              sdya[p].store(dy + oa);
+              sdyb[p].store(dy + ob);
+              sdyxa[p].store(dyx + oa);
+              sdyxb[p].store(dyx + ob);
+            }
           }
-        }
 #endif
-        for (int64_t row = r0; row < r1; ++row) {
-          for (int64_t cc = c; cc < C; ++cc) {
-            element(row * C + cc, cc, dy[cc], dyx[cc]);
+          for (int64_t row = g0; row < g1; ++row) {
+            for (int64_t cc = c; cc < C; ++cc) {
+              element(row * C + cc, cc, dy[cc], dyx[cc]);
+            }
           }
         }
       }
@@ -918,16 +1021,22 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
           sdyx[q] = aVec(a_t(0));
         }
         oVec ga, gb, xa, xb, oa(0), ob(0);
+        // Local copies (see the channels_last loop).
+        const scalar_t* const gl = grad + base;
+        const scalar_t* const xl = x + base;
+        const scalar_t* const ol = mask == BnMask::kFromOut ? out + base : nullptr;
+        scalar_t* const ml = masked != nullptr ? masked + base : nullptr;
+        const auto vp = vec_part;
         for (; i + V::kStep <= HW; i += V::kStep) {
-          V::load(grad + base + i, ga, gb);
-          V::load(x + base + i, xa, xb);
-          if (mask == BnMask::kFromOut) {
-            V::load(out + base + i, oa, ob);
+          V::load(gl + i, ga, gb);
+          V::load(xl + i, xa, xb);
+          if (ol != nullptr) {
+            V::load(ol + i, oa, ob);
           }
-          ga = vec_part(xa, ga, oa, mv, sv, bv, ma, sdy, sdyx);
-          gb = vec_part(xb, gb, ob, mv, sv, bv, ma, sdy, sdyx);
-          if (masked != nullptr) {
-            V::store(masked + base + i, ga, gb);
+          ga = vp(xa, ga, oa, mv, sv, bv, ma, sdy, sdyx);
+          gb = vp(xb, gb, ob, mv, sv, bv, ma, sdy, sdyx);
+          if (ml != nullptr) {
+            V::store(ml + i, ga, gb);
           }
         }
         for (int q = 1; q < kParts; ++q) {
@@ -1011,7 +1120,7 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
   constexpr int64_t kParts = kWidenParts<o_t, a_t>;
   // One op_t vector of x and grad at channels c.. (NCHW: scalar parameters broadcast):
   // the masked gradient in op_t, then dx in acc_t.
-  auto vec_part = [&](const oVec& xv, oVec gv, const oVec& mv, const oVec& sv, const oVec& bv,
+  auto vec_part = [=](const oVec& xv, oVec gv, const oVec& mv, const oVec& sv, const oVec& bv,
                       const aVec* ma, const aVec* sa, const aVec* ka,
                       const aVec* ca) C10_ALWAYS_INLINE_ATTRIBUTE -> oVec {
     gv = masked_grad_vec<scalar_t, kGeneric>(mask, act, gv, xv - mv, sv, bv, oVec(0));
@@ -1032,15 +1141,52 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
     const int64_t M = g.N * g.HW;
     at::parallel_for(0, M, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
-      // Sub-ranges of chunk_rows(C) rows (a few hundred KB: they stay in L2); in each,
-      // blocks of kStep channels outside and the rows inside, the block's parameters
-      // loaded once (rows outside reloaded 2*4*kParts acc_t vectors per step).
-      const int64_t sub = chunk_rows(C);
+      // Groups of group_rows(C) rows in order, prefetched ahead (see PrefetchStream); in
+      // each, blocks of channels outside and the group's rows inside, the block's
+      // parameters loaded once per group (rows outside reloaded 2*4*kParts acc_t vectors
+      // per step).
+      const int64_t sub = group_rows<scalar_t>(C);
       for (int64_t r0 = begin; r0 < end; r0 += sub) {
         const int64_t r1 = std::min(end, r0 + sub);
         int64_t c = 0;
 #if RF_USE_VEC
         constexpr int64_t h = oVec::size();
+        // Local copies (see bn_backward_reduce_typed).
+        const scalar_t* const xl = x;
+        const scalar_t* const gl = grad;
+        scalar_t* const dxl = dx;
+        const int64_t Cl = C;
+        const auto vp = vec_part;
+        const int64_t ahead = r0 + kGroupsAhead * sub;
+        PrefetchStream<scalar_t> pfx(xl, ahead, Cl), pfg(gl, ahead, Cl);
+        PrefetchStream<scalar_t, /*kWrite=*/true> pfd(dxl, ahead, Cl);
+        auto prefetch_step = [&](int64_t values) C10_ALWAYS_INLINE_ATTRIBUTE {
+          pfx.step(values);
+          pfg.step(values);
+          pfd.step(values);
+        };
+        if constexpr (kParts > 1) {
+          // Float input: blocks of one float vector (see bn_backward_reduce_typed: the
+          // double parameters of a kStep block would not fit the registers).
+          for (; c + h <= C; c += h) {
+            const oVec mv = oVec::loadu(mean + c), sv = oVec::loadu(scale + c);
+            const oVec bv = oVec::loadu(bias + c);
+            aVec ma[kParts], sa[kParts], ka[kParts], ca[kParts];
+            for (int p = 0; p < kParts; ++p) {
+              const int64_t o = c + p * aVec::size();
+              ma[p] = aVec::loadu(mean_acc + o);
+              sa[p] = aVec::loadu(scale_acc + o);
+              ka[p] = batch ? aVec::loadu(k + o) : aVec(a_t(0));
+              ca[p] = batch ? aVec::loadu(cst + o) : aVec(a_t(0));
+            }
+            for (int64_t row = r0; row < r1; ++row) {
+              const int64_t off = row * Cl + c;
+              prefetch_step(h);
+              vp(oVec::loadu(xl + off), oVec::loadu(gl + off), mv, sv, bv, ma, sa, ka, ca)
+                  .store(dxl + off);
+            }
+          }
+        }
         for (; c + V::kStep <= C; c += V::kStep) {
           const oVec mva = oVec::loadu(mean + c), mvb = oVec::loadu(mean + c + h);
           const oVec sva = oVec::loadu(scale + c), svb = oVec::loadu(scale + c + h);
@@ -1062,15 +1208,14 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
             }
           }
           for (int64_t row = r0; row < r1; ++row) {
-            const int64_t off = row * C + c;
-            prefetch_rows_ahead(grad + off, C, r1 - row);
-            prefetch_rows_ahead(x + off, C, r1 - row);
+            const int64_t off = row * Cl + c;
+            prefetch_step(V::kStep);
             oVec ga, gb, xa, xb;
-            V::load(grad + off, ga, gb);
-            V::load(x + off, xa, xb);
-            const oVec ra = vec_part(xa, ga, mva, sva, bva, maa, saa, kaa, caa);
-            const oVec rb = vec_part(xb, gb, mvb, svb, bvb, mab, sab, kab, cab);
-            V::store(dx + off, ra, rb);
+            V::load(gl + off, ga, gb);
+            V::load(xl + off, xa, xb);
+            const oVec ra = vp(xa, ga, mva, sva, bva, maa, saa, kaa, caa);
+            const oVec rb = vp(xb, gb, mvb, svb, bvb, mab, sab, kab, cab);
+            V::store(dxl + off, ra, rb);
           }
         }
 #endif
@@ -1101,11 +1246,16 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
           ca[q] = aVec(batch ? cst[c] : a_t(0));
         }
         oVec ga, gb, xa, xb;
+        // Local copies (see the channels_last loop).
+        const scalar_t* const gl = grad + base;
+        const scalar_t* const xl = x + base;
+        scalar_t* const dxl = dx + base;
+        const auto vp = vec_part;
         for (; i + V::kStep <= HW; i += V::kStep) {
-          V::load(grad + base + i, ga, gb);
-          V::load(x + base + i, xa, xb);
-          V::store(dx + base + i, vec_part(xa, ga, mv, sv, bv, ma, sa, ka, ca),
-                   vec_part(xb, gb, mv, sv, bv, ma, sa, ka, ca));
+          V::load(gl + i, ga, gb);
+          V::load(xl + i, xa, xb);
+          V::store(dxl + i, vp(xa, ga, mv, sv, bv, ma, sa, ka, ca),
+                   vp(xb, gb, mv, sv, bv, ma, sa, ka, ca));
         }
 #endif
         for (; i < HW; ++i) {

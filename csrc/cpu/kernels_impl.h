@@ -530,10 +530,15 @@ void rows_moments(const scalar_t* x, int64_t rows, int64_t C, const op_t<scalar_
   using o_t = op_t<scalar_t>;
   using a_t = bn_acc_t<scalar_t>;
   const a_t inv_rows = a_t(1) / static_cast<a_t>(rows);
-  std::vector<o_t> sum(C, o_t(0));
+  // Pass one: even and odd rows into two arrays of sums (two chains of dependent adds
+  // through memory instead of one); only a centre comes of them.
+  std::vector<o_t> sum(2 * C, o_t(0));
   std::vector<a_t> center(C), sd(C, a_t(0)), sq(C, a_t(0));
+  // sum.data() read once: the vector stores below may alias the std::vector's pointer.
+  o_t* const sum_p = sum.data();
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* xr = x + r * C;
+    o_t* const sr = sum_p + (r & 1) * C;
     int64_t c = 0;
 #if RF_USE_VEC
     using V = AccVec<scalar_t>;
@@ -542,16 +547,17 @@ void rows_moments(const scalar_t* x, int64_t rows, int64_t C, const op_t<scalar_
     for (; c + V::kStep <= C; c += V::kStep) {
       oVec a, b;
       V::load(xr + c, a, b);
-      (oVec::loadu(sum.data() + c) + (a - oVec::loadu(shift + c))).store(sum.data() + c);
-      (oVec::loadu(sum.data() + c + h) + (b - oVec::loadu(shift + c + h))).store(sum.data() + c + h);
+      (oVec::loadu(sr + c) + (a - oVec::loadu(shift + c))).store(sr + c);
+      (oVec::loadu(sr + c + h) + (b - oVec::loadu(shift + c + h))).store(sr + c + h);
     }
 #endif
     for (; c < C; ++c) {
-      sum[c] += static_cast<o_t>(xr[c]) - shift[c];
+      sr[c] += static_cast<o_t>(xr[c]) - shift[c];
     }
   }
   for (int64_t c = 0; c < C; ++c) {
-    center[c] = static_cast<a_t>(shift[c]) + static_cast<a_t>(sum[c]) * inv_rows;
+    center[c] = static_cast<a_t>(shift[c]) +
+                (static_cast<a_t>(sum_p[c]) + static_cast<a_t>(sum_p[C + c])) * inv_rows;
   }
   int64_t c0 = 0;
 #if RF_USE_VEC
@@ -559,6 +565,45 @@ void rows_moments(const scalar_t* x, int64_t rows, int64_t C, const op_t<scalar_
     using V = AccVec<scalar_t>;
     using aVec = Vectorized<a_t>;
     constexpr int64_t kParts = kWidenParts<o_t, a_t>;
+    if constexpr (kParts > 1) {
+      // Float input: blocks of one float vector, whose double centres, sums and values
+      // fit the registers (a kStep block's 16 did not: its sums were spilled).
+      using oVec = Vectorized<o_t>;
+      // Even and odd rows go to separate sums (added at the end): one chain of
+      // dependent adds per sum made the loop wait on their latency.
+      for (; c0 + oVec::size() <= C; c0 += oVec::size()) {
+        aVec cv[kParts], vsd[2][kParts], vsq[2][kParts];
+        for (int q = 0; q < kParts; ++q) {
+          cv[q] = aVec::loadu(center.data() + c0 + q * aVec::size());
+          vsd[0][q] = vsd[1][q] = vsq[0][q] = vsq[1][q] = aVec(a_t(0));
+        }
+        const scalar_t* xc = x + c0;
+        int64_t r = 0;
+        for (; r + 2 <= rows; r += 2, xc += 2 * C) {
+          const oVec xv0 = oVec::loadu(xc), xv1 = oVec::loadu(xc + C);
+          for (int q = 0; q < kParts; ++q) {
+            const aVec d0 = widen<o_t, a_t>(xv0, q) - cv[q];
+            const aVec d1 = widen<o_t, a_t>(xv1, q) - cv[q];
+            vsd[0][q] += d0;
+            vsd[1][q] += d1;
+            vsq[0][q] = at::vec::fmadd(d0, d0, vsq[0][q]);
+            vsq[1][q] = at::vec::fmadd(d1, d1, vsq[1][q]);
+          }
+        }
+        if (r < rows) {
+          const oVec xv0 = oVec::loadu(xc);
+          for (int q = 0; q < kParts; ++q) {
+            const aVec d0 = widen<o_t, a_t>(xv0, q) - cv[q];
+            vsd[0][q] += d0;
+            vsq[0][q] = at::vec::fmadd(d0, d0, vsq[0][q]);
+          }
+        }
+        for (int q = 0; q < kParts; ++q) {
+          (vsd[0][q] + vsd[1][q]).store(sd.data() + c0 + q * aVec::size());
+          (vsq[0][q] + vsq[1][q]).store(sq.data() + c0 + q * aVec::size());
+        }
+      }
+    }
     for (; c0 + V::kStep <= C; c0 += V::kStep) {
       aVec cv[2 * kParts], vsd[2 * kParts], vsq[2 * kParts], v[2 * kParts];
       for (int q = 0; q < 2 * kParts; ++q) {

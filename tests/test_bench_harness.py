@@ -65,6 +65,44 @@ def test_a_provider_computing_something_else_is_refused_before_timing():
     assert stats["conv"].rel_diff is None and 0 < stats["fused"].rel_diff < 1e-4
 
 
+def test_the_fp64_reference_arbitrates_a_baseline_off_at_a_kink():
+    """A per-channel sum where the baseline's rounding put one pre-activation on the
+    other side of a kink: the baseline is off by a whole term, the fused step agrees
+    with the fp64 reference and is accepted; a step off from both is still refused."""
+    exact = torch.tensor([10.0, 20.0, 30.0, 40.0], dtype=torch.float64)
+    baseline_off = (exact + torch.tensor([0.0, 1.0, 0.0, -1.0], dtype=torch.float64)).float()
+    steps = {"eager": lambda: baseline_off, "fused": lambda: exact.float()}
+    timer = lambda step, calls: 1.0  # noqa: E731
+    with pytest.raises(harness.MismatchError, match="differs from 'eager'"):
+        harness.measure_case(steps, CPU, 1.0, baseline="eager", rounds=1, timer=timer)
+    stats = harness.measure_case(steps, CPU, 1.0, baseline="eager", rounds=1, timer=timer,
+                                 reference=lambda: exact)  # fmt: skip
+    assert stats["fused"].rel_diff > 1e-3  # reported against the baseline, as before
+    steps["fused"] = lambda: (exact * 1.01).float()
+    with pytest.raises(harness.MismatchError, match="from the fp64 reference by"):
+        harness.measure_case(steps, CPU, 1.0, baseline="eager", rounds=1, timer=timer,
+                             reference=lambda: exact)  # fmt: skip
+
+
+def test_op_bench_reference_is_eager_in_fp64_on_the_first_set():
+    from resnet_fused.bench import op
+
+    case = op.Case("bn_relu6", (2, 3, 4, 5), "channels_last", "train forward+backward",
+                   torch.float32)  # fmt: skip
+    (x, r, rm, rv, w, b), g = op._inputs(case, CPU, True)
+    ref = op._fp64_reference(case, True, (x, r, rm, rv, w, b, g))()
+    assert all(t.dtype == torch.float64 for t in ref)
+    assert ref[0].is_contiguous(memory_format=torch.channels_last)
+    x64 = x.detach().double().requires_grad_()
+    out = torch.nn.functional.relu6(
+        torch.nn.functional.batch_norm(
+            x64, None, None, w.detach().double(), b.detach().double(), True
+        )
+    )
+    (gx,) = torch.autograd.grad(out, x64, g.double())
+    torch.testing.assert_close(ref[0], gx)
+
+
 def test_steps_drawing_random_numbers_are_checked_on_the_same_draws():
     """A model with dropout in training draws random masks: each provider's checked
     first step starts from one seed (else every such model was refused as differing),

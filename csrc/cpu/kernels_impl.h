@@ -577,9 +577,9 @@ void rows_moments(const scalar_t* x, int64_t rows, int64_t C, const op_t<scalar_
           cv[q] = aVec::loadu(center.data() + c0 + q * aVec::size());
           vsd[0][q] = vsd[1][q] = vsq[0][q] = vsq[1][q] = aVec(a_t(0));
         }
-        const scalar_t* xc = x + c0;
         int64_t r = 0;
-        for (; r + 2 <= rows; r += 2, xc += 2 * C) {
+        for (; r + 2 <= rows; r += 2) {
+          const scalar_t* const xc = x + r * C + c0;
           const oVec xv0 = oVec::loadu(xc), xv1 = oVec::loadu(xc + C);
           for (int q = 0; q < kParts; ++q) {
             const aVec d0 = widen<o_t, a_t>(xv0, q) - cv[q];
@@ -591,7 +591,7 @@ void rows_moments(const scalar_t* x, int64_t rows, int64_t C, const op_t<scalar_
           }
         }
         if (r < rows) {
-          const oVec xv0 = oVec::loadu(xc);
+          const oVec xv0 = oVec::loadu(x + r * C + c0);
           for (int q = 0; q < kParts; ++q) {
             const aVec d0 = widen<o_t, a_t>(xv0, q) - cv[q];
             vsd[0][q] += d0;

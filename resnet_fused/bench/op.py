@@ -149,6 +149,20 @@ def _step(fn: Callable, backward: bool) -> Callable:
     return forward_backward
 
 
+def _fp64_reference(case: Case, backward: bool, inputs: tuple) -> Callable[[], object]:
+    """Eager's op on fp64 copies of one input set (the first calls' set): the arbiter of
+    the first-step check where eager's own rounding moves an element across a kink."""
+
+    def run():
+        copies = tuple(
+            None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+            for t in inputs
+        )
+        return _step(_make_fn(case, "eager"), backward)(*copies)
+
+    return run
+
+
 def _saved_bytes(fn: Callable, args) -> int:
     """Bytes autograd keeps for the backward (activation memory of the op)."""
     total = 0
@@ -205,6 +219,7 @@ def run_cases(
         measured = harness.measure_case(
             steps, device, min_run_time, baseline="eager" if "eager" in steps else None,
             tolerance=harness.default_tolerance(case.dtype, device), rounds=rounds,
+            reference=_fp64_reference(case, backward, sets[0]),
         )  # fmt: skip
         for provider in providers:
             t = measured[provider]

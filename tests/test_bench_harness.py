@@ -75,9 +75,16 @@ def test_the_fp64_reference_arbitrates_a_baseline_off_at_a_kink():
     timer = lambda step, calls: 1.0  # noqa: E731
     with pytest.raises(harness.MismatchError, match="differs from 'eager'"):
         harness.measure_case(steps, CPU, 1.0, baseline="eager", rounds=1, timer=timer)
+    calls = []
+    reference = lambda: calls.append(1) or exact  # noqa: E731
     stats = harness.measure_case(steps, CPU, 1.0, baseline="eager", rounds=1, timer=timer,
-                                 reference=lambda: exact)  # fmt: skip
+                                 reference=reference)  # fmt: skip
     assert stats["fused"].rel_diff > 1e-3  # reported against the baseline, as before
+    assert len(calls) == 1
+    # Not computed where every step agrees with the baseline.
+    harness.measure_case({"eager": lambda: exact.float(), "fused": lambda: exact.float()}, CPU,
+                         1.0, baseline="eager", rounds=1, timer=timer, reference=reference)  # fmt: skip
+    assert len(calls) == 1
     steps["fused"] = lambda: (exact * 1.01).float()
     with pytest.raises(harness.MismatchError, match="from the fp64 reference by"):
         harness.measure_case(steps, CPU, 1.0, baseline="eager", rounds=1, timer=timer,

@@ -8,7 +8,8 @@
 #
 # Variables: PYTHON (default python3), STAGES (any of build test bench; default all),
 # TEST_ARGS (extra pytest arguments), BENCH_LEVELS (default "profile layer model op";
-# "sync" too), PROFILE_ARGS / LAYER_ARGS / MODEL_ARGS / OP_ARGS / SYNC_ARGS (`resnet_fused
+# "sync" and "host" too), PROFILE_ARGS / LAYER_ARGS / MODEL_ARGS / OP_ARGS / SYNC_ARGS /
+# HOST_ARGS (`resnet_fused
 # bench` arguments per level; defaults below: the deep 3x3 layers profiled per provider
 # in bf16, every ResNet-50 layer in bf16 with eager and auto (train and eval), ResNet-50
 # train and eval with AMP: eager, fused and both as CUDA graphs, the quick channels_last op
@@ -38,7 +39,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 status=0
 SUMMARY="$OUT/00_summary.txt"
-: >"$SUMMARY"
+# SUMMARY_APPEND=1: a later call (another stage) adds to the summary of an earlier one.
+[[ "${SUMMARY_APPEND:-0}" == 1 ]] || : >"$SUMMARY"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$SUMMARY"
 $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$SUMMARY"
@@ -64,8 +66,9 @@ if [[ " $STAGES " == *" test "* ]]; then
   xdist=()
   if $PY -c "import xdist" 2>/dev/null; then xdist=(-n "${TEST_WORKERS:-8}"); fi
   RESNET_FUSED_CONV_CONFIG=${RESNET_FUSED_CONV_CONFIG:-128,64,32,4,3} \
+  eval "test_args=(${TEST_ARGS:-})"  # quoted words stay whole: TEST_ARGS='-k "cuda or triton"'
   timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -v -rfE -p no:cacheprovider "${xdist[@]}" \
-      ${TEST_ARGS:-} >"$OUT/tests.log" 2>&1
+      "${test_args[@]}" >"$OUT/tests.log" 2>&1
   rc=$?
   {
     # The per-test lines name every failure even when a timeout cuts the summary off.
@@ -98,6 +101,9 @@ if [[ " $STAGES " == *" bench "* ]]; then
       # call: MODEL_ARGS="--models resnet50 --mode train --providers eager,compile,fused,fused-compile"
       args=(--models resnet50 --providers eager,fused,eager-graph,fused-graph)
       [[ -n ${MODEL_ARGS:-} ]] && eval "args=($MODEL_ARGS)"
+    elif [[ $level == host ]]; then
+      args=(--rounds 5)
+      [[ -n ${HOST_ARGS:-} ]] && eval "args=($HOST_ARGS)"
     elif [[ $level == sync ]]; then
       args=(--min-run-time 0.3)
       [[ -n ${SYNC_ARGS:-} ]] && eval "args=($SYNC_ARGS)"

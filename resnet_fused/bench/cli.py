@@ -32,7 +32,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "nn.SyncBatchNorm / eager; profile: where a layer's training step spends its time "
         "per provider (torch.profiler kernels and an aten op trace; --layers, default the "
         "deep 3x3 layers); host: host time of a tiny unit, a new process's first step, "
-        "ResNet-50 inference vs torch.compile with freezing (CPU) (sync, profile and host "
+        "ResNet-50 inference vs torch.compile with freezing (CPU only) (sync, profile and host "
         "are not part of the suite)",
     )
     parser.add_argument(
@@ -191,11 +191,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_host(args, device, suite=False) -> list[dict]:
-    if device.type != "cpu":
-        raise _BadArgs("the host level runs on the CPU here (--device cpu)")
-    cases = (args.host_cases or ",".join(host.CASES)).split(",")
+    default = host.CASES if device.type == "cpu" else ("unit", "first_step")
+    cases = (args.host_cases or ",".join(default)).split(",")
     out = _Writer(os.path.join(args.out, f"host_{_tag(device)}"))
-    host.run_host(cases, out, args.min_run_time or 1.0, args.rounds)
+    try:
+        host.run_host(cases, out, args.min_run_time or 1.0, args.rounds, device=device)
+    except ValueError as e:
+        raise _BadArgs(str(e)) from None
     out.finish(host.summarise(out.rows), ("case", "mode"), "host time")
     return out.rows
 

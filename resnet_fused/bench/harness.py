@@ -182,6 +182,34 @@ def cuda_timer(device: torch.device) -> Timer:
     return timer
 
 
+def wall_timer(device: torch.device) -> Timer:
+    """Wall time of ``calls`` back-to-back calls, the device synchronised before and after;
+    seconds per call. What a host-bound step costs on a GPU: the host's time per call
+    when the kernels are shorter than their launches (no L2 flush between calls, which
+    would hide host time behind the flush kernel)."""
+    device = torch.device(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timer(fn: Callable[[], object], calls: int) -> float:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            return (time.perf_counter() - t0) / calls
+        finally:
+            if enabled:
+                gc.enable()
+
+    return timer
+
+
 def _default_timer(device: torch.device) -> Timer:
     return cuda_timer(device) if device.type == "cuda" else cpu_timer
 

@@ -19,6 +19,11 @@ Cases (``resnet-fused bench --level host``):
   eager, the converted model, and ``torch.compile`` with freezing (``mode=None``,
   Inductor's ``freezing=True``), with the compile time reported beside it.
 
+On a GPU (``--device cuda``), ``unit`` also runs at 32x64x8x8 (kernels still shorter than
+their launches), timed as wall time of back-to-back calls, and ``first_step`` moves the
+model to the GPU (CUDA's own start-up before the clock starts); ``r50_inference`` is the
+CPU's.
+
 The host-bound whole models (the tutorial CIFAR ResNet at 8x3x32x32, ``resnet18`` at
 2x3x32x32) are the model level's (``--level model --models tutorial_resnet18 --batch 8
 --image-size 32``).
@@ -45,17 +50,26 @@ from . import harness
 CASES = ("unit", "first_step", "r50_inference")
 
 
-def _unit_steps(mode: str) -> dict[str, Callable[[], object]]:
+# The unit's input shapes (N, C, H, W) per device: on a CPU the tiny one; on a GPU, where
+# a launch costs more than these kernels at any batch from 1 to 32, also batch 32.
+UNIT_SHAPES = {"cpu": ((1, 8, 4, 4),), "cuda": ((1, 8, 4, 4), (32, 64, 8, 8))}
+
+
+def _unit_steps(
+    mode: str, device: torch.device = torch.device("cpu"), shape=(1, 8, 4, 4)
+) -> dict[str, Callable[[], object]]:
     torch.manual_seed(0)
-    conv, bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+    c = shape[1]
+    conv, bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
     with torch.no_grad():
         bn.running_mean.normal_(0, 0.1)
         bn.running_var.uniform_(0.5, 1.5)
+    conv, bn = conv.to(device), bn.to(device)
     eager = nn.Sequential(conv, bn, nn.ReLU(inplace=True))
     import copy
 
     fused = resnet_fused.FusedConvBNReLU2d.from_modules(copy.deepcopy(conv), copy.deepcopy(bn))
-    x = torch.randn(1, 8, 4, 4)
+    x = torch.randn(*shape, device=device)
     steps = {}
     for name, m in (("eager", eager), ("fused", fused)):
         m.train(mode == "train")
@@ -78,22 +92,32 @@ def _unit_steps(mode: str) -> dict[str, Callable[[], object]]:
     return steps
 
 
-def run_unit(writer, min_run_time: float, rounds: int, progress=print) -> None:
-    for mode in ("eval", "inference_mode", "train"):
-        steps = _unit_steps(mode)
-        stats = harness.measure_case(
-            steps, torch.device("cpu"), min_run_time, baseline="eager", rounds=rounds,
-            tolerance=1e-5,
-        )  # fmt: skip
-        for provider, s in stats.items():
-            row = {
-                "case": "unit 1x8x4x4", "mode": mode, "provider": provider,
-                "us_per_call": round(s.median_s * 1e6, 2),
-                **harness.timing_columns(s),
-                **harness.ratio_columns("time_vs_eager", stats["eager"], s),
-            }  # fmt: skip
-            writer(row)
-            progress(f"unit {mode:15s} {provider:6s} {row['us_per_call']:8.2f} us")
+def run_unit(
+    writer, min_run_time: float, rounds: int, progress=print, device=torch.device("cpu")
+) -> None:
+    """Time per call of the unit, back-to-back calls (on a GPU: wall time with the device
+    synchronised around each block of calls, the host's time per call wherever the
+    kernels are shorter than their launches)."""
+    device = torch.device(device)
+    # TF32 convolutions on a GPU round at ~1e-3; fp32 agrees to ~1e-6 on a CPU.
+    tolerance = 1e-5 if device.type == "cpu" else 3e-3
+    for shape in UNIT_SHAPES[device.type]:
+        label = "unit " + "x".join(map(str, shape))
+        for mode in ("eval", "inference_mode", "train"):
+            steps = _unit_steps(mode, device, shape)
+            stats = harness.measure_case(
+                steps, device, min_run_time, baseline="eager", rounds=rounds,
+                tolerance=tolerance, timer=harness.wall_timer(device),
+            )  # fmt: skip
+            for provider, s in stats.items():
+                row = {
+                    "case": label, "device": device.type, "mode": mode, "provider": provider,
+                    "us_per_call": round(s.median_s * 1e6, 2),
+                    **harness.timing_columns(s),
+                    **harness.ratio_columns("time_vs_eager", stats["eager"], s),
+                }  # fmt: skip
+                writer(row)
+                progress(f"{label} {mode:15s} {provider:6s} {row['us_per_call']:8.2f} us")
 
 
 _FIRST_STEP = r"""
@@ -101,21 +125,26 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch, torchvision
 import resnet_fused
+device = torch.device(sys.argv[2])
 torch.manual_seed(0)
-model = torchvision.models.resnet18(num_classes=10)
-x = torch.randn(4, 3, 64, 64)
-y = torch.randint(0, 10, (4,))
+model = torchvision.models.resnet18(num_classes=10).to(device)
+x = torch.randn(4, 3, 64, 64, device=device)
+y = torch.randint(0, 10, (4,), device=device)
+if device.type == "cuda":
+    torch.cuda.synchronize(device)  # CUDA's own start-up is not the step's
 t1 = time.perf_counter()
 if sys.argv[1] != "eager":
     model = resnet_fused.convert(model, inplace=sys.argv[1] == "fused-inplace")
 out = model(x)
 torch.nn.functional.cross_entropy(out, y).backward()
+if device.type == "cuda":
+    torch.cuda.synchronize(device)
 t2 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "first_step_s": t2 - t1}))
 """
 
 
-def _first_step(provider: str, cache_dir: str | None) -> float:
+def _first_step(provider: str, cache_dir: str | None, device: str = "cpu") -> float:
     env = dict(os.environ)
     env.pop("RESNET_FUSED_AUTO", None)  # the users' default: timed choice
     env["RESNET_FUSED_CACHE_DIR"] = cache_dir if cache_dir is not None else ""
@@ -124,13 +153,15 @@ def _first_step(provider: str, cache_dir: str | None) -> float:
     if provider.endswith("-inplace"):
         kind = "fused-inplace"
     out = subprocess.run(
-        [sys.executable, "-c", _FIRST_STEP, kind],
+        [sys.executable, "-c", _FIRST_STEP, kind, device],
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])["first_step_s"]
 
 
-def run_first_step(writer, rounds: int, progress=print) -> None:
+def run_first_step(writer, rounds: int, progress=print, device=torch.device("cpu")) -> None:
+    device = torch.device(device)
+    dev = str(device)
     times: dict[str, list[float]] = {
         "eager": [],
         "fused-cold": [],
@@ -138,22 +169,23 @@ def run_first_step(writer, rounds: int, progress=print) -> None:
         "fused-warm-inplace": [],
     }
     with tempfile.TemporaryDirectory() as warm_dir:
-        _first_step("fused-warm", warm_dir)  # fills the table the warm runs read
+        _first_step("fused-warm", warm_dir, dev)  # fills the table the warm runs read
         for r in range(rounds):
             order = list(times)
             order = order[r % len(order) :] + order[: r % len(order)]
             for provider in order:
                 if provider == "fused-cold":
                     with tempfile.TemporaryDirectory() as cold_dir:
-                        t = _first_step(provider, cold_dir)
+                        t = _first_step(provider, cold_dir, dev)
                 else:
-                    t = _first_step(provider, None if provider == "eager" else warm_dir)
+                    t = _first_step(provider, None if provider == "eager" else warm_dir, dev)
                 times[provider].append(t)
     eager = times["eager"]
     for provider, ts in times.items():
         ratios = [t / e for t, e in zip(ts, eager, strict=True)]
         row = {
-            "case": "first step resnet18 4x3x64x64", "mode": "train", "provider": provider,
+            "case": "first step resnet18 4x3x64x64", "device": device.type, "mode": "train",
+            "provider": provider,
             "median_ms": round(statistics.median(ts) * 1e3, 1), "rounds": len(ts),
             "time_vs_eager": round(statistics.median(ratios), 3),
             "time_vs_eager_min": round(min(ratios), 3),
@@ -227,13 +259,20 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_host(cases, writer, min_run_time: float, rounds: int, progress=print) -> None:
+def run_host(
+    cases, writer, min_run_time: float, rounds: int, progress=print, device=torch.device("cpu")
+) -> None:
+    device = torch.device(device)
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise ValueError(f"unknown host case(s) {unknown}; known: {', '.join(CASES)}")
+    if "r50_inference" in cases and device.type != "cpu":
+        raise ValueError("the r50_inference host case is the CPU's (torch.compile with freezing "
+                         "against the converted model on the CPU); on a GPU the model level "
+                         "compares compiled and fused models")  # fmt: skip
     if "unit" in cases:
-        run_unit(writer, min_run_time, rounds, progress)
+        run_unit(writer, min_run_time, rounds, progress, device)
     if "first_step" in cases:
-        run_first_step(writer, max(3, rounds // 2), progress)
+        run_first_step(writer, max(3, rounds // 2), progress, device)
     if "r50_inference" in cases:
         run_r50_inference(writer, min_run_time, rounds, progress)

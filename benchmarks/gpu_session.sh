@@ -4,6 +4,7 @@
 #
 #   PART=1 bash benchmarks/gpu_session.sh   # build, the GPU tests, op and host levels
 #   PART=2 bash benchmarks/gpu_session.sh   # model level (reuses part 1's in-place build)
+#   PART=all ...                             # both in one command, with shorter timeouts
 #
 # Part 1 runs the tests that touch a GPU (those whose names mention cuda, triton, gpu or
 # auto: every CUDA and Triton case, backend="auto" on the GPU); the CPU-only rest is
@@ -32,11 +33,11 @@ pack() {
 
 suite() { OUT=$WORK SUMMARY_APPEND=1 bash benchmarks/gpu_suite.sh; pack; }
 
-if [[ ${PART:-1} == 1 ]]; then
+part1() {
   : >"$WORK/00_summary.txt"
   if [[ ${SKIP_BUILD:-0} != 1 ]] && ! STAGES=build OUT=$WORK SUMMARY_APPEND=1 timeout "${BUILD_TIMEOUT:-150}" \
       bash benchmarks/gpu_suite.sh; then
-    echo "build failed or timed out"; tail -n 40 "$WORK/build.log"; pack; exit 1
+    echo "build failed or timed out"; grep -A3 " error" "$WORK/build.log" | head -n 40; pack; return 1
   fi
   pack
   STAGES=test TEST_WORKERS=${TEST_WORKERS:-14} TEST_TIMEOUT=${TEST_TIMEOUT:-220} \
@@ -46,7 +47,9 @@ if [[ ${PART:-1} == 1 ]]; then
     suite
   STAGES=bench BENCH_LEVELS=host BENCH_TIMEOUT=${HOST_TIMEOUT:-120} \
     HOST_ARGS=${HOST_ARGS:-"--host-cases unit --rounds 6 --min-run-time 0.3"} suite
-else
+}
+
+part2() {
   # Host-bound models at batch 1 and 32 (HB_BATCHES), then the BN+activation families at batch 64
   # (bf16 autocast, the model level's default on a GPU).
   for batch in ${HB_BATCHES:-1 32}; do
@@ -58,6 +61,13 @@ else
     cat "$OUT_SUB/00_summary.txt" >>"$WORK/00_summary.txt"; pack
   done
   STAGES=bench BENCH_LEVELS=model BENCH_TIMEOUT=${CNN_TIMEOUT:-100} \
-    MODEL_ARGS="--models mobilenet_v2,efficientnet_b0,timm:resnetv2_50,resnet50 --batch 64 --layouts channels_last --providers eager,fused --rounds 5 --min-run-time 0.2" \
+    MODEL_ARGS="--models ${CNN_MODELS:-mobilenet_v2,efficientnet_b0,resnet50} --batch 64 --layouts channels_last --providers eager,fused --rounds 5 --min-run-time 0.2" \
     suite
-fi
+}
+
+case ${PART:-1} in
+  1) part1 ;;
+  2) part2 ;;
+  all) part1 && part2 ;;  # one command: set the timeouts to fit its limit
+  *) echo "PART is 1, 2 or all"; exit 2 ;;
+esac

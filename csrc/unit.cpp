@@ -57,6 +57,7 @@
 
 #include <array>
 #include <optional>
+#include <type_traits>
 
 namespace resnet_fused {
 namespace {
@@ -391,6 +392,19 @@ struct ConvBnActEagerBackward : public torch::autograd::Node {
   }
 };
 
+// A new autograd node as this torch holds them: torch 2.14 keeps nodes in
+// c10::intrusive_ptr (Node derives from c10::intrusive_ptr_target), earlier releases in
+// std::shared_ptr (Node derives from std::enable_shared_from_this). The branch not taken
+// is never instantiated (it depends on N).
+template <typename N>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>) {
+    return c10::make_intrusive<N>();
+  } else {
+    return std::make_shared<N>();
+  }
+}
+
 at::Tensor conv_bn_act_eager_autograd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
@@ -421,7 +435,7 @@ at::Tensor conv_bn_act_eager_autograd(
   }
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, kOpName,
               ": stride, padding and dilation must have two values each");
-  auto node = c10::make_intrusive<ConvBnActEagerBackward>();
+  auto node = make_node<ConvBnActEagerBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(
       input, weight, value_or_undefined(conv_bias), value_or_undefined(bn_weight),
       value_or_undefined(bn_bias), value_or_undefined(residual)));

@@ -67,6 +67,8 @@ if [[ " $STAGES " == *" test "* ]]; then
   if $PY -c "import xdist" 2>/dev/null; then xdist=(-n "${TEST_WORKERS:-8}"); fi
   RESNET_FUSED_CONV_CONFIG=${RESNET_FUSED_CONV_CONFIG:-128,64,32,4,3} \
   eval "test_args=(${TEST_ARGS:-})"  # quoted words stay whole: TEST_ARGS='-k "cuda or triton"'
+  : >"$OUT/failures.txt"
+  RESNET_FUSED_FAILURE_LOG="$OUT/failures.txt" \
   timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -v -rfE -p no:cacheprovider "${xdist[@]}" \
       "${test_args[@]}" >"$OUT/tests.log" 2>&1
   rc=$?
@@ -75,6 +77,8 @@ if [[ " $STAGES " == *" test "* ]]; then
     grep -E "(^| )(FAILED|ERROR)( |$)" "$OUT/tests.log" | grep -oE "[^ ]+::[^ ]+" |
       sed 's/^/failed: /' | sort -u | head -n 60
     grep -E "^E  " "$OUT/tests.log" | head -n 40
+    # each failure's traceback was written as it failed (tests/conftest.py): its errors
+    grep -E "^=== |^E  |Error" "$OUT/failures.txt" | head -n 120
     echo "passed: $(grep -c " PASSED " "$OUT/tests.log"), failed: $(grep -c " FAILED " "$OUT/tests.log")"
     tail -n 2 "$OUT/tests.log"
     echo "tests: rc=$rc, $((SECONDS - start)) s"

@@ -112,6 +112,18 @@ def auto_policy(request, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _fp32_convolutions():
+    """fp32 convolutions and matrix products in full fp32 for every test (torch's default
+    lets cuDNN use TF32 for fp32 convolutions; the Triton convolution follows the same
+    flag), so that fp32 results are compared at fp32 accuracy against eager's fp32 error.
+    Tests of the TF32 mode set the flags themselves."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 
@@ -192,3 +204,20 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# --- failures as they happen ------------------------------------------------------------
+#
+# RESNET_FUSED_FAILURE_LOG=path appends each failure's traceback to that file as soon as
+# the test fails (by the main process: with pytest-xdist, workers report to it as they go),
+# so that a run cut short by a timeout -- a lent GPU machine's command limit -- still says
+# why each test failed; pytest's own summary is printed only at the end.
+FAILURE_LOG_ENV = "RESNET_FUSED_FAILURE_LOG"
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get(FAILURE_LOG_ENV)
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with open(path, "a") as f:
+        f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

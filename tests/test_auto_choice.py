@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import backend_params
+from conftest import backend_device, backend_params
 from torch import nn
 
 import resnet_fused
@@ -121,9 +121,10 @@ def test_eval_trial_uses_the_packed_weight_the_real_call_uses(backend, monkeypat
     Triton must run with it (not pack the weight inside the timed call)."""
     from resnet_fused.triton import conv as triton_conv
 
-    x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
-    w = torch.randn(8, 4, 3, 3)
-    b = torch.randn(8)
+    device = backend_device(backend)
+    x = torch.randn(2, 4, 6, 6, device=device).to(memory_format=torch.channels_last)
+    w = torch.randn(8, 4, 3, 3, device=device)
+    b = torch.randn(8, device=device)
     packed = triton_conv.pack_weight(w)
     packs, trials = [], []
     monkeypatch.setattr(
@@ -138,7 +139,8 @@ def test_eval_trial_uses_the_packed_weight_the_real_call_uses(backend, monkeypat
     monkeypatch.setattr(fc_unit, "_resolve_conv_backend", fake_resolve)
     with torch.no_grad():
         out = resnet_fused.conv_bn_act(
-            x, w, None, None, torch.zeros(8), torch.ones(8), padding=1, backend="auto",
+            x, w, None, None, torch.zeros(8, device=device), torch.ones(8, device=device),
+            padding=1, backend="auto",
             _folded=(w, b, packed, True),
         )  # fmt: skip
     assert trials and not packs, "the trial packed the weight that the real call gets packed"

@@ -195,6 +195,22 @@ def test_sync_level_times_the_same_maths(tmp_path, capsys):
     assert _bench(tmp_path, "--level", "sync", "--providers", "SyncBatchNorm") == 2
 
 
+def test_model_level_skips_a_mode_the_model_cannot_run(tmp_path, capsys):
+    """Batch 1 at 32x32 reaches resnet18's 1x1 maps, where nn.BatchNorm2d in training
+    refuses a single value per channel: the training mode is reported as not timed (with
+    eager's own error) and inference is still measured."""
+    rc = _bench(
+        tmp_path, "--level", "model", "--model", "resnet18", "--mode", "both", "--batch", "1",
+        "--image-size", "32", "--layouts", "channels_last", "--rounds", "1",
+    )  # fmt: skip
+    assert rc == 0
+    rows = list(csv.DictReader(next(tmp_path.glob("model_*.csv")).open()))
+    assert {(r["mode"], r["provider"]) for r in rows} == {("eval", "eager"), ("eval", "fused")}
+    md = next(tmp_path.glob("model_*.md")).read_text()
+    assert "resnet18 train: not timed, eager's own step fails at batch 1" in md
+    assert "more than 1 value per channel" in md
+
+
 def test_model_level_takes_timm_and_tutorial_models(tmp_path, capsys):
     """timm names and the tutorial ResNet run through the same convert, checked against
     eager before timing (the harness refuses a mismatch)."""

@@ -163,3 +163,27 @@ def test_suite_verdict_never_pairs_rows_of_different_cases(monkeypatch):
              if r["provider"] == "cpu"]  # fmt: skip
     cells = _verdict(goals.report({"op": rows}, "t", CPU), measure)
     assert cells[3:] == ["-", "cpu", "0", "not measured"], cells
+
+
+def test_ratio_table_agrees_with_the_rows():
+    """The headline geomean takes each row's own per-round ratio (the median of the
+    per-round ratios that the rows print), not the ratio of the median times, which can
+    differ: here 1.25 and 0.8 per round against 10/9 from the medians."""
+    from resnet_fused.bench import report
+
+    rows = [
+        {"model": "m", "mode": "train", "provider": "eager", "median_ms": "10",
+         "speedup_vs_eager_cl": "1.0"},
+        {"model": "m", "mode": "train", "provider": "fused", "median_ms": "9",
+         "speedup_vs_eager_cl": "1.25"},
+        {"model": "m", "mode": "eval", "provider": "eager", "median_ms": "4",
+         "speedup_vs_eager_cl": "1.0"},
+        {"model": "m", "mode": "eval", "provider": "fused", "median_ms": "5",
+         "speedup_vs_eager_cl": "0.8"},
+        {"model": "m", "mode": "old", "provider": "eager", "median_ms": "4"},
+        {"model": "m", "mode": "old", "provider": "fused", "median_ms": "2"},
+    ]  # fmt: skip
+    table = report.ratio_table(rows, ("model", "mode"), ["eager", "fused"])
+    assert "| m | train | 1.25× |" in table
+    assert "| m | eval | 0.80× |" in table
+    assert "| m | old | 2.00× |" in table  # no per-round column: the medians' ratio

@@ -33,16 +33,6 @@ SHAPES = {
 # residual, relu, conv bias, affine) are covered by the tests after this one.
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 convolutions in full fp32 (cuDNN and Triton follow the same flag), so that
-    fp32 results are compared at fp32 accuracy; test_tf32 covers the TF32 mode."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _tensor(shape, dtype, device, layout, scale=1.0, offset=0.0):
     t = (torch.randn(shape, dtype=torch.float64) * scale + offset).to(device=device, dtype=dtype)
     if layout == "channels_last":
@@ -304,9 +294,14 @@ def test_module_fold_cache_is_refreshed(backend):
     with torch.no_grad():
         torch.testing.assert_close(fused(x), seq(x), rtol=1e-4, atol=1e-4)
         cached = fused._fold_cache.entry
-        assert cached is not None
-        fused(x)
-        assert fused._fold_cache.entry is cached  # reused while nothing changed
+        if x.is_cpu:
+            assert cached is not None
+            fused(x)
+            assert fused._fold_cache.entry is cached  # reused while nothing changed
+        else:
+            # On other devices the fold's fingerprint would cost a device-to-host sync
+            # per unit: the fold is made at every call and nothing is kept.
+            assert cached is None
         # An optimizer step on the conv weight.
         opt = torch.optim.SGD(fused.parameters(), lr=0.5)
         conv.weight.grad = torch.randn_like(conv.weight)

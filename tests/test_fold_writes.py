@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from conftest import backend_params
+from conftest import backend_device, backend_params
 from torch import nn
 
 import resnet_fused
@@ -230,8 +230,11 @@ def test_nan_written_through_data_reaches_the_output():
 
 @pytest.mark.parametrize("backend", backend_params(("triton",)))
 def test_triton_packed_weight_follows_data_edits(backend):
-    """The cached fold holds Triton's packed weight too: a ``.data`` edit repacks it."""
+    """The cached fold holds Triton's packed weight too: a ``.data`` edit repacks it (on
+    a GPU, where folds are made at every call, the edits show as well)."""
     reference, fused, x = _unit_pair(torch.float32, backend=backend)
+    device = backend_device(backend)
+    reference, fused, x = reference.to(device), fused.to(device), x.to(device)
     reference.eval()
     fused.eval()
     with torch.no_grad():

@@ -89,15 +89,6 @@ class _GpuEagerBatchNorm2d(nn.BatchNorm2d):
         )
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 convolutions in full fp32 (cuDNN and Triton follow the same flag)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 # --- strategies ---------------------------------------------------------------------------
 
 # name: (activation dtype, parameter / running-statistics dtype). fp32 parameters with

@@ -36,15 +36,6 @@ CASES = [
 CASE_IDS = [c[0] for c in CASES]
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 results are checked to 1e-5: IEEE fp32 dots, not TF32."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
-
-
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
         return t.contiguous(memory_format=torch.channels_last)

@@ -49,7 +49,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def ratio_table(rows: list[dict], group_keys: tuple[str, ...], providers: list[str]) -> str:
     """Geometric means per group of each provider's speed-up against eager and (when it
-    was timed) against torch.compile, from the rows' median_ms."""
+    was timed) against torch.compile: each case's ratio is the row's own per-round ratio
+    (``speedup_vs_eager``/``speedup_vs_eager_cl``, the median of the per-round ratios the
+    rows print) where the row has one, else the ratio of the median times; so the table
+    agrees with the rows under it."""
     has_compile = "compile" in providers
     others = [p for p in providers if p != "eager"]
     header = [*group_keys, *[f"{p} ×eager" for p in others]]
@@ -59,19 +62,33 @@ def ratio_table(rows: list[dict], group_keys: tuple[str, ...], providers: list[s
     groups = list(dict.fromkeys(tuple(r[k] for k in group_keys) for r in rows))
     for group in groups:
         sel = [r for r in rows if tuple(r[k] for k in group_keys) == group]
-        by_case: dict[tuple, dict[str, float]] = {}
+        by_case: dict[tuple, dict[str, dict]] = {}
         for r in sel:
             case = tuple((k, v) for k, v in r.items() if not is_per_provider(k))
-            by_case.setdefault(case, {})[r["provider"]] = float(r["median_ms"])
+            by_case.setdefault(case, {})[r["provider"]] = r
         cells = []
         for ref in ["eager"] + (["compile"] if has_compile else []):
             for p in others:
                 if ref == "compile" and p == "compile":
                     continue
-                g = geomean(c[ref] / c[p] for c in by_case.values() if ref in c and p in c)
+                g = geomean(
+                    _case_ratio(c[ref], c[p], ref) for c in by_case.values() if ref in c and p in c
+                )
                 cells.append(f"{g:.2f}×")
         table.append([*map(str, group), *cells])
     return markdown_table(header, table)
+
+
+def _case_ratio(ref_row: dict, row: dict, ref: str) -> float:
+    """``row``'s speed-up over ``ref_row`` (same case): its per-round median ratio where
+    it has one against ``ref``, else the ratio of the median times."""
+    columns = ("speedup_vs_eager", "speedup_vs_eager_cl") if ref == "eager" else (
+        "speedup_vs_compile",)  # fmt: skip
+    for col in columns:
+        value = row.get(col, "")
+        if value not in ("", None):
+            return float(value)
+    return float(ref_row["median_ms"]) / float(row["median_ms"])
 
 
 # Columns that differ between the providers of one measured case.

@@ -27,8 +27,6 @@ pairs, since Triton passes Python floats to compiled kernels as fp32.
 from __future__ import annotations
 
 import functools
-import math
-import struct
 
 import torch
 import triton
@@ -115,9 +113,12 @@ def _bc(v):
 
 
 @triton.jit
-def _acc_scalar(hi, lo, ACC: tl.constexpr):
-    """hi + lo in ACC: exact fp64 scalars through fp32 kernel arguments."""
-    return tl.full([], hi, ACC) + tl.full([], lo, ACC)
+def _acc_scalar(v, ACC: tl.constexpr):
+    """The scalar kernel argument ``v`` in ACC. Scalars such as eps, momentum and the
+    LeakyReLU slope are declared ``tl.float64`` in the kernels' signatures: a plain Python
+    float argument is passed as fp32 on a GPU, so fp64 data would get an fp32-rounded
+    slope (the interpreter keeps the Python float, which hid it)."""
+    return tl.full([], v, ACC)
 
 
 @triton.jit
@@ -136,13 +137,13 @@ def _invstd(var, eps, ACC: tl.constexpr):
 
 @triton.jit
 def _affine_params(
-    mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps_hi, eps_lo,
+    mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Per-channel mean, invstd, weight and bias in ACC, shaped [1, BC, 1] for tiles."""
     mean = _load_chan(mean_ptr, ch, cmask, ACC)
     var = _load_chan(var_ptr, ch, cmask, ACC)
-    invstd = _invstd(var, _acc_scalar(eps_hi, eps_lo, ACC), ACC)
+    invstd = _invstd(var, _acc_scalar(eps, ACC), ACC)
     w = _load_chan(w_ptr, ch, cmask, ACC) if HAS_W else tl.full(mean.shape, 1.0, ACC)
     b = _load_chan(b_ptr, ch, cmask, ACC) if HAS_B else tl.zeros(mean.shape, ACC)
     return _bc(mean), _bc(invstd), _bc(w), _bc(b)
@@ -272,13 +273,9 @@ def _finalize_blocks(splits: int, C: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 # Host helpers.
 # ---------------------------------------------------------------------------------------
-def _split_float(v: float) -> tuple[float, float]:
-    """(hi, lo) with hi = fp32(v) and hi + lo == v to ~2^-48 relative (see _acc_scalar)."""
-    v = float(v)
-    if not math.isfinite(v):
-        return v, 0.0
-    hi = struct.unpack("f", struct.pack("f", v))[0]
-    return hi, v - hi
+def _scalar(v: float) -> float:
+    """A scalar for a kernel argument declared ``tl.float64`` (see _acc_scalar)."""
+    return float(v)
 
 
 def _in_fmt(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ._bn_tiles import (
     _in_fmt,
     _load_chan,
     _plan_for,
-    _split_float,
+    _scalar,
     _tile,
 )
 from ._common import _act_apply, check_act, check_no_partial_overlap, compute_dtype, on_input_device
@@ -33,7 +33,7 @@ from ._common import _act_apply, check_act, check_no_partial_overlap, compute_dt
 
 @triton.jit
 def _bias_act_kernel(
-    x_ptr, b_ptr, res_ptr, out_ptr, ap_hi, ap_lo,
+    x_ptr, b_ptr, res_ptr, out_ptr, act_param: tl.float64,
     C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, CL: tl.constexpr,
@@ -43,7 +43,7 @@ def _bias_act_kernel(
     (mean 0, invstd 1, weight 1), on the same tiles as _forward_kernel."""
     ch, cmask = _channels(tl.program_id(0), C, BC)
     b = _bc(_load_chan(b_ptr, ch, cmask, ACC)) if HAS_B else _bc(tl.zeros([BC], ACC))
-    param = _acc_scalar(ap_hi, ap_lo, ACC)
+    param = _acc_scalar(act_param, ACC)
     t0 = tl.program_id(1) * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, n_tiles)
     for t in range(t0, t1):
@@ -82,7 +82,7 @@ def _launch_bias_act(
     p = _plan_for(x, fmt)
     _bias_act_kernel[p.grid](
         x, b if b is not None else x, res if res is not None else x, out,
-        *_split_float(act_param), *p.args(),
+        _scalar(act_param), *p.args(),
         HAS_B=b is not None, HAS_RES=res is not None, ACT=act,
         ACC=compute_dtype(x.dtype), **p.meta(),
     )  # fmt: skip

@@ -37,7 +37,7 @@ from ._bn_tiles import (
     _in_fmt,
     _load_chan,
     _plan_for,
-    _split_float,
+    _scalar,
     _tile,
 )
 from ._common import (
@@ -52,8 +52,8 @@ from ._common import (
 
 @triton.jit
 def _backward_reduce_kernel(
-    g_ptr, x_ptr, o_ptr, mg_ptr, p0_ptr, p1_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps_hi, eps_lo,
-    ap_hi, ap_lo, C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
+    g_ptr, x_ptr, o_ptr, mg_ptr, p0_ptr, p1_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps: tl.float64,
+    act_param: tl.float64, C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     FROM_OUT: tl.constexpr, WRITE_MG: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, CL: tl.constexpr,
@@ -64,9 +64,9 @@ def _backward_reduce_kernel(
     pid_s = tl.program_id(1)
     ch, cmask = _channels(tl.program_id(0), C, BC)
     mean, invstd, w, b = _affine_params(
-        mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps_hi, eps_lo, HAS_W, HAS_B, ACC
+        mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps, HAS_W, HAS_B, ACC
     )
-    param = _acc_scalar(ap_hi, ap_lo, ACC)
+    param = _acc_scalar(act_param, ACC)
     acc_dy = tl.zeros([BR, BC, BK], ACC)
     acc_dyx = tl.zeros([BR, BC, BK], ACC)
     t0 = pid_s * tiles_per_prog
@@ -109,8 +109,8 @@ def _sum_finalize_kernel(
 
 @triton.jit
 def _backward_elemt_kernel(
-    g_ptr, x_ptr, gi_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sdy_ptr, sdyx_ptr, eps_hi, eps_lo,
-    ap_hi, ap_lo, m, C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
+    g_ptr, x_ptr, gi_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sdy_ptr, sdyx_ptr, eps: tl.float64,
+    act_param: tl.float64, m, C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BATCH_STATS: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, CL: tl.constexpr,
@@ -118,9 +118,9 @@ def _backward_elemt_kernel(
 ):  # fmt: skip
     ch, cmask = _channels(tl.program_id(0), C, BC)
     mean, invstd, w, b = _affine_params(
-        mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps_hi, eps_lo, HAS_W, HAS_B, ACC
+        mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps, HAS_W, HAS_B, ACC
     )
-    param = _acc_scalar(ap_hi, ap_lo, ACC)
+    param = _acc_scalar(act_param, ACC)
     scale = invstd * w
     if BATCH_STATS:
         mean_dy = _bc(_load_chan(sdy_ptr, ch, cmask, ACC)) / m
@@ -189,7 +189,7 @@ def bn_act_backward_reduce(
     _backward_reduce_kernel[p.grid](
         g, x, o, masked if write_masked_grad else x, p_dy, p_dyx, mean_a, var_a,
         w if w is not None else mean_a, b if b is not None else mean_a,
-        *_split_float(eps), *_split_float(act_param), *p.args(),
+        _scalar(eps), _scalar(act_param), *p.args(),
         HAS_W=w is not None, HAS_B=b is not None, ACT=act,
         FROM_OUT=from_out, WRITE_MG=bool(write_masked_grad),
         ACC=compute_dtype(input.dtype), **p.meta(),
@@ -244,7 +244,7 @@ def bn_act_backward_elemt(
     _backward_elemt_kernel[p.grid](
         g, x, grad_input, mean_a, var_a,
         w if w is not None else mean_a, b if b is not None else mean_a, sdy, sdyx,
-        *_split_float(eps), *_split_float(act_param), p.m, *p.args(),
+        _scalar(eps), _scalar(act_param), p.m, *p.args(),
         HAS_W=w is not None, HAS_B=b is not None, ACT=act, BATCH_STATS=bool(batch_stats),
         ACC=compute_dtype(input.dtype), **p.meta(),
     )  # fmt: skip

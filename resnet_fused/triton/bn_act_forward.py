@@ -26,7 +26,7 @@ from ._bn_tiles import (
     _empty_bn,
     _in_fmt,
     _plan_for,
-    _split_float,
+    _scalar,
     _tile,
 )
 from ._common import _act_apply, check_act, check_bn_affine_args, compute_dtype, on_input_device
@@ -34,7 +34,7 @@ from ._common import _act_apply, check_act, check_bn_affine_args, compute_dtype,
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, res_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps_hi, eps_lo, ap_hi, ap_lo,
+    x_ptr, res_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps: tl.float64, act_param: tl.float64,
     C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, CL: tl.constexpr,
@@ -42,9 +42,9 @@ def _forward_kernel(
 ):  # fmt: skip
     ch, cmask = _channels(tl.program_id(0), C, BC)
     mean, invstd, w, b = _affine_params(
-        mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps_hi, eps_lo, HAS_W, HAS_B, ACC
+        mean_ptr, var_ptr, w_ptr, b_ptr, ch, cmask, eps, HAS_W, HAS_B, ACC
     )
-    param = _acc_scalar(ap_hi, ap_lo, ACC)
+    param = _acc_scalar(act_param, ACC)
     t0 = tl.program_id(1) * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, n_tiles)
     for t in range(t0, t1):
@@ -87,7 +87,7 @@ def bn_act_forward(
     _forward_kernel[p.grid](
         x, res if res is not None else x, out, mean_a, var_a,
         w if w is not None else mean_a, b if b is not None else mean_a,
-        *_split_float(eps), *_split_float(act_param), *p.args(),
+        _scalar(eps), _scalar(act_param), *p.args(),
         HAS_W=w is not None, HAS_B=b is not None, HAS_RES=res is not None, ACT=act,
         ACC=compute_dtype(input.dtype), **p.meta(),
     )  # fmt: skip

@@ -38,7 +38,7 @@ from ._bn_tiles import (
     _finalize_blocks,
     _in_fmt,
     _plan_for,
-    _split_float,
+    _scalar,
     _tile,
 )
 from ._common import compute_dtype, on_input_device
@@ -103,7 +103,7 @@ def _stats_partial_kernel(
 @triton.jit
 def _stats_finalize_kernel(
     cnt_ptr, part_ptr, x_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, C, S, pivot_stride, rm_stride,
-    rv_stride, keep_hi, keep_lo, mom_hi, mom_lo, momv_hi, momv_lo,
+    rv_stride, keep: tl.float64, mom: tl.float64, momv: tl.float64,
     HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -151,16 +151,16 @@ def _stats_finalize_kernel(
     mean = tl.where(tl.abs(mean) < tl.abs(mean_plain), piv + mean, mean_plain)
     tl.store(mean_ptr + ch, mean, mask=cmask)
     tl.store(var_ptr + ch, var, mask=cmask)
-    keep = _acc_scalar(keep_hi, keep_lo, ACC)
+    keep = _acc_scalar(keep, ACC)
     if HAS_RM:
         p = rm_ptr + ch.to(tl.int64) * rm_stride
         rm = tl.load(p, mask=cmask, other=0.0).to(ACC)
-        new = rm * keep + mean * _acc_scalar(mom_hi, mom_lo, ACC)
+        new = rm * keep + mean * _acc_scalar(mom, ACC)
         tl.store(p, new.to(rm_ptr.dtype.element_ty), mask=cmask)
     if HAS_RV:
         p = rv_ptr + ch.to(tl.int64) * rv_stride
         rv = tl.load(p, mask=cmask, other=0.0).to(ACC)
-        new = rv * keep + var * _acc_scalar(momv_hi, momv_lo, ACC)
+        new = rv * keep + var * _acc_scalar(momv, ACC)
         tl.store(p, new.to(rv_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -223,7 +223,7 @@ def merge_partials(
     mean = torch.empty(C, dtype=acc, device=dev)
     var = torch.empty(C, dtype=acc, device=dev)
     var_factor = momentum * m / (m - 1) if m > 1 else float("nan")
-    keep, mom, momv = (_split_float(v) for v in (1 - momentum, momentum, var_factor))
+    keep, mom, momv = (_scalar(v) for v in (1 - momentum, momentum, var_factor))
     block_s, block_c = _finalize_blocks(S, C)
     _stats_finalize_kernel[(triton.cdiv(C, block_c),)](
         counts, part, x, mean, var,
@@ -232,7 +232,7 @@ def merge_partials(
         C, S, pivot_stride,
         running_mean.stride(0) if running_mean is not None else 1,
         running_var.stride(0) if running_var is not None else 1,
-        *keep, *mom, *momv,
+        keep, mom, momv,
         HAS_RM=running_mean is not None, HAS_RV=running_var is not None,
         BLOCK_S=block_s, BLOCK_C=block_c, ACC=tl.float64 if acc == torch.float64 else tl.float32,
         num_warps=4,

@@ -110,7 +110,7 @@ def _conv_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, part_ptr,
     M, Cout, Cin, H, W, P, Q, T,
     sxn, sxc, sxh, sxw, srn, src, srh, srw,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, act_param,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, act_param: tl.float64,
     R: tl.constexpr, S: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
     FLAT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -260,7 +260,7 @@ _conv_tuned_fp32 = triton.autotune(
 @triton.jit
 def _stats_merge_kernel(
     in_ptr, cnt_in_ptr, piv_ptr, out_ptr, cnt_out_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr,
-    T, C, tiles_per_prog, momentum, rm_stride, rv_stride,
+    T, C, tiles_per_prog, momentum: tl.float64, rm_stride, rv_stride,
     IN_REL: tl.constexpr, FINAL: tl.constexpr, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
     RACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip

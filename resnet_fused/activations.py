@@ -68,6 +68,13 @@ class Act:
     def __bool__(self) -> bool:
         return self.kind != IDENTITY
 
+    @property
+    def active(self) -> bool:
+        """Not the identity (``bool(act)``). The library's own code spells it so: Dynamo
+        in torch < 2.14 cannot trace ``bool()`` of a frozen dataclass, which broke
+        ``torch.compile(fullgraph=True)`` of every fused op there."""
+        return self.kind != IDENTITY
+
     def __repr__(self) -> str:
         return f"Act({self.name!r}" + (f", {self.param!r})" if self.kind == LEAKY_RELU else ")")
 

@@ -283,7 +283,7 @@ def _bn_site(bn, dtype, residual, act: Act, post, fused, modules) -> Tensor:
         if residual is not None and not act.from_output:
             return post(fused(residual, ID_ACT))
         return fused(residual, act)
-    if residual is None and (not act or (inner == act and act.kind == RELU)):
+    if residual is None and (not act.active or (inner == act and act.kind == RELU)):
         # (relu(relu(y)) == relu(y))
         return fused(None, inner) if inner != "module" else post(_norm_act_modules(bn, fused))
     out = _norm_act_modules(bn, fused) if inner == "module" else fused(None, inner)
@@ -379,7 +379,7 @@ def _fusable(conv, bn, relu_module) -> bool:
     if relu_module is None:
         return True
     act = act_of_module(relu_module)
-    return act is not None and bool(act)
+    return act is not None and act.active
 
 
 def _unit_dtype(input: Tensor) -> torch.dtype:
@@ -801,7 +801,7 @@ def _act_of(root: nn.Module, node: fx.Node):
     if node.op == "call_module":
         m = root.get_submodule(node.target)
         act = act_of_module(m)
-        if not act or len(node.args) != 1 or node.kwargs:
+        if act is None or not act.active or len(node.args) != 1 or node.kwargs:
             return None
         inplace = bool(getattr(m, "inplace", False)) and isinstance(m, _ACT_INPLACE_MODULES)
         return node.args[0], inplace, node.target, act
@@ -821,7 +821,7 @@ def _act_of(root: nn.Module, node: fx.Node):
             return None
         inplace = values.pop("inplace", inplace)
         act = act_of_call(node.target, (inp, *values.values()), {})
-        if not act or not isinstance(inplace, bool):
+        if act is None or not act.active or not isinstance(inplace, bool):
             return None
         return inp, inplace, None, act
     if (

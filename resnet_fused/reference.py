@@ -130,7 +130,7 @@ def _act_grad(grad, input, mean, var, weight, bias, out, eps, act, act_param):
     activation without residual). ReLU's mask is that of the pre-activation rounded to
     input's dtype (the stored output's mask)."""
     a = Act(act, act_param)
-    if not a:
+    if not a.active:
         return grad
     if out is not None:
         if not a.from_output:

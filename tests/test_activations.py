@@ -578,3 +578,49 @@ def test_portable_cpu_kernels_in_subprocess():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+def test_ops_do_not_take_bool_of_an_activation(backend, monkeypatch):
+    """The ops' Python never calls ``bool(act)``: Dynamo in torch < 2.14 cannot trace
+    ``bool()`` of a frozen dataclass, and torch.compile(fullgraph=True) of every fused op
+    failed there (seen on torch 2.11). ``act.active`` says the same and traces."""
+
+    def refuse(self):
+        raise AssertionError("bool(Act) called")
+
+    monkeypatch.setattr(Act, "__bool__", refuse)
+    device = backend_device(backend)
+    for act in (Act(RELU), Act(IDENTITY), Act(SILU)):
+        for residual in (False, True):
+            for training in (True, False):
+                x = torch.randn(2, 3, 5, 4, device=device, requires_grad=True)
+                w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+                g = torch.rand(4, device=device, requires_grad=True)
+                b = torch.randn(4, device=device, requires_grad=True)
+                r = torch.randn(2, 4, 5, 4, device=device) if residual else None
+                out = resnet_fused.conv_bn_act(
+                    x, w, g, b, torch.zeros(4), torch.ones(4), padding=1, training=training,
+                    activation=act, residual=r, backend=backend,
+                )  # fmt: skip
+                y = resnet_fused.batch_norm_act(
+                    out, torch.zeros(4), torch.ones(4), g, b, training, activation=act,
+                    residual=r if act.from_output else None, backend=backend,
+                )  # fmt: skip
+                y.sum().backward()
+                with torch.no_grad():
+                    resnet_fused.conv_bn_act(
+                        x, w, g, b, torch.zeros(4), torch.ones(4), padding=1, training=False,
+                        activation=act, residual=r, backend=backend,
+                    )  # fmt: skip
+    # and a converted model's sites (the converter's own forward functions)
+    seq = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU(), nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Hardswish(),
+    ).to(device)  # fmt: skip
+    fused = resnet_fused.convert(seq, backend=backend)
+    assert resnet_fused.conversion_report(fused)["fused"]
+    x = torch.randn(2, 3, 5, 4, device=device, requires_grad=True)
+    fused(x).sum().backward()
+    with torch.no_grad():
+        fused.eval()(x)

@@ -85,8 +85,8 @@ class _BatchNormAct(torch.autograd.Function):
         kernels = _bn_kernels(backend)
         out = kernels.forward(input, mean, var, weight, bias, residual, eps, *act.args)
         # act' comes from `out` with a residual, else from input (needs bias).
-        keep_out = bool(act) and residual is not None
-        keep_bias = bool(act) and residual is None
+        keep_out = act.active and residual is not None
+        keep_bias = act.active and residual is None
         ctx.save_for_backward(
             input, mean, var, weight, bias if keep_bias else None, out if keep_out else None
         )
@@ -105,7 +105,7 @@ class _BatchNormAct(torch.autograd.Function):
         eps, act, batch_stats = ctx.eps, ctx.act, ctx.batch_stats
         # With residual + act the reduction pass also writes the gradient through act, which
         # is d_residual and the gradient the elementwise pass normalises.
-        write_masked = bool(act) and ctx.has_residual and (need_input or need_residual)
+        write_masked = act.active and ctx.has_residual and (need_input or need_residual)
         need_sums = (batch_stats and need_input) or need_weight or need_bias
         # SiLU/GELU on the CPU: the reduction pass, which runs anyway, also writes
         # g = grad_out * act'(pre), and the elementwise pass reads it instead of evaluating

@@ -242,7 +242,7 @@ def _onednn_weight(w: Tensor, x: Tensor, geometry, residual: Tensor | None, act)
     oneDNN reorders it at every call: on ResNet-50's deep layers (weights of 1-9 MB,
     small images) that is 10-25% of the convolution. A planned eval unit keeps it
     beside the cached fold (see :class:`EvalPlan`)."""
-    if _REORDER is None or not _mkldnn_ok(x, residual is not None and bool(act)):
+    if _REORDER is None or not _mkldnn_ok(x, residual is not None and act.active):
         return None
     stride, padding, dilation, groups = geometry
     with torch.no_grad():
@@ -271,7 +271,7 @@ def _eval_forward(
             x, w_packed, list(w.shape[2:]), list(stride), list(padding), list(dilation),
             b, residual, *act.args,
         )  # fmt: skip
-    if impl == "cpu" and _mkldnn_ok(x, residual is not None and bool(act)):
+    if impl == "cpu" and _mkldnn_ok(x, residual is not None and act.active):
         # oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps NaN: the activation
         # post-ops are used only where the inputs are finite (a NaN cannot then arise
         # inside, short of overflowing fp32). Inference tensors cannot carry a finite
@@ -285,8 +285,8 @@ def _eval_forward(
             finite = (w_finite if w_finite is not None else not _non_finite(w, b)) and not any(
                 t is not None and not _known_finite(t) and _non_finite(t) for t in (x, residual)
             )
-        if finite or not act or inference:
-            post = bool(act) and finite and (residual is None or act.kind == RELU)
+        if finite or not act.active or inference:
+            post = act.active and finite and (residual is None or act.kind == RELU)
             bias = b.to(x.dtype) if b is not None else None
             if w_onednn is not None:
                 w = w_onednn
@@ -301,7 +301,7 @@ def _eval_forward(
                     x, residual, w, bias, list(padding), list(stride), list(dilation), groups,
                     "add", None, "relu" if post else None, [], "",
                 )  # fmt: skip
-            if act and not post:
+            if act.active and not post:
                 out = act.eager_(out)
             if finite:
                 _mark_finite(out)
@@ -315,7 +315,7 @@ def _eval_forward(
             return act.eager_(F.conv2d(x, w, b, stride, padding, dilation, groups))
         if act.kind in (IDENTITY, RELU):
             y = F.conv2d(x, w, b, stride, padding, dilation, groups)
-            if act:
+            if act.active:
                 torch.ops.resnet_fused.add_relu_(y, residual)
                 return y
             return y.add_(residual)
@@ -351,7 +351,7 @@ class _ConvBiasAct(torch.autograd.Function):
                 impl, x, w, b, residual, stride, padding, dilation, groups, ID_ACT, w_packed
             )
             out = act(saved)
-        ctx.save_for_backward(x, w, saved if act else None)
+        ctx.save_for_backward(x, w, saved if act.active else None)
         ctx.geometry, ctx.act, ctx.impl = geometry, act, impl
         ctx.b_dtype = None if b is None else b.dtype
         return out
@@ -367,7 +367,7 @@ class _ConvBiasAct(torch.autograd.Function):
             g = _relu_backward(ctx.impl)(g.contiguous(memory_format=bn_memory_format(saved)), saved)
         elif act.from_output:
             g = act.backward_from_output(g, saved)
-        elif act:
+        elif act.active:
             g = act.backward(g, saved)
         grad_x = grad_w = None
         if need_x or need_w:
@@ -776,7 +776,7 @@ def conv_bn_act(
     if (
         not grad
         and input.device.type == "cpu"
-        and _mkldnn_ok(input, residual is not None and bool(act))
+        and _mkldnn_ok(input, residual is not None and act.active)
     ):
         alternative = CPU_EPILOGUE
     impl = _resolve_conv_backend(

@@ -56,7 +56,7 @@ UNIT_SHAPES = {"cpu": ((1, 8, 4, 4),), "cuda": ((1, 8, 4, 4), (32, 64, 8, 8))}
 
 
 def _unit_steps(
-    mode: str, device: torch.device = torch.device("cpu"), shape=(1, 8, 4, 4)
+    mode: str, device: torch.device | str = "cpu", shape=(1, 8, 4, 4)
 ) -> dict[str, Callable[[], object]]:
     torch.manual_seed(0)
     c = shape[1]
@@ -92,9 +92,7 @@ def _unit_steps(
     return steps
 
 
-def run_unit(
-    writer, min_run_time: float, rounds: int, progress=print, device=torch.device("cpu")
-) -> None:
+def run_unit(writer, min_run_time: float, rounds: int, progress=print, device="cpu") -> None:
     """Time per call of the unit, back-to-back calls (on a GPU: wall time with the device
     synchronised around each block of calls, the host's time per call wherever the
     kernels are shorter than their launches)."""
@@ -159,7 +157,7 @@ def _first_step(provider: str, cache_dir: str | None, device: str = "cpu") -> fl
     return json.loads(out.stdout.strip().splitlines()[-1])["first_step_s"]
 
 
-def run_first_step(writer, rounds: int, progress=print, device=torch.device("cpu")) -> None:
+def run_first_step(writer, rounds: int, progress=print, device="cpu") -> None:
     device = torch.device(device)
     dev = str(device)
     times: dict[str, list[float]] = {
@@ -259,9 +257,7 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_host(
-    cases, writer, min_run_time: float, rounds: int, progress=print, device=torch.device("cpu")
-) -> None:
+def run_host(cases, writer, min_run_time: float, rounds: int, progress=print, device="cpu") -> None:
     device = torch.device(device)
     unknown = [c for c in cases if c not in CASES]
     if unknown:

@@ -22,6 +22,7 @@
 // forward-mode formulas apply. A gradient of the gradient (double backward) is refused
 // with an error naming the op.
 #include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_batch_norm_impl_index.h>
@@ -483,6 +484,34 @@ at::Tensor conv_bn_act_eager_autograd(
   return f.out;
 }
 
+// Under autocast (torch.autocast, either device's): the casts eager's ops would make --
+// input, convolution weight and bias, and the residual to the autocast dtype where
+// eligible (floating point, on this device, not fp64), the weight through autocast's cast
+// cache as eager's conv2d does -- then the unit with autocast off, so that its ops run in
+// that dtype once (BatchNorm with its fp32 parameters, as eager's batch_norm under
+// autocast). What modules._run_plan did in Python around the same call.
+template <c10::DeviceType D>
+at::Tensor conv_bn_act_eager_autocast(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
+    std::optional<double> momentum, double eps, const std::optional<at::Tensor>& residual,
+    int64_t act, double act_param) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(D));
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(D);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("resnet_fused::conv_bn_act_eager", "")
+                       .typed<decltype(conv_bn_act_eager)>();
+  return op.call(at::autocast::cached_cast(dtype, input, D),
+                 at::autocast::cached_cast(dtype, weight, D),
+                 at::autocast::cached_cast(dtype, conv_bias, D), bn_weight, bn_bias, running_mean,
+                 running_var, num_batches_tracked, stride, padding, dilation, groups, training,
+                 momentum, eps, at::autocast::cached_cast(dtype, residual, D), act, act_param);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
@@ -661,4 +690,12 @@ TORCH_LIBRARY_IMPL(resnet_fused, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) {
   m.impl("conv_bn_act_eager", &resnet_fused::conv_bn_act_eager_autograd);
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused, Autocast, m) {  // (CUDA's autocast)
+  m.impl("conv_bn_act_eager", &resnet_fused::conv_bn_act_eager_autocast<c10::DeviceType::CUDA>);
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused, AutocastCPU, m) {
+  m.impl("conv_bn_act_eager", &resnet_fused::conv_bn_act_eager_autocast<c10::DeviceType::CPU>);
 }

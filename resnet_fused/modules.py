@@ -591,10 +591,11 @@ def _run_plan(plan, conv, bn, input, residual, act, backend, cache, amp) -> Tens
     cp = conv._parameters
     w, conv_b = cp["weight"], cp.get("bias")
     unit = plan.unit
-    if unit is not None and amp is None:
+    if unit is not None:
         # Eager's ops in one C++ call and one autograd node (ops.EAGER_UNIT), which also
         # does the bookkeeping of nn.BatchNorm2d.forward: given the counter it adds one,
-        # and momentum=None averages cumulatively. NotImplemented (tensors with
+        # and momentum=None averages cumulatively; under autocast its Autocast kernel makes
+        # the casts below (csrc/unit.cpp). NotImplemented (tensors with
         # __torch_function__): the ops one by one, below.
         bp = bn._parameters
         stride, padding, dilation, groups = plan.geometry

@@ -491,3 +491,38 @@ def test_opcheck_fold_op():
     torch.library.opcheck(
         fold, (w.float(), None, rm.float(), rv.float(), g.float(), None, 1e-5, torch.bfloat16)
     )
+
+
+def test_onednn_binary_post_op_skipped_at_1x1_on_old_torch(monkeypatch):
+    """torch < 2.14's oneDNN fails its add post-op at 1x1 maps ("could not create a
+    memory", resnet18's last block at 32x32): there the eval unit with a residual takes
+    aten's convolution and the epilogue, with eager's result."""
+    from resnet_fused.functional import conv_bn_act as cba
+
+    monkeypatch.setattr(cba, "ONEDNN_BINARY_FAILS_AT_1X1", True)
+    binary_calls = []
+    real = cba._mkldnn_pointwise
+
+    class Spy:
+        def __call__(self, *args):
+            return real(*args)
+
+        def binary(self, x, *args):
+            binary_calls.append(tuple(x.shape[-2:]))
+            return real.binary(x, *args)
+
+    monkeypatch.setattr(cba, "_mkldnn_pointwise", Spy())
+    for hw in (1, 3):
+        x = torch.randn(2, 8, hw, hw).to(memory_format=torch.channels_last)
+        w = torch.randn(8, 8, 3, 3) * 0.2
+        g, b = torch.rand(8) + 0.5, torch.randn(8)
+        rm, rv = torch.randn(8) * 0.1, torch.rand(8) + 0.5
+        res = torch.randn(2, 8, hw, hw).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out = resnet_fused.conv_bn_act(
+                x, w, g, b, rm, rv, padding=1, residual=res, backend="cpu"
+            )  # fmt: skip
+        expected = torch.relu(F.batch_norm(F.conv2d(x, w, padding=1), rm, rv, g, b) + res)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    if cba._mkldnn_ok(torch.randn(1, 8, 3, 3)):  # (oneDNN used on this machine at all)
+        assert binary_calls == [(3, 3)], binary_calls

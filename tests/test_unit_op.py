@@ -321,6 +321,54 @@ def test_modules_run_the_op_from_their_plan(monkeypatch, mode):
             _assert_identical(a, b, "running statistics")
 
 
+@pytest.mark.parametrize("mode", ["train", "inference"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_under_autocast_the_plan_runs_the_op_as_eager(monkeypatch, mode, channels_last):
+    """Under torch.autocast the op's Autocast kernel makes conv2d's casts (input, weight
+    through autocast's cache, bias; the residual too) and runs the unit in the autocast
+    dtype: a planned unit takes the one C++ call (no Python casts) and equals eager's
+    modules under autocast bit for bit: training steps (outputs, gradients, running
+    statistics) and inference under no_grad."""
+    monkeypatch.setenv("RESNET_FUSED_AUTO", "eager")
+    conv, bn = _modules(torch.float32, True, True, True, 0.1, channels_last)
+    ref_conv, ref_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    training = mode == "train"
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn).train(training)
+    for m in (conv, bn, ref_conv, ref_bn):
+        m.train(training)
+    x, r = _inputs(torch.float32, True, channels_last)
+    r = r.detach().bfloat16().requires_grad_()  # (what a block's shortcut gives under autocast)
+    rx, rr = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
+    calls = []
+    real_unit = ops.EAGER_UNIT
+
+    def counting_unit(*args):
+        calls.append(args[0].dtype)
+        return real_unit(*args)
+
+    for step in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(training):
+            out, ref = unit(x, r), _eager(ref_conv, ref_bn, rx, rr, True)
+        if step == 0:
+            plan = unit._fold_cache.plan[1]
+            assert plan.unit is ops.EAGER_UNIT
+            monkeypatch.setattr(plan, "unit", counting_unit)
+        else:
+            assert calls[-1] == torch.float32  # (the op got fp32 tensors: it made the casts)
+        _assert_identical(out, ref, f"output, step {step}")
+        assert out.dtype == torch.bfloat16
+        if training:
+            assert out.grad_fn.name() == "ConvBnActEagerBackward" or step == 0
+            out.backward(torch.ones_like(out))
+            ref.backward(torch.ones_like(ref))
+            for a, b in zip(_grads(conv, bn, x, r), _grads(ref_conv, ref_bn, rx, rr),
+                            strict=True):  # fmt: skip
+                _assert_identical(a, b, f"grad, step {step}")
+        for a, b in zip(_state(bn), _state(ref_bn), strict=True):
+            _assert_identical(a, b, f"running statistics, step {step}")
+    assert len(calls) == 2
+
+
 def test_benchmarks_do_not_count_the_eager_unit_as_fused(monkeypatch):
     from resnet_fused.bench import model as bench_model
 

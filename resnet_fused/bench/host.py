@@ -6,7 +6,7 @@ Cases (``resnet-fused bench --level host``):
   negligible and the time is host time: eager modules (``nn.Sequential(conv, bn, relu)``)
   against :class:`resnet_fused.FusedConvBNReLU2d` under the default ``backend="auto"``,
   in eval under ``no_grad`` and under ``inference_mode``, and a training step
-  (forward+backward);
+  (forward+backward); eval and training also under bf16 autocast (``+autocast``);
 * ``first_step``: the first training step of a converted ``resnet18`` (4x3x64x64) in a
   new process (conversion, forward, backward, ``auto``'s tuning) with a cold and a warm
   tuning table, and with a warm table converting in place (``convert(model,
@@ -71,22 +71,29 @@ def _unit_steps(
     fused = resnet_fused.FusedConvBNReLU2d.from_modules(copy.deepcopy(conv), copy.deepcopy(bn))
     x = torch.randn(*shape, device=device)
     steps = {}
+    base, _, amp = mode.partition("+")  # "+autocast": under bf16 autocast
+    dev_type = torch.device(device).type
+
+    def amp_ctx():
+        return torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bool(amp))
+
     for name, m in (("eager", eager), ("fused", fused)):
-        m.train(mode == "train")
-        if mode == "train":
+        m.train(base == "train")
+        if base == "train":
             xg = x.clone().requires_grad_()
 
             def step(m=m, xg=xg):
-                out = m(xg)
+                with amp_ctx():
+                    out = m(xg)
                 out.backward(torch.ones_like(out))
-                return out.detach()
+                return out.detach().to(torch.float32, copy=True)
 
         else:
-            ctx = torch.no_grad if mode == "eval" else torch.inference_mode
+            ctx = torch.no_grad if base == "eval" else torch.inference_mode
 
             def step(m=m, ctx=ctx):
-                with ctx():
-                    return m(x).clone()
+                with ctx(), amp_ctx():
+                    return m(x).to(torch.float32, copy=True)
 
         steps[name] = step
     return steps
@@ -101,11 +108,12 @@ def run_unit(writer, min_run_time: float, rounds: int, progress=print, device="c
     tolerance = 1e-5 if device.type == "cpu" else 3e-3
     for shape in UNIT_SHAPES[device.type]:
         label = "unit " + "x".join(map(str, shape))
-        for mode in ("eval", "inference_mode", "train"):
+        for mode in ("eval", "inference_mode", "train", "eval+autocast", "train+autocast"):
             steps = _unit_steps(mode, device, shape)
             stats = harness.measure_case(
                 steps, device, min_run_time, baseline="eager", rounds=rounds,
-                tolerance=tolerance, timer=harness.wall_timer(device),
+                tolerance=3e-2 if "+autocast" in mode else tolerance,
+                timer=harness.wall_timer(device),
             )  # fmt: skip
             for provider, s in stats.items():
                 row = {

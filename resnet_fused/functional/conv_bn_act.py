@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops, reference
-from .._compat import compose_reference_under_compile
+from .._compat import ONEDNN_BINARY_FAILS_AT_1X1, compose_reference_under_compile
 from .._geometry import conv_output_hw, pair
 from .._layout import bn_memory_format, stats_dtype
 from .._validation import (
@@ -216,7 +216,7 @@ def _non_finite(*tensors) -> bool:
     )
 
 
-def _mkldnn_ok(x: Tensor, add_relu: bool = False) -> bool:
+def _mkldnn_ok(x: Tensor, add_relu: bool = False, residual: Tensor | None = None) -> bool:
     """oneDNN's fused convolution for fp32, and bf16 where this CPU supports it (skipped
     when torch.backends.mkldnn is disabled, as aten's convolution would skip oneDNN). Not
     under torch.compile, whose CPU backend does its own oneDNN fusion: there the aten
@@ -224,10 +224,17 @@ def _mkldnn_ok(x: Tensor, add_relu: bool = False) -> bool:
     there the binary op falls back to aten's add_relu, which has no bf16 kernel (an
     internal assert in torch). (The caller also leaves the ReLU post-op out where an
     input may be non-finite: oneDNN's ReLU post-op turns NaN into 0 where torch.relu
-    keeps it.)"""
+    keeps it.) On torch < 2.14 not with a ``residual`` whose map is 1x1, where the binary
+    post-op fails (_compat.ONEDNN_BINARY_FAILS_AT_1X1)."""
     if torch.compiler.is_compiling():
         return False
     if add_relu and x.dtype == torch.bfloat16 and bn_memory_format(x) != torch.channels_last:
+        return False
+    if (
+        ONEDNN_BINARY_FAILS_AT_1X1
+        and residual is not None
+        and residual.shape[-2] * residual.shape[-1] == 1
+    ):
         return False
     return _onednn_supports(x.dtype) and torch._C._get_mkldnn_enabled()
 
@@ -242,7 +249,7 @@ def _onednn_weight(w: Tensor, x: Tensor, geometry, residual: Tensor | None, act)
     oneDNN reorders it at every call: on ResNet-50's deep layers (weights of 1-9 MB,
     small images) that is 10-25% of the convolution. A planned eval unit keeps it
     beside the cached fold (see :class:`EvalPlan`)."""
-    if _REORDER is None or not _mkldnn_ok(x, residual is not None and act.active):
+    if _REORDER is None or not _mkldnn_ok(x, residual is not None and act.active, residual):
         return None
     stride, padding, dilation, groups = geometry
     with torch.no_grad():
@@ -271,7 +278,7 @@ def _eval_forward(
             x, w_packed, list(w.shape[2:]), list(stride), list(padding), list(dilation),
             b, residual, *act.args,
         )  # fmt: skip
-    if impl == "cpu" and _mkldnn_ok(x, residual is not None and act.active):
+    if impl == "cpu" and _mkldnn_ok(x, residual is not None and act.active, residual):
         # oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps NaN: the activation
         # post-ops are used only where the inputs are finite (a NaN cannot then arise
         # inside, short of overflowing fp32). Inference tensors cannot carry a finite
@@ -776,7 +783,7 @@ def conv_bn_act(
     if (
         not grad
         and input.device.type == "cpu"
-        and _mkldnn_ok(input, residual is not None and act.active)
+        and _mkldnn_ok(input, residual is not None and act.active, residual)
     ):
         alternative = CPU_EPILOGUE
     impl = _resolve_conv_backend(

@@ -208,6 +208,34 @@ def test_planned_calls_equal_checked_calls(monkeypatch, policy, residual, layout
             )
 
 
+def test_planned_autocast_call_leaves_autocast_as_it_was(monkeypatch):
+    """A planned unit under autocast turns autocast off for its ops and back on after
+    them, also when an op raises, and never touches another device's flag."""
+    monkeypatch.setenv("RESNET_FUSED_AUTO", "fused")
+    conv, bn = _pair(dtype=torch.float32)
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn).train()
+    x = torch.randn(2, 3, 6, 6)
+    cuda_flag = torch.is_autocast_enabled("cuda")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unit(x)
+        out = unit(x)  # planned
+        assert unit._fold_cache.plan is not None and out.dtype == torch.bfloat16
+        assert torch.is_autocast_enabled("cpu")
+        seen = []
+
+        def failing_run(self, *args, **kwargs):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            raise RuntimeError("planned op failed")
+
+        monkeypatch.setattr(type(unit._fold_cache.plan[1]), "run", failing_run)
+        with pytest.raises(RuntimeError, match="planned op failed"):
+            unit(x)
+        assert seen == [False]  # the ops ran with autocast off
+        assert torch.is_autocast_enabled("cpu")  # and it is on again after the error
+    assert not torch.is_autocast_enabled("cpu")
+    assert torch.is_autocast_enabled("cuda") == cuda_flag
+
+
 @pytest.mark.parametrize("policy", ["fused", "eager"])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("settings", [{}, {"momentum": None}, {"track_running_stats": False}])

@@ -490,6 +490,14 @@ at::Tensor conv_bn_act_eager_autograd(
 // cache as eager's conv2d does -- then the unit with autocast off, so that its ops run in
 // that dtype once (BatchNorm with its fp32 parameters, as eager's batch_norm under
 // autocast). What modules._run_plan did in Python around the same call.
+// The op through the dispatcher (typed call), from the Autocast kernels and from Python.
+const c10::TypedOperatorHandle<decltype(conv_bn_act_eager)>& eager_unit_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resnet_fused::conv_bn_act_eager", "")
+                             .typed<decltype(conv_bn_act_eager)>();
+  return op;
+}
+
 template <c10::DeviceType D>
 at::Tensor conv_bn_act_eager_autocast(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
@@ -502,10 +510,7 @@ at::Tensor conv_bn_act_eager_autocast(
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(D));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(D);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("resnet_fused::conv_bn_act_eager", "")
-                       .typed<decltype(conv_bn_act_eager)>();
-  return op.call(at::autocast::cached_cast(dtype, input, D),
+  return eager_unit_op().call(at::autocast::cached_cast(dtype, input, D),
                  at::autocast::cached_cast(dtype, weight, D),
                  at::autocast::cached_cast(dtype, conv_bias, D), bn_weight, bn_bias, running_mean,
                  running_var, num_batches_tracked, stride, padding, dilation, groups, training,
@@ -600,9 +605,7 @@ PyObject* conv_bn_act_eager_py(PyObject* /*module*/, PyObject* const* args, Py_s
   if (!plain) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("resnet_fused::conv_bn_act_eager", "")
-                       .typed<decltype(conv_bn_act_eager)>();
+  const auto& op = eager_unit_op();
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;  // as torch's own bindings of aten ops

@@ -66,7 +66,7 @@ class Act:
         return NAMES[self.kind]
 
     def __bool__(self) -> bool:
-        return self.kind != IDENTITY
+        return self.active
 
     @property
     def active(self) -> bool:

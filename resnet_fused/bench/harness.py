@@ -27,6 +27,7 @@ level brings its own timer (a barrier before every step, the slowest rank's time
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -140,13 +141,21 @@ def default_tolerance(dtype: torch.dtype, device: torch.device, amp: bool = Fals
 # Timers
 
 
-def cpu_timer(fn: Callable[[], object], calls: int) -> float:
+def cpu_timer(
+    fn: Callable[[], object], calls: int, sync: Callable[[], object] | None = None
+) -> float:
+    """Wall time per call of ``calls`` back-to-back calls, the garbage collector off;
+    ``sync`` (a device synchronisation) before the clock starts and before it stops."""
     enabled = gc.isenabled()
     gc.disable()
     try:
+        if sync is not None:
+            sync()
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
+        if sync is not None:
+            sync()
         return (time.perf_counter() - t0) / calls
     finally:
         if enabled:
@@ -188,26 +197,9 @@ def wall_timer(device: torch.device) -> Timer:
     when the kernels are shorter than their launches (no L2 flush between calls, which
     would hide host time behind the flush kernel)."""
     device = torch.device(device)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def timer(fn: Callable[[], object], calls: int) -> float:
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            sync()
-            return (time.perf_counter() - t0) / calls
-        finally:
-            if enabled:
-                gc.enable()
-
-    return timer
+    if device.type != "cuda":
+        return cpu_timer
+    return functools.partial(cpu_timer, sync=functools.partial(torch.cuda.synchronize, device))
 
 
 def _default_timer(device: torch.device) -> Timer:

@@ -462,8 +462,6 @@ def run_models(
             convert_s, first_s = {}, {}
             skip_mode = False
             for provider, layout in keys:
-                if skip_mode:
-                    break
                 spec = parsed[provider]
                 fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                 model, convert_s[provider] = _model(name, spec, device, fmt, training)
@@ -486,7 +484,7 @@ def run_models(
                         cases.clear()
                         _free(device)
                         skip_mode = True
-                        continue
+                        break
                     if not spec.graph:
                         raise
                     why = f"{name} {mode} {provider}: not timed, capture failed: {exc!r}"

@@ -42,7 +42,7 @@ from .._validation import (
     check_floating,
     check_optional_per_channel,
 )
-from ..activations import ID_ACT, IDENTITY, RELU
+from ..activations import ID_ACT, IDENTITY, RELU, Act
 from ..backends import resolve_backend, unavailable_reason
 from ..ops import EAGER_UNIT
 from ._common import check_batch_size, needs_autograd
@@ -216,7 +216,7 @@ def _non_finite(*tensors) -> bool:
     )
 
 
-def _mkldnn_ok(x: Tensor, add_relu: bool = False, residual: Tensor | None = None) -> bool:
+def _mkldnn_ok(x: Tensor, residual: Tensor | None = None, act: Act = ID_ACT) -> bool:
     """oneDNN's fused convolution for fp32, and bf16 where this CPU supports it (skipped
     when torch.backends.mkldnn is disabled, as aten's convolution would skip oneDNN). Not
     under torch.compile, whose CPU backend does its own oneDNN fusion: there the aten
@@ -228,6 +228,7 @@ def _mkldnn_ok(x: Tensor, add_relu: bool = False, residual: Tensor | None = None
     post-op fails (_compat.ONEDNN_BINARY_FAILS_AT_1X1)."""
     if torch.compiler.is_compiling():
         return False
+    add_relu = residual is not None and act.active
     if add_relu and x.dtype == torch.bfloat16 and bn_memory_format(x) != torch.channels_last:
         return False
     if (
@@ -249,7 +250,7 @@ def _onednn_weight(w: Tensor, x: Tensor, geometry, residual: Tensor | None, act)
     oneDNN reorders it at every call: on ResNet-50's deep layers (weights of 1-9 MB,
     small images) that is 10-25% of the convolution. A planned eval unit keeps it
     beside the cached fold (see :class:`EvalPlan`)."""
-    if _REORDER is None or not _mkldnn_ok(x, residual is not None and act.active, residual):
+    if _REORDER is None or not _mkldnn_ok(x, residual, act):
         return None
     stride, padding, dilation, groups = geometry
     with torch.no_grad():
@@ -278,7 +279,7 @@ def _eval_forward(
             x, w_packed, list(w.shape[2:]), list(stride), list(padding), list(dilation),
             b, residual, *act.args,
         )  # fmt: skip
-    if impl == "cpu" and _mkldnn_ok(x, residual is not None and act.active, residual):
+    if impl == "cpu" and _mkldnn_ok(x, residual, act):
         # oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps NaN: the activation
         # post-ops are used only where the inputs are finite (a NaN cannot then arise
         # inside, short of overflowing fp32). Inference tensors cannot carry a finite
@@ -780,11 +781,7 @@ def conv_bn_act(
     # its primitive each time), which small units do not earn back: aten's convolution
     # with the folded bias + the epilogue is timed against it.
     alternative = None
-    if (
-        not grad
-        and input.device.type == "cpu"
-        and _mkldnn_ok(input, residual is not None and act.active, residual)
-    ):
+    if not grad and input.device.type == "cpu" and _mkldnn_ok(input, residual, act):
         alternative = CPU_EPILOGUE
     impl = _resolve_conv_backend(
         backend, input, conv_weight, geometry, False, residual, act, no_grad_trial,

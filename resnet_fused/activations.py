@@ -175,6 +175,10 @@ class Act:
 
 ID_ACT = Act(IDENTITY)
 RELU_ACT = Act(RELU)
+# (one instance each for the calls on the hot path: act_of_module runs at every call of
+# a converted site, and a plan's signature compares identical items by identity)
+_RELU6_ACT, _SILU_ACT, _HARDSWISH_ACT = Act(RELU6), Act(SILU), Act(HARDSWISH)
+_GELU_ACTS = {"none": Act(GELU), "tanh": Act(GELU_TANH)}
 
 
 def as_act(spec, name: str = "activation") -> Act:
@@ -220,15 +224,15 @@ def act_of_module(m: nn.Module) -> Act | None:
     if t is nn.ReLU:
         return RELU_ACT
     if t is nn.ReLU6 or (t is nn.Hardtanh and (m.min_val, m.max_val) == (0.0, 6.0)):
-        return Act(RELU6)
+        return _RELU6_ACT
     if t is nn.LeakyReLU:
         return _leaky(m.negative_slope)
     if t is nn.SiLU:
-        return Act(SILU)
+        return _SILU_ACT
     if t is nn.Hardswish:
-        return Act(HARDSWISH)
+        return _HARDSWISH_ACT
     if t is nn.GELU:
-        return {"none": Act(GELU), "tanh": Act(GELU_TANH)}.get(m.approximate)
+        return _GELU_ACTS.get(m.approximate)
     return None
 
 

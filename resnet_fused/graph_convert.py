@@ -192,12 +192,33 @@ def _site_act(relu: bool, relu_module: nn.Module | None, activation: Act | None)
     return activation if activation is not None else RELU_ACT
 
 
+_ACTS_OF_ARGS: dict[tuple, Act] = {}
+
+
 def _as_activation(activation) -> Act | None:
     """A site's ``activation`` argument: an Act, or ``(code, parameter)`` as a rewritten
     graph passes it (plain values its generated code can spell)."""
     if activation is None or isinstance(activation, Act):
         return activation
-    return Act(*activation)
+    act = _ACTS_OF_ARGS.get(activation)
+    if act is None:
+        act = Act(*activation)
+        if len(_ACTS_OF_ARGS) < 64:
+            _ACTS_OF_ARGS[activation] = act
+    return act
+
+
+def _plain_site_act(relu: bool, relu_module: nn.Module | None, activation) -> Act | None:
+    """The activation of a site on the fast path of :func:`fused_conv_bn` and
+    :func:`fused_bn`, read now as :func:`_site_act` reads it; None where the site's
+    activation module is not one the kernels apply (replaced since conversion: the checked
+    path runs it as the module it is)."""
+    if not relu:
+        return ID_ACT
+    if relu_module is None:
+        return RELU_ACT if activation is None else _as_activation(activation)
+    act = act_of_module(relu_module)
+    return act if act is not None and act.active else None
 
 
 def _same_shape(a, b) -> bool:
@@ -229,6 +250,19 @@ def fused_conv_bn(
     activation module the kernels apply, read now), else ``activation`` (an Act: a
     function call's), else ReLU. Under ``torch.fx`` tracing this records itself as one
     node (module arguments as ``get_attr`` nodes), so converted models stay traceable."""
+    if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and type(input) is Tensor:
+        # The common site (exact classes, no synchronisation), checked as below in a few
+        # attribute reads: what a converted model's every call pays per site.
+        act = _plain_site_act(relu, relu_module, activation)
+        if (
+            act is not None
+            and not sync
+            and conv.padding_mode == "zeros"
+            and conv.out_channels == bn.num_features
+            and not has_hooks(conv, bn, relu_module)
+            and (residual is None or (act.from_output and _unit_residual(conv, input, residual)))
+        ):
+            return conv_bn_forward(conv, bn, input, residual, act, backend, _fold_cache(bn))
     tracer = _tracer_of(input, residual)
     if tracer is not None:
         kwargs = _site_kwargs(relu, relu_module, activation, backend, sync, process_group)
@@ -297,15 +331,22 @@ def _norm_act_modules(bn, fused) -> Tensor:
     return bn._modules["act"](bn._modules["drop"](fused(None, ID_ACT)))
 
 
-def _conv_bn(conv, bn, input, residual, act: Act, backend, sync, process_group) -> Tensor:
-    bn = _as_bn(bn)
-    cache = _fold_cache(bn)
-    if residual is not None and not (
+def _unit_residual(conv, input: Tensor, residual) -> bool:
+    """``residual`` is a tensor the fused unit adds: the device, shape and dtype of the
+    unit's output (else eager's add, with its broadcasting and promotion)."""
+    return (
         isinstance(residual, Tensor)
         and residual.device == input.device
         and residual.shape == _conv_out_shape(conv, input)
         and residual.dtype == _unit_dtype(input)
-    ):  # a broadcasting, foreign or other-dtype residual: eager add (eager's promotion)
+    )
+
+
+def _conv_bn(conv, bn, input, residual, act: Act, backend, sync, process_group) -> Tensor:
+    bn = _as_bn(bn)
+    cache = _fold_cache(bn)
+    if residual is not None and not _unit_residual(conv, input, residual):
+        # a broadcasting, foreign or other-dtype residual: eager add (eager's promotion)
         _note_eager("the residual's shape, device or dtype differs from the unit's output")
         out = conv_bn_forward(conv, bn, input, None, ID_ACT, backend, cache, sync, process_group)
         return act(out + residual)
@@ -421,6 +462,16 @@ def fused_bn(
     now (as :class:`resnet_fused.FusedBatchNormAct2d` does); through the modules while
     any carries hooks. The activation as in :func:`fused_conv_bn`."""
 
+    if type(bn) is nn.BatchNorm2d and type(input) is Tensor:
+        # The common site, checked as below in a few reads (see fused_conv_bn).
+        act = _plain_site_act(relu, relu_module, activation)
+        if (
+            act is not None
+            and not sync
+            and not has_hooks(bn, relu_module)
+            and (residual is None or (act.from_output and _same_shape(input, residual)))
+        ):
+            return bn_forward(bn, input, residual, act, backend, False, None, _fold_cache(bn))
     tracer = _tracer_of(input, residual)
     if tracer is not None:
         kwargs = _site_kwargs(relu, relu_module, activation, backend, sync, process_group)
@@ -1615,6 +1666,73 @@ def _edges(root: nn.Module, paths) -> list[tuple[nn.Module, str, nn.Module]]:
     return out
 
 
+def _call_module(module: nn.Module, *args, **kwargs):
+    """A leaf module's call in a generated forward (``module`` looked up as below)."""
+    return module(*args, **kwargs)
+
+
+def _modules_by_dict(root: nn.Module, graph: fx.Graph) -> fx.Graph:
+    """``graph`` (changed in place) with every module it reaches looked up through the
+    ``_modules`` dicts, once per path prefix per call, at the top of the forward:
+    ``self._modules["features"]._modules["1"]`` (dict lookups at C speed) instead of
+    FX's ``getattr(self.features, "1")`` at every use (``nn.Module.__getattr__``, about
+    0.7 us per step of a path; a MobileNetV2 took over 600 of them per call). The same
+    modules: the guards have checked, before the forward runs, that every module on these
+    paths is still the one found at conversion, through the same dicts. Parameters and
+    buffers a forward reads stay ``get_attr`` nodes. For code generation only: the
+    analysis is done on the graph before this."""
+    first = next(iter(graph.nodes), None)
+    if first is None:
+        return graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(first):
+        root_dict = graph.get_attr("_modules")
+    dicts: dict[str, fx.Node] = {"": root_dict}
+    nodes: dict[str, fx.Node] = {}
+    cursor = [root_dict]  # the last lookup: each new one goes after it
+
+    def add(target, args, name=None) -> fx.Node:
+        with graph.inserting_after(cursor[0]):
+            node = graph.create_node("call_function", target, args, name=name)
+        cursor[0] = node
+        return node
+
+    def module_at(path: str) -> fx.Node:
+        node = nodes.get(path)
+        if node is None:
+            parent, _, name = path.rpartition(".")
+            owner = dicts.get(parent)
+            if owner is None:
+                owner = dicts[parent] = add(getattr, (module_at(parent), "_modules"))
+            node = nodes[path] = add(operator.getitem, (owner, name), path.replace(".", "_"))
+        return node
+
+    def is_module(path: str) -> bool:
+        m = root
+        for name in path.split("."):
+            m = m._modules.get(name) if isinstance(m, nn.Module) else None
+            if m is None:
+                return False
+        return True
+
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and node.target and is_module(node.target):
+            node.replace_all_uses_with(module_at(node.target))
+            graph.erase_node(node)
+        elif node.op == "call_module" and is_module(node.target):
+            with graph.inserting_before(node):
+                call = graph.call_function(
+                    _call_module, (module_at(node.target), *node.args), dict(node.kwargs)
+                )
+            call.meta = node.meta
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
+    if not root_dict.users:
+        graph.erase_node(root_dict)
+    graph.lint()
+    return graph
+
+
 def _guards(root: nn.Module, graph: fx.Graph, tracer: _Tracer, flag: bool, extra) -> _Guards:
     paths = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
     paths |= set(tracer.inlined) | set(extra)
@@ -1674,7 +1792,7 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
     from torch.fx.graph_module import _format_import_block
     from torch.package import sys_importer
 
-    import_blocks, guards = {}, {}
+    import_blocks, guards, leaves = {}, {}, {}
     has_group = sync_bn and process_group is not None
     for tag, graph in (("train", train), ("eval", evalg)):
         called = {n.target for n in graph.nodes if n.op == "call_module"}
@@ -1687,6 +1805,9 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
         guards[tag] = _guards(module, graph, tracers[tag], tag == "train", called)
         _rewrite(graph, found, backend, sync_bn, has_group)
         graph.lint()
+        if not isinstance(module, fx.GraphModule):  # (its graph is kept: see below)
+            leaves[tag] = {n.target for n in graph.nodes if n.op == "call_module"}
+            graph = _modules_by_dict(module, graph)
         code = graph.python_code(root_module="self")
         sources[tag] = code.src
         # each graph its own globals: a function only one graph calls (a site fused only
@@ -1717,7 +1838,10 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
         module.__dict__["forward"] = conversion
     # Leaves that are not standard layers (hooked modules, untraceable ones, the user's
     # leaf classes): converted on their own.
-    for path in {n.target for g in (train, evalg) for n in g.nodes if n.op == "call_module"}:
+    if not leaves:
+        leaves = {tag: {n.target for n in g.nodes if n.op == "call_module"}
+                  for tag, g in (("train", train), ("eval", evalg))}  # fmt: skip
+    for path in leaves["train"] | leaves["eval"]:
         child = module.get_submodule(path)
         _convert_module(child, leaf_types, backend, sync_bn, process_group, seen)
     for path in errors:

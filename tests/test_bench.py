@@ -540,3 +540,22 @@ def test_host_allocator_choice_is_applied_and_reported(tmp_path, mode):
     (md,) = tmp_path.glob("op_*.md")
     words = "glibc's default heap settings" if mode == "default" else "steady state"
     assert words in md.read_text()
+
+
+def test_host_models_case_times_converted_against_eager(monkeypatch):
+    """The host level's ``models`` case: every mode of a whole model at the tiny input,
+    the converted model checked against eager's first step, then both timed."""
+    from resnet_fused.bench import host
+
+    monkeypatch.setattr(host, "HOST_MODELS", ("tutorial_resnet18",))
+    rows = []
+    host.run_models(rows.append, 0.01, 1, progress=lambda *a: None)
+    modes = ("eval", "inference_mode", "train", "eval+autocast", "train+autocast")
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        (m, p) for m in modes for p in ("eager", "fused")
+    ]
+    for r in rows:
+        assert r["case"] == "tutorial_resnet18 2x3x32x32" and float(r["median_ms"]) > 0
+        assert float(r["time_vs_eager"]) > 0
+        if r["provider"] == "fused":
+            assert r["rel_diff"] != ""  # (checked against eager's first step)

@@ -187,3 +187,30 @@ def test_ratio_table_agrees_with_the_rows():
     assert "| m | train | 1.25× |" in table
     assert "| m | eval | 0.80× |" in table
     assert "| m | old | 2.00× |" in table  # no per-round column: the medians' ratio
+
+
+def test_twice_the_baseline_error_rule_against_the_fp64_reference():
+    """``twice_baseline_error``: a step far from an inaccurate baseline is accepted when
+    it is no farther from the fp64 reference than twice the baseline is (plus the
+    tolerance), and refused beyond that."""
+    exact = torch.linspace(1.0, 2.0, 100, dtype=torch.float64)
+    noise = torch.sin(torch.arange(100, dtype=torch.float64))
+    baseline = (exact + 0.2 * noise).float()  # 9% off, as eager's bf16 at a tiny batch
+    timer = lambda step, calls: 1.0  # noqa: E731
+    for scale, ok in ((-0.3, True), (0.5, False)):
+        steps = {"eager": lambda: baseline, "fused": lambda s=scale: (exact + s * noise).float()}
+        run = lambda steps=steps: harness.measure_case(  # noqa: E731
+            steps, CPU, 1.0, baseline="eager", rounds=1, timer=timer, tolerance=1e-2,
+            reference=lambda: exact, twice_baseline_error=True,
+        )  # fmt: skip
+        if ok:
+            assert run()["fused"].rel_diff > 0.2  # (from the baseline, as reported)
+        else:
+            with pytest.raises(harness.MismatchError, match="from the fp64 reference by"):
+                run()
+    with pytest.raises(harness.MismatchError):  # (the plain rule refuses the first)
+        harness.measure_case(
+            {"eager": lambda: baseline, "fused": lambda: (exact - 0.3 * noise).float()}, CPU,
+            1.0, baseline="eager", rounds=1, timer=timer, tolerance=1e-2,
+            reference=lambda: exact,
+        )  # fmt: skip

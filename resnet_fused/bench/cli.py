@@ -108,6 +108,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--host-cases",
         default=None,
         help="host level: comma-separated cases: unit (a tiny Conv+BN+ReLU unit's host time), "
+        "models (whole models at 2x3x32x32, converted vs eager), "
         "first_step (a new process's first training step, cold and warm tuning table), "
         "r50_inference (ResNet-50 inference vs torch.compile with freezing); default: all",
     )
@@ -191,7 +192,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_host(args, device, suite=False) -> list[dict]:
-    default = host.CASES if device.type == "cpu" else ("unit", "first_step")
+    default = host.CASES if device.type == "cpu" else ("unit", "models", "first_step")
     cases = (args.host_cases or ",".join(default)).split(",")
     out = _Writer(os.path.join(args.out, f"host_{_tag(device)}"))
     try:

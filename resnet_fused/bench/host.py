@@ -7,6 +7,11 @@ Cases (``resnet-fused bench --level host``):
   against :class:`resnet_fused.FusedConvBNReLU2d` under the default ``backend="auto"``,
   in eval under ``no_grad`` and under ``inference_mode``, and a training step
   (forward+backward); eval and training also under bf16 autocast (``+autocast``);
+* ``models``: whole models at 2x3x32x32 (channels_last), the converted model against the
+  same eager model, in the unit's modes: the tutorial CIFAR ResNet and ``resnet18``
+  (exact-class blocks), ``mobilenet_v2`` and ``efficientnet_b0`` (the graph pass: a
+  generated forward over every site). At this size the step is mostly the Python and
+  dispatch around the kernels, which on a GPU is what a launch-bound step costs;
 * ``first_step``: the first training step of a converted ``resnet18`` (4x3x64x64) in a
   new process (conversion, forward, backward, ``auto``'s tuning) with a cold and a warm
   tuning table, and with a warm table converting in place (``convert(model,
@@ -31,6 +36,7 @@ The host-bound whole models (the tutorial CIFAR ResNet at 8x3x32x32, ``resnet18`
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -47,7 +53,7 @@ import resnet_fused
 
 from . import harness
 
-CASES = ("unit", "first_step", "r50_inference")
+CASES = ("unit", "models", "first_step", "r50_inference")
 
 
 # The unit's input shapes (N, C, H, W) per device: on a CPU the tiny one; on a GPU, where
@@ -124,6 +130,79 @@ def run_unit(writer, min_run_time: float, rounds: int, progress=print, device="c
                 }  # fmt: skip
                 writer(row)
                 progress(f"{label} {mode:15s} {provider:6s} {row['us_per_call']:8.2f} us")
+
+
+# The models case: what each builds (bench.model's names) and the input.
+HOST_MODELS = ("tutorial_resnet18", "resnet18", "mobilenet_v2", "efficientnet_b0")
+HOST_MODEL_SHAPE = (2, 3, 32, 32)
+
+
+def _model_steps(name: str, mode: str, device) -> dict[str, Callable[[], object]]:
+    from .model import build_model
+
+    torch.manual_seed(0)
+    eager = build_model(name).to(device).to(memory_format=torch.channels_last)
+    fused = resnet_fused.convert(eager)  # (a copy: the same parameters, its own tensors)
+    x = torch.randn(*HOST_MODEL_SHAPE, device=device).to(memory_format=torch.channels_last)
+    base, _, amp = mode.partition("+")
+    dev_type = torch.device(device).type
+    fp64 = copy.deepcopy(eager).double().train(base == "train")
+
+    def reference():  # (the check's: eager's model in fp64, no autocast; not timed)
+        with torch.no_grad():
+            return fp64(x.double()).float()
+
+    steps = {"reference": reference}
+    for provider, m in (("eager", eager), ("fused", fused)):
+        m.train(base == "train")
+        if base == "train":
+
+            def step(m=m):
+                with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bool(amp)):
+                    out = m(x)
+                out.float().sum().backward()
+                return out.detach().to(torch.float32, copy=True)
+
+        else:
+            ctx = torch.no_grad if base == "eval" else torch.inference_mode
+
+            def step(m=m, ctx=ctx):
+                with ctx(), torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bool(amp)):
+                    return m(x).to(torch.float32, copy=True)
+
+        steps[provider] = step
+    return steps
+
+
+def run_models(writer, min_run_time: float, rounds: int, progress=print, device="cpu") -> None:
+    """Time per step of whole models at a tiny input, converted against eager (the
+    converted model's own first call, which plans, is the check's)."""
+    device = torch.device(device)
+    label = "x".join(map(str, HOST_MODEL_SHAPE))
+    for name in HOST_MODELS:
+        for mode in ("eval", "inference_mode", "train", "eval+autocast", "train+autocast"):
+            steps = _model_steps(name, mode, device)
+            reference = steps.pop("reference")
+            # Eval folds BatchNorm into the convolution (fp32: ~1e-6 relative); bf16
+            # autocast rounds the two orders differently, through a whole network; in
+            # training the last stages' BatchNorms see 2 or 8 values per channel and
+            # amplify any rounding (eager's own bf16 output is 20-40% from fp64's there):
+            # then the fp64 reference decides (the tolerance rule: twice eager's own error).
+            tolerance = 5e-2 if "+autocast" in mode else 1e-4
+            stats = harness.measure_case(
+                steps, device, min_run_time, baseline="eager", rounds=rounds,
+                tolerance=tolerance, timer=harness.wall_timer(device), reference=reference,
+                twice_baseline_error=True,
+            )  # fmt: skip
+            for provider, st in stats.items():
+                row = {
+                    "case": f"{name} {label}", "device": device.type, "mode": mode,
+                    "provider": provider, **harness.timing_columns(st),
+                    **harness.ratio_columns("time_vs_eager", stats["eager"], st),
+                }  # fmt: skip
+                writer(row)
+                progress(f"{name} {mode:15s} {provider:6s} {row['median_ms']:8.3f} ms  "
+                         f"x{row['time_vs_eager']}")  # fmt: skip
 
 
 _FIRST_STEP = r"""
@@ -276,6 +355,8 @@ def run_host(cases, writer, min_run_time: float, rounds: int, progress=print, de
                          "compares compiled and fused models")  # fmt: skip
     if "unit" in cases:
         run_unit(writer, min_run_time, rounds, progress, device)
+    if "models" in cases:
+        run_models(writer, min_run_time, rounds, progress, device)
     if "first_step" in cases:
         run_first_step(writer, max(3, rounds // 2), progress, device)
     if "r50_inference" in cases:

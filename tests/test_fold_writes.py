@@ -362,13 +362,24 @@ def test_fingerprint_sees_single_element_edits(dtype, numel):
 
 @needs_op
 def test_fingerprint_layouts_and_lists():
-    """Bytes in logical order: a strided view hashes as its contiguous copy; views with a
-    storage offset read from their own start; lists are order- and boundary-dependent."""
+    """Dense tensors (channels_last, any permutation) hash their bytes in memory order,
+    without a copy, and see every single-element edit; other strided views hash as their
+    contiguous copy; views with a storage offset read from their own start; lists are
+    order- and boundary-dependent."""
     a = torch.randn(8, 16, 3, 3)
     cl = a.contiguous(memory_format=torch.channels_last)
-    assert _fp(cl) == _fp(cl.contiguous()) and not cl.is_contiguous()
-    t = a.transpose(0, 1)
-    assert _fp(t) == _fp(t.contiguous())
+    assert not cl.is_contiguous()
+    assert _fp(cl) == _fp(cl.permute(0, 2, 3, 1).contiguous())  # memory order
+    assert _fp(cl) != _fp(cl.contiguous())  # (the fold cache keys on strides too)
+    base = _fp(cl)
+    for i in ((0, 0, 0, 0), (7, 15, 2, 2), (3, 9, 1, 0)):
+        u = cl.clone()
+        assert u.stride() == cl.stride()
+        u[i] += 1.0
+        assert _fp(u) != base, i
+    t = a.transpose(0, 1)  # (dense too: memory order)
+    assert _fp(t) == _fp(a)
+    assert _fp(a[:, ::2].transpose(0, 1)) == _fp(a[:, ::2].transpose(0, 1).contiguous())
     assert _fp(a[:, ::2]) == _fp(a[:, ::2].clone())
     flat = a.flatten()
     assert _fp(flat[5:100]) == _fp(flat[5:100].clone())

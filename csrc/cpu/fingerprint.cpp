@@ -5,8 +5,12 @@
 // the cache compares this fingerprint too, at every call, so it must cost about one read
 // of the tensors (what `w.sum()` costs) and next to nothing for small ones.
 //
-// The hash. Each tensor's bytes (in its logical order: a non-contiguous tensor is copied
-// first) are read as 32-bit words w (the last one zero-padded) in blocks of 64 words. Each
+// The hash. Each tensor's bytes are read where they lie when its elements fill one block
+// of memory (contiguous, channels_last, any dense permutation of dimensions: its bytes in
+// memory order, no copy; a channels_last conv weight copied to logical order cost more
+// than the fold it guards, at every call), else in logical order from a contiguous copy
+// (other strided views). Equal values need equal bytes in that order: the callers key on
+// the strides as well. The bytes are read as 32-bit words w (the last one zero-padded) in blocks of 64 words. Each
 // word is multiplied by its position's constant T_k (64 distinct odd 32-bit constants) into
 // an exact 64-bit product x, whose high half is folded into its low half (x ^ x >> 32: the
 // product's high half depends on every bit of w, so a change of w's high bits, such as a
@@ -132,9 +136,10 @@ uint64_t hash_tensor(const at::Tensor& tensor) {
   if (t.is_conj() || t.is_neg()) {
     t = t.resolve_conj().resolve_neg();
   }
-  if (!t.is_contiguous()) {
+  if (!t.is_contiguous() && !t.is_non_overlapping_and_dense()) {
     t = t.contiguous();
   }
+  // (a dense tensor's elements occupy [data_ptr, data_ptr + nbytes): strides are >= 0)
   const int64_t nbytes = static_cast<int64_t>(t.nbytes());
   uint64_t h = static_cast<uint64_t>(nbytes);
   if (nbytes == 0) {

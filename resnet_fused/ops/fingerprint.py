@@ -36,7 +36,9 @@ FINGERPRINT = _lookup()
 
 def fingerprint(tensors: Sequence[Tensor]) -> int:
     """The 64-bit hash (a signed int) of the CPU tensors' bytes, in order: equal for equal
-    contents (dtype, shape and strides aside: the bytes in logical order), changed by any
+    bytes (dtype and shape aside), read in memory order where a tensor's elements fill one
+    block of memory (contiguous, channels_last: no copy), else in logical order (other
+    views, copied first); changed by any
     change of one 32-bit word (a single-element edit of fp32, fp16, bf16), and by any other
     change except by coincidence (about 2^-64; not a cryptographic hash)."""
     if FINGERPRINT is None:

@@ -2,7 +2,7 @@
 # One lent GPU session in two back-to-back commands (about 15 minutes of device time,
 # start-up included, at most 10 minutes per command), on top of benchmarks/gpu_suite.sh:
 #
-#   PART=1 bash benchmarks/gpu_session.sh   # build, the GPU tests, op and host levels
+#   PART=1 bash benchmarks/gpu_session.sh   # build, the GPU tests, op and host levels (unit, models)
 #   PART=2 bash benchmarks/gpu_session.sh   # model level (reuses part 1's in-place build)
 #   PART=all ...                             # both in one command, with shorter timeouts
 #
@@ -50,7 +50,7 @@ part1() {
     OP_ARGS=${OP_ARGS:-"--ops bn_relu6,bn_silu,bn_hardswish,bn_relu --quick --layouts channels_last --providers eager,cuda,auto --rounds 5"} \
     suite
   STAGES=bench BENCH_LEVELS=host BENCH_TIMEOUT=${HOST_TIMEOUT:-120} \
-    HOST_ARGS=${HOST_ARGS:-"--host-cases unit --rounds 6 --min-run-time 0.3"} suite
+    HOST_ARGS=${HOST_ARGS:-"--host-cases unit,models --rounds 5 --min-run-time 0.3"} suite
 }
 
 part2() {

@@ -83,6 +83,7 @@ import threading
 import time
 import warnings
 import weakref
+from types import BuiltinFunctionType
 
 import torch
 import torch.nn.functional as F
@@ -546,6 +547,27 @@ class _InplaceProxy(fx.Proxy):
     in-place operators they are (``operator.iadd``, ...): ``torch.fx.Proxy`` has no
     ``__iadd__``, so Python would record ``a = a + b`` and every view or alias of ``a``
     would miss the update."""
+
+    @classmethod
+    def __torch_function__(cls, orig_method, types, args=None, kwargs=None):
+        # A C function of torch's own namespace (torch.flatten, torch.relu, ...) is never
+        # a Tensor method: recorded as FX records it, without asking
+        # torch.overrides.is_tensor_method_or_property, whose first call builds a table
+        # of every overridable function (about 12 ms, a third of converting a resnet18,
+        # paid again in every new process).
+        if (
+            type(orig_method) is BuiltinFunctionType
+            and getattr(torch, orig_method.__name__, None) is orig_method
+        ):
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            tracers = {a.tracer for a in leaves if isinstance(a, fx.Proxy)}
+            if len(tracers) == 1:
+                (tracer,) = tracers
+                return tracer.create_proxy(
+                    "call_function", orig_method, tuple(args or ()), dict(kwargs or {}),
+                    name=tracer.graph._target_to_str(orig_method.__name__),
+                )  # fmt: skip
+        return super().__torch_function__(orig_method, types, args, kwargs)
 
 
 def _inplace_operator(name: str):

@@ -497,3 +497,55 @@ def test_generated_forward_looks_modules_up_through_their_dicts(monkeypatch):
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
     source = converted.__dict__["forward"].sources["eval"]
     assert "._modules" in source and "getattr(self" not in source
+
+
+class _TorchCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        y = torch.add(y, torch.sigmoid(y), alpha=0.5)
+        y = torch.cat([y, y.relu()], dim=1)
+        return torch.flatten(torch.mean(y, dim=(2, 3)), 1).clamp(min=0.0)
+
+
+def test_torch_functions_trace_as_fx_records_them(monkeypatch):
+    """Calls of torch's own functions on traced values are recorded as call_function
+    nodes without torch.overrides' table of every overridable function (built on first
+    use: ~12 ms of a new process's convert); the graph is the one FX's own Proxy makes,
+    and Tensor methods stay call_method nodes."""
+    from resnet_fused import graph_convert as gc
+
+    def nodes(graph):
+        return [(n.op, n.target, str(n.args), str(n.kwargs)) for n in graph.nodes]
+
+    model = _TorchCalls()
+    ours = gc._Tracer((), set()).trace(model)
+    monkeypatch.setattr(gc._InplaceProxy, "__torch_function__", fx_proxy_torch_function())
+    fx_own = gc._Tracer((), set()).trace(model)
+    assert nodes(ours) == nodes(fx_own)
+    ops = {(op, t if isinstance(t, str) else t.__name__) for op, t, *_ in nodes(ours)}
+    assert {("call_function", "relu"), ("call_function", "cat"), ("call_function", "flatten"),
+            ("call_method", "relu"), ("call_method", "clamp")} <= ops  # fmt: skip
+
+
+def fx_proxy_torch_function():
+    return torch.fx.Proxy.__dict__["__torch_function__"]
+
+
+def test_converting_a_resnet_in_a_new_process_builds_no_override_table():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torchvision, resnet_fused\n"
+        "from torch.overrides import _get_tensor_methods\n"
+        "resnet_fused.convert(torchvision.models.resnet18(num_classes=10))\n"
+        "print(_get_tensor_methods.cache_info().currsize)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True)  # fmt: skip
+    assert out.stdout.strip().splitlines()[-1] == "0"

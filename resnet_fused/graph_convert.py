@@ -91,7 +91,14 @@ from torch import Tensor, fx, nn
 
 from ._validation import SUPPORTED_DTYPES
 from .activations import ID_ACT, RELU, RELU_ACT, Act, act_of_call, act_of_module
-from .modules import FoldCache, _conv_padding, bn_forward, conv_bn_forward, has_hooks
+from .modules import (
+    FoldCache,
+    _conv_padding,
+    bn_forward,
+    conv_bn_forward,
+    has_hooks,
+    unit_dtype,
+)
 from .patterns import (
     ACT_FUNCTIONS,
     ACT_METHODS,
@@ -279,7 +286,7 @@ def fused_conv_bn(
         if residual is not None:
             out = out + residual
         return _relu(out, relu, relu_module, activation)
-    dtype = _unit_dtype(input) if isinstance(input, Tensor) and input.dim() == 4 else None
+    dtype = unit_dtype(input) if isinstance(input, Tensor) and input.dim() == 4 else None
     return _bn_site(
         bn, dtype, residual, _site_act(relu, relu_module, activation),
         lambda out: _relu(out, relu, relu_module, activation),
@@ -339,7 +346,7 @@ def _unit_residual(conv, input: Tensor, residual) -> bool:
         isinstance(residual, Tensor)
         and residual.device == input.device
         and residual.shape == _conv_out_shape(conv, input)
-        and residual.dtype == _unit_dtype(input)
+        and residual.dtype == unit_dtype(input)
     )
 
 
@@ -422,17 +429,6 @@ def _fusable(conv, bn, relu_module) -> bool:
         return True
     act = act_of_module(relu_module)
     return act is not None and act.active
-
-
-def _unit_dtype(input: Tensor) -> torch.dtype:
-    """The dtype of a Conv+BN unit's output without residual: autocast's dtype while
-    autocast is on for the input's device (the convolution runs in it; autocast leaves
-    float64 alone), else the input's."""
-    device = input.device.type
-    eligible = input.is_floating_point() and input.dtype != torch.float64
-    if eligible and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return input.dtype
 
 
 def _conv_out_shape(conv: nn.Conv2d, input: Tensor) -> torch.Size:

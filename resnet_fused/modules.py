@@ -12,6 +12,7 @@ from torch.nn.modules import module as _nn_module
 from . import _extension
 from ._env import read_env
 from ._validation import act_argument
+from .activations import ID_ACT as IDENTITY_ACT
 from .activations import IDENTITY, RELU, Act, as_act
 from .functional.auto_choice import CONV_BACKEND_ENV, EAGER, POLICY_ENV
 from .functional.batch_norm_act import batch_norm_act
@@ -126,6 +127,13 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
             cache = self.__dict__.get("_plan_cache")
             if cache is None:
                 cache = self.__dict__["_plan_cache"] = FoldCache()
+        if (
+            residual is not None
+            and isinstance(input, Tensor)
+            and promoting_residual(residual, input.dtype)
+        ):  # eager's act(bn(input) + residual) promotes: so does the module
+            out = bn_forward(self, input, None, IDENTITY_ACT, self.backend, cache=cache)
+            return self.activation(out + residual)
         return bn_forward(self, input, residual, self.activation, self.backend, cache=cache)
 
     activation = _ACTIVATION
@@ -231,6 +239,28 @@ def _call_signature(bn, input, residual, act, backend, amp) -> tuple | None:
         tensors, torch.is_grad_enabled(), amp, bn.training, bn.momentum, bn.eps,
         bn.track_running_stats, type(bn), act, backend, read_env(POLICY_ENV),
     )  # fmt: skip
+
+
+def unit_dtype(input: Tensor) -> torch.dtype:
+    """The dtype of a Conv+BN unit's output without residual: autocast's dtype while
+    autocast is on for the input's device (the convolution runs in it; autocast leaves
+    float64 alone), else the input's."""
+    device = input.device.type
+    eligible = input.is_floating_point() and input.dtype != torch.float64
+    if eligible and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return input.dtype
+
+
+def promoting_residual(residual, dtype: torch.dtype) -> bool:
+    """``residual`` is a tensor of another floating dtype than the fused output's
+    ``dtype``, which eager's out-of-place ``out + residual`` promotes (an fp32 residual
+    under bf16 autocast: eager's result is fp32). The fused modules then run the unit
+    without it and add as eager does; the functional ops refuse it."""
+    return isinstance(residual, Tensor) and residual.dtype != dtype and residual.dtype in _FLOAT_DTYPES
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -736,6 +766,14 @@ class FusedConvBNReLU2d(nn.Module):
         conv, bn = self._modules["conv"], self._modules["bn"]
         if has_hooks(conv, bn):  # run the modules themselves: their hooks fire
             return unfused_unit(conv, bn, input, residual, self.activation)
+        if (
+            residual is not None
+            and isinstance(input, Tensor)
+            and promoting_residual(residual, unit_dtype(input))
+        ):  # eager's act(bn(conv(input)) + residual) promotes: so does the module
+            out = conv_bn_forward(conv, bn, input, None, IDENTITY_ACT, self.backend,
+                                  self._fold_cache)  # fmt: skip
+            return self.activation(out + residual)
         return conv_bn_forward(
             conv, bn, input, residual, self.activation, self.backend, self._fold_cache
         )

@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import backend_params
 from test_resnet import _randomise_bn
@@ -361,3 +364,41 @@ def test_supported_torch_versions_are_stated_and_older_ones_refused():
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert "torch>=2.11" in project["project"]["dependencies"]
     assert "torch>=2.11" in project["build-system"]["requires"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_modules_promote_a_residual_of_another_dtype_as_eager(training):
+    """``act(bn(conv(x)) + residual)`` in eager promotes: an fp32 residual under bf16
+    autocast gives an fp32 result, and so does a bf16 BatchNorm output plus an fp32
+    residual. The fused modules do the same (the unit without the residual, then eager's
+    add), where they used to cast the residual to bf16 (FusedConvBNReLU2d) or refuse it
+    (FusedBatchNormAct2d); outputs, gradients and running statistics follow eager's."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+    _randomise_bn(nn.Sequential(bn))
+    fused = resnet_fused.FusedConvBNReLU2d.from_modules(
+        copy.deepcopy(conv), copy.deepcopy(bn), activation="relu6"
+    )
+    for m in (conv, bn, fused):
+        m.train(training)
+    x = torch.randn(2, 6, 5, 5)
+    r = torch.randn(2, 8, 5, 5, requires_grad=True)
+    outs, grads = [], []
+    for run in (lambda: F.relu6(bn(conv(x)) + r), lambda: fused(x, r)):
+        r.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run()
+        out.float().sum().backward()
+        outs.append(out)
+        grads.append(r.grad.clone())
+    assert outs[0].dtype == outs[1].dtype == torch.float32
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grads[1], grads[0])  # (a 0/1 mask, up to kink flips)
+    torch.testing.assert_close(fused.bn.running_mean, bn.running_mean, rtol=1e-2, atol=1e-3)
+    # BatchNorm + add + act: a bf16 input, an fp32 residual
+    bna = resnet_fused.FusedBatchNormAct2d.from_batch_norm(copy.deepcopy(bn)).train(training)
+    xb = torch.randn(2, 8, 5, 5).bfloat16()
+    ref = torch.relu(copy.deepcopy(bn)(xb) + r.detach())
+    got = bna(xb, r.detach())
+    assert got.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)

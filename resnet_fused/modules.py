@@ -257,7 +257,9 @@ def promoting_residual(residual, dtype: torch.dtype) -> bool:
     ``dtype``, which eager's out-of-place ``out + residual`` promotes (an fp32 residual
     under bf16 autocast: eager's result is fp32). The fused modules then run the unit
     without it and add as eager does; the functional ops refuse it."""
-    return isinstance(residual, Tensor) and residual.dtype != dtype and residual.dtype in _FLOAT_DTYPES
+    return (
+        isinstance(residual, Tensor) and residual.dtype != dtype and residual.dtype in _FLOAT_DTYPES
+    )
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

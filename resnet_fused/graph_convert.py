@@ -208,6 +208,9 @@ def _as_activation(activation) -> Act | None:
     graph passes it (plain values its generated code can spell)."""
     if activation is None or isinstance(activation, Act):
         return activation
+    if torch.compiler.is_compiling() or type(activation) is not tuple:
+        # (Dynamo would guard on the cache and recompile once after filling it)
+        return Act(*activation)
     act = _ACTS_OF_ARGS.get(activation)
     if act is None:
         act = Act(*activation)

@@ -543,9 +543,45 @@ def test_converting_a_resnet_in_a_new_process_builds_no_override_table():
     code = (
         "import torch, torchvision, resnet_fused\n"
         "from torch.overrides import _get_tensor_methods\n"
+        "before = _get_tensor_methods.cache_info().currsize\n"
         "resnet_fused.convert(torchvision.models.resnet18(num_classes=10))\n"
-        "print(_get_tensor_methods.cache_info().currsize)\n"
+        "print(before, _get_tensor_methods.cache_info().currsize)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, check=True)  # fmt: skip
-    assert out.stdout.strip().splitlines()[-1] == "0"
+    before, after = out.stdout.strip().splitlines()[-1].split()
+    if before != "0":
+        pytest.skip("this torch builds torch.overrides' table at import: nothing to save")
+    assert after == "0"
+
+
+class _FunctionActs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = F.leaky_relu(self.bn(self.conv(x)), 0.2)
+        return F.silu(self.bn2(self.conv2(y)))
+
+
+def test_compiled_sites_with_function_activations_compile_once(monkeypatch):
+    """Sites whose activation is a function call (passed as ``(code, parameter)``)
+    compile once: the Act cache of the eager calls is not read under torch.compile (a
+    guard on it made the first compiled call's fill recompile the model)."""
+    import torch._dynamo.testing
+
+    from resnet_fused import graph_convert
+
+    monkeypatch.setattr(graph_convert, "_ACTS_OF_ARGS", {})  # (as in a new process)
+
+    torch.manual_seed(0)
+    model = _FunctionActs().eval()
+    x = torch.randn(2, 3, 6, 6)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(resnet_fused.convert(model), backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1

@@ -559,3 +559,28 @@ def test_host_models_case_times_converted_against_eager(monkeypatch):
         assert float(r["time_vs_eager"]) > 0
         if r["provider"] == "fused":
             assert r["rel_diff"] != ""  # (checked against eager's first step)
+
+
+def test_host_steps_enter_autocast_only_in_the_autocast_modes(monkeypatch):
+    """The host level's plain modes time the step a user runs, without a disabled
+    autocast context (a few microseconds charged to both providers); the +autocast
+    modes run under bf16 autocast."""
+    from resnet_fused.bench import host
+
+    entered = []
+    real = torch.autocast
+
+    def counting(*args, **kwargs):
+        entered.append(kwargs.get("dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", counting)
+    for mode in ("eval", "inference_mode", "train", "eval+autocast", "train+autocast"):
+        entered.clear()
+        for step in host._unit_steps(mode).values():
+            out = step()
+        if "+autocast" in mode:  # (the library's first, planning call may enter others)
+            assert entered.count(torch.bfloat16) == 2, mode
+        else:
+            assert entered == [], mode
+        assert out.dtype == torch.float32

@@ -36,6 +36,7 @@ The host-bound whole models (the tutorial CIFAR ResNet at 8x3x32x32, ``resnet18`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -61,6 +62,15 @@ CASES = ("unit", "models", "first_step", "r50_inference")
 UNIT_SHAPES = {"cpu": ((1, 8, 4, 4),), "cuda": ((1, 8, 4, 4), (32, 64, 8, 8))}
 
 
+def _amp_context(device_type: str, amp: bool) -> Callable[[], object]:
+    """bf16 autocast for the ``+autocast`` modes; else no context at all (a disabled
+    ``torch.autocast`` costs a few microseconds per step, charged to both providers,
+    which a user's plain inference or training step does not pay)."""
+    if amp:
+        return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def _unit_steps(
     mode: str, device: torch.device | str = "cpu", shape=(1, 8, 4, 4)
 ) -> dict[str, Callable[[], object]]:
@@ -80,8 +90,7 @@ def _unit_steps(
     base, _, amp = mode.partition("+")  # "+autocast": under bf16 autocast
     dev_type = torch.device(device).type
 
-    def amp_ctx():
-        return torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bool(amp))
+    amp_ctx = _amp_context(dev_type, bool(amp))
 
     for name, m in (("eager", eager), ("fused", fused)):
         m.train(base == "train")
@@ -146,6 +155,7 @@ def _model_steps(name: str, mode: str, device) -> dict[str, Callable[[], object]
     x = torch.randn(*HOST_MODEL_SHAPE, device=device).to(memory_format=torch.channels_last)
     base, _, amp = mode.partition("+")
     dev_type = torch.device(device).type
+    amp_ctx = _amp_context(dev_type, bool(amp))
     fp64 = copy.deepcopy(eager).double().train(base == "train")
 
     def reference():  # (the check's: eager's model in fp64, no autocast; not timed)
@@ -158,7 +168,7 @@ def _model_steps(name: str, mode: str, device) -> dict[str, Callable[[], object]
         if base == "train":
 
             def step(m=m):
-                with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bool(amp)):
+                with amp_ctx():
                     out = m(x)
                 out.float().sum().backward()
                 return out.detach().to(torch.float32, copy=True)
@@ -167,7 +177,7 @@ def _model_steps(name: str, mode: str, device) -> dict[str, Callable[[], object]
             ctx = torch.no_grad if base == "eval" else torch.inference_mode
 
             def step(m=m, ctx=ctx):
-                with ctx(), torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bool(amp)):
+                with ctx(), amp_ctx():
                     return m(x).to(torch.float32, copy=True)
 
         steps[provider] = step

@@ -585,3 +585,44 @@ def test_compiled_sites_with_function_activations_compile_once(monkeypatch):
         for _ in range(3):
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1
+
+
+class _SelfResidual(nn.Module):
+    """Sites whose input is also their residual: conv-bn-add-relu (stride 1, same
+    width), bn-add-relu and add-relu of a tensor with itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)) + x)
+        y = torch.relu(self.bn2(y) + y)
+        return torch.relu(y + y)
+
+
+def test_sites_whose_input_is_their_residual_compile_export_and_differentiate():
+    """One tensor passed as a fused Function's input and its residual: torch.compile
+    (fullgraph) and strict torch.export trace it (Dynamo refuses a Function given one
+    tensor twice; the residual is passed as an alias), and the input's gradient sums
+    both uses, as eager's."""
+    torch.manual_seed(0)
+    model = _SelfResidual().double()
+    _randomise_bn(model)
+    converted = resnet_fused.convert(model, backend="cpu")
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for training in (True, False):
+        model.train(training), converted.train(training)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        outs = [model(xs[0]), converted(xs[1])]
+        for out in outs:
+            (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0, atol=1e-10)
+        compiled = torch.compile(converted, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-12)
+    exported = torch.export.export(converted.eval(), (x,), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model.eval()(x), rtol=0, atol=1e-12)

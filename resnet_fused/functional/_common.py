@@ -27,6 +27,17 @@ def needs_autograd(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def distinct(residual: Tensor | None, input: Tensor) -> Tensor | None:
+    """``residual``, or an alias of it (a view: no copy) where it is the very tensor
+    passed as ``input`` to the same autograd.Function (``relu(bn(x) + x)``): Dynamo
+    cannot trace a Function given one tensor twice (torch.compile with fullgraph=True
+    and strict torch.export failed there). Autograd sums the gradients of the two uses
+    through the view as it did through the one tensor."""
+    if residual is input and residual is not None:
+        return residual.view_as(residual)
+    return residual
+
+
 def check_batch_size(y_or_shape) -> None:
     """nn.BatchNorm2d's error for one value per channel in training."""
     shape = y_or_shape.shape if isinstance(y_or_shape, Tensor) else y_or_shape

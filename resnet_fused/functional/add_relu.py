@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import ops, reference
 from .._validation import check_floating, check_like
 from ..backends import resolve_backend
-from ._common import cached_kernels, needs_autograd
+from ._common import cached_kernels, distinct, needs_autograd
 from .auto_choice import EAGER, batch_bucket, choose, layout_class, make_trial
 
 __all__ = ["add_relu", "add_relu_"]
@@ -122,7 +122,7 @@ def add_relu(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:
         return _eager_add_relu(x, residual)
     if not needs_autograd(x, residual):
         return _add_relu_kernels(impl).forward(x, residual)
-    return _AddReLU.apply(x, residual, impl)
+    return _AddReLU.apply(x, distinct(residual, x), impl)
 
 
 def add_relu_(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:

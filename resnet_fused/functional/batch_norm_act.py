@@ -23,7 +23,7 @@ from .._validation import (
 )
 from ..activations import ID_ACT
 from ..backends import resolve_backend
-from ._common import cached_kernels, needs_autograd
+from ._common import cached_kernels, distinct, needs_autograd
 from .auto_choice import EAGER, batch_bucket, choose, layout_class, make_trial
 
 __all__ = ["batch_norm_act"]
@@ -255,8 +255,8 @@ class BatchNormPlan:
         if not needs_autograd(*(t for t in (input, weight, bias, residual) if t is not None)):
             return kernels.forward(input, mean, var, weight, bias, residual, float(eps), *act.args)
         return _BatchNormAct.apply(
-            input, weight, bias, residual, mean, var, float(eps), act, self.batch_stats,
-            self.impl, None,
+            input, weight, bias, distinct(residual, input), mean, var, float(eps), act,
+            self.batch_stats, self.impl, None,
         )  # fmt: skip
 
 
@@ -365,5 +365,6 @@ def batch_norm_act(
     if not needs_autograd(*(t for t in tensors if t is not None)):
         return kernels.forward(input, mean, var, weight, bias, residual, float(eps), *act.args)
     return _BatchNormAct.apply(
-        input, weight, bias, residual, mean, var, float(eps), act, batch_stats, impl, sync_info
-    )
+        input, weight, bias, distinct(residual, input), mean, var, float(eps), act,
+        batch_stats, impl, sync_info,
+    )  # fmt: skip

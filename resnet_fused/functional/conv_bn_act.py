@@ -45,7 +45,7 @@ from .._validation import (
 from ..activations import ID_ACT, IDENTITY, RELU, Act
 from ..backends import resolve_backend, unavailable_reason
 from ..ops import EAGER_UNIT
-from ._common import check_batch_size, needs_autograd
+from ._common import check_batch_size, distinct, needs_autograd
 from .auto_choice import EAGER, _resolve_conv_backend, make_trial
 from .batch_norm_act import _BatchNormAct, _bn_kernels
 
@@ -540,7 +540,9 @@ class EvalPlan:
             )  # fmt: skip
         if self.grad:
             w_f, b_f = folded
-            return _ConvBiasAct.apply(x, w_f, b_f, residual, self.geometry, act, self.impl, None)
+            return _ConvBiasAct.apply(
+                x, w_f, b_f, distinct(residual, x), self.geometry, act, self.impl, None
+            )
         stride, padding, dilation, groups = self.geometry
         w_f, b_f, w_packed, w_finite = folded
         w_onednn = None
@@ -748,7 +750,9 @@ def conv_bn_act(
                 impl, input, w_f, b_f, residual, stride, padding, dilation, groups, act, packed,
                 w_finite, w_onednn,
             )  # fmt: skip
-        return _ConvBiasAct.apply(input, w_f, b_f, residual, geometry, act, impl, packed)
+        return _ConvBiasAct.apply(
+            input, w_f, b_f, distinct(residual, input), geometry, act, impl, packed
+        )
 
     def trial(impl):
         # Time what the real call runs: with the packed weight it will be given (a

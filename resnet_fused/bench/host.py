@@ -82,24 +82,27 @@ def _unit_steps(
         bn.running_var.uniform_(0.5, 1.5)
     conv, bn = conv.to(device), bn.to(device)
     eager = nn.Sequential(conv, bn, nn.ReLU(inplace=True))
-    import copy
-
     fused = resnet_fused.FusedConvBNReLU2d.from_modules(copy.deepcopy(conv), copy.deepcopy(bn))
     x = torch.randn(*shape, device=device)
+    return _mode_steps({"eager": eager, "fused": fused}, mode, x, input_grad=True)
+
+
+def _mode_steps(models: dict, mode: str, x, *, input_grad: bool = False) -> dict:
+    """One step per provider in ``mode`` (``eval``, ``inference_mode`` or ``train``,
+    with ``+autocast``: bf16): the forward under no_grad / inference_mode, or forward
+    and backward (of ones; with ``input_grad``, into a copy of ``x`` that requires grad);
+    each returns its output in fp32 for the check."""
+    base, _, amp = mode.partition("+")
+    amp_ctx = _amp_context(x.device.type, bool(amp))
     steps = {}
-    base, _, amp = mode.partition("+")  # "+autocast": under bf16 autocast
-    dev_type = torch.device(device).type
-
-    amp_ctx = _amp_context(dev_type, bool(amp))
-
-    for name, m in (("eager", eager), ("fused", fused)):
+    for name, m in models.items():
         m.train(base == "train")
         if base == "train":
-            xg = x.clone().requires_grad_()
+            xi = x.clone().requires_grad_() if input_grad else x
 
-            def step(m=m, xg=xg):
+            def step(m=m, xi=xi):
                 with amp_ctx():
-                    out = m(xg)
+                    out = m(xi)
                 out.backward(torch.ones_like(out))
                 return out.detach().to(torch.float32, copy=True)
 
@@ -153,35 +156,13 @@ def _model_steps(name: str, mode: str, device) -> dict[str, Callable[[], object]
     eager = build_model(name).to(device).to(memory_format=torch.channels_last)
     fused = resnet_fused.convert(eager)  # (a copy: the same parameters, its own tensors)
     x = torch.randn(*HOST_MODEL_SHAPE, device=device).to(memory_format=torch.channels_last)
-    base, _, amp = mode.partition("+")
-    dev_type = torch.device(device).type
-    amp_ctx = _amp_context(dev_type, bool(amp))
-    fp64 = copy.deepcopy(eager).double().train(base == "train")
+    fp64 = copy.deepcopy(eager).double().train(mode.startswith("train"))
 
     def reference():  # (the check's: eager's model in fp64, no autocast; not timed)
         with torch.no_grad():
             return fp64(x.double()).float()
 
-    steps = {"reference": reference}
-    for provider, m in (("eager", eager), ("fused", fused)):
-        m.train(base == "train")
-        if base == "train":
-
-            def step(m=m):
-                with amp_ctx():
-                    out = m(x)
-                out.float().sum().backward()
-                return out.detach().to(torch.float32, copy=True)
-
-        else:
-            ctx = torch.no_grad if base == "eval" else torch.inference_mode
-
-            def step(m=m, ctx=ctx):
-                with ctx(), amp_ctx():
-                    return m(x).to(torch.float32, copy=True)
-
-        steps[provider] = step
-    return steps
+    return {"reference": reference, **_mode_steps({"eager": eager, "fused": fused}, mode, x)}
 
 
 def run_models(writer, min_run_time: float, rounds: int, progress=print, device="cpu") -> None:

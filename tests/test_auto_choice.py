@@ -424,3 +424,21 @@ def test_autocast_training_step_under_each_policy(auto_policy, layout):
     assert fused_err <= 2 * eager_err + 1e-3, (auto_policy, fused_err, eager_err)
     if auto_policy == "eager":
         assert fused_err == eager_err  # the same ops
+
+
+def test_timing_trials_leave_the_random_stream_alone(timed_policy):
+    """A first training call that times its candidates (forward and backward, with a
+    random output gradient) leaves torch's default generator where eager's modules
+    leave it, so a seeded run draws the same dropout masks after it."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+    fused = resnet_fused.FusedConvBNReLU2d.from_modules(copy.deepcopy(conv), copy.deepcopy(bn))
+    eager = nn.Sequential(conv, bn, nn.ReLU())
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    states = []
+    for m in (eager, fused):
+        torch.manual_seed(123)
+        m(x).sum().backward()
+        states.append(torch.random.get_rng_state())
+    assert timed_policy, "the fused call timed its candidates"
+    assert torch.equal(states[0], states[1])

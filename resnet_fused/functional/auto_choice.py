@@ -304,7 +304,8 @@ def grad_trial(forward: Callable[..., torch.Tensor], tensors: Sequence[torch.Ten
     """A trial that runs ``forward(impl, *leaves)`` and its backward: ``leaves`` are
     detached aliases of ``tensors`` (those that require grad stay requiring grad), the
     gradients go to ``torch.autograd.grad`` and nowhere else (no ``.grad`` is touched),
-    with one random output gradient in the output's layout. Nothing is prepared until
+    with one random output gradient in the output's layout (drawn from a generator of its
+    own: the default one is left as it was). Nothing is prepared until
     the first trial runs (most calls find their pick cached and never run one)."""
     state: dict[str, list] = {}
 
@@ -319,7 +320,11 @@ def grad_trial(forward: Callable[..., torch.Tensor], tensors: Sequence[torch.Ten
         with torch.enable_grad():
             out = forward(impl, *state["leaves"])
             if not state["grad_out"]:
-                state["grad_out"].append(torch.randn_like(out))
+                # from a generator of its own: a trial must not move the user's random
+                # stream (a seeded run's dropout masks would then differ from eager's)
+                gen = torch.Generator(device=out.device)
+                gen.manual_seed(0)
+                state["grad_out"].append(torch.empty_like(out).normal_(generator=gen))
             torch.autograd.grad(out, state["wrt"], state["grad_out"][0])
         return out
 

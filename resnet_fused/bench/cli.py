@@ -108,7 +108,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--host-cases",
         default=None,
         help="host level: comma-separated cases: unit (a tiny Conv+BN+ReLU unit's host time), "
-        "models (whole models at 2x3x32x32, converted vs eager), "
+        "models (whole models at 2x3x64x64, converted vs eager), "
         "first_step (a new process's first training step, cold and warm tuning table), "
         "r50_inference (ResNet-50 inference vs torch.compile with freezing); default: all",
     )

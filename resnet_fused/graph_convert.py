@@ -200,23 +200,12 @@ def _site_act(relu: bool, relu_module: nn.Module | None, activation: Act | None)
     return activation if activation is not None else RELU_ACT
 
 
-_ACTS_OF_ARGS: dict[tuple, Act] = {}
-
-
 def _as_activation(activation) -> Act | None:
     """A site's ``activation`` argument: an Act, or ``(code, parameter)`` as a rewritten
     graph passes it (plain values its generated code can spell)."""
     if activation is None or isinstance(activation, Act):
         return activation
-    if torch.compiler.is_compiling() or type(activation) is not tuple:
-        # (Dynamo would guard on the cache and recompile once after filling it)
-        return Act(*activation)
-    act = _ACTS_OF_ARGS.get(activation)
-    if act is None:
-        act = Act(*activation)
-        if len(_ACTS_OF_ARGS) < 64:
-            _ACTS_OF_ARGS[activation] = act
-    return act
+    return Act(*activation)
 
 
 def _plain_site_act(relu: bool, relu_module: nn.Module | None, activation) -> Act | None:
@@ -1692,8 +1681,8 @@ def _call_module(module: nn.Module, *args, **kwargs):
     return module(*args, **kwargs)
 
 
-def _modules_by_dict(root: nn.Module, graph: fx.Graph) -> fx.Graph:
-    """``graph`` (changed in place) with every module it reaches looked up through the
+def _modules_by_dict(root: nn.Module, graph: fx.Graph) -> None:
+    """Changes ``graph`` in place: every module it reaches looked up through the
     ``_modules`` dicts, once per path prefix per call, at the top of the forward:
     ``self._modules["features"]._modules["1"]`` (dict lookups at C speed) instead of
     FX's ``getattr(self.features, "1")`` at every use (``nn.Module.__getattr__``, about
@@ -1704,7 +1693,7 @@ def _modules_by_dict(root: nn.Module, graph: fx.Graph) -> fx.Graph:
     analysis is done on the graph before this."""
     first = next(iter(graph.nodes), None)
     if first is None:
-        return graph
+        return
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(first):
         root_dict = graph.get_attr("_modules")
@@ -1751,7 +1740,6 @@ def _modules_by_dict(root: nn.Module, graph: fx.Graph) -> fx.Graph:
     if not root_dict.users:
         graph.erase_node(root_dict)
     graph.lint()
-    return graph
 
 
 def _guards(root: nn.Module, graph: fx.Graph, tracer: _Tracer, flag: bool, extra) -> _Guards:
@@ -1813,7 +1801,7 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
     from torch.fx.graph_module import _format_import_block
     from torch.package import sys_importer
 
-    import_blocks, guards, leaves = {}, {}, {}
+    import_blocks, guards, leaves = {}, {}, set()
     has_group = sync_bn and process_group is not None
     for tag, graph in (("train", train), ("eval", evalg)):
         called = {n.target for n in graph.nodes if n.op == "call_module"}
@@ -1826,9 +1814,9 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
         guards[tag] = _guards(module, graph, tracers[tag], tag == "train", called)
         _rewrite(graph, found, backend, sync_bn, has_group)
         graph.lint()
+        leaves |= {n.target for n in graph.nodes if n.op == "call_module"}
         if not isinstance(module, fx.GraphModule):  # (its graph is kept: see below)
-            leaves[tag] = {n.target for n in graph.nodes if n.op == "call_module"}
-            graph = _modules_by_dict(module, graph)
+            _modules_by_dict(module, graph)
         code = graph.python_code(root_module="self")
         sources[tag] = code.src
         # each graph its own globals: a function only one graph calls (a site fused only
@@ -1859,10 +1847,7 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
         module.__dict__["forward"] = conversion
     # Leaves that are not standard layers (hooked modules, untraceable ones, the user's
     # leaf classes): converted on their own.
-    if not leaves:
-        leaves = {tag: {n.target for n in g.nodes if n.op == "call_module"}
-                  for tag, g in (("train", train), ("eval", evalg))}  # fmt: skip
-    for path in leaves["train"] | leaves["eval"]:
+    for path in leaves:
         child = module.get_submodule(path)
         _convert_module(child, leaf_types, backend, sync_bn, process_group, seen)
     for path in errors:

@@ -11,9 +11,8 @@ from torch.nn.modules import module as _nn_module
 
 from . import _extension
 from ._env import read_env
-from ._validation import act_argument
-from .activations import ID_ACT as IDENTITY_ACT
-from .activations import IDENTITY, RELU, Act, as_act
+from ._validation import SUPPORTED_DTYPES, act_argument
+from .activations import ID_ACT, IDENTITY, RELU, Act, as_act
 from .functional.auto_choice import CONV_BACKEND_ENV, EAGER, POLICY_ENV
 from .functional.batch_norm_act import batch_norm_act
 from .ops import fingerprint as fingerprint_op
@@ -132,7 +131,7 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
             and isinstance(input, Tensor)
             and promoting_residual(residual, input.dtype)
         ):  # eager's act(bn(input) + residual) promotes: so does the module
-            out = bn_forward(self, input, None, IDENTITY_ACT, self.backend, cache=cache)
+            out = bn_forward(self, input, None, ID_ACT, self.backend, cache=cache)
             return self.activation(out + residual)
         return bn_forward(self, input, residual, self.activation, self.backend, cache=cache)
 
@@ -258,11 +257,10 @@ def promoting_residual(residual, dtype: torch.dtype) -> bool:
     under bf16 autocast: eager's result is fp32). The fused modules then run the unit
     without it and add as eager does; the functional ops refuse it."""
     return (
-        isinstance(residual, Tensor) and residual.dtype != dtype and residual.dtype in _FLOAT_DTYPES
+        isinstance(residual, Tensor)
+        and residual.dtype != dtype
+        and residual.dtype in SUPPORTED_DTYPES
     )
-
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -773,7 +771,7 @@ class FusedConvBNReLU2d(nn.Module):
             and isinstance(input, Tensor)
             and promoting_residual(residual, unit_dtype(input))
         ):  # eager's act(bn(conv(input)) + residual) promotes: so does the module
-            out = conv_bn_forward(conv, bn, input, None, IDENTITY_ACT, self.backend,
+            out = conv_bn_forward(conv, bn, input, None, ID_ACT, self.backend,
                                   self._fold_cache)  # fmt: skip
             return self.activation(out + residual)
         return conv_bn_forward(

@@ -96,6 +96,19 @@ def backend_params(backends=("torch", "cpu", "cuda", "triton")):
     return params
 
 
+def narrower_cpu_isas():
+    """pytest params (ATEN_CPU_CAPABILITY value, the kernel table it selects) for the CPU
+    kernel tables narrower than the one this process runs (csrc/cpu/isa.h): the portable
+    table always, and the AVX2 table where this CPU runs the AVX-512 one. The tests that
+    take them run their checks in a subprocess under that capability."""
+    params = [pytest.param("default", "DEFAULT", id="default")]
+    if resnet_fused._extension.is_loaded() and (
+        resnet_fused._extension.build_info().get("cpu_isa") == "AVX512"
+    ):
+        params.append(pytest.param("avx2", "AVX2", id="avx2"))
+    return params
+
+
 AUTO_POLICIES = ("eager", "time")
 
 

@@ -19,7 +19,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_device, backend_params
+from conftest import backend_device, backend_params, narrower_cpu_isas
 from reference_check import assert_close_to_reference, kink_band, kink_free
 from torch import nn
 
@@ -81,11 +81,30 @@ CASES = [
 @pytest.mark.parametrize(("act", "case"), CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp64"])
 def test_batch_norm_act_every_activation(backend, act, case, dtype):
-    residual = "residual" in case
-    device = backend_device(backend)
     training = case.startswith("train")
     channels_last = not case.endswith("nchw") and act.kind % 2 == 0
     shape = (3, 5, 6, 7) if training else (2, 4, 5, 3)
+    _check_batch_norm_act(backend, act, case, dtype, shape, channels_last)
+
+
+# Channels (channels_last) and positions (NCHW) that take full vector steps and a partial
+# last step for every vector width of the CPU kernels: 37 = 32 + 5 = 2*16 + 5 = 4*8 + 5 (the
+# AVX-512 and AVX2 steps of float and bfloat16 values, and of double), 70 = 2*32 + 6; NCHW
+# positions 35 = 32 + 3 and 9. The suite's other shapes have fewer than 32 of either.
+@pytest.mark.parametrize("backend", backend_params(("cpu",)))
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+@pytest.mark.parametrize("case", ["train", "eval"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp64"])
+def test_full_and_partial_vector_steps(backend, act, case, layout, dtype):
+    shape = (2, 37, 5, 7) if (act.kind + (case == "eval")) % 2 == 0 else (3, 70, 3, 3)
+    _check_batch_norm_act(backend, act, case, dtype, shape, layout == "channels_last")
+
+
+def _check_batch_norm_act(backend, act, case, dtype, shape, channels_last):
+    residual = "residual" in case
+    device = backend_device(backend)
+    training = case.startswith("train")
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
     x = _data(shape, dtype, device, channels_last).requires_grad_()
     r = _data(shape, dtype, device, channels_last, 1.0, 0.0).requires_grad_() if residual else None
@@ -551,9 +570,12 @@ def test_fp32_smooth_activations_over_the_float_range(backend, act):
     )
 
 
-def test_portable_cpu_kernels_in_subprocess():
-    """The baseline (non-AVX2) CPU kernels, chosen with ATEN_CPU_CAPABILITY=default: the
-    scalar activations of csrc/act.h, forward and backward, as the vector ones."""
+@pytest.mark.parametrize(("cap", "isa"), narrower_cpu_isas())
+def test_portable_cpu_kernels_in_subprocess(cap, isa):
+    """The narrower CPU kernel tables (the portable one, and AVX2 on an AVX-512 CPU), chosen
+    with ATEN_CPU_CAPABILITY in a subprocess: every activation, forward and backward (the
+    portable table's scalar csrc/act.h, the AVX2 table's vectors), and the full and partial
+    vector steps."""
     import os
     import subprocess
     import sys
@@ -564,16 +586,21 @@ def test_portable_cpu_kernels_in_subprocess():
         "import sys, torch\n"
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "import resnet_fused, test_activations as t\n"
-        "assert resnet_fused._extension.build_info()['cpu_isa'] == 'DEFAULT'\n"
+        f"assert resnet_fused._extension.build_info()['cpu_isa'] == {isa!r}\n"
         "for p in t.CASES:\n"
         "    for dtype in (torch.float32, torch.bfloat16):\n"
         "        torch.manual_seed(0)\n"
         "        t.test_batch_norm_act_every_activation('cpu', *p.values, dtype)\n"
         "for act in t.ACTS[:7]:\n"
         "    t.test_kinks_and_non_finite_values('cpu', act)\n"
+        "for act in t.ACTS:\n"
+        "    for case in ('train', 'eval'):\n"
+        "        for layout in ('channels_last', 'nchw'):\n"
+        "            for dtype in t.DTYPES:\n"
+        "                t.test_full_and_partial_vector_steps('cpu', act, case, layout, dtype)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )

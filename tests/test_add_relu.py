@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, backend_device, backend_params
+from conftest import HAS_CUDA, backend_device, backend_params, narrower_cpu_isas
 from reference_check import assert_close_to_reference
 
 import resnet_fused
@@ -195,15 +195,17 @@ def test_cpp_op_checks_its_arguments():
 
 
 @pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
-def test_portable_cpu_kernels_in_subprocess():
-    """The baseline (non-AVX2) CPU kernels, chosen with ATEN_CPU_CAPABILITY=default."""
+@pytest.mark.parametrize(("cap", "isa"), narrower_cpu_isas())
+def test_portable_cpu_kernels_in_subprocess(cap, isa):
+    """The narrower CPU kernel tables (the portable one, and AVX2 on an AVX-512 CPU), chosen
+    with ATEN_CPU_CAPABILITY in a subprocess."""
     import os
     import subprocess
     import sys
 
     code = (
         "import torch, resnet_fused\n"
-        "assert resnet_fused._extension.build_info()['cpu_isa'] == 'DEFAULT'\n"
+        f"assert resnet_fused._extension.build_info()['cpu_isa'] == {isa!r}\n"
         "for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):\n"
         "    x = torch.randn(3, 5, 7, 11, dtype=dt); r = torch.randn_like(x); g = torch.randn_like(x)\n"
         "    out = resnet_fused.add_relu(x, r, backend='cpu')\n"
@@ -212,7 +214,7 @@ def test_portable_cpu_kernels_in_subprocess():
         "    assert torch.equal(gi, torch.where(out <= 0, 0, g)), dt\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, backend_device, backend_params
+from conftest import HAS_CUDA, backend_device, backend_params, narrower_cpu_isas
 from reference_check import assert_close_to_reference
 from torch import nn
 
@@ -325,9 +325,11 @@ def test_cpu_channels_last_backward_over_tiles_and_row_groups(dtype, shape, act)
 
 
 @pytest.mark.skipif(not resnet_fused.is_available("cpu", "cpu"), reason="extension not built")
-def test_portable_cpu_bn_kernels_in_subprocess():
-    """The baseline (non-AVX2) CPU kernels, chosen with ATEN_CPU_CAPABILITY=default: the
-    fp64 statistics and sums and the recomputed ReLU mask, as the AVX2 kernels."""
+@pytest.mark.parametrize(("cap", "isa"), narrower_cpu_isas())
+def test_portable_cpu_bn_kernels_in_subprocess(cap, isa):
+    """The narrower CPU kernel tables (the portable one, and AVX2 on an AVX-512 CPU), chosen
+    with ATEN_CPU_CAPABILITY in a subprocess: the fp64 statistics and sums and the
+    recomputed ReLU mask, as the widest table's kernels."""
     import os
     import subprocess
     import sys
@@ -336,7 +338,7 @@ def test_portable_cpu_bn_kernels_in_subprocess():
         "import itertools, sys\n"
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "import resnet_fused, test_batch_norm_act as t\n"
-        "assert resnet_fused._extension.build_info()['cpu_isa'] == 'DEFAULT'\n"
+        f"assert resnet_fused._extension.build_info()['cpu_isa'] == {isa!r}\n"
         "layouts = ('nchw', 'channels_last')\n"
         "kinds = ('large_mean', 'two_values', 'mostly_padding')\n"
         "for layout, kind in itertools.product(layouts, kinds):\n"
@@ -345,7 +347,7 @@ def test_portable_cpu_bn_kernels_in_subprocess():
         "    t.test_recomputed_relu_mask_matches_the_output('cpu', training, layout)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import HAS_CUDA, backend_device, backend_params
+from conftest import HAS_CUDA, backend_device, backend_params, narrower_cpu_isas
 from reference_check import assert_close_to_reference
 
 from resnet_fused import _extension
@@ -249,11 +249,13 @@ def test_bad_input(backend):
 
 
 @pytest.mark.skipif(not _extension.is_loaded(), reason="extension not built")
-def test_portable_cpu_kernels_in_subprocess():
-    """The baseline (non-AVX2) CPU kernels, chosen with ATEN_CPU_CAPABILITY=default."""
+@pytest.mark.parametrize(("cap", "isa"), narrower_cpu_isas())
+def test_portable_cpu_kernels_in_subprocess(cap, isa):
+    """The narrower CPU kernel tables (the portable one, and AVX2 on an AVX-512 CPU), chosen
+    with ATEN_CPU_CAPABILITY in a subprocess."""
     code = (
         "import torch, resnet_fused\n"
-        "assert resnet_fused._extension.build_info()['cpu_isa'] == 'DEFAULT'\n"
+        f"assert resnet_fused._extension.build_info()['cpu_isa'] == {isa!r}\n"
         "for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):\n"
         "    acc = torch.float64 if dt == torch.float64 else torch.float32\n"
         "    for fmt in (torch.contiguous_format, torch.channels_last):\n"
@@ -267,7 +269,7 @@ def test_portable_cpu_kernels_in_subprocess():
         "        assert torch.equal(x, (x0.to(acc) + b.to(acc)[:, None, None]).to(dt)), (dt, fmt)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )

@@ -1,31 +1,33 @@
 // Chooses the CPU kernel table at run time (see isa.h).
 #include "cpu/isa.h"
 
-#include <algorithm>
-#include <cctype>
-#include <cstdlib>
+#include <ATen/Version.h>
+
 #include <string>
 
 namespace resnet_fused::cpu {
 namespace {
 
+// ATen's capability ("DEFAULT", "AVX2", "AVX512", or another architecture's name) already
+// honours ATEN_CPU_CAPABILITY, so that variable selects these kernels too: "default" and
+// "avx2" test the narrower tables on an AVX-512 machine. The CPU's own flags are checked
+// as well, so a table never runs where its instructions are missing.
 Isa detect() {
-  Isa best = Isa::kDefault;
 #if RESNET_FUSED_X86_KERNELS
+  const std::string cap = at::get_cpu_capability();
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    best = Isa::kAVX2;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  if (cap == "AVX512" && avx512) {
+    return Isa::kAVX512;
+  }
+  if ((cap == "AVX512" || cap == "AVX2") && avx2) {
+    return Isa::kAVX2;
   }
 #endif
-  // Honour ATen's cap, so ATEN_CPU_CAPABILITY=default tests the portable kernels.
-  if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
-    std::string cap(env);
-    std::transform(cap.begin(), cap.end(), cap.begin(), ::tolower);
-    if (cap == "default") {
-      best = Isa::kDefault;
-    }
-  }
-  return best;
+  return Isa::kDefault;
 }
 
 }  // namespace
@@ -39,6 +41,8 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAVX2:
       return "AVX2";
+    case Isa::kAVX512:
+      return "AVX512";
     default:
       return "DEFAULT";
   }
@@ -49,6 +53,8 @@ const Kernels& kernels() {
 #if RESNET_FUSED_X86_KERNELS
     case Isa::kAVX2:
       return kernels_avx2;
+    case Isa::kAVX512:
+      return kernels_avx512;
 #endif
     default:
       return kernels_default;

@@ -1,10 +1,13 @@
 // CPU instruction-set dispatch for the C++ CPU kernels.
 //
 // The kernels (csrc/cpu/kernels_impl.h) are written once with at::vec::Vectorized and
-// compiled twice: for AVX2 (+FMA, F16C) and for the portable baseline, each in its own
-// translation unit (kernels_avx2.cpp, kernels_default.cpp). At run time the AVX2 set is
-// used where the CPU has it, unless ATEN_CPU_CAPABILITY=default asks for the baseline.
-// (The kernels are memory-bound: AVX-512 would add a third build for no measurable gain.)
+// compiled three times: for AVX-512 (F, BW, VL, DQ), for AVX2 (+FMA, F16C) and for the
+// portable baseline, each in its own translation unit (kernels_avx512.cpp,
+// kernels_avx2.cpp, kernels_default.cpp). At run time the table is the one of ATen's own
+// CPU capability (at::get_cpu_capability(): what torch found this CPU to support, capped
+// by ATEN_CPU_CAPABILITY), where the CPU has its instructions. The ReLU kernels are
+// memory-bound and gain little from the wider vectors; SiLU's and GELU's exp and
+// divisions are not (on a Zen 4 EPYC eager's AVX512 SiLU ran 1.8x its AVX2 one).
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -13,7 +16,7 @@
 
 namespace resnet_fused::cpu {
 
-enum class Isa { kDefault = 0, kAVX2 = 1 };
+enum class Isa { kDefault = 0, kAVX2 = 1, kAVX512 = 2 };
 
 // Geometry of a BatchNorm input: N images, C channels, HW positions, in NCHW
 // (offset (n*C + c)*HW + hw) or channels_last (offset (n*HW + hw)*C + c).
@@ -81,6 +84,7 @@ extern const Kernels kernels_default;
 #if defined(__x86_64__) && defined(__GNUC__)
 #define RESNET_FUSED_X86_KERNELS 1
 extern const Kernels kernels_avx2;
+extern const Kernels kernels_avx512;
 #else
 #define RESNET_FUSED_X86_KERNELS 0
 #endif

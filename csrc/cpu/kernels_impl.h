@@ -205,6 +205,26 @@ inline T relu_scalar(T v) {
 }
 
 #if RF_USE_VEC
+// The first cnt values at p as a vector (all of it for cnt >= size, zero for cnt <= 0;
+// lanes past cnt zero), and its first cnt lanes stored.
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> load_cnt(const T* p, int64_t cnt) {
+  using V = Vectorized<T>;
+  if (cnt >= V::size()) {
+    return V::loadu(p);
+  }
+  return cnt > 0 ? V::loadu(p, cnt) : V(T(0));
+}
+
+template <typename T>
+C10_ALWAYS_INLINE void store_cnt(const Vectorized<T>& v, T* p, int64_t cnt) {
+  if (cnt >= Vectorized<T>::size()) {
+    v.store(p);
+  } else if (cnt > 0) {
+    v.store(p, static_cast<int>(cnt));
+  }
+}
+
 // kStep values of scalar_t as two Vectorized<op_t>.
 template <typename scalar_t>
 struct AccVec {
@@ -225,6 +245,26 @@ struct AccVec {
     } else {
       a.store(p);
       b.store(p + aVec::size());
+    }
+  }
+  // The first n (0 < n < kStep) values: lanes past n read as zero, and store_n writes the
+  // first n lanes only. The loops' last, partial step goes through the same vector
+  // arithmetic as the full ones (a scalar tail ran libm's exp per element: with
+  // AVX-512's 32-value steps, C = 144 left 16 channels of every row to it).
+  static inline void load_n(const scalar_t* p, int64_t n, aVec& a, aVec& b) {
+    if constexpr (kReduced<scalar_t>) {
+      std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, n));
+    } else {
+      a = load_cnt(p, n);
+      b = load_cnt(p + aVec::size(), n - aVec::size());
+    }
+  }
+  static inline void store_n(scalar_t* p, int64_t n, const aVec& a, const aVec& b) {
+    if constexpr (kReduced<scalar_t>) {
+      at::vec::convert_from_float<scalar_t>(a, b).store(p, static_cast<int>(n));
+    } else {
+      store_cnt(a, p, n);
+      store_cnt(b, p + aVec::size(), n - aVec::size());
     }
   }
   static inline acc_t hsum(const aVec& v) {
@@ -250,9 +290,16 @@ inline Vectorized<a_t> widen(const Vectorized<o_t>& v, int part) {
     return v;
   } else {
     static_assert(std::is_same_v<o_t, float> && std::is_same_v<a_t, double>);
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 f = v;
+    return Vectorized<double>(_mm512_cvtps_pd(
+        part == 0 ? _mm512_castps512_ps256(f)
+                  : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
+#else
     const __m256 f = v;
     return Vectorized<double>(_mm256_cvtps_pd(part == 0 ? _mm256_castps256_ps128(f)
                                                         : _mm256_extractf128_ps(f, 1)));
+#endif
   }
 }
 
@@ -264,7 +311,11 @@ inline void load_acc(const scalar_t* p, Vectorized<bn_acc_t<scalar_t>>* out) {
   using a_t = bn_acc_t<scalar_t>;
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<a_t, double>) {
     for (int q = 0; q < 4; ++q) {
+#if defined(CPU_CAPABILITY_AVX512)
+      out[q] = Vectorized<double>(_mm512_cvtps_pd(_mm256_loadu_ps(p + 8 * q)));
+#else
       out[q] = Vectorized<double>(_mm256_cvtps_pd(_mm_loadu_ps(p + 4 * q)));
+#endif
     }
   } else {
     static_assert(std::is_same_v<o_t, a_t>);
@@ -283,6 +334,30 @@ inline void load_acc(const scalar_t* p, Vectorized<bn_acc_t<scalar_t>>* out) {
 // degree-7 polynomial for e^r on |r| <= ln2/2 (the Cephes expf coefficients); about
 // 1 ulp, like Sleef's u10. 2^n is applied as two factors 2^(n/2) so that results in the
 // subnormal range round gradually and x > ~88.72 overflows to inf; NaN propagates.
+#if defined(CPU_CAPABILITY_AVX512)
+// The same steps on 16 lanes, the same results as the AVX2 version's 8.
+C10_ALWAYS_INLINE Vectorized<float> exp_inline(const Vectorized<float>& xv) {
+  static_assert(Vectorized<float>::size() == 16, "the AVX-512 exp_inline takes 16 lanes");
+  const __m512 x = xv;
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)),
+                                  _mm512_set1_ps(89.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  // y * 2^n in one instruction (vscalefps): one rounding, as the two exact-or-once-rounded
+  // factors of the AVX2 version give, and inf past the float range.
+  const __m512 res = _mm512_scalef_ps(y, n);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), res, x);
+}
+#else
 C10_ALWAYS_INLINE Vectorized<float> exp_inline(const Vectorized<float>& xv) {
   static_assert(Vectorized<float>::size() == 8, "exp_inline is written for AVX2 vectors");
   const __m256 x = xv;
@@ -308,6 +383,7 @@ C10_ALWAYS_INLINE Vectorized<float> exp_inline(const Vectorized<float>& xv) {
   const __m256 res = _mm256_mul_ps(_mm256_mul_ps(y, s1), s2);
   return _mm256_blendv_ps(res, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
+#endif
 
 // exp: inline for float, at::vec's (Sleef) for double input's arithmetic.
 template <typename T>
@@ -746,6 +822,16 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
       const acc_t* const bl = bias;
       const int64_t kl = kind;
       const acc_t pl = param;
+      using aVec0 = typename AccVec<scalar_t>::aVec;
+      auto activate = [kl, pl](aVec0& a, aVec0& b) C10_ALWAYS_INLINE_ATTRIBUTE {
+        if constexpr (kGeneric) {
+          a = act_vec<acc_t>(kl, a, pl);
+          b = act_vec<acc_t>(kl, b, pl);
+        } else if (kl == kActReLU) {
+          a = at::vec::clamp_min(a, aVec0(acc_t(0)));
+          b = at::vec::clamp_min(b, aVec0(acc_t(0)));
+        }
+      };
 #endif
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * C;
@@ -754,7 +840,6 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
         using V = AccVec<scalar_t>;
         using aVec = typename V::aVec;
         constexpr int64_t h = aVec::size();
-        const aVec zero(0);
         aVec a, b, ra, rb;
         for (; c + V::kStep <= C; c += V::kStep) {
           V::load(xl + base + c, a, b);
@@ -766,14 +851,23 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
             a += ra;
             b += rb;
           }
-          if constexpr (kGeneric) {
-            a = act_vec<acc_t>(kl, a, pl);
-            b = act_vec<acc_t>(kl, b, pl);
-          } else if (kl == kActReLU) {
-            a = at::vec::clamp_min(a, zero);
-            b = at::vec::clamp_min(b, zero);
-          }
+          activate(a, b);
           V::store(ol + base + c, a, b);
+        }
+        if (c < C) {  // the last C - c < kStep channels: one partial step (AccVec::load_n)
+          const int64_t n = C - c;
+          V::load_n(xl + base + c, n, a, b);
+          a = at::vec::fmadd(a - load_cnt(ml + c, n), load_cnt(sl + c, n), load_cnt(bl + c, n));
+          b = at::vec::fmadd(b - load_cnt(ml + c + h, n - h), load_cnt(sl + c + h, n - h),
+                             load_cnt(bl + c + h, n - h));
+          if (rl != nullptr) {
+            V::load_n(rl + base + c, n, ra, rb);
+            a += ra;
+            b += rb;
+          }
+          activate(a, b);
+          V::store_n(ol + base + c, n, a, b);
+          c = C;
         }
 #endif
         for (; c < C; ++c) {
@@ -802,12 +896,13 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
         scalar_t* const ol = out + base;
         const int64_t kl = kind;
         const acc_t pl = param;
-        for (; i + V::kStep <= HW; i += V::kStep) {
-          V::load(xl + i, a, b);
+        auto step = [&](int64_t i, int64_t n, auto partial) C10_ALWAYS_INLINE_ATTRIBUTE {
+          constexpr bool kPartial = decltype(partial)::value;
+          kPartial ? V::load_n(xl + i, n, a, b) : V::load(xl + i, a, b);
           a = at::vec::fmadd(a - mv, sv, bv);
           b = at::vec::fmadd(b - mv, sv, bv);
           if (rl != nullptr) {
-            V::load(rl + i, ra, rb);
+            kPartial ? V::load_n(rl + i, n, ra, rb) : V::load(rl + i, ra, rb);
             a += ra;
             b += rb;
           }
@@ -818,7 +913,14 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
             a = at::vec::clamp_min(a, zero);
             b = at::vec::clamp_min(b, zero);
           }
-          V::store(ol + i, a, b);
+          kPartial ? V::store_n(ol + i, n, a, b) : V::store(ol + i, a, b);
+        };
+        for (; i + V::kStep <= HW; i += V::kStep) {
+          step(i, V::kStep, std::false_type{});
+        }
+        if (i < HW) {  // the last HW - i < kStep positions: one partial step
+          step(i, HW - i, std::true_type{});
+          i = HW;
         }
 #endif
         for (; i < HW; ++i) {
@@ -1002,42 +1104,60 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
               }
             }
           }
-          for (; c + V::kStep <= C; c += V::kStep) {
-            const oVec mva = oVec::loadu(mean + c), mvb = oVec::loadu(mean + c + h);
-            const oVec sva = oVec::loadu(scale + c), svb = oVec::loadu(scale + c + h);
-            const oVec bva = oVec::loadu(bias + c), bvb = oVec::loadu(bias + c + h);
+          // Blocks of kStep channels; the last C - c < kStep channels as one partial block
+          // (AccVec::load_n; lanes past C are zero, add zero to the sums and are not stored).
+          auto block = [&](int64_t c, int64_t n, auto partial) C10_ALWAYS_INLINE_ATTRIBUTE {
+            constexpr bool kPartial = decltype(partial)::value;
+            const oVec mva = load_cnt(mean + c, n), mvb = load_cnt(mean + c + h, n - h);
+            const oVec sva = load_cnt(scale + c, n), svb = load_cnt(scale + c + h, n - h);
+            const oVec bva = load_cnt(bias + c, n), bvb = load_cnt(bias + c + h, n - h);
             aVec maa[kParts], mab[kParts], sdya[kParts], sdyb[kParts], sdyxa[kParts], sdyxb[kParts];
             for (int p = 0; p < kParts; ++p) {
-              const int64_t oa = c + p * aVec::size(), ob = c + h + p * aVec::size();
-              maa[p] = aVec::loadu(mean_acc + oa);
-              mab[p] = aVec::loadu(mean_acc + ob);
-              sdya[p] = aVec::loadu(dy + oa);
-              sdyb[p] = aVec::loadu(dy + ob);
-              sdyxa[p] = aVec::loadu(dyx + oa);
-              sdyxb[p] = aVec::loadu(dyx + ob);
+              const int64_t oa = p * aVec::size(), ob = h + p * aVec::size();
+              maa[p] = load_cnt(mean_acc + c + oa, n - oa);
+              mab[p] = load_cnt(mean_acc + c + ob, n - ob);
+              sdya[p] = load_cnt(dy + c + oa, n - oa);
+              sdyb[p] = load_cnt(dy + c + ob, n - ob);
+              sdyxa[p] = load_cnt(dyx + c + oa, n - oa);
+              sdyxb[p] = load_cnt(dyx + c + ob, n - ob);
             }
             for (int64_t row = g0; row < g1; ++row) {
               const int64_t off = row * Cl + c;
-              prefetch_step(V::kStep);
+              prefetch_step(n);
               oVec ga, gb, xa, xb, oa(0), ob(0);
-              V::load(gl + off, ga, gb);
-              V::load(xl + off, xa, xb);
-              if (ol != nullptr) {
-                V::load(ol + off, oa, ob);
+              if constexpr (kPartial) {
+                V::load_n(gl + off, n, ga, gb);
+                V::load_n(xl + off, n, xa, xb);
+                if (ol != nullptr) {
+                  V::load_n(ol + off, n, oa, ob);
+                }
+              } else {
+                V::load(gl + off, ga, gb);
+                V::load(xl + off, xa, xb);
+                if (ol != nullptr) {
+                  V::load(ol + off, oa, ob);
+                }
               }
               ga = vp(xa, ga, oa, mva, sva, bva, maa, sdya, sdyxa);
               gb = vp(xb, gb, ob, mvb, svb, bvb, mab, sdyb, sdyxb);
               if (ml != nullptr) {
-                V::store(ml + off, ga, gb);
+                kPartial ? V::store_n(ml + off, n, ga, gb) : V::store(ml + off, ga, gb);
               }
             }
             for (int p = 0; p < kParts; ++p) {
-              const int64_t oa = c + p * aVec::size(), ob = c + h + p * aVec::size();
-              sdya[p].store(dy + oa);
-              sdyb[p].store(dy + ob);
-              sdyxa[p].store(dyx + oa);
-              sdyxb[p].store(dyx + ob);
+              const int64_t oa = p * aVec::size(), ob = h + p * aVec::size();
+              store_cnt(sdya[p], dy + c + oa, n - oa);
+              store_cnt(sdyb[p], dy + c + ob, n - ob);
+              store_cnt(sdyxa[p], dyx + c + oa, n - oa);
+              store_cnt(sdyxb[p], dyx + c + ob, n - ob);
             }
+          };
+          for (; c + V::kStep <= C; c += V::kStep) {
+            block(c, V::kStep, std::false_type{});
+          }
+          if (c < C) {
+            block(c, C - c, std::true_type{});
+            c = C;
           }
 #endif
           for (int64_t row = g0; row < g1; ++row) {
@@ -1084,6 +1204,22 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
             V::store(ml + i, ga, gb);
           }
         }
+        if (i < HW) {  // the last HW - i < kStep positions: one partial step
+          // Lanes past n read grad = 0 and x = 0: their g = 0 * act'(finite) adds zero to
+          // the sums (non-finite only where the channel's statistics are, and its sums too).
+          const int64_t n = HW - i;
+          V::load_n(gl + i, n, ga, gb);
+          V::load_n(xl + i, n, xa, xb);
+          if (ol != nullptr) {
+            V::load_n(ol + i, n, oa, ob);
+          }
+          ga = vp(xa, ga, oa, mv, sv, bv, ma, sdy, sdyx);
+          gb = vp(xb, gb, ob, mv, sv, bv, ma, sdy, sdyx);
+          if (ml != nullptr) {
+            V::store_n(ml + i, n, ga, gb);
+          }
+          i = HW;
+        }
         for (int q = 1; q < kParts; ++q) {
           sdy[0] += sdy[q];
           sdyx[0] += sdyx[q];
@@ -1123,8 +1259,15 @@ inline Vectorized<o_t> narrow(const Vectorized<a_t>* parts) {
     return parts[0];
   } else {
     static_assert(std::is_same_v<o_t, float> && std::is_same_v<a_t, double>);
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512d lo = parts[0], hi = parts[1];
+    return Vectorized<float>(_mm512_castpd_ps(_mm512_insertf64x4(
+        _mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(lo))),
+        _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1)));
+#else
     const __m256d lo = parts[0], hi = parts[1];
     return Vectorized<float>(_mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)));
+#endif
   }
 }
 #endif
@@ -1232,36 +1375,50 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
             }
           }
         }
-        for (; c + V::kStep <= C; c += V::kStep) {
-          const oVec mva = oVec::loadu(mean + c), mvb = oVec::loadu(mean + c + h);
-          const oVec sva = oVec::loadu(scale + c), svb = oVec::loadu(scale + c + h);
-          const oVec bva = oVec::loadu(bias + c), bvb = oVec::loadu(bias + c + h);
+        // Blocks of kStep channels; the last C - c < kStep as one partial block.
+        auto block = [&](int64_t c, int64_t n, auto partial) C10_ALWAYS_INLINE_ATTRIBUTE {
+          constexpr bool kPartial = decltype(partial)::value;
+          const oVec mva = load_cnt(mean + c, n), mvb = load_cnt(mean + c + h, n - h);
+          const oVec sva = load_cnt(scale + c, n), svb = load_cnt(scale + c + h, n - h);
+          const oVec bva = load_cnt(bias + c, n), bvb = load_cnt(bias + c + h, n - h);
           aVec maa[kParts], saa[kParts], kaa[kParts], caa[kParts];
           aVec mab[kParts], sab[kParts], kab[kParts], cab[kParts];
           for (int p = 0; p < kParts; ++p) {
-            const int64_t oa = c + p * aVec::size(), ob = c + h + p * aVec::size();
-            maa[p] = aVec::loadu(mean_acc + oa);
-            mab[p] = aVec::loadu(mean_acc + ob);
-            saa[p] = aVec::loadu(scale_acc + oa);
-            sab[p] = aVec::loadu(scale_acc + ob);
+            const int64_t oa = p * aVec::size(), ob = h + p * aVec::size();
+            maa[p] = load_cnt(mean_acc + c + oa, n - oa);
+            mab[p] = load_cnt(mean_acc + c + ob, n - ob);
+            saa[p] = load_cnt(scale_acc + c + oa, n - oa);
+            sab[p] = load_cnt(scale_acc + c + ob, n - ob);
             kaa[p] = kab[p] = caa[p] = cab[p] = aVec(a_t(0));
             if (batch) {
-              kaa[p] = aVec::loadu(k + oa);
-              kab[p] = aVec::loadu(k + ob);
-              caa[p] = aVec::loadu(cst + oa);
-              cab[p] = aVec::loadu(cst + ob);
+              kaa[p] = load_cnt(k + c + oa, n - oa);
+              kab[p] = load_cnt(k + c + ob, n - ob);
+              caa[p] = load_cnt(cst + c + oa, n - oa);
+              cab[p] = load_cnt(cst + c + ob, n - ob);
             }
           }
           for (int64_t row = r0; row < r1; ++row) {
             const int64_t off = row * Cl + c;
-            prefetch_step(V::kStep);
+            prefetch_step(n);
             oVec ga, gb, xa, xb;
-            V::load(gl + off, ga, gb);
-            V::load(xl + off, xa, xb);
+            if constexpr (kPartial) {
+              V::load_n(gl + off, n, ga, gb);
+              V::load_n(xl + off, n, xa, xb);
+            } else {
+              V::load(gl + off, ga, gb);
+              V::load(xl + off, xa, xb);
+            }
             const oVec ra = vp(xa, ga, mva, sva, bva, maa, saa, kaa, caa);
             const oVec rb = vp(xb, gb, mvb, svb, bvb, mab, sab, kab, cab);
-            V::store(dxl + off, ra, rb);
+            kPartial ? V::store_n(dxl + off, n, ra, rb) : V::store(dxl + off, ra, rb);
           }
+        };
+        for (; c + V::kStep <= C; c += V::kStep) {
+          block(c, V::kStep, std::false_type{});
+        }
+        if (c < C) {
+          block(c, C - c, std::true_type{});
+          c = C;
         }
 #endif
         for (int64_t row = r0; row < r1; ++row) {
@@ -1301,6 +1458,14 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
           V::load(xl + i, xa, xb);
           V::store(dxl + i, vp(xa, ga, mv, sv, bv, ma, sa, ka, ca),
                    vp(xb, gb, mv, sv, bv, ma, sa, ka, ca));
+        }
+        if (i < HW) {  // the last HW - i < kStep positions: one partial step
+          const int64_t n = HW - i;
+          V::load_n(gl + i, n, ga, gb);
+          V::load_n(xl + i, n, xa, xb);
+          V::store_n(dxl + i, n, vp(xa, ga, mv, sv, bv, ma, sa, ka, ca),
+                     vp(xb, gb, mv, sv, bv, ma, sa, ka, ca));
+          i = HW;
         }
 #endif
         for (; i < HW; ++i) {

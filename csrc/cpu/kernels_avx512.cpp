@@ -1,0 +1,40 @@
+// CPU kernels for AVX-512 (F, BW, VL, DQ + FMA: the flags ATen builds its AVX512 kernels
+// with). Chosen where ATen itself runs its AVX512 kernels (see isa.cpp).
+#include "cpu/isa_prelude.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
+// As in kernels_avx2.cpp: state the pragma's instruction sets to the preprocessor, which
+// the vec headers (and sleef.h) select their code by.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#ifndef __AVX512F__
+#define __AVX512F__ 1
+#endif
+#ifndef __AVX512BW__
+#define __AVX512BW__ 1
+#endif
+#ifndef __AVX512VL__
+#define __AVX512VL__ 1
+#endif
+#ifndef __AVX512DQ__
+#define __AVX512DQ__ 1
+#endif
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#define RF_KERNEL_TABLE kernels_avx512
+#define RF_USE_VEC 1
+#include "cpu/kernels_impl.h"
+#pragma GCC pop_options
+#endif  // other CPUs use kernels_default only (isa.cpp)

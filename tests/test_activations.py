@@ -154,6 +154,42 @@ def _check_batch_norm_act(backend, act, case, dtype, shape, channels_last):
         assert_close_to_reference(rv, rv_e, _on(rv64 * 0.9 + 0.1 * var64), name="rv")
 
 
+@pytest.mark.parametrize("backend", backend_params(("cpu",)))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_partial_step_padding_adds_nothing(backend, layout):
+    """A channel constant at 1e17 (variance 0: scale 1/sqrt(eps)) normalises to its bias,
+    but a padding lane of a partial vector step read as x = 0 would have a pre-activation of
+    about -3e19, where GELU-tanh's derivative overflows: its 0 * inf would make the channel's
+    sums NaN. The gradients stay finite and agree with the fp64 reference, taken on the
+    channel shifted to 0 (BatchNorm's maths do not change; torch's fp64 statistics of
+    1e17s are themselves off by far more than fp32's rounding)."""
+    device = backend_device(backend)
+    act = Act(GELU_TANH)
+    shape = (2, 3, 5, 7)  # 35 positions (NCHW: a partial step), 3 channels (channels_last)
+    x = torch.randn(shape, dtype=torch.float64)
+    x[:, 0] = 1e17
+    x = x.float().to(device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = (torch.rand(3, device=device) + 0.5).requires_grad_()
+    b = torch.randn(3, device=device).requires_grad_()
+    g = torch.randn(shape, device=device)
+    out = resnet_fused.batch_norm_act(x, None, None, w, b, True, activation=act, backend=backend)
+    grads = torch.autograd.grad(out, (x, w, b), g)
+    eager = act(F.batch_norm(x, None, None, w, b, True))
+    eager_grads = torch.autograd.grad(eager, (x, w, b), g)
+    leaves64 = [t.detach().cpu().double() for t in (x, w, b)]
+    leaves64[0][:, 0] -= leaves64[0][0, 0, 0, 0].item()
+    leaves64 = [t.requires_grad_() for t in leaves64]
+    ref = act(F.batch_norm(leaves64[0], None, None, leaves64[1], leaves64[2], True))
+    ref_grads = torch.autograd.grad(ref, leaves64, g.cpu().double())
+    names = ("input", "weight", "bias")
+    for name, got, ge, gr in zip(names, grads, eager_grads, ref_grads, strict=True):
+        assert torch.isfinite(got).all(), name
+        assert_close_to_reference(got, ge, gr.to(device), name=f"grad {name}")
+
+
 @pytest.mark.parametrize("backend", backend_params(("cpu", "cuda", "triton")))
 @pytest.mark.parametrize("act", ACTS[:7], ids=ACT_IDS[:7])
 def test_kinks_and_non_finite_values(backend, act):

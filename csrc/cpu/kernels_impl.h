@@ -205,23 +205,26 @@ inline T relu_scalar(T v) {
 }
 
 #if RF_USE_VEC
-// The first cnt values at p as a vector (all of it for cnt >= size, zero for cnt <= 0;
-// lanes past cnt zero), and its first cnt lanes stored.
+// The values p[off], ..., p[n - 1] (at most a vector's worth) as a vector: all lanes for
+// n - off >= size, none (zero) for n <= off, lanes past the count zero; store_part writes
+// the same lanes. p + off is formed only where a value is read or written there.
 template <typename T>
-C10_ALWAYS_INLINE Vectorized<T> load_cnt(const T* p, int64_t cnt) {
+C10_ALWAYS_INLINE Vectorized<T> load_part(const T* p, int64_t off, int64_t n) {
   using V = Vectorized<T>;
+  const int64_t cnt = n - off;
   if (cnt >= V::size()) {
-    return V::loadu(p);
+    return V::loadu(p + off);
   }
-  return cnt > 0 ? V::loadu(p, cnt) : V(T(0));
+  return cnt > 0 ? V::loadu(p + off, cnt) : V(T(0));
 }
 
 template <typename T>
-C10_ALWAYS_INLINE void store_cnt(const Vectorized<T>& v, T* p, int64_t cnt) {
+C10_ALWAYS_INLINE void store_part(const Vectorized<T>& v, T* p, int64_t off, int64_t n) {
+  const int64_t cnt = n - off;
   if (cnt >= Vectorized<T>::size()) {
-    v.store(p);
+    v.store(p + off);
   } else if (cnt > 0) {
-    v.store(p, static_cast<int>(cnt));
+    v.store(p + off, static_cast<int>(cnt));
   }
 }
 
@@ -255,16 +258,16 @@ struct AccVec {
     if constexpr (kReduced<scalar_t>) {
       std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, n));
     } else {
-      a = load_cnt(p, n);
-      b = load_cnt(p + aVec::size(), n - aVec::size());
+      a = load_part(p, 0, n);
+      b = load_part(p, aVec::size(), n);
     }
   }
   static inline void store_n(scalar_t* p, int64_t n, const aVec& a, const aVec& b) {
     if constexpr (kReduced<scalar_t>) {
       at::vec::convert_from_float<scalar_t>(a, b).store(p, static_cast<int>(n));
     } else {
-      store_cnt(a, p, n);
-      store_cnt(b, p + aVec::size(), n - aVec::size());
+      store_part(a, p, 0, n);
+      store_part(b, p, aVec::size(), n);
     }
   }
   static inline acc_t hsum(const aVec& v) {
@@ -453,6 +456,16 @@ C10_ALWAYS_INLINE Vectorized<T> act_vec(int64_t act, const Vectorized<T>& v, T p
   }
 }
 
+// 1 - s for s = 1/(1 + e): as e*s where s > 1/2, to rounding there, where 1 - s cancels
+// (SiLU's and GELU-tanh's derivatives multiply it by about pre, resp. 2*pre*d_inner: the
+// cancelled bits of s cost GELU-tanh's derivative 2e-6 at pre = 5, twice eager's error);
+// as 1 - s elsewhere, where e may be inf.
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> one_minus_sigmoid(const Vectorized<T>& s, const Vectorized<T>& e) {
+  using V = Vectorized<T>;
+  return V::blendv(V(T(1)) - s, e * s, s > V(T(0.5)));
+}
+
 // g * act'(pre).
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> act_grad_pre_vec(int64_t act, const Vectorized<T>& pre,
@@ -467,8 +480,9 @@ C10_ALWAYS_INLINE Vectorized<T> act_grad_pre_vec(int64_t act, const Vectorized<T
     case kActLeakyReLU:
       return V::blendv(g * V(param), g, pre > zero);
     case kActSiLU: {
-      const V s = one / (one + exp_vec<T>(pre.neg()));
-      return g * s * (one + pre * (one - s));
+      const V e = exp_vec<T>(pre.neg());
+      const V s = one / (one + e);
+      return g * s * (one + pre * one_minus_sigmoid(s, e));
     }
     case kActHardswish: {
       const V mid = g * (pre / three + half);
@@ -484,9 +498,10 @@ C10_ALWAYS_INLINE Vectorized<T> act_grad_pre_vec(int64_t act, const Vectorized<T
       // 0.5*(1 + tanh(u)) = s = sigmoid(2u) and 0.5*(1 - tanh(u)^2) = 2*s*(1 - s).
       const V x2 = pre * pre;
       const V kb(T(act_math::kSqrt2OverPi)), kk(T(act_math::kGeluTanhK));
-      const V s = one / (one + exp_vec<T>(kb * (pre + kk * x2 * pre) * V(T(-2))));
+      const V e = exp_vec<T>(kb * (pre + kk * x2 * pre) * V(T(-2)));
+      const V s = one / (one + e);
       const V d_inner = kb * (one + V(T(3)) * kk * x2);
-      return g * (s + V(T(2)) * pre * s * (one - s) * d_inner);
+      return g * (s + V(T(2)) * pre * s * one_minus_sigmoid(s, e) * d_inner);
     }
     default:
       return g;
@@ -857,9 +872,10 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
         if (c < C) {  // the last C - c < kStep channels: one partial step (AccVec::load_n)
           const int64_t n = C - c;
           V::load_n(xl + base + c, n, a, b);
-          a = at::vec::fmadd(a - load_cnt(ml + c, n), load_cnt(sl + c, n), load_cnt(bl + c, n));
-          b = at::vec::fmadd(b - load_cnt(ml + c + h, n - h), load_cnt(sl + c + h, n - h),
-                             load_cnt(bl + c + h, n - h));
+          a = at::vec::fmadd(a - load_part(ml + c, 0, n), load_part(sl + c, 0, n),
+                             load_part(bl + c, 0, n));
+          b = at::vec::fmadd(b - load_part(ml + c, h, n), load_part(sl + c, h, n),
+                             load_part(bl + c, h, n));
           if (rl != nullptr) {
             V::load_n(rl + base + c, n, ra, rb);
             a += ra;
@@ -1108,18 +1124,18 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
           // (AccVec::load_n; lanes past C are zero, add zero to the sums and are not stored).
           auto block = [&](int64_t c, int64_t n, auto partial) C10_ALWAYS_INLINE_ATTRIBUTE {
             constexpr bool kPartial = decltype(partial)::value;
-            const oVec mva = load_cnt(mean + c, n), mvb = load_cnt(mean + c + h, n - h);
-            const oVec sva = load_cnt(scale + c, n), svb = load_cnt(scale + c + h, n - h);
-            const oVec bva = load_cnt(bias + c, n), bvb = load_cnt(bias + c + h, n - h);
+            const oVec mva = load_part(mean + c, 0, n), mvb = load_part(mean + c, h, n);
+            const oVec sva = load_part(scale + c, 0, n), svb = load_part(scale + c, h, n);
+            const oVec bva = load_part(bias + c, 0, n), bvb = load_part(bias + c, h, n);
             aVec maa[kParts], mab[kParts], sdya[kParts], sdyb[kParts], sdyxa[kParts], sdyxb[kParts];
             for (int p = 0; p < kParts; ++p) {
               const int64_t oa = p * aVec::size(), ob = h + p * aVec::size();
-              maa[p] = load_cnt(mean_acc + c + oa, n - oa);
-              mab[p] = load_cnt(mean_acc + c + ob, n - ob);
-              sdya[p] = load_cnt(dy + c + oa, n - oa);
-              sdyb[p] = load_cnt(dy + c + ob, n - ob);
-              sdyxa[p] = load_cnt(dyx + c + oa, n - oa);
-              sdyxb[p] = load_cnt(dyx + c + ob, n - ob);
+              maa[p] = load_part(mean_acc + c, oa, n);
+              mab[p] = load_part(mean_acc + c, ob, n);
+              sdya[p] = load_part(dy + c, oa, n);
+              sdyb[p] = load_part(dy + c, ob, n);
+              sdyxa[p] = load_part(dyx + c, oa, n);
+              sdyxb[p] = load_part(dyx + c, ob, n);
             }
             for (int64_t row = g0; row < g1; ++row) {
               const int64_t off = row * Cl + c;
@@ -1146,10 +1162,10 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
             }
             for (int p = 0; p < kParts; ++p) {
               const int64_t oa = p * aVec::size(), ob = h + p * aVec::size();
-              store_cnt(sdya[p], dy + c + oa, n - oa);
-              store_cnt(sdyb[p], dy + c + ob, n - ob);
-              store_cnt(sdyxa[p], dyx + c + oa, n - oa);
-              store_cnt(sdyxb[p], dyx + c + ob, n - ob);
+              store_part(sdya[p], dy + c, oa, n);
+              store_part(sdyb[p], dy + c, ob, n);
+              store_part(sdyxa[p], dyx + c, oa, n);
+              store_part(sdyxb[p], dyx + c, ob, n);
             }
           };
           for (; c + V::kStep <= C; c += V::kStep) {
@@ -1205,11 +1221,14 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
           }
         }
         if (i < HW) {  // the last HW - i < kStep positions: one partial step
-          // Lanes past n read grad = 0 and x = 0: their g = 0 * act'(finite) adds zero to
-          // the sums (non-finite only where the channel's statistics are, and its sums too).
+          // Lanes past n: grad 0 and x the channel's mean, so that their pre-activation is
+          // the bias and their g = 0 * act'(bias) adds zero to the sums (x = 0 could put
+          // the pre-activation far out, where act' overflows and 0 * inf is NaN).
           const int64_t n = HW - i;
           V::load_n(gl + i, n, ga, gb);
           V::load_n(xl + i, n, xa, xb);
+          xa = oVec::set(mv, xa, std::min<int64_t>(n, oVec::size()));
+          xb = oVec::set(mv, xb, std::max<int64_t>(n - oVec::size(), 0));
           if (ol != nullptr) {
             V::load_n(ol + i, n, oa, ob);
           }
@@ -1378,23 +1397,23 @@ void bn_backward_elemt_typed(const scalar_t* grad, const scalar_t* x, scalar_t* 
         // Blocks of kStep channels; the last C - c < kStep as one partial block.
         auto block = [&](int64_t c, int64_t n, auto partial) C10_ALWAYS_INLINE_ATTRIBUTE {
           constexpr bool kPartial = decltype(partial)::value;
-          const oVec mva = load_cnt(mean + c, n), mvb = load_cnt(mean + c + h, n - h);
-          const oVec sva = load_cnt(scale + c, n), svb = load_cnt(scale + c + h, n - h);
-          const oVec bva = load_cnt(bias + c, n), bvb = load_cnt(bias + c + h, n - h);
+          const oVec mva = load_part(mean + c, 0, n), mvb = load_part(mean + c, h, n);
+          const oVec sva = load_part(scale + c, 0, n), svb = load_part(scale + c, h, n);
+          const oVec bva = load_part(bias + c, 0, n), bvb = load_part(bias + c, h, n);
           aVec maa[kParts], saa[kParts], kaa[kParts], caa[kParts];
           aVec mab[kParts], sab[kParts], kab[kParts], cab[kParts];
           for (int p = 0; p < kParts; ++p) {
             const int64_t oa = p * aVec::size(), ob = h + p * aVec::size();
-            maa[p] = load_cnt(mean_acc + c + oa, n - oa);
-            mab[p] = load_cnt(mean_acc + c + ob, n - ob);
-            saa[p] = load_cnt(scale_acc + c + oa, n - oa);
-            sab[p] = load_cnt(scale_acc + c + ob, n - ob);
+            maa[p] = load_part(mean_acc + c, oa, n);
+            mab[p] = load_part(mean_acc + c, ob, n);
+            saa[p] = load_part(scale_acc + c, oa, n);
+            sab[p] = load_part(scale_acc + c, ob, n);
             kaa[p] = kab[p] = caa[p] = cab[p] = aVec(a_t(0));
             if (batch) {
-              kaa[p] = load_cnt(k + c + oa, n - oa);
-              kab[p] = load_cnt(k + c + ob, n - ob);
-              caa[p] = load_cnt(cst + c + oa, n - oa);
-              cab[p] = load_cnt(cst + c + ob, n - ob);
+              kaa[p] = load_part(k + c, oa, n);
+              kab[p] = load_part(k + c, ob, n);
+              caa[p] = load_part(cst + c, oa, n);
+              cab[p] = load_part(cst + c, ob, n);
             }
           }
           for (int64_t row = r0; row < r1; ++row) {

@@ -5,20 +5,7 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
-// As in kernels_avx2.cpp: state the pragma's instruction sets to the preprocessor, which
-// the vec headers (and sleef.h) select their code by.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "cpu/target_avx2_macros.h"
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif

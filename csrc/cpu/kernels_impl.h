@@ -335,58 +335,42 @@ inline void load_acc(const scalar_t* p, Vectorized<bn_acc_t<scalar_t>>* out) {
 // element. exp(x) = 2^n * e^r with
 // n = round(x*log2(e)), r = x - n*ln2 (two-part ln2, exact to float precision) and a
 // degree-7 polynomial for e^r on |r| <= ln2/2 (the Cephes expf coefficients); about
-// 1 ulp, like Sleef's u10. 2^n is applied as two factors 2^(n/2) so that results in the
-// subnormal range round gradually and x > ~88.72 overflows to inf; NaN propagates.
+// 1 ulp, like Sleef's u10. 2^n is applied with one rounding (times_pow2), so that results
+// in the subnormal range round gradually and x > ~88.72 overflows to inf; NaN propagates.
+
+// y * 2^n for a whole number n in [-150, 128] (exp_inline's), rounded once. AVX-512: one
+// vscalefps. AVX2: two factors 2^(n/2) made in the exponent bits, each exact but for the
+// last product's one rounding into the subnormal range or to inf: the same values.
+C10_ALWAYS_INLINE Vectorized<float> times_pow2(const Vectorized<float>& y,
+                                               const Vectorized<float>& n) {
 #if defined(CPU_CAPABILITY_AVX512)
-// The same steps on 16 lanes, the same results as the AVX2 version's 8.
-C10_ALWAYS_INLINE Vectorized<float> exp_inline(const Vectorized<float>& xv) {
-  static_assert(Vectorized<float>::size() == 16, "the AVX-512 exp_inline takes 16 lanes");
-  const __m512 x = xv;
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)),
-                                  _mm512_set1_ps(89.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  // y * 2^n in one instruction (vscalefps): one rounding, as the two exact-or-once-rounded
-  // factors of the AVX2 version give, and inf past the float range.
-  const __m512 res = _mm512_scalef_ps(y, n);
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), res, x);
-}
+  return _mm512_scalef_ps(y, n);
 #else
-C10_ALWAYS_INLINE Vectorized<float> exp_inline(const Vectorized<float>& xv) {
-  static_assert(Vectorized<float>::size() == 8, "exp_inline is written for AVX2 vectors");
-  const __m256 x = xv;
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)),
-                                  _mm256_set1_ps(89.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256i n1 = _mm256_srai_epi32(ni, 1);
   const __m256i n2 = _mm256_sub_epi32(ni, n1);
   const __m256i bias = _mm256_set1_epi32(127);
   const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
   const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
-  const __m256 res = _mm256_mul_ps(_mm256_mul_ps(y, s1), s2);
-  return _mm256_blendv_ps(res, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
+  return _mm256_mul_ps(_mm256_mul_ps(y, s1), s2);
 #endif
+}
+
+C10_ALWAYS_INLINE Vectorized<float> exp_inline(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  const V xc = at::vec::clamp(x, V(-104.0f), V(89.0f));
+  const V n = (xc * V(1.44269504088896341f)).round();  // to nearest, ties to even
+  V r = at::vec::fmadd(n.neg(), V(0.693359375f), xc);
+  r = at::vec::fmadd(n.neg(), V(-2.12194440e-4f), r);
+  V p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, V(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, V(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, V(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, V(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, V(5.0000001201e-1f));
+  const V y = at::vec::fmadd(p, r * r, r) + V(1.0f);
+  return V::blendv(times_pow2(y, n), x, x.isnan());
+}
 
 // exp: inline for float, at::vec's (Sleef) for double input's arithmetic.
 template <typename T>

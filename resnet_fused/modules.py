@@ -568,9 +568,7 @@ def conv_bn_forward(
     use_running = not training or bn.track_running_stats
     folded = fold_check = None
     if not bn_training and cache is not None:
-        dtype = input.dtype
-        if torch.is_autocast_enabled(input.device.type) and dtype != torch.float64:
-            dtype = torch.get_autocast_dtype(input.device.type)
+        dtype = unit_dtype(input)
         folded = _cached_fold(conv, bn, dtype, cache, pack=backend in ("auto", "triton"))
         if folded is not None and signature is not None:
             # What each planned call of a folded path adds (auto's trials time it too).

@@ -840,33 +840,29 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
         using aVec = typename V::aVec;
         constexpr int64_t h = aVec::size();
         aVec a, b, ra, rb;
+        // kStep channels from c (n = kStep), or the last n < kStep as one partial step
+        // (AccVec::load_n, load_part: lanes past C are zero and not stored).
+        auto step = [&](int64_t c, int64_t n, auto partial) C10_ALWAYS_INLINE_ATTRIBUTE {
+          constexpr bool kPartial = decltype(partial)::value;
+          auto par = [&](const acc_t* p, int64_t off) C10_ALWAYS_INLINE_ATTRIBUTE {
+            return kPartial ? load_part(p + c, off, n) : aVec::loadu(p + c + off);
+          };
+          kPartial ? V::load_n(xl + base + c, n, a, b) : V::load(xl + base + c, a, b);
+          a = at::vec::fmadd(a - par(ml, 0), par(sl, 0), par(bl, 0));
+          b = at::vec::fmadd(b - par(ml, h), par(sl, h), par(bl, h));
+          if (rl != nullptr) {
+            kPartial ? V::load_n(rl + base + c, n, ra, rb) : V::load(rl + base + c, ra, rb);
+            a += ra;
+            b += rb;
+          }
+          activate(a, b);
+          kPartial ? V::store_n(ol + base + c, n, a, b) : V::store(ol + base + c, a, b);
+        };
         for (; c + V::kStep <= C; c += V::kStep) {
-          V::load(xl + base + c, a, b);
-          a = at::vec::fmadd(a - aVec::loadu(ml + c), aVec::loadu(sl + c), aVec::loadu(bl + c));
-          b = at::vec::fmadd(b - aVec::loadu(ml + c + h), aVec::loadu(sl + c + h),
-                             aVec::loadu(bl + c + h));
-          if (rl != nullptr) {
-            V::load(rl + base + c, ra, rb);
-            a += ra;
-            b += rb;
-          }
-          activate(a, b);
-          V::store(ol + base + c, a, b);
+          step(c, V::kStep, std::false_type{});
         }
-        if (c < C) {  // the last C - c < kStep channels: one partial step (AccVec::load_n)
-          const int64_t n = C - c;
-          V::load_n(xl + base + c, n, a, b);
-          a = at::vec::fmadd(a - load_part(ml + c, 0, n), load_part(sl + c, 0, n),
-                             load_part(bl + c, 0, n));
-          b = at::vec::fmadd(b - load_part(ml + c, h, n), load_part(sl + c, h, n),
-                             load_part(bl + c, h, n));
-          if (rl != nullptr) {
-            V::load_n(rl + base + c, n, ra, rb);
-            a += ra;
-            b += rb;
-          }
-          activate(a, b);
-          V::store_n(ol + base + c, n, a, b);
+        if (c < C) {
+          step(c, C - c, std::true_type{});
           c = C;
         }
 #endif

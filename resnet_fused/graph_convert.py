@@ -91,6 +91,7 @@ from torch import Tensor, fx, nn
 
 from ._validation import SUPPORTED_DTYPES
 from .activations import ID_ACT, RELU, RELU_ACT, Act, act_of_call, act_of_module
+from .functional.conv_bn_act import donated, mark_donated, undonate
 from .modules import (
     FoldCache,
     _conv_padding,
@@ -243,13 +244,17 @@ def fused_conv_bn(
     backend: str = "auto",
     sync: bool = False,
     process_group=None,
+    donate: bool = False,
+    give: bool = False,
 ) -> Tensor:
     """``act(bn(conv(input)) + residual)`` through the fused kernels, reading ``conv``
     and ``bn`` now; through the modules themselves while any of them carries hooks.
     The activation (when ``relu``): the module ``relu_module`` (an ``nn.ReLU`` or any
     activation module the kernels apply, read now), else ``activation`` (an Act: a
     function call's), else ReLU. Under ``torch.fx`` tracing this records itself as one
-    node (module arguments as ``get_attr`` nodes), so converted models stay traceable."""
+    node (module arguments as ``get_attr`` nodes), so converted models stay traceable.
+    ``donate`` / ``give``: set by the converter (:func:`_donations`), the residual is a
+    value the generated forward gives up / the output is to be marked as one."""
     if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and type(input) is Tensor:
         # The common site (exact classes, no synchronisation), checked as below in a few
         # attribute reads: what a converted model's every call pays per site.
@@ -262,13 +267,22 @@ def fused_conv_bn(
             and not has_hooks(conv, bn, relu_module)
             and (residual is None or (act.from_output and _unit_residual(conv, input, residual)))
         ):
-            return conv_bn_forward(conv, bn, input, residual, act, backend, _fold_cache(bn))
+            if not (donate or give) or torch.compiler.is_compiling():
+                return conv_bn_forward(conv, bn, input, residual, act, backend, _fold_cache(bn))
+            out = conv_bn_forward(
+                conv, bn, input, residual, act, backend, _fold_cache(bn),
+                donate=donate and donated(residual),
+            )  # fmt: skip
+            if give:
+                mark_donated(out)
+            return out
     tracer = _tracer_of(input, residual)
     if tracer is not None:
         kwargs = _site_kwargs(relu, relu_module, activation, backend, sync, process_group)
         return tracer.create_proxy(
             "call_function", fused_conv_bn, (conv, bn, input, residual), kwargs
         )
+    undonate(input, residual)  # (modules and their hooks may see them below)
     activation = _as_activation(activation)
     if has_hooks(conv, *bn_modules(bn), relu_module) or not _fusable(conv, bn, relu_module):
         # hooks, or modules replaced by others since conversion: the modules themselves
@@ -465,6 +479,7 @@ def fused_bn(
     if tracer is not None:
         kwargs = _site_kwargs(relu, relu_module, activation, backend, sync, process_group)
         return tracer.create_proxy("call_function", fused_bn, (bn, input, residual), kwargs)
+    undonate(input, residual)  # (modules and their hooks may see them below)
     activation = _as_activation(activation)
     hooked = has_hooks(*bn_modules(bn), relu_module)
     if hooked or not _fusable(None, bn, relu_module):
@@ -1246,6 +1261,84 @@ def _rewrite(graph: fx.Graph, sites, backend: str, sync: bool, has_group: bool) 
             graph.erase_node(node)
 
 
+def _donating_block(root: nn.Module, node: fx.Node) -> bool:
+    """``node`` calls a fused ResNet block (resnet.py's, which can take its input as its
+    last unit's residual buffer: ``_forward_donating``) with one tensor argument."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return False
+    return callable(getattr(type(root.get_submodule(node.target)), "_forward_donating", None))
+
+
+def _donations(root: nn.Module, graph: fx.Graph) -> None:
+    """Marks where a value dies as a fused unit's residual (see
+    functional.conv_bn_act._DONATED): its producer, a fused conv-BN site or fused block,
+    is told to mark its output (``give``), the unit to overwrite it (``donate``). That
+    unit must be the value's last use; its other uses only fused sites reading it as
+    their input, which expose it to nothing while they run fused (a site running
+    through its hooked modules voids the mark) and return new tensors. A fused block
+    taking the value as its input must be its only use (the block reads it as its first
+    unit's input and its residual). The marks are checked at call time: the producer
+    marks its output only where it ran fused without hooks."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
+    def producer(value) -> bool:
+        if not isinstance(value, fx.Node):
+            return False
+        return (value.op == "call_function" and value.target is fused_conv_bn) or (
+            _donating_block(root, value)
+        )
+
+    def reader(user: fx.Node, value: fx.Node) -> bool:
+        if user.op != "call_function" or user.target not in (fused_conv_bn, fused_bn):
+            return False
+        slot = 2 if user.target is fused_conv_bn else 1
+        return user.args[slot] is value and value not in user.args[slot + 1 :]
+
+    def give(value: fx.Node) -> None:
+        if value.op == "call_function":
+            value.kwargs = {**value.kwargs, "give": True}
+        else:
+            value.meta["give"] = True
+
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is fused_conv_bn:
+            residual = node.args[3]
+            if (
+                producer(residual)
+                and residual is not node.args[2]
+                and all(
+                    u is node or (reader(u, residual) and order[u] < order[node])
+                    for u in residual.users
+                )
+            ):
+                node.kwargs = {**node.kwargs, "donate": True}
+                give(residual)
+        elif _donating_block(root, node):
+            value = node.args[0]
+            if producer(value) and len(value.users) == 1:
+                node.meta["donate"] = True
+                give(value)
+
+
+def _call_block(block: nn.Module, input, *, donate: bool = False, give: bool = False):
+    """A fused ResNet block's call in a generated forward (see :func:`_donations`): its
+    forward, as ``nn.Module.__call__`` calls it when there are no hooks, with ``input``
+    given up (``donate``: where its producer marked it) and its output marked for the
+    next block (``give``: where its units ran fused); a plain call otherwise (hooks, a
+    forward set on the instance, ``Module.compile``, tracing and compiling)."""
+    d = block.__dict__
+    if (
+        type(input) is not Tensor
+        or has_hooks(block)
+        or "forward" in d
+        or d.get("_compiled_call_impl") is not None
+        or torch.compiler.is_compiling()
+        or torch._C._get_tracing_state() is not None
+    ):
+        return block(input)
+    return block._forward_donating(input, donate and donated(input), give)
+
+
 # --- the converted forward ------------------------------------------------------------------
 
 
@@ -1730,10 +1823,13 @@ def _modules_by_dict(root: nn.Module, graph: fx.Graph) -> None:
             node.replace_all_uses_with(module_at(node.target))
             graph.erase_node(node)
         elif node.op == "call_module" and is_module(node.target):
+            kwargs = dict(node.kwargs)
+            fn = _call_module
+            if node.meta.get("donate") or node.meta.get("give"):  # (see _donations)
+                fn = _call_block
+                kwargs.update(donate=bool(node.meta.get("donate")), give=bool(node.meta.get("give")))
             with graph.inserting_before(node):
-                call = graph.call_function(
-                    _call_module, (module_at(node.target), *node.args), dict(node.kwargs)
-                )
+                call = graph.call_function(fn, (module_at(node.target), *node.args), kwargs)
             call.meta = node.meta
             node.replace_all_uses_with(call)
             graph.erase_node(node)
@@ -1813,6 +1909,7 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
             sites, left = _merge_modes(sites, left, [s for s, *_ in found], alone)
         guards[tag] = _guards(module, graph, tracers[tag], tag == "train", called)
         _rewrite(graph, found, backend, sync_bn, has_group)
+        _donations(module, graph)
         graph.lint()
         leaves |= {n.target for n in graph.nodes if n.op == "call_module"}
         if not isinstance(module, fx.GraphModule):  # (its graph is kept: see below)

@@ -536,6 +536,7 @@ def conv_bn_forward(
     cache: FoldCache | None = None,
     sync: bool = False,
     process_group=None,
+    donate: bool = False,
 ) -> Tensor:
     """``relu(bn(conv(input)) + residual)`` with ``conv`` and ``bn`` used as modules,
     exactly as calling them would: ``bn``'s own ``training`` flag, ``momentum``, ``eps``,
@@ -549,7 +550,11 @@ def conv_bn_forward(
     (:func:`_unit_signature`) goes through :func:`resnet_fused.conv_bn_act` (argument
     checks, backend resolution, ``auto``'s choice) and keeps what it decided; later calls
     with the same signature run that plan directly. The modules are still read at every
-    call (flags, momentum, eps, parameters, buffers, the fold's freshness)."""
+    call (flags, momentum, eps, parameters, buffers, the fold's freshness).
+
+    ``donate``: the caller gives ``residual`` up (a generated forward's dead value, see
+    ``functional.conv_bn_act._DONATED``); a planned eval unit without autograd may write
+    its result into it."""
     if isinstance(bn, nn.SyncBatchNorm):
         sync, process_group = True, process_group or bn.process_group
     signature = None
@@ -558,7 +563,8 @@ def conv_bn_forward(
         planned = cache.plan
         if signature is not None and planned is not None and planned[0] == signature:
             return _run_plan(
-                planned[1], conv, bn, input, residual, act, backend, cache, signature[_AMP]
+                planned[1], conv, bn, input, residual, act, backend, cache, signature[_AMP],
+                donate,
             )
     from .functional.conv_bn_act import conv_bn_act
 
@@ -603,7 +609,7 @@ def conv_bn_forward(
     return out
 
 
-def _run_plan(plan, conv, bn, input, residual, act, backend, cache, amp) -> Tensor:
+def _run_plan(plan, conv, bn, input, residual, act, backend, cache, amp, donate=False) -> Tensor:
     """One call of a planned unit: the parameters and buffers as they are now, then the
     planned op calls (with the bookkeeping of nn.BatchNorm2d.forward). Under autocast
     (``amp``: its dtype) the convolution's operands are cast as ``conv_bn_act`` casts
@@ -635,7 +641,8 @@ def _run_plan(plan, conv, bn, input, residual, act, backend, cache, amp) -> Tens
             return out
     if amp is None:
         return _run_planned_ops(
-            plan, conv, bn, input, w, conv_b, rm, rv, residual, act, backend, cache, input.dtype
+            plan, conv, bn, input, w, conv_b, rm, rv, residual, act, backend, cache, input.dtype,
+            donate,
         )
     # Autocast off for the ops, as ``torch.autocast(device, enabled=False)`` would, by the
     # thread-local flag alone (the context manager costs ~3 us per unit in Python; inside
@@ -654,7 +661,8 @@ def _run_plan(plan, conv, bn, input, residual, act, backend, cache, amp) -> Tens
 
 
 def _run_planned_ops(
-    plan, conv, bn, x, w, conv_b, rm, rv, residual, act, backend, cache, fold_dtype
+    plan, conv, bn, x, w, conv_b, rm, rv, residual, act, backend, cache, fold_dtype,
+    donate=False,
 ) -> Tensor:  # fmt: skip
     bp = bn._parameters
     bn_w, bn_b = bp.get("weight"), bp.get("bias")
@@ -673,6 +681,7 @@ def _run_planned_ops(
         )  # fmt: skip
     else:
         folded = _planned_fold(conv, bn, fold_dtype, cache, backend)
+        return plan.run(x, w, conv_b, bn_w, bn_b, rm, rv, bn.eps, residual, act, folded, donate)
     return plan.run(x, w, conv_b, bn_w, bn_b, rm, rv, bn.eps, residual, act, folded)
 
 

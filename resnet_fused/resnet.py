@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .activations import ID_ACT, RELU_ACT
+from .functional.conv_bn_act import mark_donated
 from .graph_convert import _ATTR as _GRAPH_ATTR
 from .graph_convert import convert_graphs, fused_conv_bn, graph_report, unfuse_graphs
 from .modules import FoldCache, conv_bn_forward, has_hooks, own_hooks
@@ -252,7 +253,7 @@ class _FusedBlock(nn.Module):
         block.training = self.training  # its own flag only: each child keeps its own
         return block
 
-    def _unit(self, name: str, conv, bn, x, residual=None, relu=True) -> Tensor:
+    def _unit(self, name: str, conv, bn, x, residual=None, relu=True, donate=False) -> Tensor:
         if isinstance(x, torch.fx.Proxy):  # traced (feature extraction): one node per unit
             return fused_conv_bn(
                 conv, bn, x, residual, relu=relu, backend=self.backend, sync=self.sync_bn,
@@ -263,13 +264,16 @@ class _FusedBlock(nn.Module):
             cache = self._fold_caches[name] = FoldCache()
         return conv_bn_forward(
             conv, bn, x, residual, RELU_ACT if relu else ID_ACT, self.backend, cache,
-            self.sync_bn, self.process_group,
+            self.sync_bn, self.process_group, donate,
         )  # fmt: skip
 
-    def _units(self, x: Tensor) -> Tensor:
+    def _units(self, x: Tensor, donate: bool = False, give: bool = False) -> Tensor:
         """The fused units in torchvision's order (conv-bn-relu units, then the downsample
         branch, then the last unit with the residual added), so that a unit refusing its
-        operands leaves the state eager leaves when it raises there."""
+        operands leaves the state eager leaves when it raises there. The last unit may
+        write its result into the residual where it is the downsample branch's output
+        (made here, seen by nothing else) or ``x`` given up (``donate``); ``give``: the
+        output is marked as given up (see :meth:`_forward_donating`)."""
         pairs = self._pairs
         out = x
         for i, (conv_name, bn_name) in enumerate(pairs[:-1], 1):
@@ -285,6 +289,7 @@ class _FusedBlock(nn.Module):
             ds_conv, ds_bn = ds._modules.values()
             try:
                 identity = self._unit("downsample", ds_conv, ds_bn, x, relu=False)
+                donate = True
             except _REFUSED as exc:
                 # eager's order from here: the last conv and bn, the downsample, the add
                 self._uncount(ds_bn, exc)
@@ -294,9 +299,12 @@ class _FusedBlock(nn.Module):
                 self._ran_eager(exc)
                 return out
         try:
-            return self._unit(str(len(pairs)), conv, bn, out, residual=identity)
+            out = self._unit(str(len(pairs)), conv, bn, out, residual=identity, donate=donate)
         except _REFUSED as exc:
-            return self._eager_unit(conv, bn, out, identity, exc)
+            out = self._eager_unit(conv, bn, out, identity, exc)
+        if give:
+            mark_donated(out)
+        return out
 
     def _uncount(self, bn, exc: Exception) -> None:
         """A fused unit refused its operands (channel counts or shapes that no longer fit,
@@ -350,6 +358,13 @@ class _FusedBlock(nn.Module):
         return _why_not_parts(self, self._pairs)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._forward_donating(x, False, False)
+
+    def _forward_donating(self, x: Tensor, donate: bool, give: bool) -> Tensor:
+        """The forward; ``donate``: ``x`` is given up by the caller (a generated forward,
+        see graph_convert._donations), the last unit may write its result into it where
+        ``x`` is its residual; ``give``: the output is marked as given up where the units
+        ran (no hook has seen it)."""
         # The checks of every call (type() and dict reads only: this runs every forward):
         # the exact types and settings of the modules the units read, then hooks. What
         # depends on the input (shapes) the units check; a unit refusing its operands runs
@@ -363,18 +378,18 @@ class _FusedBlock(nn.Module):
                 or conv.padding_mode != "zeros"
                 or type(conv.padding) is not tuple
             ):
-                return self._checked_forward(x)
+                return self._checked_forward(x, donate, give)
         if type(mods.get("relu")) is not nn.ReLU:
-            return self._checked_forward(x)
+            return self._checked_forward(x, donate, give)
         ds = mods.get("downsample", MISSING)
         if ds is MISSING:  # torchvision keeps downsample=None in __dict__
             ds = self.__dict__.get("downsample", MISSING)
         if ds is None:
             if has_hooks(*mods.values()):
                 return self._unfused_forward(x, None)
-            return self._units(x)
+            return self._units(x, donate, give)
         if type(ds) is not nn.Sequential or len(ds._modules) != 2:
-            return self._checked_forward(x)
+            return self._checked_forward(x, donate, give)
         ds_conv, ds_bn = ds._modules.values()
         if (
             type(ds_conv) is not nn.Conv2d
@@ -386,17 +401,17 @@ class _FusedBlock(nn.Module):
             or conv.out_channels != bn.num_features
             or conv.in_channels != mods[self._pairs[-2][0]].out_channels
         ):
-            return self._checked_forward(x)
+            return self._checked_forward(x, donate, give)
         if has_hooks(*mods.values(), ds_conv, ds_bn):
             return self._unfused_forward(x, None)
-        return self._units(x)
+        return self._units(x, donate, give)
 
-    def _checked_forward(self, x: Tensor) -> Tensor:
+    def _checked_forward(self, x: Tensor, donate: bool = False, give: bool = False) -> Tensor:
         """A module of another type or setting than the last check expected: the full
         check says whether the units can run fused (``padding='same'``, ...) or why not."""
         why = self.why_unfused()
         if why is None and not has_hooks(*self._modules_now()):
-            return self._units(x)
+            return self._units(x, donate, give)
         return self._unfused_forward(x, why)
 
     def _unfused_forward(self, x: Tensor, why: str | None) -> Tensor:

@@ -162,6 +162,9 @@ _MKLDNN_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(
 # The op itself, looked up once (a module attribute: tests put a spy in its place).
 _mkldnn_pointwise = torch.ops.mkldnn._convolution_pointwise if _MKLDNN_POINTWISE else None
 
+# Its in-place form (the residual add written into the residual), for donated residuals.
+_mkldnn_pointwise_ = torch.ops.mkldnn._convolution_pointwise_ if _MKLDNN_POINTWISE else None
+
 _ONEDNN_DTYPES: dict[torch.dtype, bool] = {}
 
 
@@ -182,28 +185,61 @@ def _onednn_supports(dtype: torch.dtype) -> bool:
     return supported
 
 
-# Outputs of CPU eval units computed from finite inputs (id -> (weakref, version)): the
-# next unit's input is usually one, so the read that proves an input finite is paid once
-# per chain of fused units (the network's input, after a pooling, ...), not per unit. An
-# in-place change of the tensor (its version counter) voids the mark. Inference tensors
-# (made under torch.inference_mode) have no version counter, so they are never marked:
-# an in-place change could not be seen.
+# Marks on tensors (id -> (weakref, version)), voided by an in-place change of the tensor
+# (its version counter) and dropped with it. Inference tensors (made under
+# torch.inference_mode) have no version counter, so they are never marked: an in-place
+# change could not be seen.
+#
+# _KNOWN_FINITE: outputs of CPU eval units computed from finite inputs. The next unit's
+# input is usually one, so the read that proves an input finite is paid once per chain of
+# fused units (the network's input, after a pooling, ...), not per unit.
+#
+# _DONATED: values a converted model's generated forward gives up. The converter marks
+# them where its graph shows that a value made by a fused site or block that ran without
+# hooks (so no hook holds it) is used last as the residual of a fused unit: that unit's
+# oneDNN convolution then writes its result into the residual's memory (the add done in
+# place, as Inductor's freezing does), with no new output buffer (on ResNet-50 inference,
+# 1-2 MB fresh pages per unit that the allocator had returned to the system).
 _KNOWN_FINITE: dict[int, tuple[weakref.ref, int]] = {}
+_DONATED: dict[int, tuple[weakref.ref, int]] = {}
 
 
-def _mark_finite(t: Tensor) -> None:
+def _mark(marks: dict, t: Tensor) -> None:
     if t.is_inference():
         return
     key = id(t)
-    _KNOWN_FINITE[key] = (
-        weakref.ref(t, lambda _, key=key: _KNOWN_FINITE.pop(key, None)),
-        t._version,
-    )
+    marks[key] = (weakref.ref(t, lambda _, key=key: marks.pop(key, None)), t._version)
+
+
+def _marked(marks: dict, t: Tensor) -> bool:
+    mark = marks.get(id(t))
+    return mark is not None and mark[0]() is t and mark[1] == t._version
+
+
+def _mark_finite(t: Tensor) -> None:
+    _mark(_KNOWN_FINITE, t)
 
 
 def _known_finite(t: Tensor) -> bool:
-    mark = _KNOWN_FINITE.get(id(t))
-    return mark is not None and mark[0]() is t and mark[1] == t._version
+    return _marked(_KNOWN_FINITE, t)
+
+
+def mark_donated(t: Tensor) -> None:
+    """``t`` may be overwritten by the fused unit that adds it as its residual (see
+    _DONATED: for generated forwards, which know that nothing else reads it)."""
+    _mark(_DONATED, t)
+
+
+def donated(t: Tensor | None) -> bool:
+    """Whether ``t`` was given up by :func:`mark_donated` and not changed since."""
+    return t is not None and _marked(_DONATED, t)
+
+
+def undonate(*tensors) -> None:
+    """Voids the marks of :func:`mark_donated` on ``tensors`` (about to be seen)."""
+    if _DONATED:
+        for t in tensors:
+            _DONATED.pop(id(t), None)
 
 
 def _non_finite(*tensors) -> bool:
@@ -265,13 +301,27 @@ def _kept_onednn_weight(kept, w: Tensor, x: Tensor, geometry, residual, act) -> 
     return kept
 
 
+def _can_overwrite(residual: Tensor, x: Tensor) -> bool:
+    """Whether oneDNN's convolution of ``x`` can write its output into ``residual``: the
+    output's dtype, and dense in the output's memory format (the shape the caller's
+    checks have made the output's), in memory of its own."""
+    return (
+        residual.dtype == x.dtype
+        and type(residual) is Tensor
+        and residual.is_contiguous(memory_format=bn_memory_format(x))
+        and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    )
+
+
 def _eval_forward(
     impl, x, w, b, residual, stride, padding, dilation, groups, act, w_packed, w_finite=None,
-    w_onednn=None,
+    w_onednn=None, donate=False,
 ):  # fmt: skip
     """act(conv2d(x, w) + b [+ residual]) on backend ``impl`` (no autograd). ``w_finite``:
     whether w and b are known to be finite (a cached fold knows; None: look). ``w_onednn``:
-    ``w`` reordered for oneDNN (:func:`_onednn_weight`), used by its fused convolution."""
+    ``w`` reordered for oneDNN (:func:`_onednn_weight`), used by its fused convolution.
+    ``donate``: the caller gives ``residual`` up (see _DONATED); oneDNN's fused
+    convolution then writes the result into it where it can."""
     if impl == "triton" and groups == 1 and x.dtype in _TRITON_CONV_DTYPES:
         if w_packed is None:
             w_packed = _triton_pack(w)
@@ -303,6 +353,11 @@ def _eval_forward(
                 out = _mkldnn_pointwise(
                     x, w, bias, list(padding), list(stride), list(dilation), groups,
                     attr, scalars, algorithm,
+                )  # fmt: skip
+            elif donate and _can_overwrite(residual, x):
+                out = _mkldnn_pointwise_.binary(
+                    residual, x, w, bias, list(padding), list(stride), list(dilation), groups,
+                    "add", None, "relu" if post else None, [], "",
                 )  # fmt: skip
             else:
                 out = _mkldnn_pointwise.binary(
@@ -532,7 +587,7 @@ class EvalPlan:
         # fused convolution's weight, made again when the cached fold is remade (a new W')
         self.onednn = onednn
 
-    def run(self, x, w, conv_b, bn_w, bn_b, rm, rv, eps, residual, act, folded):
+    def run(self, x, w, conv_b, bn_w, bn_b, rm, rv, eps, residual, act, folded, donate=False):
         if self.impl == EAGER:
             return _eager_unit(
                 x, w, conv_b, bn_w, bn_b, rm, rv, self.geometry, False, 0.0, eps, residual,
@@ -554,7 +609,7 @@ class EvalPlan:
             w_onednn = kept[1]
         return _eval_forward(
             self.impl, x, w_f, b_f, residual, stride, padding, dilation, groups, act,
-            w_packed if self.impl == "triton" else None, w_finite, w_onednn,
+            w_packed if self.impl == "triton" else None, w_finite, w_onednn, donate,
         )  # fmt: skip
 
 

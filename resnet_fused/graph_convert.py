@@ -1827,7 +1827,9 @@ def _modules_by_dict(root: nn.Module, graph: fx.Graph) -> None:
             fn = _call_module
             if node.meta.get("donate") or node.meta.get("give"):  # (see _donations)
                 fn = _call_block
-                kwargs.update(donate=bool(node.meta.get("donate")), give=bool(node.meta.get("give")))
+                kwargs.update(
+                    donate=bool(node.meta.get("donate")), give=bool(node.meta.get("give"))
+                )
             with graph.inserting_before(node):
                 call = graph.call_function(fn, (module_at(node.target), *node.args), kwargs)
             call.meta = node.meta

@@ -565,7 +565,7 @@ def conv_bn_forward(
             return _run_plan(
                 planned[1], conv, bn, input, residual, act, backend, cache, signature[_AMP],
                 donate,
-            )
+            )  # fmt: skip
     from .functional.conv_bn_act import conv_bn_act
 
     training = bn.training
@@ -643,7 +643,7 @@ def _run_plan(plan, conv, bn, input, residual, act, backend, cache, amp, donate=
         return _run_planned_ops(
             plan, conv, bn, input, w, conv_b, rm, rv, residual, act, backend, cache, input.dtype,
             donate,
-        )
+        )  # fmt: skip
     # Autocast off for the ops, as ``torch.autocast(device, enabled=False)`` would, by the
     # thread-local flag alone (the context manager costs ~3 us per unit in Python; inside
     # an enabled region it only flips the flag: the nesting depth and the cast cache stay).

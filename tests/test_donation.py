@@ -117,7 +117,7 @@ def test_tensors_hooks_hold_are_never_overwritten(where, in_place_calls):
         box[0] = fused.layer2[1].register_forward_pre_hook(lambda m, i: keep("in", i[0], box))
     with torch.no_grad():
         fused(x)
-    (held, at_the_time), = kept.values()
+    ((held, at_the_time),) = kept.values()
     assert torch.equal(held, at_the_time)
     assert in_place_calls.calls > 0  # the other blocks still gave their residuals up
 
@@ -137,7 +137,7 @@ def test_fused_site_reader_with_hook_voids_the_donation(in_place_calls):
     handle = fused.layer2[1].conv1.register_forward_pre_hook(pre)
     with torch.no_grad():
         fused(x)
-    (held, at_the_time), = kept
+    ((held, at_the_time),) = kept
     assert torch.equal(held, at_the_time)
 
 

@@ -94,7 +94,7 @@ from .activations import ID_ACT, RELU, RELU_ACT, Act, act_of_call, act_of_module
 from .functional.conv_bn_act import donated, mark_donated, undonate
 from .modules import (
     FoldCache,
-    _conv_padding,
+    adds_residual,
     bn_forward,
     conv_bn_forward,
     has_hooks,
@@ -222,16 +222,6 @@ def _plain_site_act(relu: bool, relu_module: nn.Module | None, activation) -> Ac
     return act if act is not None and act.active else None
 
 
-def _same_shape(a, b) -> bool:
-    return (
-        isinstance(a, Tensor)
-        and isinstance(b, Tensor)
-        and a.shape == b.shape
-        and a.dtype == b.dtype
-        and a.device == b.device
-    )
-
-
 def fused_conv_bn(
     conv: nn.Conv2d,
     bn: nn.BatchNorm2d,
@@ -346,14 +336,14 @@ def _norm_act_modules(bn, fused) -> Tensor:
 
 
 def _unit_residual(conv, input: Tensor, residual) -> bool:
-    """``residual`` is a tensor the fused unit adds: the device, shape and dtype of the
-    unit's output (else eager's add, with its broadcasting and promotion)."""
-    return (
-        isinstance(residual, Tensor)
-        and residual.device == input.device
-        and residual.shape == _conv_out_shape(conv, input)
-        and residual.dtype == unit_dtype(input)
-    )
+    """``residual`` is a tensor the fused unit adds (see :func:`adds_residual`; else
+    eager's add, with its broadcasting and promotion)."""
+    return isinstance(residual, Tensor) and adds_residual(residual, input, conv)
+
+
+def _bn_residual(input, residual) -> bool:
+    """The same for a BN site (or an add+ReLU site) of ``input``."""
+    return isinstance(residual, Tensor) and adds_residual(residual, input)
 
 
 def _conv_bn(conv, bn, input, residual, act: Act, backend, sync, process_group) -> Tensor:
@@ -437,18 +427,6 @@ def _fusable(conv, bn, relu_module) -> bool:
     return act is not None and act.active
 
 
-def _conv_out_shape(conv: nn.Conv2d, input: Tensor) -> torch.Size:
-    n, _, h, w = input.shape
-    pad = _conv_padding(conv)
-    hw = [
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, p, d, k, s in zip(
-            (h, w), pad, conv.dilation, conv.kernel_size, conv.stride, strict=True
-        )
-    ]
-    return torch.Size((n, conv.out_channels, *hw))
-
-
 def fused_bn(
     bn: nn.BatchNorm2d,
     input: Tensor,
@@ -472,7 +450,7 @@ def fused_bn(
             act is not None
             and not sync
             and not has_hooks(bn, relu_module)
-            and (residual is None or (act.from_output and _same_shape(input, residual)))
+            and (residual is None or (act.from_output and _bn_residual(input, residual)))
         ):
             return bn_forward(bn, input, residual, act, backend, False, None, _fold_cache(bn))
     tracer = _tracer_of(input, residual)
@@ -492,7 +470,7 @@ def fused_bn(
         return _relu(out, relu, relu_module, activation)
 
     def fused(r, act):
-        if r is not None and not _same_shape(input, r):
+        if r is not None and not _bn_residual(input, r):
             _note_eager("the residual's shape, dtype or device differs from the input's")
             out = _bn(bn, input, None, ID_ACT, backend, sync, process_group)
             return act(out + r)
@@ -529,7 +507,7 @@ def fused_add_relu(
         or (relu_module is not None and act_of_module(relu_module) != RELU_ACT)
     ):
         return _relu(x + residual, True, relu_module)
-    if not _same_shape(x, residual) or x.dtype not in SUPPORTED_DTYPES:
+    if not _bn_residual(x, residual) or x.dtype not in SUPPORTED_DTYPES:
         # operands of other shapes, dtypes or devices, integer or complex ones: eager ops
         # (their promotion and results), as the unconverted model computes them
         _note_eager("operands of different shapes, dtypes or devices, or not floating-point")

@@ -11,7 +11,7 @@ from torch.nn.modules import module as _nn_module
 
 from . import _extension
 from ._env import read_env
-from ._validation import SUPPORTED_DTYPES, act_argument
+from ._validation import act_argument
 from .activations import ID_ACT, IDENTITY, RELU, Act, as_act
 from .functional.auto_choice import CONV_BACKEND_ENV, EAGER, POLICY_ENV
 from .functional.batch_norm_act import batch_norm_act
@@ -126,11 +126,8 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
             cache = self.__dict__.get("_plan_cache")
             if cache is None:
                 cache = self.__dict__["_plan_cache"] = FoldCache()
-        if (
-            residual is not None
-            and isinstance(input, Tensor)
-            and promoting_residual(residual, input.dtype)
-        ):  # eager's act(bn(input) + residual) promotes: so does the module
+        if isinstance(residual, Tensor) and not adds_residual(residual, input):
+            # eager's act(bn(input) + residual) broadcasts and promotes: so does the module
             out = bn_forward(self, input, None, ID_ACT, self.backend, cache=cache)
             return self.activation(out + residual)
         return bn_forward(self, input, residual, self.activation, self.backend, cache=cache)
@@ -251,16 +248,37 @@ def unit_dtype(input: Tensor) -> torch.dtype:
     return input.dtype
 
 
-def promoting_residual(residual, dtype: torch.dtype) -> bool:
-    """``residual`` is a tensor of another floating dtype than the fused output's
-    ``dtype``, which eager's out-of-place ``out + residual`` promotes (an fp32 residual
-    under bf16 autocast: eager's result is fp32). The fused modules then run the unit
-    without it and add as eager does; the functional ops refuse it."""
-    return (
-        isinstance(residual, Tensor)
-        and residual.dtype != dtype
-        and residual.dtype in SUPPORTED_DTYPES
-    )
+def adds_residual(residual: Tensor, input: Tensor, conv: nn.Conv2d | None = None) -> bool:
+    """Whether a fused unit adds the tensor ``residual`` itself: it has the shape, dtype
+    and device of the unit's output (Conv+BN+act with ``conv``, else BN+act of
+    ``input``). Any other residual, one that eager's out-of-place ``out + residual``
+    broadcasts (a (1, C, 1, 1) tensor) or promotes (an fp32 residual under bf16
+    autocast: eager's result is fp32), or one on another device, the fused modules and
+    the converted models' sites add as eager does, after the unit ran without it; the
+    functional ops refuse it. True where the output's shape cannot be told (a conv's
+    input that is not a 4-d tensor): the unit's own checks then say what is wrong."""
+    if not isinstance(input, Tensor):
+        return True
+    if conv is None:
+        shape, dtype = input.shape, input.dtype
+    elif input.dim() != 4:
+        return True
+    else:
+        shape, dtype = conv_out_shape(conv, input), unit_dtype(input)
+    return residual.shape == shape and residual.dtype == dtype and residual.device == input.device
+
+
+def conv_out_shape(conv: nn.Conv2d, input: Tensor) -> torch.Size:
+    """The shape of ``conv``'s output for the 4-d ``input``."""
+    n, _, h, w = input.shape
+    pad = _conv_padding(conv)
+    hw = [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(
+            (h, w), pad, conv.dilation, conv.kernel_size, conv.stride, strict=True
+        )
+    ]
+    return torch.Size((n, conv.out_channels, *hw))
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -773,11 +791,9 @@ class FusedConvBNReLU2d(nn.Module):
         conv, bn = self._modules["conv"], self._modules["bn"]
         if has_hooks(conv, bn):  # run the modules themselves: their hooks fire
             return unfused_unit(conv, bn, input, residual, self.activation)
-        if (
-            residual is not None
-            and isinstance(input, Tensor)
-            and promoting_residual(residual, unit_dtype(input))
-        ):  # eager's act(bn(conv(input)) + residual) promotes: so does the module
+        if isinstance(residual, Tensor) and not adds_residual(residual, input, conv):
+            # eager's act(bn(conv(input)) + residual) broadcasts and promotes: so does the
+            # module
             out = conv_bn_forward(conv, bn, input, None, ID_ACT, self.backend,
                                   self._fold_cache)  # fmt: skip
             return self.activation(out + residual)

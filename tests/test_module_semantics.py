@@ -402,3 +402,39 @@ def test_modules_promote_a_residual_of_another_dtype_as_eager(training):
     got = bna(xb, r.detach())
     assert got.dtype == ref.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_modules_broadcast_a_residual_as_eager(training):
+    """``act(bn(conv(x)) + residual)`` in eager broadcasts a (1, C, 1, 1) or (C, 1, 1)
+    residual over the output; the fused modules do the same (the unit without it, then
+    eager's add), where they raised: outputs, gradients (the residual's summed over the
+    broadcast dimensions) and running statistics as eager's. A residual that does not
+    broadcast gets eager's error."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+    _randomise_bn(nn.Sequential(bn))
+    fused = resnet_fused.FusedConvBNReLU2d.from_modules(copy.deepcopy(conv), copy.deepcopy(bn))
+    bna = resnet_fused.FusedBatchNormAct2d.from_batch_norm(copy.deepcopy(bn))
+    bn_alone = copy.deepcopy(bn)
+    for m in (conv, bn, fused, bna, bn_alone):
+        m.train(training)
+    x, y = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+    for shape in ((1, 4, 1, 1), (4, 1, 1), (1, 1, 5, 5)):
+        r = torch.randn(shape, requires_grad=True)
+        for eager, got in (
+            (lambda r: torch.relu(bn(conv(x)) + r), lambda r: fused(x, r)),
+            (lambda r: torch.relu(bn_alone(y) + r), lambda r: bna(y, r)),
+        ):
+            ref = eager(r)
+            (g_ref,) = torch.autograd.grad(ref.sum(), r)
+            out = got(r)
+            (g,) = torch.autograd.grad(out.sum(), r)
+            assert out.shape == ref.shape
+            torch.testing.assert_close(out, ref)
+            torch.testing.assert_close(g, g_ref)
+    torch.testing.assert_close(fused.bn.running_mean, bn.running_mean)
+    torch.testing.assert_close(fused.bn.running_var, bn.running_var)
+    torch.testing.assert_close(bna.running_var, bn_alone.running_var)
+    with pytest.raises(RuntimeError, match="must match the size"):
+        fused(x, torch.randn(3, 4, 5, 5))

@@ -263,7 +263,7 @@ def fused_conv_bn(
                 conv, bn, input, residual, act, backend, _fold_cache(bn),
                 donate=donate and donated(residual),
             )  # fmt: skip
-            if give:
+            if give and not torch.is_grad_enabled() and out.is_cpu:
                 mark_donated(out)
             return out
     tracer = _tracer_of(input, residual)
@@ -1244,7 +1244,14 @@ def _donating_block(root: nn.Module, node: fx.Node) -> bool:
     last unit's residual buffer: ``_forward_donating``) with one tensor argument."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
-    return callable(getattr(type(root.get_submodule(node.target)), "_forward_donating", None))
+    return _plain_block_forward(root.get_submodule(node.target))
+
+
+def _plain_block_forward(block: nn.Module) -> bool:
+    """``block``'s class runs the fused block's own forward (``_DONATING_FORWARD``, set
+    by resnet.py), not an override of a subclass or a patch of the class."""
+    forward = getattr(type(block), "_DONATING_FORWARD", None)
+    return forward is not None and type(block).forward is forward
 
 
 def _donations(root: nn.Module, graph: fx.Graph) -> None:
@@ -1309,6 +1316,7 @@ def _call_block(block: nn.Module, input, *, donate: bool = False, give: bool = F
         type(input) is not Tensor
         or has_hooks(block)
         or "forward" in d
+        or not _plain_block_forward(block)
         or d.get("_compiled_call_impl") is not None
         or torch.compiler.is_compiling()
         or torch._C._get_tracing_state() is not None
@@ -1889,7 +1897,10 @@ def _convert_module(module, leaf_types, backend, sync_bn, process_group, seen) -
             sites, left = _merge_modes(sites, left, [s for s, *_ in found], alone)
         guards[tag] = _guards(module, graph, tracers[tag], tag == "train", called)
         _rewrite(graph, found, backend, sync_bn, has_group)
-        _donations(module, graph)
+        if tag == "eval" and not isinstance(module, fx.GraphModule):
+            # (a GraphModule's graph is the user's to edit after conversion: marks made
+            # for the graph as it was would then be wrong)
+            _donations(module, graph)
         graph.lint()
         leaves |= {n.target for n in graph.nodes if n.op == "call_module"}
         if not isinstance(module, fx.GraphModule):  # (its graph is kept: see below)

@@ -19,6 +19,7 @@ from torch import nn
 import resnet_fused
 from resnet_fused.bench.tutorial import TutorialResNet
 from resnet_fused.functional import conv_bn_act as cba
+from resnet_fused.graph_convert import fused_conv_bn
 
 pytestmark = pytest.mark.skipif(
     cba._mkldnn_pointwise_ is None, reason="this torch build has no oneDNN fused convolution"
@@ -177,3 +178,130 @@ def test_no_donation_with_autograd_or_in_training(in_place_calls):
     fused.train()
     fused(x).sum().backward()
     assert in_place_calls.calls == 0
+
+
+class _FourUnits(nn.Module):
+    """A residual added with no activation after it (as MobileNetV2's), whose sum the
+    next unit reads: the value given up is read again through the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for i, c_in in enumerate((3, 8, 8, 8)):
+            setattr(self, f"c{i}", nn.Conv2d(c_in, 8, 3, padding=1, bias=False))
+            setattr(self, f"b{i}", nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        a = torch.relu(self.b0(self.c0(x)))
+        h = torch.relu(self.b1(self.c1(a)))
+        c = self.b2(self.c2(h)) + a  # a given up here
+        return torch.relu(self.b3(self.c3(c)))
+
+
+def test_nan_written_into_a_donated_residual_reaches_the_output(in_place_calls):
+    """The in-place convolution leaves the residual's version counter as it was: unless
+    the counter is bumped, the residual's "known finite" mark survives the NaN written
+    into it, and the next unit's ReLU post-op turns the NaN into 0."""
+    torch.manual_seed(0)
+    model = _FourUnits()
+    _randomise_bn(model)
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 8, 8).to(memory_format=torch.channels_last)
+    fused = resnet_fused.convert(copy.deepcopy(model), backend="cpu")
+    with torch.no_grad():
+        fused(x), fused(x)
+        for m in (model, fused):
+            m.c1.weight[0, 0, 0, 0] = float("nan")
+        ref, out = model(x), fused(x)
+    assert in_place_calls.calls > 0
+    assert ref.isnan().any()
+    torch.testing.assert_close(out, ref, equal_nan=True, rtol=1e-4, atol=1e-4)
+
+
+def test_grad_enabled_eval_never_overwrites_what_autograd_saved(in_place_calls):
+    """Eval with autograd on and the model partly frozen: a trainable site saves its input
+    ``a`` for its backward; a frozen unit adding ``a`` last as its residual records
+    nothing itself, but must not overwrite it."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c0, self.b0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.c2, self.b2 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            a = torch.relu(self.b0(self.c0(x)))
+            h = torch.relu(self.b1(self.c1(a)))
+            return h, torch.relu(self.b2(self.c2(x)) + a)
+
+    torch.manual_seed(0)
+    model = Model()
+    _randomise_bn(model)
+    model = model.eval().to(memory_format=torch.channels_last)
+    model.requires_grad_(False)
+    model.c1.weight.requires_grad_(True)
+    x = torch.randn(1, 3, 8, 8).to(memory_format=torch.channels_last)
+    fused = resnet_fused.convert(copy.deepcopy(model), backend="cpu")
+    for _ in range(3):
+        fused.c1.weight.grad = None
+        h, c = fused(x)
+        (h.sum() + c.sum()).backward()
+    h0, c0 = model(x)
+    (h0.sum() + c0.sum()).backward()
+    torch.testing.assert_close(fused.c1.weight.grad, model.c1.weight.grad, rtol=1e-4, atol=1e-4)
+    assert in_place_calls.calls == 0
+
+
+def test_graph_module_edited_after_conversion(in_place_calls, monkeypatch):
+    """A converted GraphModule's graph is the user's to edit: a pass that also returns a
+    value a unit adds as its residual must get that value as it was."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = _model("resnet18").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    gm = resnet_fused.convert(create_feature_extractor(model, {"layer4": "d"}), backend="cpu")
+    gm.eval()
+    site = next(  # a unit adding the output of another fused unit: one that gives it up
+        n
+        for n in gm.graph.nodes
+        if n.target is fused_conv_bn and getattr(n.args[3], "target", None) is fused_conv_bn
+    )
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output.args = ({**output.args[0], "extra": site.args[3]},)
+    gm.recompile()
+    with torch.no_grad():
+        gm(x)
+        got = gm(x)
+        monkeypatch.setattr(cba, "_can_overwrite", lambda residual, x: False)
+        ref = gm(x)  # the same graph, nothing overwritten
+    torch.testing.assert_close(got["extra"], ref["extra"], rtol=0, atol=0)
+
+
+def test_a_block_subclass_forward_is_called():
+    """A subclass of a fused block with its own forward (or a patched class) runs that
+    forward from a converted model, as nn.Module.__call__ would."""
+    from resnet_fused.resnet import FusedBasicBlock
+
+    class Scaled(FusedBasicBlock):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    resnet = _model("resnet18").to(memory_format=torch.channels_last)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = resnet.layer1[0].conv1, resnet.layer1[0].bn1
+            self.b1 = Scaled.from_block(resnet.layer1[0], backend="cpu")
+            self.b2 = Scaled.from_block(resnet.layer1[1], backend="cpu")
+
+        def forward(self, x):
+            return self.b2(self.b1(torch.relu(self.bn(self.conv(x)))))
+
+    model = Model().eval()
+    x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)
+        fused = resnet_fused.convert(copy.deepcopy(model), backend="cpu")
+        fused(x)
+        torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4)

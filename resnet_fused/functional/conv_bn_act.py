@@ -302,11 +302,13 @@ def _kept_onednn_weight(kept, w: Tensor, x: Tensor, geometry, residual, act) -> 
 
 
 def _can_overwrite(residual: Tensor, x: Tensor) -> bool:
-    """Whether oneDNN's convolution of ``x`` can write its output into ``residual``: the
-    output's dtype, and dense in the output's memory format (the shape the caller's
-    checks have made the output's), in memory of its own."""
+    """Whether oneDNN's convolution of ``x`` can write its output into ``residual``: not
+    while autograd records (a tensor it saved must stay as it was, even where this unit
+    records nothing), the output's dtype, dense in the output's memory format (the shape
+    the caller's checks have made the output's), in memory of its own."""
     return (
-        residual.dtype == x.dtype
+        not torch.is_grad_enabled()
+        and residual.dtype == x.dtype
         and type(residual) is Tensor
         and residual.is_contiguous(memory_format=bn_memory_format(x))
         and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
@@ -359,6 +361,9 @@ def _eval_forward(
                     residual, x, w, bias, list(padding), list(stride), list(dilation), groups,
                     "add", None, "relu" if post else None, [], "",
                 )  # fmt: skip
+                # (the op leaves the version counter as it was: bumped here, which voids
+                # the marks on the tensor's old contents, such as _KNOWN_FINITE's)
+                torch.autograd.graph.increment_version(out)
             else:
                 out = _mkldnn_pointwise.binary(
                     x, residual, w, bias, list(padding), list(stride), list(dilation), groups,

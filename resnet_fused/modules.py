@@ -364,6 +364,22 @@ def _key_matches(key: tuple, tensors, eps: float, dtype: torch.dtype, fingerprin
 # nothing is cached.
 _FINGERPRINT = fingerprint_op.FINGERPRINT
 
+# RESNET_FUSED_FOLD_CHECK=versions: the cached folds trust the inputs' identities, data
+# pointers and version counters alone, without the fingerprint of their contents (read at
+# every planned call; anything else, or unset: "contents"). It saves one read of every
+# weight per eval call (ResNet-50: 94 MB, about 4.5 ms on one core, 5% of a batch-1
+# inference); writes that bump no version counter (through ``.data``, numpy) then go unseen
+# by the fold until something else changes.
+FOLD_CHECK_ENV = "RESNET_FUSED_FOLD_CHECK"
+_VERSIONS_VALUES = ("versions", b"versions")  # (read_env's token: encoded on POSIX)
+
+
+def _fingerprint(present) -> int:
+    """The contents' fingerprint, or 0 where RESNET_FUSED_FOLD_CHECK=versions."""
+    if read_env(FOLD_CHECK_ENV) in _VERSIONS_VALUES:
+        return 0
+    return _FINGERPRINT(present)
+
 
 def _fold_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
     """(conv weight, conv bias, running mean, running var, BN weight, BN bias), read from
@@ -420,7 +436,7 @@ def _cached_fold(
     if keep:
         present = [t for t in tensors if t is not None]
         if fingerprint is None:
-            fingerprint = _FINGERPRINT(present)
+            fingerprint = _fingerprint(present)
         entry = cache.entry  # read once
         if entry is not None and _key_matches(entry[0], tensors, bn.eps, dtype, fingerprint):
             return entry[1]
@@ -467,7 +483,7 @@ def _planned_fold(conv, bn, dtype, cache: FoldCache, backend: str):
                 else:
                     present.append(t)
             else:
-                fingerprint = _FINGERPRINT(present)
+                fingerprint = _fingerprint(present)
                 if fingerprint == k_fingerprint:
                     return entry[1]
                 return _cached_fold(conv, bn, dtype, cache, pack, fingerprint)

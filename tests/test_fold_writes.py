@@ -320,6 +320,43 @@ def test_unchanged_parameters_keep_the_fold():
         assert fused._fold_cache.entry is not entry
 
 
+_VERSIONED_EDITS = ("load-state-dict", "vector-to-parameters", "data-assign")
+
+
+@needs_op
+@pytest.mark.parametrize("edit", sorted(_EDITS))
+def test_versions_only_fold_check(edit, monkeypatch):
+    """RESNET_FUSED_FOLD_CHECK=versions: no fingerprint of the contents at any call;
+    edits that bump a version counter or replace the tensor (load_state_dict,
+    vector_to_parameters, ``p.data = ...``) still reach the fold, writes through ``.data``
+    or numpy (no counter bumped) do not: the fold stays as it was (documented)."""
+    monkeypatch.setenv(modules.FOLD_CHECK_ENV, "versions")
+    calls = []
+    real = modules._FINGERPRINT
+    monkeypatch.setattr(modules, "_FINGERPRINT", lambda ts: calls.append(1) or real(ts))
+    reference, fused, x = _unit_pair(backend="cpu")  # (the folded path at every call)
+    for m in (reference, fused):
+        _prepare(m, "no-grad")
+    with torch.no_grad():
+        for _ in range(2):
+            _assert_same(fused(x), reference(x), "before")
+        before = fused(x)
+    _EDITS[edit](reference, 0)
+    _EDITS[edit](fused, 0)
+    with torch.no_grad():
+        for _ in range(2):
+            if edit in _VERSIONED_EDITS:
+                _assert_same(fused(x), reference(x), "after")
+            else:
+                assert not torch.allclose(reference(x), before)  # the edit matters
+                _assert_same(fused(x), before, "the fold as it was")
+    assert not calls
+    monkeypatch.setenv(modules.FOLD_CHECK_ENV, "contents")  # the default again: seen
+    with torch.no_grad():
+        _assert_same(fused(x), reference(x), "contents checked again")
+    assert calls
+
+
 # --- the fingerprint op ------------------------------------------------------------------------
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -20,9 +20,10 @@ Cases (``resnet-fused bench --level host``):
   rounds is reported. The processes may write bytecode (``PYTHONDONTWRITEBYTECODE`` is
   dropped from their environment), so that resnet_fused's modules load compiled, as an
   installed package's do, and not byte-compiled in every process;
-* ``r50_inference``: ResNet-50 inference (batch 8, 224x224, channels_last, fp32):
-  eager, the converted model, and ``torch.compile`` with freezing (``mode=None``,
-  Inductor's ``freezing=True``), with the compile time reported beside it.
+* ``r50_inference``: ResNet-50 inference (batch 8 and 1, 224x224, channels_last, fp32):
+  eager, the converted model (with the default check of its cached folds and with
+  ``RESNET_FUSED_FOLD_CHECK=versions``), and ``torch.compile`` with freezing
+  (``mode=None``, Inductor's ``freezing=True``), with the compile time reported beside it.
 
 On a GPU (``--device cuda``), ``unit`` also runs at 32x64x8x8 (kernels still shorter than
 their launches), timed as wall time of back-to-back calls, and ``first_step`` moves the
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import statistics
@@ -273,46 +275,72 @@ def run_first_step(writer, rounds: int, progress=print, device="cpu") -> None:
         progress(f"first step {provider:10s} {row['median_ms']:8.1f} ms  x{row['time_vs_eager']}")
 
 
+R50_BATCHES = (8, 1)
+
+
 def run_r50_inference(writer, min_run_time: float, rounds: int, progress=print) -> None:
+    """ResNet-50 inference, channels_last fp32, at batch 8 (issue 19's anchor) and 1:
+    eager, the converted model (its eval folds checked by their inputs' contents, the
+    default, and by version counters alone, ``RESNET_FUSED_FOLD_CHECK=versions``, which
+    like freezing does not see writes through ``.data``) and torch.compile with freezing
+    (compile time reported beside it)."""
     import torchvision
+
+    from ..modules import FOLD_CHECK_ENV
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
-    x = torch.randn(8, 3, 224, 224).to(memory_format=torch.channels_last)
-    fused = resnet_fused.convert(model)
+    # Two converted copies: a fold cached under one check is remade under the other.
+    fused, fused_versions = resnet_fused.convert(model), resnet_fused.convert(model)
     import torch._inductor.config as inductor_config
 
-    saved = inductor_config.freezing
-    inductor_config.freezing = True
-    try:
-        compiled = torch.compile(model)
-        start = time.perf_counter()
-        with torch.no_grad():
-            compiled(x)
-        compile_s = time.perf_counter() - start
-    finally:
-        inductor_config.freezing = saved
-    steps = {}
-    for name, m in (("eager", model), ("fused", fused), ("compile-freezing", compiled)):
-
-        def step(m=m):
+    for batch in R50_BATCHES:
+        x = torch.randn(batch, 3, 224, 224).to(memory_format=torch.channels_last)
+        torch._dynamo.reset()
+        saved = inductor_config.freezing
+        inductor_config.freezing = True
+        try:
+            compiled = torch.compile(model)
+            start = time.perf_counter()
             with torch.no_grad():
-                return m(x)
+                compiled(x)
+            compile_s = time.perf_counter() - start
+        finally:
+            inductor_config.freezing = saved
 
-        steps[name] = step
-    stats = harness.measure_case(
-        steps, torch.device("cpu"), min_run_time, baseline="eager", rounds=rounds,
-        tolerance=2e-3,
-    )  # fmt: skip
-    for provider, s in stats.items():
-        row = {
-            "case": "resnet50 inference 8x3x224x224 channels_last", "mode": "eval",
-            "provider": provider, **harness.timing_columns(s),
-            **harness.ratio_columns("time_vs_eager", stats["eager"], s),
-            "compile_s": round(compile_s, 1) if provider == "compile-freezing" else "",
-        }  # fmt: skip
-        writer(row)
-        progress(f"r50 inference {provider:17s} {row['median_ms']:9.2f} ms")
+        def step(m, fold_check=None, x=x):
+            saved = os.environ.get(FOLD_CHECK_ENV)
+            if fold_check is not None:
+                os.environ[FOLD_CHECK_ENV] = fold_check
+            try:
+                with torch.no_grad():
+                    return m(x)
+            finally:
+                if fold_check is not None:
+                    if saved is None:
+                        del os.environ[FOLD_CHECK_ENV]
+                    else:
+                        os.environ[FOLD_CHECK_ENV] = saved
+
+        steps = {
+            "eager": functools.partial(step, model),
+            "fused": functools.partial(step, fused, "contents"),
+            "fused-fold-check-versions": functools.partial(step, fused_versions, "versions"),
+            "compile-freezing": functools.partial(step, compiled),
+        }
+        stats = harness.measure_case(
+            steps, torch.device("cpu"), min_run_time, baseline="eager", rounds=rounds,
+            tolerance=2e-3,
+        )  # fmt: skip
+        case = f"resnet50 inference {batch}x3x224x224 channels_last"
+        for provider, s in stats.items():
+            row = {
+                "case": case, "mode": "eval", "provider": provider, **harness.timing_columns(s),
+                **harness.ratio_columns("time_vs_eager", stats["eager"], s),
+                "compile_s": round(compile_s, 1) if provider == "compile-freezing" else "",
+            }  # fmt: skip
+            writer(row)
+            progress(f"r50 inference batch {batch} {provider:26s} {row['median_ms']:9.2f} ms")
 
 
 def summarise(rows: list[dict]) -> str:

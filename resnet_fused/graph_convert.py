@@ -1255,15 +1255,15 @@ def _plain_block_forward(block: nn.Module) -> bool:
 
 
 def _donations(root: nn.Module, graph: fx.Graph) -> None:
-    """Marks where a value dies as a fused unit's residual (see
-    functional.conv_bn_act._DONATED): its producer, a fused conv-BN site or fused block,
-    is told to mark its output (``give``), the unit to overwrite it (``donate``). That
-    unit must be the value's last use; its other uses only fused sites reading it as
-    their input, which expose it to nothing while they run fused (a site running
-    through its hooked modules voids the mark) and return new tensors. A fused block
-    taking the value as its input must be its only use (the block reads it as its first
-    unit's input and its residual). The marks are checked at call time: the producer
-    marks its output only where it ran fused without hooks."""
+    """Marks the values private to the generated forward and where they die (see
+    functional.conv_bn_act._DONATED): a value made by a fused conv-BN site or fused block
+    and read by fused units only (sites reading it as their input or residual, or one
+    block taking it as its input) is marked by its producer (``give``), and the unit
+    that adds it as its residual at its last use may overwrite it (``donate``). Fused
+    units read such a value without exposing it while they run fused (a site or block
+    running through its modules voids the mark) and return new tensors. The marks are
+    checked at call time: the producer marks its output only where it ran fused without
+    hooks."""
     order = {n: i for i, n in enumerate(graph.nodes)}
 
     def producer(value) -> bool:
@@ -1273,36 +1273,32 @@ def _donations(root: nn.Module, graph: fx.Graph) -> None:
             _donating_block(root, value)
         )
 
-    def reader(user: fx.Node, value: fx.Node) -> bool:
-        if user.op != "call_function" or user.target not in (fused_conv_bn, fused_bn):
-            return False
-        slot = 2 if user.target is fused_conv_bn else 1
-        return user.args[slot] is value and value not in user.args[slot + 1 :]
+    def fused_user(user: fx.Node, value: fx.Node) -> bool:
+        if user.op == "call_function" and user.target in (fused_conv_bn, fused_bn):
+            first = 2 if user.target is fused_conv_bn else 1  # (input, residual) follow
+            others = list(user.args[:first]) + list(user.args[first + 2 :])
+            return value not in others and value not in user.kwargs.values()
+        return _donating_block(root, user) and len(value.users) == 1
 
-    def give(value: fx.Node) -> None:
-        if value.op == "call_function":
-            value.kwargs = {**value.kwargs, "give": True}
-        else:
-            value.meta["give"] = True
-
+    private = set()
+    for node in graph.nodes:
+        if producer(node) and node.users and all(fused_user(u, node) for u in node.users):
+            private.add(node)
+            if node.op == "call_function":
+                node.kwargs = {**node.kwargs, "give": True}
+            else:
+                node.meta["give"] = True
     for node in graph.nodes:
         if node.op == "call_function" and node.target is fused_conv_bn:
             residual = node.args[3]
             if (
-                producer(residual)
+                residual in private
                 and residual is not node.args[2]
-                and all(
-                    u is node or (reader(u, residual) and order[u] < order[node])
-                    for u in residual.users
-                )
+                and all(u is node or order[u] < order[node] for u in residual.users)
             ):
                 node.kwargs = {**node.kwargs, "donate": True}
-                give(residual)
-        elif _donating_block(root, node):
-            value = node.args[0]
-            if producer(value) and len(value.users) == 1:
-                node.meta["donate"] = True
-                give(value)
+        elif _donating_block(root, node) and node.args[0] in private:
+            node.meta["donate"] = True
 
 
 def _call_block(block: nn.Module, input, *, donate: bool = False, give: bool = False):
@@ -1321,6 +1317,7 @@ def _call_block(block: nn.Module, input, *, donate: bool = False, give: bool = F
         or torch.compiler.is_compiling()
         or torch._C._get_tracing_state() is not None
     ):
+        undonate(input)  # (hooks may see it)
         return block(input)
     return block._forward_donating(input, donate and donated(input), give)
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .activations import ID_ACT, RELU_ACT
-from .functional.conv_bn_act import mark_donated
+from .functional.conv_bn_act import mark_donated, undonate
 from .graph_convert import _ATTR as _GRAPH_ATTR
 from .graph_convert import convert_graphs, fused_conv_bn, graph_report, unfuse_graphs
 from .modules import FoldCache, conv_bn_forward, has_hooks, own_hooks
@@ -417,6 +417,7 @@ class _FusedBlock(nn.Module):
     def _unfused_forward(self, x: Tensor, why: str | None) -> Tensor:
         """torchvision's own forward over the submodules as they are: hooks (``why`` None)
         fire with the values they expect; replaced modules do what the user put there."""
+        undonate(x)  # (the modules and their hooks see it)
         hooks = has_hooks(*self._modules_now())
         if self.sync_bn:
             bns = [m for m in self._modules_now() if type(m) is nn.BatchNorm2d]

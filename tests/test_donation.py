@@ -56,13 +56,23 @@ def in_place_calls(monkeypatch):
     return spy
 
 
+CONTEXTS = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.fixture(params=sorted(CONTEXTS))
+def context(request):
+    """Both inference contexts: under inference_mode the values have no version counter,
+    and the marks hold for values private to the generated forward only."""
+    return CONTEXTS[request.param]
+
+
 def _fmt(layout: str):
     return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("name", ["resnet18", "tutorial"])
-def test_donated_residuals_match_the_reference(name, layout, in_place_calls):
+def test_donated_residuals_match_the_reference(name, layout, context, in_place_calls):
     torch.manual_seed(1)
     x = torch.randn(2, 3, 32, 32)
     model = _model(name)
@@ -75,7 +85,7 @@ def test_donated_residuals_match_the_reference(name, layout, in_place_calls):
     kept = xi.clone()
     eager_err = (eager.double() - ref).abs().max().item()
     bound = 2 * eager_err + FLOOR[torch.float32] * max(ref.abs().max().item(), 1.0)
-    with torch.no_grad():
+    with context():
         for _ in range(3):  # the first call plans; later ones give residuals up
             out = fused(xi)
             assert (out.double() - ref).abs().max().item() <= bound
@@ -100,7 +110,7 @@ def _donating_model(name):
         "block output, kept hook",
     ],
 )
-def test_tensors_hooks_hold_are_never_overwritten(where, in_place_calls):
+def test_tensors_hooks_hold_are_never_overwritten(where, context, in_place_calls):
     fused, x = _donating_model("resnet18")
     kept = {}
 
@@ -116,14 +126,14 @@ def test_tensors_hooks_hold_are_never_overwritten(where, in_place_calls):
         box[0] = fused.layer2[0].relu.register_forward_hook(lambda m, i, o: keep("out", o, box))
     else:
         box[0] = fused.layer2[1].register_forward_pre_hook(lambda m, i: keep("in", i[0], box))
-    with torch.no_grad():
+    with context():
         fused(x)
     ((held, at_the_time),) = kept.values()
     assert torch.equal(held, at_the_time)
     assert in_place_calls.calls > 0  # the other blocks still gave their residuals up
 
 
-def test_fused_site_reader_with_hook_voids_the_donation(in_place_calls):
+def test_fused_site_reader_with_hook_voids_the_donation(context, in_place_calls):
     """In a traced-through ResNet a block's input is read by its first fused site and
     added by its last one: a hook on the first site's convolution sees the input, which
     must then stay as it was."""
@@ -136,7 +146,7 @@ def test_fused_site_reader_with_hook_voids_the_donation(in_place_calls):
         handle.remove()  # one-shot: gone before the residual's last use
 
     handle = fused.layer2[1].conv1.register_forward_pre_hook(pre)
-    with torch.no_grad():
+    with context():
         fused(x)
     ((held, at_the_time),) = kept
     assert torch.equal(held, at_the_time)
@@ -197,7 +207,7 @@ class _FourUnits(nn.Module):
         return torch.relu(self.b3(self.c3(c)))
 
 
-def test_nan_written_into_a_donated_residual_reaches_the_output(in_place_calls):
+def test_nan_written_into_a_donated_residual_reaches_the_output(context, in_place_calls):
     """The in-place convolution leaves the residual's version counter as it was: unless
     the counter is bumped, the residual's "known finite" mark survives the NaN written
     into it, and the next unit's ReLU post-op turns the NaN into 0."""
@@ -208,9 +218,10 @@ def test_nan_written_into_a_donated_residual_reaches_the_output(in_place_calls):
     x = torch.randn(1, 3, 8, 8).to(memory_format=torch.channels_last)
     fused = resnet_fused.convert(copy.deepcopy(model), backend="cpu")
     with torch.no_grad():
-        fused(x), fused(x)
         for m in (model, fused):
             m.c1.weight[0, 0, 0, 0] = float("nan")
+    with context():
+        fused(x), fused(x)
         ref, out = model(x), fused(x)
     assert in_place_calls.calls > 0
     assert ref.isnan().any()
@@ -305,3 +316,26 @@ def test_a_block_subclass_forward_is_called():
         fused = resnet_fused.convert(copy.deepcopy(model), backend="cpu")
         fused(x)
         torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_nan_a_hook_writes_into_a_private_value_reaches_the_output(context):
+    """A hook on a fused site's convolution writes a NaN into the site's input (after the
+    convolution read it), a value private to the generated forward that a later unit
+    adds as its residual: the site runs through its modules, which voids the value's
+    marks, so the later unit reads it again and keeps the NaN (oneDNN's ReLU post-op
+    would make it 0)."""
+    model = _model("tutorial").to(memory_format=torch.channels_last)
+    fused = resnet_fused.convert(copy.deepcopy(model), backend="cpu")
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    with context():
+        fused(x), fused(x)
+
+    def poison(m, inputs, output):
+        inputs[0][0, :, 1, 1] = float("nan")
+
+    for m in (model, fused):
+        m.layer2[1].conv1.register_forward_hook(poison)
+    with context():
+        ref, out = model(x), fused(x)
+    assert ref.isnan().any()
+    torch.testing.assert_close(out, ref, equal_nan=True, rtol=1e-4, atol=1e-4)

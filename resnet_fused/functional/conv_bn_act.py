@@ -187,33 +187,39 @@ def _onednn_supports(dtype: torch.dtype) -> bool:
 
 # Marks on tensors (id -> (weakref, version)), voided by an in-place change of the tensor
 # (its version counter) and dropped with it. Inference tensors (made under
-# torch.inference_mode) have no version counter, so they are never marked: an in-place
-# change could not be seen.
+# torch.inference_mode) have no version counter: their marks hold the weakref alone, and
+# are trusted only for values private to a generated forward (_DONATED below), which
+# nothing but fused units reads.
 #
 # _KNOWN_FINITE: outputs of CPU eval units computed from finite inputs. The next unit's
 # input is usually one, so the read that proves an input finite is paid once per chain of
 # fused units (the network's input, after a pooling, ...), not per unit.
 #
 # _DONATED: values a converted model's generated forward gives up. The converter marks
-# them where its graph shows that a value made by a fused site or block that ran without
-# hooks (so no hook holds it) is used last as the residual of a fused unit: that unit's
-# oneDNN convolution then writes its result into the residual's memory (the add done in
-# place, as Inductor's freezing does), with no new output buffer (on ResNet-50 inference,
-# 1-2 MB fresh pages per unit that the allocator had returned to the system).
-_KNOWN_FINITE: dict[int, tuple[weakref.ref, int]] = {}
-_DONATED: dict[int, tuple[weakref.ref, int]] = {}
+# them where its graph shows that a value made by a fused site or block is read by fused
+# units only (the producer marks its output where it ran fused without hooks, so no hook
+# holds it; a site or block running through its modules voids the marks of what it reads).
+# The unit that adds such a value last as its residual may write its result into the
+# residual's memory (oneDNN's in-place fused convolution, as Inductor's freezing does),
+# with no new output buffer (on ResNet-50 inference, 1-2 MB fresh pages per unit that the
+# allocator had returned to the system).
+_KNOWN_FINITE: dict[int, tuple[weakref.ref, int | None]] = {}
+_DONATED: dict[int, tuple[weakref.ref, int | None]] = {}
 
 
 def _mark(marks: dict, t: Tensor) -> None:
-    if t.is_inference():
-        return
     key = id(t)
-    marks[key] = (weakref.ref(t, lambda _, key=key: marks.pop(key, None)), t._version)
+    version = None if t.is_inference() else t._version
+    marks[key] = (weakref.ref(t, lambda _, key=key: marks.pop(key, None)), version)
 
 
 def _marked(marks: dict, t: Tensor) -> bool:
     mark = marks.get(id(t))
-    return mark is not None and mark[0]() is t and mark[1] == t._version
+    if mark is None or mark[0]() is not t:
+        return False
+    if mark[1] is None:  # an inference tensor's mark: trusted for private values only
+        return marks is _DONATED or donated(t)
+    return mark[1] == t._version
 
 
 def _mark_finite(t: Tensor) -> None:
@@ -225,8 +231,8 @@ def _known_finite(t: Tensor) -> bool:
 
 
 def mark_donated(t: Tensor) -> None:
-    """``t`` may be overwritten by the fused unit that adds it as its residual (see
-    _DONATED: for generated forwards, which know that nothing else reads it)."""
+    """``t`` is private to a generated forward: only fused units read it, and the one
+    adding it last as its residual may overwrite it (see _DONATED)."""
     _mark(_DONATED, t)
 
 
@@ -309,6 +315,7 @@ def _can_overwrite(residual: Tensor, x: Tensor) -> bool:
     return (
         not torch.is_grad_enabled()
         and residual.dtype == x.dtype
+        and (not residual.is_inference() or torch.is_inference_mode_enabled())
         and type(residual) is Tensor
         and residual.is_contiguous(memory_format=bn_memory_format(x))
         and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
@@ -334,18 +341,14 @@ def _eval_forward(
     if impl == "cpu" and _mkldnn_ok(x, residual, act):
         # oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps NaN: the activation
         # post-ops are used only where the inputs are finite (a NaN cannot then arise
-        # inside, short of overflowing fp32). Inference tensors cannot carry a finite
-        # mark, and a read of every input would cost as much as the activation pass: their
-        # activation runs after oneDNN's convolution (torch's own op: its NaN rule). After
-        # a residual add oneDNN gets ReLU only; the others run after it.
-        inference = x.is_inference()
-        if inference:
-            finite = False
-        else:
-            finite = (w_finite if w_finite is not None else not _non_finite(w, b)) and not any(
-                t is not None and not _known_finite(t) and _non_finite(t) for t in (x, residual)
-            )
-        if finite or not act.active or inference:
+        # inside, short of overflowing fp32): known finite (marked outputs of such units;
+        # an inference tensor, which has no version counter, only where it is private to
+        # a generated forward), else read once. After a residual add oneDNN gets ReLU
+        # only; the others run after it.
+        finite = (w_finite if w_finite is not None else not _non_finite(w, b)) and not any(
+            t is not None and not _known_finite(t) and _non_finite(t) for t in (x, residual)
+        )
+        if finite or not act.active:
             post = act.active and finite and (residual is None or act.kind == RELU)
             bias = b.to(x.dtype) if b is not None else None
             if w_onednn is not None:
@@ -362,8 +365,13 @@ def _eval_forward(
                     "add", None, "relu" if post else None, [], "",
                 )  # fmt: skip
                 # (the op leaves the version counter as it was: bumped here, which voids
-                # the marks on the tensor's old contents, such as _KNOWN_FINITE's)
-                torch.autograd.graph.increment_version(out)
+                # the marks on the tensor's old contents, such as _KNOWN_FINITE's; an
+                # inference tensor has none, and loses its marks)
+                if out.is_inference():
+                    _KNOWN_FINITE.pop(id(out), None)
+                    undonate(out)
+                else:
+                    torch.autograd.graph.increment_version(out)
             else:
                 out = _mkldnn_pointwise.binary(
                     x, residual, w, bias, list(padding), list(stride), list(dilation), groups,

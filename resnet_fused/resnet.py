@@ -102,7 +102,15 @@ def _deepcopy(model: nn.Module) -> nn.Module:
         group = module.__dict__.get("process_group")
         if group is not None:
             memo[id(group)] = group
-    return copy.deepcopy(model, memo)
+    copied = copy.deepcopy(model, memo)
+    # Each module's own training flag as it was: a GraphModule's __deepcopy__ (torchvision's
+    # feature extractors) builds the copy anew, in training mode throughout.
+    flags = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
+    for name, m in copied.named_modules(remove_duplicate=False):
+        flag = flags.get(name)
+        if flag is not None and m.training != flag:
+            m.training = flag
+    return copied
 
 
 # What a fused unit's argument checks raise (before any statistics are touched): the block

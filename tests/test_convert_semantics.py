@@ -357,3 +357,26 @@ def test_inplace_add_with_a_view_of_its_target(mode):
     report = resnet_fused.conversion_report(fused)
     assert not any("add" in s for s in report["fused"])
     assert any("in place" in s for s in report["not_fused"])
+
+
+@pytest.mark.parametrize("flags", ["eval", "frozen"])
+def test_feature_extractor_keeps_its_training_flags(flags):
+    """``convert`` copies the model first; a GraphModule's ``__deepcopy__`` (torchvision's
+    feature extractors) builds the copy in training mode throughout, so a converted eval
+    extractor used to run its BatchNorms on batch statistics. Every module's own flag is
+    kept, and the outputs are the extractor's."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = _randomise(_tv_resnet18().double())
+    if flags == "eval":
+        model.eval()
+    else:
+        _frozen(model)
+    extractor = create_feature_extractor(model, {"layer3": "c", "layer4": "d"})
+    fused = _convert(extractor)
+    assert [m.training for m in fused.modules()] == [m.training for m in extractor.modules()]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        got, ref = fused(x), extractor(x)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9)

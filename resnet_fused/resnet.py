@@ -290,6 +290,7 @@ class _FusedBlock(nn.Module):
                 out = self._unit(str(i), conv, bn, out)
             except _REFUSED as exc:
                 out = self._eager_unit(conv, bn, out, None, exc)
+            _private(out)
         conv, bn = self._modules[pairs[-1][0]], self._modules[pairs[-1][1]]
         ds = self._modules.get("downsample")
         identity = x
@@ -297,6 +298,7 @@ class _FusedBlock(nn.Module):
             ds_conv, ds_bn = ds._modules.values()
             try:
                 identity = self._unit("downsample", ds_conv, ds_bn, x, relu=False)
+                _private(identity)
                 donate = True
             except _REFUSED as exc:
                 # eager's order from here: the last conv and bn, the downsample, the add
@@ -458,6 +460,14 @@ class _FusedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
+
+
+def _private(t) -> None:
+    """A value made inside a fused block's units and read by its next unit only: marked
+    as private (functional.conv_bn_act._DONATED), which inference tensors need for their
+    finite marks to count (they have no version counter; elsewhere the marks hold)."""
+    if type(t) is Tensor and t.is_inference():
+        mark_donated(t)
 
 
 # What graph_convert._call_block may call _forward_donating for: a class whose forward is

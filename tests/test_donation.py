@@ -339,3 +339,24 @@ def test_nan_a_hook_writes_into_a_private_value_reaches_the_output(context):
         ref, out = model(x), fused(x)
     assert ref.isnan().any()
     torch.testing.assert_close(out, ref, equal_nan=True, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_mode_reads_no_more_inputs_than_no_grad(monkeypatch):
+    """The units prove their inputs finite by marks, reading a tensor (a sum) only where
+    no mark holds: under inference_mode the marks of values private to the forward (the
+    graph's and those inside a fused block) count, so a converted ResNet-50 reads as few
+    tensors as under no_grad (the network's input and the pooling's output)."""
+    model = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
+    fused = resnet_fused.convert(model, backend="cpu")
+    x = torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last)
+    reads = []
+    real = cba._non_finite
+    monkeypatch.setattr(cba, "_non_finite", lambda *ts: reads.append(len(ts)) or real(*ts))
+    counts = {}
+    for name, context in CONTEXTS.items():
+        with context():
+            fused(x), fused(x)
+            reads.clear()
+            fused(x)
+        counts[name] = len(reads)
+    assert counts["inference_mode"] == counts["no_grad"] <= 3, counts

@@ -21,8 +21,9 @@ Cases (``resnet-fused bench --level host``):
   dropped from their environment), so that resnet_fused's modules load compiled, as an
   installed package's do, and not byte-compiled in every process;
 * ``r50_inference``: ResNet-50 inference (batch 8 and 1, 224x224, channels_last, fp32):
-  eager, the converted model (with the default check of its cached folds and with
-  ``RESNET_FUSED_FOLD_CHECK=versions``), and ``torch.compile`` with freezing
+  eager, the converted model (with the default check of its cached folds, with
+  ``RESNET_FUSED_FOLD_CHECK=versions``, and under ``torch.inference_mode`` where the
+  others run under ``no_grad``), and ``torch.compile`` with freezing
   (``mode=None``, Inductor's ``freezing=True``), with the compile time reported beside it.
 
 On a GPU (``--device cuda``), ``unit`` also runs at 32x64x8x8 (kernels still shorter than
@@ -290,8 +291,9 @@ def run_r50_inference(writer, min_run_time: float, rounds: int, progress=print) 
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
-    # Two converted copies: a fold cached under one check is remade under the other.
-    fused, fused_versions = resnet_fused.convert(model), resnet_fused.convert(model)
+    # A converted copy per provider: a fold cached under one check is remade under the
+    # other, and each times its units' backends itself.
+    fused, fused_versions, fused_inference = (resnet_fused.convert(model) for _ in range(3))
     import torch._inductor.config as inductor_config
 
     for batch in R50_BATCHES:
@@ -308,12 +310,12 @@ def run_r50_inference(writer, min_run_time: float, rounds: int, progress=print) 
         finally:
             inductor_config.freezing = saved
 
-        def step(m, fold_check=None, x=x):
+        def step(m, fold_check=None, context=torch.no_grad, x=x):
             saved = os.environ.get(FOLD_CHECK_ENV)
             if fold_check is not None:
                 os.environ[FOLD_CHECK_ENV] = fold_check
             try:
-                with torch.no_grad():
+                with context():
                     return m(x)
             finally:
                 if fold_check is not None:
@@ -326,6 +328,9 @@ def run_r50_inference(writer, min_run_time: float, rounds: int, progress=print) 
             "eager": functools.partial(step, model),
             "fused": functools.partial(step, fused, "contents"),
             "fused-fold-check-versions": functools.partial(step, fused_versions, "versions"),
+            "fused-inference-mode": functools.partial(
+                step, fused_inference, "contents", torch.inference_mode
+            ),
             "compile-freezing": functools.partial(step, compiled),
         }
         stats = harness.measure_case(

@@ -466,7 +466,7 @@ def _private(t) -> None:
     """A value made inside a fused block's units and read by its next unit only: marked
     as private (functional.conv_bn_act._DONATED), which inference tensors need for their
     finite marks to count (they have no version counter; elsewhere the marks hold)."""
-    if type(t) is Tensor and t.is_inference():
+    if type(t) is Tensor and not torch.compiler.is_compiling() and t.is_inference():
         mark_donated(t)
 
 

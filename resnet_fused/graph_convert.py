@@ -263,7 +263,7 @@ def fused_conv_bn(
                 conv, bn, input, residual, act, backend, _fold_cache(bn),
                 donate=donate and donated(residual),
             )  # fmt: skip
-            if give and not torch.is_grad_enabled() and out.is_cpu:
+            if give:
                 mark_donated(out)
             return out
     tracer = _tracer_of(input, residual)

@@ -312,7 +312,7 @@ class _FusedBlock(nn.Module):
             out = self._unit(str(len(pairs)), conv, bn, out, residual=identity, donate=donate)
         except _REFUSED as exc:
             out = self._eager_unit(conv, bn, out, identity, exc)
-        if give and not torch.is_grad_enabled() and out.is_cpu:
+        if give:
             mark_donated(out)
         return out
 

@@ -232,7 +232,10 @@ def _known_finite(t: Tensor) -> bool:
 
 def mark_donated(t: Tensor) -> None:
     """``t`` is private to a generated forward: only fused units read it, and the one
-    adding it last as its residual may overwrite it (see _DONATED)."""
+    adding it last as its residual may overwrite it (see _DONATED). Marked only where a
+    mark can be used: autograd off, a CPU tensor, not while compiling."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or not t.is_cpu:
+        return
     _mark(_DONATED, t)
 
 

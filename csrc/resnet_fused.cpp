@@ -152,10 +152,13 @@ TORCH_LIBRARY_IMPL(resnet_fused, ADInplaceOrView, m) {
 namespace resnet_fused {
 // resnet_fused._C.conv_bn_act_eager, the Python entry point of that op (csrc/unit.cpp).
 void bind_unit(pybind11::module_& m);
+// resnet_fused._C.fold_key / fold_key_check, the eval fold cache's key (csrc/fold_key.cpp).
+void bind_fold_key(pybind11::module_& m);
 }  // namespace resnet_fused
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   resnet_fused::bind_unit(m);
+  resnet_fused::bind_fold_key(m);
   m.doc() = "resnet_fused C++/CUDA kernels (ops register with the dispatcher on import)";
   m.def("build_info", &build_info, "How this extension was built: CUDA, archs, compiler.");
   m.def(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 from torch import Tensor, nn
@@ -315,47 +314,16 @@ class FoldCache:
         return (FoldCache, ())
 
 
-class _TensorKey:
-    """What identifies one input of a fold: the tensor (weakly: a replaced parameter is
-    not kept alive), its storage (strongly, so that its address cannot be reused by a
-    new tensor while the entry exists), data pointer, version counter, dtype, shape,
-    strides and device. Its contents are in the fold key's fingerprint (see
-    :func:`_cached_fold`): writes through ``.data`` or numpy bump no version counter of
-    this tensor."""
-
-    __slots__ = ("meta", "ptr", "ref", "storage", "version")
-
-    def __init__(self, t: Tensor) -> None:
-        self.ref = weakref.ref(t)
-        self.storage = t.untyped_storage()
-        self.ptr, self.version = t.data_ptr(), t._version
-        self.meta = (t.dtype, t.shape, t.stride(), t.device)
-
-    def matches(self, t: Tensor) -> bool:
-        return (
-            self.ref() is t
-            and self.version == t._version
-            and self.ptr == t.data_ptr()
-            and self.meta == (t.dtype, t.shape, t.stride(), t.device)
-        )
-
-
-def _fold_key(tensors, eps: float, dtype: torch.dtype, fingerprint: int) -> tuple:
-    keys = tuple(None if t is None else _TensorKey(t) for t in tensors)
-    return keys, eps, dtype, fingerprint
-
-
-def _key_matches(key: tuple, tensors, eps: float, dtype: torch.dtype, fingerprint: int) -> bool:
-    keys, k_eps, k_dtype, k_fingerprint = key
-    if k_eps != eps or k_dtype != dtype or k_fingerprint != fingerprint:
-        return False
-    for k, t in zip(keys, tensors, strict=True):
-        if k is None:
-            if t is not None:
-                return False
-        elif t is None or not k.matches(t):
-            return False
-    return True
+# The key of a cached fold (resnet_fused._C.fold_key(*inputs), csrc/fold_key.cpp): each
+# input's tensor object (weakly: a replaced parameter is not kept alive), its storage
+# (strongly, so that its address cannot be reused while the key lives), data pointer,
+# version counter, dtype, shape, strides and device. ``_FOLD_KEY_CHECK(key, contents,
+# *inputs)`` is None when any of these differ, else the inputs' fingerprint now (0 when not
+# ``contents``): one C call per eval call of a unit (the same check in Python cost ~4 us).
+# Their contents are in the entry's fingerprint: writes through ``.data`` or numpy bump no
+# version counter of these tensors. None without the compiled functions: nothing is cached.
+_FOLD_KEY = getattr(_extension._C, "fold_key", None)
+_FOLD_KEY_CHECK = getattr(_extension._C, "fold_key_check", None)
 
 
 # The contents of a fold's inputs, as one 64-bit hash of their bytes (resnet_fused::
@@ -374,11 +342,14 @@ FOLD_CHECK_ENV = "RESNET_FUSED_FOLD_CHECK"
 _VERSIONS_VALUES = ("versions", b"versions")  # (read_env's token: encoded on POSIX)
 
 
+def _contents_checked() -> bool:
+    """False where RESNET_FUSED_FOLD_CHECK=versions (no fingerprint of the contents)."""
+    return read_env(FOLD_CHECK_ENV) not in _VERSIONS_VALUES
+
+
 def _fingerprint(present) -> int:
     """The contents' fingerprint, or 0 where RESNET_FUSED_FOLD_CHECK=versions."""
-    if read_env(FOLD_CHECK_ENV) in _VERSIONS_VALUES:
-        return 0
-    return _FINGERPRINT(present)
+    return _FINGERPRINT(present) if _contents_checked() else 0
 
 
 def _fold_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
@@ -419,7 +390,7 @@ def _cached_fold(
         return None
     tensors = _fold_inputs(conv, bn)
     grad = torch.is_grad_enabled()
-    keep = _FINGERPRINT is not None
+    keep = _FINGERPRINT is not None and _FOLD_KEY is not None and _FOLD_KEY_CHECK is not None
     cpu = True
     for t in tensors:
         if t is not None:
@@ -434,13 +405,24 @@ def _cached_fold(
             if not t.is_cpu:
                 cpu = keep = False
     if keep:
-        present = [t for t in tensors if t is not None]
-        if fingerprint is None:
-            fingerprint = _fingerprint(present)
         entry = cache.entry  # read once
-        if entry is not None and _key_matches(entry[0], tensors, bn.eps, dtype, fingerprint):
-            return entry[1]
-        key = _fold_key(tensors, bn.eps, dtype, fingerprint)
+        if entry is not None:
+            k_key, k_eps, k_dtype, k_fingerprint = entry[0]
+            if fingerprint is None and k_eps == bn.eps and k_dtype == dtype:
+                # (the same tensors: their fingerprint now, else None)
+                fingerprint = _FOLD_KEY_CHECK(k_key, _contents_checked(), *tensors)
+                if fingerprint == k_fingerprint:
+                    return entry[1]
+            elif (
+                fingerprint == k_fingerprint
+                and k_eps == bn.eps
+                and k_dtype == dtype
+                and _FOLD_KEY_CHECK(k_key, False, *tensors) is not None
+            ):
+                return entry[1]
+        if fingerprint is None:
+            fingerprint = _fingerprint([t for t in tensors if t is not None])
+        key = (_FOLD_KEY(*tensors), bn.eps, dtype, fingerprint)
     from .functional.conv_bn_act import fold_conv_bn
 
     with torch.no_grad():
@@ -466,26 +448,17 @@ def _planned_fold(conv, bn, dtype, cache: FoldCache, backend: str):
     pack = backend in ("auto", "triton")
     entry = cache.entry
     if entry is not None:
-        keys, k_eps, k_dtype, k_fingerprint = entry[0]
+        key, k_eps, k_dtype, k_fingerprint = entry[0]
         if k_eps == bn.eps and k_dtype == dtype:
-            present = []
-            for k, t in zip(keys, _fold_inputs(conv, bn), strict=True):
-                if k is None:
-                    if t is not None:
-                        break
-                elif (
-                    t is None
-                    or k.ref() is not t
-                    or k.version != t._version
-                    or k.ptr != t.data_ptr()
-                ):
-                    break
-                else:
-                    present.append(t)
-            else:
-                fingerprint = _fingerprint(present)
-                if fingerprint == k_fingerprint:
-                    return entry[1]
+            cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
+            fingerprint = _FOLD_KEY_CHECK(
+                key, read_env(FOLD_CHECK_ENV) not in _VERSIONS_VALUES, cp["weight"],
+                cp.get("bias"), bb.get("running_mean"), bb.get("running_var"),
+                bp.get("weight"), bp.get("bias"),
+            )  # fmt: skip
+            if fingerprint == k_fingerprint:
+                return entry[1]
+            if fingerprint is not None:  # the same tensors, other contents
                 return _cached_fold(conv, bn, dtype, cache, pack, fingerprint)
     return _cached_fold(conv, bn, dtype, cache, pack)
 

@@ -260,10 +260,11 @@ def test_batch_norm_act_site_follows_data_edits():
                 _edit_bn_buffers(m, step)
 
 
-def test_without_the_op_nothing_is_cached(monkeypatch):
-    """Without the fingerprint op (an extension that did not build it), CPU folds are
-    made at every call: correct, never stale."""
-    monkeypatch.setattr(modules, "_FINGERPRINT", None)
+@pytest.mark.parametrize("missing", ["_FINGERPRINT", "_FOLD_KEY", "_FOLD_KEY_CHECK"])
+def test_without_the_op_nothing_is_cached(monkeypatch, missing):
+    """Without the fingerprint op or the fold key's functions (an extension built without
+    them), CPU folds are made at every call: correct, never stale."""
+    monkeypatch.setattr(modules, missing, None)
     reference, fused, x = _unit_pair()
     reference.eval()
     fused.eval()
@@ -331,9 +332,16 @@ def test_versions_only_fold_check(edit, monkeypatch):
     vector_to_parameters, ``p.data = ...``) still reach the fold, writes through ``.data``
     or numpy (no counter bumped) do not: the fold stays as it was (documented)."""
     monkeypatch.setenv(modules.FOLD_CHECK_ENV, "versions")
-    calls = []
-    real = modules._FINGERPRINT
+    calls = []  # (the contents read: by the fingerprint op, or by the key's check)
+    real, real_check = modules._FINGERPRINT, modules._FOLD_KEY_CHECK
     monkeypatch.setattr(modules, "_FINGERPRINT", lambda ts: calls.append(1) or real(ts))
+
+    def check(key, contents, *tensors):
+        if contents:
+            calls.append(1)
+        return real_check(key, contents, *tensors)
+
+    monkeypatch.setattr(modules, "_FOLD_KEY_CHECK", check)
     reference, fused, x = _unit_pair(backend="cpu")  # (the folded path at every call)
     for m in (reference, fused):
         _prepare(m, "no-grad")
@@ -447,3 +455,89 @@ def test_fingerprint_refuses_other_devices_and_layouts():
         _fp(torch.randn(4, 4).to_sparse())
     with pytest.raises((RuntimeError, NotImplementedError)):
         _fp(torch.randn(4, device="meta"))
+
+
+# --- the fold's key (resnet_fused._C.fold_key / fold_key_check) -------------------------------
+
+needs_key = pytest.mark.skipif(
+    modules._FOLD_KEY is None or fingerprint_module.FINGERPRINT is None,
+    reason="the extension's fold key functions are missing",
+)
+
+
+def _key_inputs():
+    gen = torch.Generator().manual_seed(3)
+    w = nn.Parameter(
+        torch.randn(6, 4, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last)
+    )
+    rm, rv = torch.randn(6, generator=gen), torch.rand(6, generator=gen) + 0.5
+    bw, bb = (
+        nn.Parameter(torch.randn(6, generator=gen)),
+        nn.Parameter(torch.randn(6, generator=gen)),
+    )
+    return [w, None, rm, rv, bw, bb]
+
+
+@needs_key
+def test_fold_key_check_sees_every_change_of_the_inputs():
+    """The key's check: the same tensors unchanged give their fingerprint now (the op's,
+    over the tensors present), or 0 without the contents; anything else gives None: another
+    object with equal contents, an in-place write (version), a tensor where None was (or
+    the reverse), another shape or strides of the same object (set_/resize_), a storage
+    swapped in, an inference tensor in a keyed tensor's place."""
+    check = modules._FOLD_KEY_CHECK
+    ins = _key_inputs()
+    key = modules._FOLD_KEY(*ins)
+    present = [t for t in ins if t is not None]
+    before = fingerprint_module.fingerprint(present)
+    assert check(key, True, *ins) == before
+    assert check(key, False, *ins) == 0
+    ins[0].data.mul_(2)  # (no version bump: the fingerprint tells)
+    now = check(key, True, *ins)
+    assert now is not None and now != before
+    assert now == fingerprint_module.fingerprint(present)
+
+    def changed(i, value):
+        args = list(ins)
+        args[i] = value
+        return check(key, True, *args)
+
+    assert changed(4, nn.Parameter(ins[4].detach().clone())) is None  # equal contents
+    assert changed(1, torch.zeros(6)) is None
+    assert changed(2, None) is None
+    with torch.inference_mode():
+        inference = torch.ones(6)
+    assert changed(3, inference) is None
+    assert check(key, True, *ins[:-1]) is None  # (another count of inputs)
+    with torch.no_grad():
+        ins[5].add_(1)  # a version bump
+    assert check(key, True, *ins) is None
+    key = modules._FOLD_KEY(*ins)
+    assert check(key, False, *ins) == 0
+    ins[2].set_(ins[2].untyped_storage(), 0, (3,), (2,))  # the same object, another view
+    assert check(key, False, *ins) is None
+    key = modules._FOLD_KEY(*ins)
+    ins[2].set_(torch.randn(3).untyped_storage(), 0, (3,), (1,))  # another storage
+    assert check(key, False, *ins) is None
+
+
+@needs_key
+def test_fold_key_holds_its_tensors_weakly_and_refuses_bad_arguments():
+    import weakref
+
+    ins = _key_inputs()
+    ref = weakref.ref(ins[4])
+    key = modules._FOLD_KEY(*ins)
+    ins[4] = None
+    assert ref() is None  # a replaced parameter is not kept alive by the cached fold
+    assert modules._FOLD_KEY_CHECK(key, True, *ins) is None
+    with pytest.raises(TypeError, match="Tensor or None"):
+        modules._FOLD_KEY(torch.ones(2), 3)
+    with pytest.raises((TypeError, ValueError)):
+        modules._FOLD_KEY_CHECK(object(), True, torch.ones(2))
+    with pytest.raises(TypeError):
+        modules._FOLD_KEY_CHECK(key)
+    with torch.inference_mode():
+        inference = torch.ones(2)
+    with pytest.raises(RuntimeError, match="inference"):
+        modules._FOLD_KEY(inference)

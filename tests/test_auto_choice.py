@@ -442,3 +442,46 @@ def test_timing_trials_leave_the_random_stream_alone(timed_policy):
         states.append(torch.random.get_rng_state())
     assert timed_policy, "the fused call timed its candidates"
     assert torch.equal(states[0], states[1])
+
+
+def test_inference_units_keep_the_fused_path_on_close_calls(monkeypatch):
+    """On a CPU an inference unit's pick stays with the first candidate (oneDNN with the
+    BatchNorm folded in) unless another is faster by CPU_PREFERENCE_MARGIN in the trial;
+    training units, other ops and other devices take the plain fastest. A tuning table's
+    entry for an inference unit is picked again from its times by the same rule."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    margin = fc.CPU_PREFERENCE_MARGIN
+    close = {"cpu": 1.0, "cpu-epilogue": 1.0 / (1 + margin / 2), "eager": 1.0 / (1 + margin / 3)}
+    clear = dict(close, eager=1.0 / (1 + 2 * margin))
+    names = ["cpu", "cpu-epilogue", "eager"]
+    assert fc.pick(names, close, cpu, prefer_first=True) == "cpu"
+    assert fc.pick(names, clear, cpu, prefer_first=True) == "eager"
+    assert fc.pick(names, close, cpu) == "cpu-epilogue"
+    assert fc.pick(["cuda", "triton", "eager"], {"cuda": 1.0, "triton": 0.97, "eager": 2.0},
+                   cuda, prefer_first=True) == "triton"  # fmt: skip
+
+    # Wired to the conv unit: eval without autograd prefers, training does not.
+    monkeypatch.setenv(fc.POLICY_ENV, "time")
+    monkeypatch.setattr(fc, "_AUTO_CHOICES", fc._AutoChoices())
+    monkeypatch.setattr(
+        fc, "_time_candidates",
+        lambda candidates, trial, device, repeats=5: {c: close.get(c, 1.0) for c in candidates},
+    )  # fmt: skip
+    conv, bn = _unit()
+    x = torch.randn(2, 8, 6, 6)
+    for training in (False, True):
+        with torch.no_grad():
+            resnet_fused.conv_bn_act(
+                x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                padding=1, training=training,
+            )  # fmt: skip
+    picks = {key[7]: p for key, p in resnet_fused.auto_choices().items()}
+    assert picks[False] == "cpu"  # (cpu-epilogue is 5% faster: a close call)
+    assert picks[True] == "eager"  # (training: cpu or eager, eager 3% faster: the fastest)
+
+    # A stored pick made under the plain rule is made again for an inference unit.
+    monkeypatch.setattr(
+        fc.tuning_cache, "lookup", lambda key, device, candidates: ("eager", close, "cache")
+    )
+    assert fc.choose(("s",), names, None, cpu, prefer_first=True) == "cpu"
+    assert fc.choose(("t",), names, None, cpu) == "eager"  # (the table's own pick)

@@ -120,6 +120,9 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
         return fused
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if _tracing_state() is not None:  # torch.jit.trace records eager's ops (has_hooks)
+            out = super().forward(input)
+            return self.activation(out if residual is None else out + residual)
         cache = None  # (a FoldCache: copies and pickles start empty)
         if not torch.compiler.is_compiling():  # made here: modules from older pickles
             cache = self.__dict__.get("_plan_cache")
@@ -470,10 +473,21 @@ def own_hooks(m: nn.Module | None) -> bool:
     )
 
 
+_tracing_state = torch._C._get_tracing_state  # (None unless torch.jit.trace records)
+
+
 def has_hooks(*modules: nn.Module | None) -> bool:
     """True when calling any of ``modules`` would run hooks: their own, or a global module
     hook. A fused unit does not call its modules, so where hooks exist it runs them
-    unfused instead (hooks honoured)."""
+    unfused instead (hooks honoured).
+
+    Also True while ``torch.jit.trace`` records the call: its graph holds tensor ops only,
+    while the fused path decides in Python (the cached fold and its fingerprint, plans,
+    ``auto``'s timing trials, the finite and donation marks), which a trace would either
+    fail on or freeze for the example input. The modules themselves then run, so the
+    traced graph is eager's."""
+    if _tracing_state() is not None:
+        return True
     if (
         _nn_module._global_forward_hooks
         or _nn_module._global_forward_pre_hooks

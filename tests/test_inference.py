@@ -182,3 +182,64 @@ def test_compile_converted_eval_model(context):
         expected = model(x)
         out = compiled(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def _jit_trace(module: nn.Module, x: torch.Tensor):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (torch.jit.trace is deprecated)
+        return torch.jit.trace(module, x, check_trace=False)
+
+
+@pytest.mark.parametrize(
+    "model_name", ["resnet18", "tutorial", "mobilenet_v3_small", "bn_act_module", "unit_module"]
+)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_jit_trace_of_converted_models(model_name, mode):
+    """torch.jit.trace of a converted model (or a fused module) records eager's ops: its
+    fused sites run their modules while a trace records them (the fused path's Python
+    decisions -- cached folds, plans, timing trials, marks -- cannot be traced; the
+    fingerprint op's integer result made tracing fail). The trace runs without
+    resnet_fused's ops and matches the unconverted model on another input, outputs and
+    (training) running statistics."""
+    import copy
+
+    torch.manual_seed(0)
+    if model_name == "mobilenet_v3_small":  # graph sites: conv-bn-hardswish, SE blocks
+        model = torchvision.models.mobilenet_v3_small(num_classes=10)
+        _randomise_bn(model)
+    elif model_name == "bn_act_module":
+        model = nn.Sequential(nn.BatchNorm2d(6), nn.SiLU())
+        _randomise_bn(model)
+    elif model_name == "unit_module":
+        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        _randomise_bn(model)
+    else:
+        model = _make(model_name)
+    model.train(mode == "train")
+    if model_name == "bn_act_module":
+        fused = resnet_fused.FusedBatchNormAct2d(6, activation="silu")
+        fused.load_state_dict(model[0].state_dict())
+        x, x2 = torch.randn(4, 6, 8, 8), torch.randn(3, 6, 8, 8)
+    elif model_name == "unit_module":
+        fused = resnet_fused.FusedConvBNReLU2d.from_modules(*copy.deepcopy(model[:2]))
+        x, x2 = torch.randn(4, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    else:
+        fused = resnet_fused.convert(model)
+        x, x2 = torch.randn(4, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    fused.train(mode == "train")
+    with torch.no_grad() if mode == "eval" else contextlib.nullcontext():
+        expected_first = model(x)
+        traced = _jit_trace(fused, x)
+        kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+        assert not [k for k in kinds if k.startswith("resnet_fused::")], kinds
+        assert "aten::_convolution" in kinds or "aten::batch_norm" in kinds
+        torch.manual_seed(1)  # (dropout in training: the same draws)
+        out = traced(x2)
+        torch.manual_seed(1)
+        torch.testing.assert_close(out, model(x2), rtol=1e-5, atol=1e-5)
+    if mode == "train":  # tracing ran the forward once, as eager's first call
+        assert expected_first.shape[0] == 4
+        for (name, b), b_e in zip(fused.named_buffers(), model.buffers(), strict=True):
+            torch.testing.assert_close(b, b_e, rtol=1e-5, atol=1e-6, msg=name)

@@ -2,7 +2,7 @@
 // FoldCache), checked at every eval call of a fused unit: are the fold's six inputs the
 // same tensors as when it was made, unchanged?
 //
-//   fold_key(*tensors) -> key                 (a capsule; tensors: Tensor or None each)
+//   fold_key(*tensors) -> key or None         (a capsule; tensors: Tensor or None each)
 //   fold_key_check(key, contents, *tensors) -> int | None
 //
 // fold_key_check returns None when any input differs from the key's: another tensor object
@@ -17,16 +17,22 @@
 // `data_ptr()`, then the fingerprint op through the dispatcher) cost ~4 us per unit call,
 // a fifth of a tiny eval unit's whole host time; this costs well under 1 us.
 //
-// Identity: the key holds each tensor's TensorImpl weakly (its address cannot be reused
-// while the key lives, and the tensor is not kept alive) and its storage strongly (neither
-// can the storage's: a data pointer compared equal is the same memory). A Python tensor
-// object and its TensorImpl are one to one, so the same TensorImpl is the same object.
-// The keyed tensors are never inference tensors (which have no version counter: the
-// caller does not cache their fold); a tensor passed to the check that is another object
-// fails the identity test before its version counter is read.
+// Identity: the key holds each tensor's TensorImpl address (no reference of any kind: the
+// tensor is not kept alive, and torch.utils.swap_tensors, which `.to()` and
+// load_state_dict use under torch.__future__.set_swap_module_params_on_conversion,
+// refuses tensors with weak references) and its storage strongly (its address cannot be
+// reused while the key lives, so a data pointer compared equal is the same memory). A
+// Python tensor object and its TensorImpl are one to one. A new tensor at a freed one's
+// address matches only if it views the same storage at the same place with the same
+// metadata and version: then it holds the same bytes, which the fingerprint compares
+// (RESNET_FUSED_FOLD_CHECK=versions trusts the version counter there too). The keyed
+// tensors are plain strided CPU tensors, never inference tensors (no version counter) or
+// tensor subclasses that dispatch to Python (a wrapper's storage holds no data): for
+// those fold_key returns None and the caller keeps no fold. A tensor passed to the check
+// that is another object fails the identity test before its version counter is read.
 #include <ATen/core/Tensor.h>
 #include <c10/core/TensorImpl.h>
-#include <c10/util/intrusive_ptr.h>
+#include <c10/core/DispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -45,8 +51,7 @@ constexpr const char* kCapsuleName = "resnet_fused.FoldKey";
 
 struct Held {
   bool present = false;
-  c10::weak_intrusive_ptr<c10::TensorImpl> impl{c10::weak_intrusive_ptr<c10::TensorImpl>(
-      c10::intrusive_ptr<c10::TensorImpl>())};
+  const c10::TensorImpl* impl = nullptr;  // (an address, never dereferenced)
   c10::Storage storage;
   const void* ptr = nullptr;
   uint32_t version = 0;
@@ -82,11 +87,15 @@ PyObject* fold_key(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs
     if (t == nullptr) {
       continue;
     }
-    TORCH_CHECK(t->layout() == at::kStrided && t->has_storage() && !t->is_inference(),
-                "fold_key: tensors must be strided, with storage, not inference tensors");
+    if (t->layout() != at::kStrided || !t->has_storage() || t->is_inference() ||
+        !t->device().is_cpu() ||
+        t->key_set().has_any(c10::DispatchKeySet(c10::DispatchKey::Python)) ||
+        (t->storage().data() == nullptr && t->storage().nbytes() > 0)) {
+      Py_RETURN_NONE;  // (no key: the caller keeps no fold)
+    }
     Held& h = key->held[i];
     h.present = true;
-    h.impl = c10::weak_intrusive_ptr<c10::TensorImpl>(t->getIntrusivePtr());
+    h.impl = t->unsafeGetTensorImpl();
     h.storage = t->storage();
     h.ptr = t->const_data_ptr();
     h.version = t->_version();
@@ -114,7 +123,7 @@ bool same(const Held& h, const at::Tensor* t) {
   }
   c10::TensorImpl* impl = t->unsafeGetTensorImpl();
   // Identity first: only the key's own tensors (never inference tensors) reach _version().
-  return h.impl._unsafe_get_target() == impl && impl->has_storage() &&
+  return h.impl == impl && impl->has_storage() &&
          impl->storage().unsafeGetStorageImpl() == h.storage.unsafeGetStorageImpl() &&
          t->const_data_ptr() == h.ptr && t->_version() == h.version &&
          t->scalar_type() == h.dtype && t->device() == h.device && t->sizes() == h.sizes &&
@@ -167,7 +176,8 @@ PyCFunction fastcall(F* f) {
 
 PyMethodDef kMethods[] = {
     {"fold_key", fastcall(&fold_key), METH_FASTCALL,
-     "fold_key(*tensors): the key of a cached fold of these tensors (Tensor or None each)."},
+     "fold_key(*tensors): the key of a cached fold of these tensors (Tensor or None each), "
+     "or None where one cannot be keyed (not a plain strided CPU tensor with its data)."},
     {"fold_key_check", fastcall(&fold_key_check), METH_FASTCALL,
      "fold_key_check(key, contents, *tensors): None when the tensors are not the key's "
      "(object, storage, data pointer, version counter, dtype, shape, strides, device); else "

@@ -425,7 +425,9 @@ def _cached_fold(
                 return entry[1]
         if fingerprint is None:
             fingerprint = _fingerprint([t for t in tensors if t is not None])
-        key = (_FOLD_KEY(*tensors), bn.eps, dtype, fingerprint)
+        fold_key = _FOLD_KEY(*tensors)  # (None: a tensor it cannot key, see fold_key.cpp)
+        keep = fold_key is not None
+        key = (fold_key, bn.eps, dtype, fingerprint)
     from .functional.conv_bn_act import fold_conv_bn
 
     with torch.no_grad():
@@ -627,6 +629,10 @@ def conv_bn_forward(
     )
     if record:
         cache.plan = (signature, record[0])
+        if not record[0].batch_stats and record[0].impl == EAGER:
+            # the plan runs eager's unfolded unit: no fold to keep (nor, through its key,
+            # the storage of a parameter replaced later)
+            cache.entry = None
     return out
 
 

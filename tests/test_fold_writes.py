@@ -522,6 +522,80 @@ def test_fold_key_check_sees_every_change_of_the_inputs():
 
 
 @needs_key
+def test_wrapper_subclass_weights_are_not_cached():
+    """A weight that is a wrapper tensor subclass (its storage holds no data: the values
+    live in its inner tensors) gets no fold key, so nothing is cached and nothing reads
+    its storage (the key's check read address 0 there: a segfault, found by a reviewer)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+    _randomise(nn.Sequential(conv, bn))
+    w = conv.weight.detach()
+    tt = TwoTensor(w.clone(), w.clone())
+    assert modules._FOLD_KEY(tt) is None
+    conv.weight = nn.Parameter(tt, requires_grad=False)
+    reference = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).eval()
+    x = torch.randn(2, 4, 5, 5)
+
+    def plain(t):
+        return t.a if isinstance(t, TwoTensor) else t
+
+    with torch.no_grad():
+        expected = plain(reference(x))
+        for backend in ("auto", "cpu"):
+            unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn, backend=backend)
+            unit.eval()
+            for _ in range(3):
+                out = unit(x)
+                assert unit._fold_cache.entry is None
+                torch.testing.assert_close(plain(out), expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_key
+def test_folded_modules_move_with_swapped_parameters():
+    """After eval calls (a cached fold), ``.double()`` and ``load_state_dict`` work where
+    torch swaps parameters in place (torch.__future__.set_swap_module_params_on_conversion:
+    torch.utils.swap_tensors refuses tensors with weak references; the fold's key holds
+    none), and the moved module's fold is made anew."""
+    reference, fused, x = _unit_pair(dtype=torch.float32, backend="cpu")
+    reference.eval()
+    fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), reference(x), rtol=1e-5, atol=1e-5)
+    saved = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        fused.double()
+        reference.double()
+        x = x.double()
+        with torch.no_grad():
+            _assert_same(fused(x), reference(x), "moved to fp64")
+            state = {k: v * 1.5 if v.is_floating_point() else v
+                     for k, v in reference.state_dict().items()}  # fmt: skip
+        reference.load_state_dict(state)
+        fused.load_state_dict(state)
+        with torch.no_grad():
+            _assert_same(fused(x), reference(x), "loaded")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(saved)
+
+
+@needs_key
+def test_an_eager_plan_keeps_no_fold(monkeypatch):
+    """A unit planned to run eager's unfolded ops drops the fold its planning call made
+    (which, through the fold's key, would keep a later-replaced parameter's storage)."""
+    monkeypatch.setenv("RESNET_FUSED_AUTO", "eager")
+    reference, fused, x = _unit_pair()
+    reference.eval()
+    fused.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            _assert_same(fused(x), reference(x), "eager plan")
+            assert fused._fold_cache.entry is None
+
+
+@needs_key
 def test_fold_key_holds_its_tensors_weakly_and_refuses_bad_arguments():
     import weakref
 
@@ -539,5 +613,5 @@ def test_fold_key_holds_its_tensors_weakly_and_refuses_bad_arguments():
         modules._FOLD_KEY_CHECK(key)
     with torch.inference_mode():
         inference = torch.ones(2)
-    with pytest.raises(RuntimeError, match="inference"):
-        modules._FOLD_KEY(inference)
+    assert modules._FOLD_KEY(inference) is None  # (no version counter: not keyed)
+    assert modules._FOLD_KEY(torch.ones(2, device="meta")) is None

@@ -146,6 +146,8 @@ uint64_t hash_tensor(const at::Tensor& tensor) {
     return h;
   }
   const auto* p = static_cast<const unsigned char*>(t.const_data_ptr());
+  // (a wrapper subclass's storage holds no data: refused, never read at address 0)
+  TORCH_CHECK(p != nullptr, "fingerprint: a tensor without data (a wrapper subclass?)");
   const int64_t nchunks = (nbytes + kChunkBytes - 1) / kChunkBytes;
   auto chunk_bytes = [&](int64_t c) { return std::min(kChunkBytes, nbytes - c * kChunkBytes); };
   if (nchunks == 1) {

@@ -14,6 +14,8 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "act.h"
 #include "common.h"
@@ -38,11 +40,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
   const at::ScalarType acc = acc_dtype(input);
   const int64_t C = input.size(1);
   const at::MemoryFormat fmt = bn_memory_format(input);
-  at::Tensor sum_dy = at::zeros({C}, input.options().dtype(acc));
-  at::Tensor sum_dy_xmu = at::zeros({C}, input.options().dtype(acc));
   at::Tensor masked = write_masked_grad ? empty_in_format(input, fmt) : input.new_empty({0});
   if (input.numel() == 0) {
-    return {sum_dy, sum_dy_xmu, masked};
+    return {at::zeros({C}, input.options().dtype(acc)), at::zeros({C}, input.options().dtype(acc)),
+            masked};
+  }
+  // (the loops write every channel's sums)
+  at::Tensor sum_dy = at::empty({C}, input.options().dtype(acc));
+  at::Tensor sum_dy_xhat = at::empty({C}, input.options().dtype(acc));
+  std::vector<double> xmu_double;
+  std::vector<float> xmu_float;
+  void* sum_dy_xmu = nullptr;
+  if (acc == at::kDouble) {
+    xmu_double.resize(static_cast<size_t>(C));
+    sum_dy_xmu = xmu_double.data();
+  } else {
+    xmu_float.resize(static_cast<size_t>(C));
+    sum_dy_xmu = xmu_float.data();
   }
   const at::Tensor x = bn_in_format(input, fmt);
   const at::Tensor g = bn_in_format(grad_out, fmt);
@@ -56,11 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
       write_masked_grad ? masked.mutable_data_ptr() : nullptr, geometry(x, fmt),
       a.mean.const_data_ptr(), a.scale.const_data_ptr(), a.bias.const_data_ptr(),
       a.mean_acc.const_data_ptr(), mask, cpu::ActSpec{act, act_param}, sum_dy.mutable_data_ptr(),
-      sum_dy_xmu.mutable_data_ptr());
+      sum_dy_xmu);
   // sum_dy_xhat = sum_dy_xmu * invstd, per channel (as the aten product would).
-  at::Tensor sum_dy_xhat = at::empty({C}, input.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "bn_act_backward_reduce_xhat", [&] {
-    const scalar_t* s = sum_dy_xmu.const_data_ptr<scalar_t>();
+    const scalar_t* s = static_cast<const scalar_t*>(sum_dy_xmu);
     const scalar_t* inv = a.invstd.const_data_ptr<scalar_t>();
     scalar_t* out = sum_dy_xhat.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
@@ -94,34 +107,40 @@ at::Tensor bn_act_backward_elemt_cpu(const at::Tensor& grad, const at::Tensor& i
   // Per channel in the accumulation type, with the arithmetic of the aten expressions
   // k = -(scale * invstd) * sum_dy_xhat / m and c = -scale * sum_dy / m (m converted to
   // the accumulation type first).
-  at::Tensor k, c;
+  // (host arrays: sums converted as `.to(acc)` would, then k and c; small tensors here
+  // would cost more than this pass over a small input)
+  std::vector<double> kc_double;
+  std::vector<float> kc_float;
+  const void* k = nullptr;
+  const void* c = nullptr;
   if (batch_stats) {
     const double m = static_cast<double>(input.numel() / input.size(1));
     const int64_t C = input.size(1);
-    const at::Tensor sdyx = per_channel_acc(sum_dy_xhat, acc);
-    const at::Tensor sdy = per_channel_acc(sum_dy, acc);
-    k = at::empty({C}, input.options().dtype(acc));
-    c = at::empty({C}, input.options().dtype(acc));
     AT_DISPATCH_FLOATING_TYPES(acc, "bn_act_backward_elemt_coefficients", [&] {
+      std::vector<scalar_t>& store = of_type<scalar_t>(kc_double, kc_float);
+      store.resize(static_cast<size_t>(4 * C));
+      scalar_t* sx = store.data();
+      scalar_t* sd = sx + C;
+      scalar_t* kp = sd + C;
+      scalar_t* cp = kp + C;
+      read_channels(sum_dy_xhat, C, sx);
+      read_channels(sum_dy, C, sd);
       const scalar_t* scale = a.scale_acc.const_data_ptr<scalar_t>();
       const scalar_t* invstd = a.invstd.const_data_ptr<scalar_t>();
-      const scalar_t* sx = sdyx.const_data_ptr<scalar_t>();
-      const scalar_t* sd = sdy.const_data_ptr<scalar_t>();
-      scalar_t* kp = k.mutable_data_ptr<scalar_t>();
-      scalar_t* cp = c.mutable_data_ptr<scalar_t>();
       const scalar_t mm = static_cast<scalar_t>(m);
       for (int64_t i = 0; i < C; ++i) {
         const scalar_t si = scale[i] * invstd[i];
         kp[i] = (-si * sx[i]) / mm;
         cp[i] = (-scale[i] * sd[i]) / mm;
       }
+      k = kp;
+      c = cp;
     });
   }
   cpu::kernels().bn_backward_elemt(
       input.scalar_type(), g.const_data_ptr(), x.const_data_ptr(), dx.mutable_data_ptr(),
       geometry(x, fmt), a.mean.const_data_ptr(), a.scale.const_data_ptr(),
-      a.bias.const_data_ptr(), a.mean_acc.const_data_ptr(), a.scale_acc.const_data_ptr(),
-      batch_stats ? k.const_data_ptr() : nullptr, batch_stats ? c.const_data_ptr() : nullptr,
+      a.bias.const_data_ptr(), a.mean_acc.const_data_ptr(), a.scale_acc.const_data_ptr(), k, c,
       act != kActIdentity ? cpu::BnMask::kFromInput : cpu::BnMask::kNone,
       cpu::ActSpec{act, act_param});
   return dx;

@@ -9,11 +9,10 @@
 // out = act(input + bias [+ residual]), which is the forward loop with mean = 0 and
 // scale = 1; reads input (+ residual), writes out (or input, in place), one pass.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/ones.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <vector>
 
 #include "act.h"
 #include "common.h"
@@ -54,19 +53,35 @@ at::Tensor bn_act_forward_cpu(const at::Tensor& input, const at::Tensor& mean,
 void bias_act_into(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                    const std::optional<at::Tensor>& residual, int64_t act, double act_param,
                    at::Tensor& out, at::MemoryFormat fmt) {
-  const at::ScalarType acc = opmath_dtype(x);
-  const auto acc_opts = x.options().dtype(acc);
   const int64_t C = x.size(1);
-  const at::Tensor mean = at::zeros({C}, acc_opts);
-  const at::Tensor scale = at::ones({C}, acc_opts);
-  const at::Tensor b = bias.has_value() && bias->defined() ? per_channel_acc(*bias, acc) : mean;
   const at::Tensor res = residual.has_value() && residual->defined()
                              ? bn_in_format(*residual, fmt)
                              : at::Tensor();
-  cpu::kernels().bn_forward(x.scalar_type(), x.const_data_ptr(),
-                            res.defined() ? res.const_data_ptr() : nullptr, out.mutable_data_ptr(),
-                            geometry(x, fmt), mean.const_data_ptr(), scale.const_data_ptr(),
-                            b.const_data_ptr(), cpu::ActSpec{act, act_param});
+  // mean 0, scale 1 and the bias in the arithmetic type, as host arrays (three small
+  // tensors cost more than this pass over a small input)
+  auto run = [&](auto zero) {
+    using op_t = decltype(zero);
+    std::vector<op_t> arrays(static_cast<size_t>(3 * C));
+    op_t* mean = arrays.data();
+    op_t* scale = mean + C;
+    op_t* b = scale + C;
+    std::fill(mean, mean + C, op_t(0));
+    std::fill(scale, scale + C, op_t(1));
+    if (bias.has_value() && bias->defined()) {
+      read_channels(*bias, C, b);
+    } else {
+      std::fill(b, b + C, op_t(0));
+    }
+    cpu::kernels().bn_forward(x.scalar_type(), x.const_data_ptr(),
+                              res.defined() ? res.const_data_ptr() : nullptr,
+                              out.mutable_data_ptr(), geometry(x, fmt), mean, scale, b,
+                              cpu::ActSpec{act, act_param});
+  };
+  if (opmath_dtype(x) == at::kDouble) {
+    run(0.0);
+  } else {
+    run(0.0f);
+  }
 }
 
 at::Tensor bias_act_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias,

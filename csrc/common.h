@@ -17,8 +17,9 @@
 namespace resnet_fused {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_floating_point(), name, " must be a floating-point tensor, got ",
-              t.scalar_type());
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, name,
+              " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ", s);
 }
 
 // `t` must match `ref` (named `ref_name`) in shape, device and dtype.

@@ -21,11 +21,12 @@
 // tensor is not kept alive, and torch.utils.swap_tensors, which `.to()` and
 // load_state_dict use under torch.__future__.set_swap_module_params_on_conversion,
 // refuses tensors with weak references) and its storage strongly (its address cannot be
-// reused while the key lives, so a data pointer compared equal is the same memory). A
-// Python tensor object and its TensorImpl are one to one. A new tensor at a freed one's
-// address matches only if it views the same storage at the same place with the same
-// metadata and version: then it holds the same bytes, which the fingerprint compares
-// (RESNET_FUSED_FOLD_CHECK=versions trusts the version counter there too). The keyed
+// reused while the key lives, so a data pointer compared equal is the same memory) and its
+// version counter strongly (compared by identity: a tensor that took a freed one's
+// address and views the same memory, say a Parameter made of `w.data`, has a counter of
+// its own, whose count may well reach the keyed one; RESNET_FUSED_FOLD_CHECK=versions
+// trusts the counters, so such a tensor must not pass). A Python tensor object and its
+// TensorImpl are one to one. The keyed
 // tensors are plain strided CPU tensors, never inference tensors (no version counter) or
 // tensor subclasses that dispatch to Python (a wrapper's storage holds no data): for
 // those fold_key returns None and the caller keeps no fold. A tensor passed to the check
@@ -38,6 +39,8 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace resnet_fused {
@@ -49,9 +52,26 @@ namespace {
 
 constexpr const char* kCapsuleName = "resnet_fused.FoldKey";
 
+// The identity of a version counter (shared by a tensor's views and detach()es, new for
+// `.data` and other fresh tensors): the address of its shared state. VariableVersion
+// holds that state's intrusive pointer as its only member and does not expose it.
+// (Another layout in some other torch: no identity, so versions-only checks trust the
+// count alone there; the default check still compares the contents.)
+inline const void* counter_identity(const c10::VariableVersion& v) {
+  if constexpr (sizeof(c10::VariableVersion) == sizeof(void*) &&
+                std::is_standard_layout_v<c10::VariableVersion>) {
+    const void* p = nullptr;
+    std::memcpy(&p, &v, sizeof(p));
+    return p;
+  } else {
+    return nullptr;
+  }
+}
+
 struct Held {
   bool present = false;
   const c10::TensorImpl* impl = nullptr;  // (an address, never dereferenced)
+  c10::VariableVersion counter;           // (held: its address is not reused)
   c10::Storage storage;
   const void* ptr = nullptr;
   uint32_t version = 0;
@@ -96,6 +116,7 @@ PyObject* fold_key(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs
     Held& h = key->held[i];
     h.present = true;
     h.impl = t->unsafeGetTensorImpl();
+    h.counter = h.impl->version_counter();
     h.storage = t->storage();
     h.ptr = t->const_data_ptr();
     h.version = t->_version();
@@ -123,7 +144,9 @@ bool same(const Held& h, const at::Tensor* t) {
   }
   c10::TensorImpl* impl = t->unsafeGetTensorImpl();
   // Identity first: only the key's own tensors (never inference tensors) reach _version().
-  return h.impl == impl && impl->has_storage() &&
+  return h.impl == impl &&
+         counter_identity(impl->version_counter()) == counter_identity(h.counter) &&
+         impl->has_storage() &&
          impl->storage().unsafeGetStorageImpl() == h.storage.unsafeGetStorageImpl() &&
          t->const_data_ptr() == h.ptr && t->_version() == h.version &&
          t->scalar_type() == h.dtype && t->device() == h.device && t->sizes() == h.sizes &&

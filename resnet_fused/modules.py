@@ -423,10 +423,11 @@ def _cached_fold(
                 and _FOLD_KEY_CHECK(k_key, False, *tensors) is not None
             ):
                 return entry[1]
-        if fingerprint is None:
-            fingerprint = _fingerprint([t for t in tensors if t is not None])
         fold_key = _FOLD_KEY(*tensors)  # (None: a tensor it cannot key, see fold_key.cpp)
         keep = fold_key is not None
+        if keep and fingerprint is None:  # (taken after the key: a write between the two
+            # bumps a version counter the key holds, and the next call refolds)
+            fingerprint = _fingerprint([t for t in tensors if t is not None])
         key = (fold_key, bn.eps, dtype, fingerprint)
     from .functional.conv_bn_act import fold_conv_bn
 

@@ -188,6 +188,15 @@ def test_cpp_op_checks_its_arguments():
         torch.ops.resnet_fused.add_relu(x, torch.randn(3, 2))
     with pytest.raises(RuntimeError, match="x must be a floating-point tensor"):
         torch.ops.resnet_fused.add_relu(x.long(), x.long())
+    f8 = x.to(torch.float8_e4m3fn)  # (floating point, but no kernel reads it)
+    with pytest.raises(RuntimeError, match="x must be a floating-point tensor .*float32"):
+        torch.ops.resnet_fused.add_relu(f8, f8)
+    y = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="weight must be a floating-point tensor .*float32"):
+        torch.ops.resnet_fused.bn_act_forward(
+            y, torch.zeros(3), torch.ones(3), torch.ones(3).to(torch.float8_e5m2), None, None,
+            1e-5, 1, 0.0,
+        )  # fmt: skip
     with pytest.raises(RuntimeError, match="grad_out must have the dtype of out"):
         torch.ops.resnet_fused.relu_backward(x.double(), x)
     with pytest.raises(RuntimeError, match="residual must have the dtype of x"):

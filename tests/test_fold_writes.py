@@ -582,6 +582,33 @@ def test_folded_modules_move_with_swapped_parameters():
 
 
 @needs_key
+def test_versions_check_does_not_trust_a_new_counter_at_a_freed_address(monkeypatch):
+    """RESNET_FUSED_FOLD_CHECK=versions: a Parameter remade from ``w.data`` (same memory,
+    a version counter of its own) often lands at the freed Parameter's address; written in
+    place as many times as the keyed counter had been, its count matches. The key compares
+    the counter's identity too, so the fold is remade (found by a reviewer: the key held
+    only the address, and the unit returned the old weights' result)."""
+    monkeypatch.setenv(modules.FOLD_CHECK_ENV, "versions")
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+    _randomise(nn.Sequential(conv, bn))
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn, backend="cpu").eval()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        conv.weight.mul_(1.0)
+        unit(x)
+        unit(x)
+        keyed = conv.weight._version
+        d = conv.weight.data
+        conv._parameters["weight"] = None
+        conv.weight = nn.Parameter(d)  # (a new counter, at 0)
+        while conv.weight._version < keyed:
+            conv.weight.add_(0.5)
+        expected = torch.relu(bn(conv(x)))
+        torch.testing.assert_close(unit(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_key
 def test_an_eager_plan_keeps_no_fold(monkeypatch):
     """A unit planned to run eager's unfolded ops drops the fold its planning call made
     (which, through the fold's key, would keep a later-replaced parameter's storage)."""
@@ -596,7 +623,7 @@ def test_an_eager_plan_keeps_no_fold(monkeypatch):
 
 
 @needs_key
-def test_fold_key_holds_its_tensors_weakly_and_refuses_bad_arguments():
+def test_fold_key_keeps_no_tensor_alive_and_refuses_bad_arguments():
     import weakref
 
     ins = _key_inputs()

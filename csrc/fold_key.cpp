@@ -38,6 +38,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
+#include "py_functions.h"
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -192,11 +194,6 @@ PyObject* fold_key_check(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
   END_HANDLE_TH_ERRORS
 }
 
-template <typename F>
-PyCFunction fastcall(F* f) {
-  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f));
-}
-
 PyMethodDef kMethods[] = {
     {"fold_key", fastcall(&fold_key), METH_FASTCALL,
      "fold_key(*tensors): the key of a cached fold of these tensors (Tensor or None each), "
@@ -211,9 +208,7 @@ PyMethodDef kMethods[] = {
 }  // namespace
 
 void bind_fold_key(pybind11::module_& m) {
-  if (PyModule_AddFunctions(m.ptr(), kMethods) != 0) {
-    throw pybind11::error_already_set();
-  }
+  add_functions(m, kMethods);
 }
 
 }  // namespace resnet_fused

@@ -55,6 +55,7 @@
 #include <torch/library.h>
 
 #include "act.h"
+#include "py_functions.h"
 
 #include <array>
 #include <optional>
@@ -661,11 +662,6 @@ PyObject* tensor_signature(PyObject* /*module*/, PyObject* const* args, Py_ssize
   END_HANDLE_TH_ERRORS
 }
 
-template <typename F>
-PyCFunction fastcall(F* f) {
-  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f));
-}
-
 PyMethodDef kMethods[] = {
     {"conv_bn_act_eager", fastcall(&conv_bn_act_eager_py), METH_FASTCALL,
      "torch.ops.resnet_fused.conv_bn_act_eager through the dispatcher with less argument "
@@ -680,9 +676,7 @@ PyMethodDef kMethods[] = {
 }  // namespace
 
 void bind_unit(pybind11::module_& m) {
-  if (PyModule_AddFunctions(m.ptr(), kMethods) != 0) {
-    throw pybind11::error_already_set();
-  }
+  add_functions(m, kMethods);
 }
 
 }  // namespace resnet_fused

@@ -26,10 +26,10 @@
 // address and views the same memory, say a Parameter made of `w.data`, has a counter of
 // its own, whose count may well reach the keyed one; RESNET_FUSED_FOLD_CHECK=versions
 // trusts the counters, so such a tensor must not pass). A Python tensor object and its
-// TensorImpl are one to one. The keyed
-// tensors are plain strided CPU tensors, never inference tensors (no version counter) or
-// tensor subclasses that dispatch to Python (a wrapper's storage holds no data): for
-// those fold_key returns None and the caller keeps no fold. A tensor passed to the check
+// TensorImpl are one to one. The keyed tensors are plain strided CPU tensors, never
+// inference tensors (no version counter) or tensor subclasses that dispatch to Python (a
+// wrapper's storage holds no data): for those fold_key returns None and the caller keeps
+// no fold. A tensor passed to the check
 // that is another object fails the identity test before its version counter is read.
 #include <ATen/core/Tensor.h>
 #include <c10/core/TensorImpl.h>

@@ -318,9 +318,9 @@ class FoldCache:
 
 
 # The key of a cached fold (resnet_fused._C.fold_key(*inputs), csrc/fold_key.cpp): each
-# input's tensor object (weakly: a replaced parameter is not kept alive), its storage
-# (strongly, so that its address cannot be reused while the key lives), data pointer,
-# version counter, dtype, shape, strides and device. ``_FOLD_KEY_CHECK(key, contents,
+# input's tensor object (by address: a replaced parameter is not kept alive), its storage
+# and version counter (held, and compared by identity), data pointer, version, dtype,
+# shape, strides and device; None for tensors it cannot key (subclasses, inference). ``_FOLD_KEY_CHECK(key, contents,
 # *inputs)`` is None when any of these differ, else the inputs' fingerprint now (0 when not
 # ``contents``): one C call per eval call of a unit (the same check in Python cost ~4 us).
 # Their contents are in the entry's fingerprint: writes through ``.data`` or numpy bump no
@@ -458,7 +458,7 @@ def _planned_fold(conv, bn, dtype, cache: FoldCache, backend: str):
         if k_eps == bn.eps and k_dtype == dtype:
             cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
             fingerprint = _FOLD_KEY_CHECK(
-                key, read_env(FOLD_CHECK_ENV) not in _VERSIONS_VALUES, cp["weight"],
+                key, _contents_checked(), cp["weight"],
                 cp.get("bias"), bb.get("running_mean"), bb.get("running_var"),
                 bp.get("weight"), bp.get("bias"),
             )  # fmt: skip

@@ -1,7 +1,7 @@
 // Host-side helpers of the CPU BatchNorm-family ops (cpu/bn_stats.cpp,
 // cpu/bn_act_forward.cpp, cpu/bn_act_backward.cpp): the kernels' geometry and the
-// per-channel parameters folded into arrays (acc_dtype, opmath_dtype and per_channel_acc
-// come from common.h, shared with the CUDA ops).
+// per-channel parameters folded into host arrays (acc_dtype and opmath_dtype come from
+// common.h, shared with the CUDA ops).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -27,17 +27,8 @@ inline cpu::BnGeometry geometry(const at::Tensor& input, at::MemoryFormat fmt) {
           fmt == at::MemoryFormat::ChannelsLast};
 }
 
-// The per-channel arrays of the elementwise loops, in the arithmetic type (opmath_dtype):
-// mean, scale = weight * invstd (weight = 1 when absent) and bias (0 when absent); and, in
-// the accumulation type (acc_dtype), invstd and scale_acc for the backward's per-channel
-// coefficients, and mean_acc, the mean in the accumulation type. Float input has double
-// statistics: its mean is split into the float `mean` and the double remainder mean_lo
-// (undefined when the two types agree), which is folded into the bias,
-// bias - mean_lo * scale (rounded once), so that the loops' (x - mean) * scale + bias is
-// (x - mean_hi - mean_lo) * scale + bias: a mean that float cannot hold (two close values
-// per channel) costs no more than one rounding of the bias.
-// One per-channel array of an Affine (C values of its type, in Affine::store): what the
-// ops read of it, as they would read a tensor's.
+// One per-channel array of an Affine (C values of its type, in the Affine's own buffers):
+// what the ops read of it, as they would read a tensor's.
 struct Channels {
   const void* p = nullptr;
   const void* const_data_ptr() const {
@@ -60,6 +51,15 @@ inline std::vector<T>& of_type(std::vector<double>& doubles, std::vector<float>&
   }
 }
 
+// The per-channel arrays of the elementwise loops, in the arithmetic type (opmath_dtype):
+// mean, scale = weight * invstd (weight = 1 when absent) and bias (0 when absent); and, in
+// the accumulation type (acc_dtype), invstd and scale_acc for the backward's per-channel
+// coefficients, and mean_acc, the mean in the accumulation type. Float input has double
+// statistics: its mean is split into the float `mean` and the double remainder mean_lo
+// (undefined when the two types agree), which is folded into the bias,
+// bias - mean_lo * scale (rounded once), so that the loops' (x - mean) * scale + bias is
+// (x - mean_hi - mean_lo) * scale + bias: a mean that float cannot hold (two close values
+// per channel) costs no more than one rounding of the bias.
 struct Affine {
   Channels mean, mean_lo, mean_acc, invstd, scale_acc, scale, bias;
   // The arrays' memory, by type (moving an Affine keeps the arrays where they are).

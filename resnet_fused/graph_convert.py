@@ -107,7 +107,6 @@ from .patterns import (
     ADD_FUNCTIONS,
     BN_TYPES,
     ONLY_RELU,
-    SYNC_HOOKS_ERROR,
     act_text,
     bn_modules,
     inner_act,
@@ -116,6 +115,7 @@ from .patterns import (
     is_norm_act,
     num_features,
     own_classes,
+    sync_hooks_error,
     why_not_bn,
     why_not_conv,
 )
@@ -176,7 +176,7 @@ def _refuse_unsynchronised(bns, what: str) -> None:
         batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         plain = isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, nn.SyncBatchNorm)
         if plain and batch_stats:
-            raise RuntimeError(SYNC_HOOKS_ERROR.format(what=what))
+            raise RuntimeError(sync_hooks_error(what))
 
 
 def _relu(
@@ -1315,7 +1315,6 @@ def _call_block(block: nn.Module, input, *, donate: bool = False, give: bool = F
         or not _plain_block_forward(block)
         or d.get("_compiled_call_impl") is not None
         or torch.compiler.is_compiling()
-        or torch._C._get_tracing_state() is not None
     ):
         undonate(input)  # (hooks may see it)
         return block(input)

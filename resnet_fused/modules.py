@@ -12,6 +12,7 @@ from . import _extension
 from ._env import read_env
 from ._validation import act_argument
 from .activations import ID_ACT, IDENTITY, RELU, Act, as_act
+from .functional._common import runs_eagerly
 from .functional.auto_choice import CONV_BACKEND_ENV, EAGER, POLICY_ENV
 from .functional.batch_norm_act import batch_norm_act
 from .ops import fingerprint as fingerprint_op
@@ -120,7 +121,7 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
         return fused
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        if _tracing_state() is not None:  # torch.jit.trace records eager's ops (has_hooks)
+        if runs_eagerly():  # jit.trace, torch.func, make_fx: eager's ops
             out = super().forward(input)
             return self.activation(out if residual is None else out + residual)
         cache = None  # (a FoldCache: copies and pickles start empty)
@@ -476,20 +477,15 @@ def own_hooks(m: nn.Module | None) -> bool:
     )
 
 
-_tracing_state = torch._C._get_tracing_state  # (None unless torch.jit.trace records)
-
-
 def has_hooks(*modules: nn.Module | None) -> bool:
     """True when calling any of ``modules`` would run hooks: their own, or a global module
     hook. A fused unit does not call its modules, so where hooks exist it runs them
     unfused instead (hooks honoured).
 
-    Also True while ``torch.jit.trace`` records the call: its graph holds tensor ops only,
-    while the fused path decides in Python (the cached fold and its fingerprint, plans,
-    ``auto``'s timing trials, the finite and donation marks), which a trace would either
-    fail on or freeze for the example input. The modules themselves then run, so the
-    traced graph is eager's."""
-    if _tracing_state() is not None:
+    Also True wherever the fused path must not run at all (:func:`runs_eagerly`: tracing
+    by ``torch.jit.trace``, ``torch.func`` transforms, ``make_fx``): its
+    callers then run the modules themselves."""
+    if runs_eagerly():
         return True
     if (
         _nn_module._global_forward_hooks

@@ -203,6 +203,22 @@ SYNC_HOOKS_ERROR = (
     "nn.SyncBatchNorm.convert_sync_batchnorm before resnet_fused.convert(sync_bn=True), or "
     "remove the hooks"
 )
+SYNC_EAGER_ERROR = (
+    "{what} runs as eager's ops under a torch.func transform, make_fx or torch.jit.trace, "
+    "which cannot synchronise a plain nn.BatchNorm2d over a process group: convert the "
+    "model with nn.SyncBatchNorm.convert_sync_batchnorm before "
+    "resnet_fused.convert(sync_bn=True), or call it outside the transform"
+)
+
+
+def sync_hooks_error(what: str) -> str:
+    """The error of a synchronised part that must run through its modules: because of
+    hooks, or because the fused path cannot run here (``runs_eagerly``)."""
+    from .functional._common import runs_eagerly
+
+    return (SYNC_EAGER_ERROR if runs_eagerly() else SYNC_HOOKS_ERROR).format(what=what)
+
+
 SYNC_UNFUSED_ERROR = (
     "{what} runs unfused ({why}), which cannot synchronise its plain nn.BatchNorm2d "
     "statistics over the process group of resnet_fused.convert(sync_bn=True): use "

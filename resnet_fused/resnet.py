@@ -45,10 +45,10 @@ from .modules import FoldCache, conv_bn_forward, has_hooks, own_hooks
 from .patterns import (
     BN_TYPES,
     MISSING,
-    SYNC_HOOKS_ERROR,
     SYNC_UNFUSED_ERROR,
     kind,
     register,
+    sync_hooks_error,
     why_not_unit,
 )
 
@@ -432,7 +432,7 @@ class _FusedBlock(nn.Module):
         if self.sync_bn:
             bns = [m for m in self._modules_now() if type(m) is nn.BatchNorm2d]
             if hooks and bns:
-                raise RuntimeError(SYNC_HOOKS_ERROR.format(what="a submodule of this block"))
+                raise RuntimeError(sync_hooks_error("a submodule of this block"))
             if any(bn.training or (bn.running_mean is None and bn.running_var is None)
                    for bn in bns):  # fmt: skip
                 raise RuntimeError(
@@ -515,7 +515,7 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
         stem = self.__dict__.get("_stem")
         if stem is not None and stem.hooked():
             if stem.sync_bn:
-                raise RuntimeError(SYNC_HOOKS_ERROR.format(what="the stem"))
+                raise RuntimeError(sync_hooks_error("the stem"))
             return super().forward(input)
         return input
 

@@ -10,6 +10,59 @@ from torch import Tensor
 
 K = TypeVar("K")
 
+_tracing_state = torch._C._get_tracing_state  # (None unless torch.jit.trace records)
+_functorch_active = torch._C._are_functorch_transforms_active
+_dispatch_mode = torch._C._get_dispatch_mode
+_PROXY = torch._C._TorchDispatchModeKey.PROXY
+_key_included = torch._C._dispatch_tls_is_dispatch_key_included
+_PRE_DISPATCH = torch._C.DispatchKey.PreDispatch  # (make_fx(pre_dispatch=True): its own stack)
+
+
+def runs_eagerly() -> bool:
+    """True where the fused path must not run: a fused site then runs its modules
+    themselves and the functional API the reference composition (eager's ops):
+
+    * while ``torch.jit.trace`` records: its graph holds tensor ops only, while the fused
+      path decides in Python (the cached fold and its fingerprint, plans, ``auto``'s
+      timing trials, the finite and donation marks), which a trace would either fail on
+      or freeze for the example input; the traced graph is then eager's;
+    * under a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``,
+      ``functionalize``, ...): the fused ops have no batching or forward-mode rules;
+    * while ``make_fx`` traces (its proxy mode, also with ``pre_dispatch=True``): the
+      fold's fingerprint reads values, which a trace cannot, and the graph is then
+      eager's, as jit.trace's.
+
+    Other dispatch modes (``FakeTensorMode``, ``FlopCounterMode``, a user's mode counting
+    ops) see the fused ops, which run there as anywhere. Not under ``torch.compile`` or
+    ``torch.export`` either, which trace the fused ops through their fake kernels (checked
+    first: Dynamo cannot trace the other queries); so ``torch.compile`` of a function that
+    applies a ``torch.func`` transform to a converted model is not supported (compile the
+    model itself, or call the transform outside the compiled function)."""
+    if torch.compiler.is_compiling():
+        return False
+    return (
+        _tracing_state() is not None
+        or _functorch_active()
+        or _dispatch_mode(_PROXY) is not None
+        or _key_included(_PRE_DISPATCH)
+    )
+
+
+def refuse_sync_when_eager(sync: bool, process_group, what: str) -> None:
+    """Synchronised training statistics cannot run where :func:`runs_eagerly` (eager's
+    BatchNorm has no process group): a clear error instead, when a group exists; without
+    torch.distributed the statistics are this process's (with sync_group's warning), as
+    on the fused path."""
+    if sync:
+        from ..distributed import sync_group
+
+        if sync_group(process_group, True) is not None:
+            raise RuntimeError(
+                f"{what} cannot synchronise its statistics under a torch.func transform, "
+                "make_fx or torch.jit.trace (they run eager's ops, which have no process "
+                "group): call it outside the transform, or use nn.SyncBatchNorm"
+            )
+
 
 def cached_kernels(cache: dict[str, K], backend: str, make: Callable[[str], K]) -> K:
     """``make(backend)``, looked up once per backend (the op objects are needed per call);

@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import ops, reference
 from .._validation import check_floating, check_like
 from ..backends import resolve_backend
-from ._common import cached_kernels, distinct, needs_autograd
+from ._common import cached_kernels, distinct, needs_autograd, runs_eagerly
 from .auto_choice import EAGER, batch_bucket, choose, layout_class, make_trial
 
 __all__ = ["add_relu", "add_relu_"]
@@ -117,6 +117,8 @@ def add_relu(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:
     """
     check_floating(x, "x")
     check_like(residual, "residual", x, "x")
+    if runs_eagerly():  # torch.func transforms, make_fx, jit.trace: eager's ops
+        return _eager_add_relu(x, residual)
     impl = _resolve(backend, x, residual)
     if impl == EAGER:
         return _eager_add_relu(x, residual)
@@ -134,6 +136,8 @@ def add_relu_(x: Tensor, residual: Tensor, *, backend: str = "auto") -> Tensor:
     check_floating(x, "x")
     check_like(residual, "residual", x, "x")
     # "auto": the pick of the out-of-place op at this shape (a trial must not write x).
+    if runs_eagerly():  # torch.func transforms, make_fx, jit.trace: eager's ops
+        return x.add_(residual).relu_()
     impl = _resolve(backend, x, residual)
     if impl == EAGER:
         return x.add_(residual).relu_()

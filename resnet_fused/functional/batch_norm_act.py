@@ -23,7 +23,13 @@ from .._validation import (
 )
 from ..activations import ID_ACT
 from ..backends import resolve_backend
-from ._common import cached_kernels, distinct, needs_autograd
+from ._common import (
+    cached_kernels,
+    distinct,
+    needs_autograd,
+    refuse_sync_when_eager,
+    runs_eagerly,
+)
 from .auto_choice import EAGER, batch_bucket, choose, layout_class, make_trial
 
 __all__ = ["batch_norm_act"]
@@ -317,8 +323,11 @@ def batch_norm_act(
     from ..distributed import sync_group, synchronise
 
     group = sync_group(process_group, sync and training)
-    if group is None and compose_reference_under_compile(
-        impl, input.device, input, weight, bias, residual
+    eager = runs_eagerly()  # torch.func transforms, make_fx, jit.trace: eager's ops
+    if eager and group is not None:
+        refuse_sync_when_eager(True, process_group, "batch_norm_act(sync=True)")
+    if group is None and (
+        eager or compose_reference_under_compile(impl, input.device, input, weight, bias, residual)
     ):
         return reference.batch_norm_act(
             input, running_mean, running_var, weight, bias, training, momentum, eps,

@@ -45,7 +45,13 @@ from .._validation import (
 from ..activations import ID_ACT, IDENTITY, RELU, Act
 from ..backends import resolve_backend, unavailable_reason
 from ..ops import EAGER_UNIT
-from ._common import check_batch_size, distinct, needs_autograd
+from ._common import (
+    check_batch_size,
+    distinct,
+    needs_autograd,
+    refuse_sync_when_eager,
+    runs_eagerly,
+)
 from .auto_choice import EAGER, _resolve_conv_backend, make_trial
 from .batch_norm_act import _BatchNormAct, _bn_kernels
 
@@ -689,7 +695,17 @@ def conv_bn_act(
         convolution runs in the autocast dtype, as ``F.conv2d`` would.
     """
     act = act_argument(relu, activation)
+    eager = runs_eagerly()  # torch.func transforms, make_fx, jit.trace: eager's ops
+    if eager:
+        refuse_sync_when_eager(sync_bn and training, process_group, "conv_bn_act(sync_bn=True)")
     if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
+        if eager:  # (autocast casts eager's ops as it casts them in the unconverted code)
+            return reference.conv_bn_act(
+                input, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
+                groups=groups, training=training, momentum=momentum, eps=eps,
+                residual=residual, activation=act,
+            )  # fmt: skip
         return _conv_bn_act_autocast(
             input, conv_weight, bn_weight, bn_bias, running_mean, running_var,
             conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
@@ -705,8 +721,9 @@ def conv_bn_act(
     geometry = (stride, padding, dilation, groups)
     batch_stats = training or running_mean is None
     tensors = (input, conv_weight, conv_bias, bn_weight, bn_bias, residual)
-    if not (sync_bn and training) and compose_reference_under_compile(
-        backend, input.device, *tensors
+    if eager or (
+        not (sync_bn and training)
+        and compose_reference_under_compile(backend, input.device, *tensors)
     ):
         return reference.conv_bn_act(
             input, conv_weight, bn_weight, bn_bias, running_mean, running_var,

@@ -43,6 +43,8 @@
 #include <ATen/ops/silu.h>
 #include <ATen/ops/silu_backward.h>
 #include <ATen/ops/threshold_backward.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -50,6 +52,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/utils/python_numbers.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
@@ -662,7 +665,119 @@ PyObject* tensor_signature(PyObject* /*module*/, PyObject* const* args, Py_ssize
   END_HANDLE_TH_ERRORS
 }
 
+// Whether a context that the fused path must leave to eager's ops is active (the checks
+// of resnet_fused/functional/_common.py: runs_eagerly, which reads torch.compile's flag
+// first): torch.jit.trace recording, a torch.func transform (functorch's layer keys),
+// make_fx's proxy mode, or pre-dispatch tracing (make_fx(pre_dispatch=True)). One call
+// instead of four Python-level queries: it is read on every fused site's call.
+bool in_eager_only_context() {
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  return torch::jit::tracer::isTracing() ||
+         // (torch._C._are_functorch_transforms_active's test: a transform's layer keys)
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) ||
+         c10::impl::TorchDispatchModeTLS::get_mode(c10::impl::TorchDispatchModeKey::PROXY)
+             .has_value() ||
+         included.has(c10::DispatchKey::PreDispatch);
+}
+
+PyObject* eager_only_context(PyObject* /*self*/, PyObject* /*unused*/) {
+  if (in_eager_only_context()) {
+    Py_RETURN_TRUE;
+  }
+  Py_RETURN_FALSE;
+}
+
+// Whether any of the attributes `names` of `obj` is truthy (a non-empty hooks dict);
+// -1 with the Python error set when one cannot be read. Each is read from obj's
+// __dict__ where it is there (what attribute access finds for these attributes, which no
+// class defines: a dict lookup instead of a walk of the class hierarchy), else by
+// attribute access.
+int any_truthy(PyObject* obj, PyObject* const* names, int n) {
+  PyObject* dict = PyObject_GenericGetDict(obj, nullptr);  // (new reference)
+  if (dict == nullptr) {
+    PyErr_Clear();  // (no __dict__: attribute access below says what is wrong)
+  }
+  int result = 0;
+  for (int i = 0; i < n && result == 0; ++i) {
+    PyObject* value = dict != nullptr ? PyDict_GetItemWithError(dict, names[i]) : nullptr;
+    if (value != nullptr) {
+      Py_INCREF(value);  // (borrowed from the dict: held while its truth is asked)
+    } else if (PyErr_Occurred()) {
+      result = -1;
+      break;
+    } else {
+      value = PyObject_GetAttr(obj, names[i]);
+      if (value == nullptr) {
+        result = -1;
+        break;
+      }
+    }
+    result = PyObject_IsTrue(value);
+    Py_DECREF(value);
+  }
+  Py_XDECREF(dict);
+  return result;
+}
+
+// resnet_fused/modules.py: has_hooks outside torch.compile, in one call:
+// any_module_hooks(torch.nn.modules.module, *modules) is True in an eager-only context
+// (above), when one of torch.nn's global module hooks is registered, or when a module
+// of `modules` (None skipped) has forward, forward-pre, backward or backward-pre hooks of
+// its own. The attributes are read at every call, as the Python version reads them.
+PyObject* any_module_hooks(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  static PyObject* const kGlobal[] = {
+      PyUnicode_InternFromString("_global_forward_hooks"),
+      PyUnicode_InternFromString("_global_forward_pre_hooks"),
+      PyUnicode_InternFromString("_global_backward_hooks"),
+      PyUnicode_InternFromString("_global_backward_pre_hooks"),
+  };
+  static PyObject* const kOwn[] = {
+      PyUnicode_InternFromString("_forward_hooks"),
+      PyUnicode_InternFromString("_forward_pre_hooks"),
+      PyUnicode_InternFromString("_backward_hooks"),
+      PyUnicode_InternFromString("_backward_pre_hooks"),
+  };
+  for (PyObject* name : kGlobal) {
+    if (name == nullptr) {
+      return nullptr;  // (interning failed: the error is set)
+    }
+  }
+  for (PyObject* name : kOwn) {
+    if (name == nullptr) {
+      return nullptr;
+    }
+  }
+  if (nargs < 1) {
+    PyErr_SetString(PyExc_TypeError,
+                    "any_module_hooks(torch.nn.modules.module, *modules): missing argument");
+    return nullptr;
+  }
+  if (in_eager_only_context()) {
+    Py_RETURN_TRUE;
+  }
+  int found = any_truthy(args[0], kGlobal, 4);
+  for (Py_ssize_t i = 1; found == 0 && i < nargs; ++i) {
+    if (args[i] != Py_None) {
+      found = any_truthy(args[i], kOwn, 4);
+    }
+  }
+  if (found < 0) {
+    return nullptr;
+  }
+  if (found) {
+    Py_RETURN_TRUE;
+  }
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef kMethods[] = {
+    {"eager_only_context", &eager_only_context, METH_NOARGS,
+     "True while torch.jit.trace records, a torch.func transform is active, or make_fx "
+     "traces (also pre-dispatch): where fused sites run eager's ops."},
+    {"any_module_hooks", fastcall(&any_module_hooks), METH_FASTCALL,
+     "any_module_hooks(torch.nn.modules.module, *modules): resnet_fused.modules.has_hooks "
+     "(an eager-only context, a global module hook, or a module's own hooks) in one call."},
     {"conv_bn_act_eager", fastcall(&conv_bn_act_eager_py), METH_FASTCALL,
      "torch.ops.resnet_fused.conv_bn_act_eager through the dispatcher with less argument "
      "parsing (positional arguments, as the schema); NotImplemented for tensors with "

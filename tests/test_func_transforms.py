@@ -12,6 +12,7 @@ too). Everything in fp64, compared with the unconverted model to fp64 rounding.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -303,19 +304,15 @@ def test_functional_conv_bn_act_under_vmap_grad_and_jvp(activation):
     x, w, bn_w, bn_b, rm, rv = _conv_bn_args()
     r = torch.randn(3, 6, 7, 7, dtype=torch.float64) if activation == "relu" else None
 
-    def fused(x, w, r=r, training=False):
+    def unit(fn, x, w, r=r, training=False):
         stats = (None, None) if training else (rm, rv)
-        return resnet_fused.conv_bn_act(
+        return fn(
             x, w, bn_w, bn_b, *stats, padding=1, training=training, residual=r,
             activation=activation,
         )  # fmt: skip
 
-    def ref(x, w, r=r, training=False):
-        stats = (None, None) if training else (rm, rv)
-        return reference.conv_bn_act(
-            x, w, bn_w, bn_b, *stats, padding=1, training=training, residual=r,
-            activation=activation,
-        )  # fmt: skip
+    fused = functools.partial(unit, resnet_fused.conv_bn_act)
+    ref = functools.partial(unit, reference.conv_bn_act)
 
     assert _fused_ops(lambda: fused(x, w))  # (the fused path outside transforms)
     rs = r if r is not None else torch.zeros(3, 6, 7, 7, dtype=torch.float64)
@@ -393,3 +390,89 @@ def test_functional_batch_norm_act_and_add_relu_under_vmap_and_grad():
     )
     inplace = vmap(lambda a, b: resnet_fused.add_relu_(a.clone(), b))(x, r)
     torch.testing.assert_close(inplace, expected, **TOL)
+
+
+def test_the_extensions_context_check_agrees_with_torchs_queries():
+    """runs_eagerly reads the extension's one-call check (csrc/unit.cpp), or torch's four
+    queries without the extension: both must agree in every context."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from resnet_fused import _extension
+    from resnet_fused.functional import _common
+
+    check = getattr(_extension._C, "eager_only_context", None)
+    if check is None:
+        pytest.skip("the extension is not built")
+    seen = {}
+
+    def record(name):
+        seen.setdefault(name, []).append((check(), _common._eager_only_context()))
+
+    def probe(name):
+        return lambda x: record(name) or x * 2
+
+    record("plain")
+    vmap(probe("vmap"))(torch.ones(2))
+    grad(lambda x: probe("grad")(x).sum())(torch.ones(2))
+    jvp(probe("jvp"), (torch.ones(2),), (torch.ones(2),))
+    make_fx(probe("make_fx"))(torch.ones(2))
+    make_fx(probe("pre_dispatch"), pre_dispatch=True)(torch.ones(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (torch.jit.trace is deprecated)
+        torch.jit.trace(probe("jit.trace"), torch.ones(2), check_trace=False)
+    with FakeTensorMode():
+        record("fake")
+    expected = {"plain": False, "fake": False}
+    for name, results in seen.items():
+        for ext, py in results:
+            assert ext == py == expected.get(name, True), (name, ext, py)
+
+
+def test_the_extensions_hook_check_agrees_with_the_python_one():
+    """has_hooks reads the extension's one-call check outside torch.compile: it must say
+    what the Python version says for every kind of hook, global or a module's own, on
+    any of the modules given (None skipped), and in an eager-only context."""
+    from resnet_fused import modules
+
+    if modules._ANY_MODULE_HOOKS is None:
+        pytest.skip("the extension is not built")
+    from torch.nn.modules import module as nn_module
+
+    def both(*mods):
+        fast = modules._ANY_MODULE_HOOKS(nn_module, *mods)
+        slow = modules._has_hooks(*mods)
+        assert fast is slow, (fast, slow)
+        return fast
+
+    conv, bn = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+    assert both() is False and both(conv, None, bn) is False
+    hook_kinds = {
+        "forward": lambda m: m.register_forward_hook(lambda *a: None),
+        "forward_pre": lambda m: m.register_forward_pre_hook(lambda *a: None),
+        "backward": lambda m: m.register_full_backward_hook(lambda *a: None),
+        "backward_pre": lambda m: m.register_full_backward_pre_hook(lambda *a: None),
+    }
+    for kind, register in hook_kinds.items():
+        for target in (conv, bn):
+            handle = register(target)
+            assert both(conv, None, bn) is True, kind
+            assert both(None) is False
+            handle.remove()
+            assert both(conv, bn) is False
+    global_kinds = {
+        "forward": lambda: nn_module.register_module_forward_hook(lambda *a: None),
+        "forward_pre": lambda: nn_module.register_module_forward_pre_hook(lambda *a: None),
+        "backward": lambda: nn_module.register_module_full_backward_hook(lambda *a: None),
+        "backward_pre": lambda: nn_module.register_module_full_backward_pre_hook(lambda *a: None),
+    }
+    for kind, register in global_kinds.items():
+        handle = register()
+        try:
+            assert both() is True, kind
+        finally:
+            handle.remove()
+        assert both(conv) is False
+    assert vmap(lambda x: x * both(conv, bn))(torch.ones(2)).sum() == 2  # (eager-only)

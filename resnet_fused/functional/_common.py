@@ -8,6 +8,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from .. import _extension
+
 K = TypeVar("K")
 
 _tracing_state = torch._C._get_tracing_state  # (None unless torch.jit.trace records)
@@ -16,6 +18,21 @@ _dispatch_mode = torch._C._get_dispatch_mode
 _PROXY = torch._C._TorchDispatchModeKey.PROXY
 _key_included = torch._C._dispatch_tls_is_dispatch_key_included
 _PRE_DISPATCH = torch._C.DispatchKey.PreDispatch  # (make_fx(pre_dispatch=True): its own stack)
+
+
+def _eager_only_context() -> bool:
+    """The checks of :func:`runs_eagerly` after torch.compile's, with torch's queries."""
+    return (
+        _tracing_state() is not None
+        or _functorch_active()
+        or _dispatch_mode(_PROXY) is not None
+        or _key_included(_PRE_DISPATCH)
+    )
+
+
+# The same checks in one call to the extension (csrc/unit.cpp: ~40 ns against ~250 ns for
+# the four queries; every fused site reads them per call), or torch's without it.
+_EAGER_ONLY_CONTEXT = getattr(_extension._C, "eager_only_context", None) or _eager_only_context
 
 
 def runs_eagerly() -> bool:
@@ -40,12 +57,7 @@ def runs_eagerly() -> bool:
     model itself, or call the transform outside the compiled function)."""
     if torch.compiler.is_compiling():
         return False
-    return (
-        _tracing_state() is not None
-        or _functorch_active()
-        or _dispatch_mode(_PROXY) is not None
-        or _key_included(_PRE_DISPATCH)
-    )
+    return _EAGER_ONLY_CONTEXT()
 
 
 def refuse_sync_when_eager(sync: bool, process_group, what: str) -> None:

@@ -682,10 +682,12 @@ bool in_eager_only_context() {
 }
 
 PyObject* eager_only_context(PyObject* /*self*/, PyObject* /*unused*/) {
+  HANDLE_TH_ERRORS
   if (in_eager_only_context()) {
     Py_RETURN_TRUE;
   }
   Py_RETURN_FALSE;
+  END_HANDLE_TH_ERRORS
 }
 
 // Whether any of the attributes `names` of `obj` is truthy (a non-empty hooks dict);
@@ -720,33 +722,45 @@ int any_truthy(PyObject* obj, PyObject* const* names, int n) {
   return result;
 }
 
+// The attribute names any_module_hooks reads, interned once: false (with the Python
+// error set) if interning fails, and tried again at the next call.
+PyObject* g_global_hooks[4] = {};
+PyObject* g_own_hooks[4] = {};
+
+bool hook_names_ready() {
+  if (g_own_hooks[3] != nullptr) {
+    return true;
+  }
+  static const char* const kGlobal[] = {"_global_forward_hooks", "_global_forward_pre_hooks",
+                                        "_global_backward_hooks", "_global_backward_pre_hooks"};
+  static const char* const kOwn[] = {"_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                     "_backward_pre_hooks"};
+  for (int i = 0; i < 4; ++i) {
+    if (g_global_hooks[i] == nullptr &&
+        (g_global_hooks[i] = PyUnicode_InternFromString(kGlobal[i])) == nullptr) {
+      return false;
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    if (g_own_hooks[i] == nullptr &&
+        (g_own_hooks[i] = PyUnicode_InternFromString(kOwn[i])) == nullptr) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // resnet_fused/modules.py: has_hooks outside torch.compile, in one call:
 // any_module_hooks(torch.nn.modules.module, *modules) is True in an eager-only context
 // (above), when one of torch.nn's global module hooks is registered, or when a module
 // of `modules` (None skipped) has forward, forward-pre, backward or backward-pre hooks of
-// its own. The attributes are read at every call, as the Python version reads them.
+// its own. The attributes are read at every call, as the Python version reads them (from
+// the instance's __dict__, where nn.Module keeps them: a module class that made them
+// properties, or overrode __getattribute__ for them, would not be seen).
 PyObject* any_module_hooks(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
-  static PyObject* const kGlobal[] = {
-      PyUnicode_InternFromString("_global_forward_hooks"),
-      PyUnicode_InternFromString("_global_forward_pre_hooks"),
-      PyUnicode_InternFromString("_global_backward_hooks"),
-      PyUnicode_InternFromString("_global_backward_pre_hooks"),
-  };
-  static PyObject* const kOwn[] = {
-      PyUnicode_InternFromString("_forward_hooks"),
-      PyUnicode_InternFromString("_forward_pre_hooks"),
-      PyUnicode_InternFromString("_backward_hooks"),
-      PyUnicode_InternFromString("_backward_pre_hooks"),
-  };
-  for (PyObject* name : kGlobal) {
-    if (name == nullptr) {
-      return nullptr;  // (interning failed: the error is set)
-    }
-  }
-  for (PyObject* name : kOwn) {
-    if (name == nullptr) {
-      return nullptr;
-    }
+  HANDLE_TH_ERRORS
+  if (!hook_names_ready()) {
+    return nullptr;
   }
   if (nargs < 1) {
     PyErr_SetString(PyExc_TypeError,
@@ -756,10 +770,10 @@ PyObject* any_module_hooks(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   if (in_eager_only_context()) {
     Py_RETURN_TRUE;
   }
-  int found = any_truthy(args[0], kGlobal, 4);
+  int found = any_truthy(args[0], g_global_hooks, 4);
   for (Py_ssize_t i = 1; found == 0 && i < nargs; ++i) {
     if (args[i] != Py_None) {
-      found = any_truthy(args[i], kOwn, 4);
+      found = any_truthy(args[i], g_own_hooks, 4);
     }
   }
   if (found < 0) {
@@ -769,6 +783,7 @@ PyObject* any_module_hooks(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
     Py_RETURN_TRUE;
   }
   Py_RETURN_FALSE;
+  END_HANDLE_TH_ERRORS
 }
 
 PyMethodDef kMethods[] = {

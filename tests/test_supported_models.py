@@ -87,6 +87,7 @@ def test_row_agrees_with_independent_counts(rows, key):
     assert row["other_not_fused"] == 0
     assert row["max_diff_eval"] < 1e-9
     assert row["max_diff_train"] < 1e-9
+    assert 0 <= row["rel_diff_eval"] < 1e-9 and 0 <= row["rel_diff_train"] < 1e-9
     assert not row["error"]
 
 

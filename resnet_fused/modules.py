@@ -489,12 +489,7 @@ def _has_hooks(*modules: nn.Module | None) -> bool:
         or _nn_module._global_backward_pre_hooks
     ):
         return True
-    for m in modules:
-        if m is not None and (
-            m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        ):
-            return True
-    return False
+    return any(own_hooks(m) for m in modules)
 
 
 # The same checks in one call to the extension (csrc/unit.cpp: about 0.2 us against

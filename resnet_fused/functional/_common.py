@@ -60,20 +60,17 @@ def runs_eagerly() -> bool:
     return _EAGER_ONLY_CONTEXT()
 
 
-def refuse_sync_when_eager(sync: bool, process_group, what: str) -> None:
+def refuse_sync_when_eager(group, what: str) -> None:
     """Synchronised training statistics cannot run where :func:`runs_eagerly` (eager's
-    BatchNorm has no process group): a clear error instead, when a group exists; without
-    torch.distributed the statistics are this process's (with sync_group's warning), as
-    on the fused path."""
-    if sync:
-        from ..distributed import sync_group
-
-        if sync_group(process_group, True) is not None:
-            raise RuntimeError(
-                f"{what} cannot synchronise its statistics under a torch.func transform, "
-                "make_fx or torch.jit.trace (they run eager's ops, which have no process "
-                "group): call it outside the transform, or use nn.SyncBatchNorm"
-            )
+    BatchNorm has no process group): a clear error when there is a group to synchronise
+    over (``distributed.sync_group``'s answer); without torch.distributed (None) the
+    statistics are this process's, with sync_group's warning, as on the fused path."""
+    if group is not None:
+        raise RuntimeError(
+            f"{what} cannot synchronise its statistics under a torch.func transform, "
+            "make_fx or torch.jit.trace (they run eager's ops, which have no process "
+            "group): call it outside the transform, or use nn.SyncBatchNorm"
+        )
 
 
 def cached_kernels(cache: dict[str, K], backend: str, make: Callable[[str], K]) -> K:

@@ -324,8 +324,8 @@ def batch_norm_act(
 
     group = sync_group(process_group, sync and training)
     eager = runs_eagerly()  # torch.func transforms, make_fx, jit.trace: eager's ops
-    if eager and group is not None:
-        refuse_sync_when_eager(True, process_group, "batch_norm_act(sync=True)")
+    if eager:
+        refuse_sync_when_eager(group, "batch_norm_act(sync=True)")
     if group is None and (
         eager or compose_reference_under_compile(impl, input.device, input, weight, bias, residual)
     ):

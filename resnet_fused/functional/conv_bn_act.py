@@ -696,8 +696,10 @@ def conv_bn_act(
     """
     act = act_argument(relu, activation)
     eager = runs_eagerly()  # torch.func transforms, make_fx, jit.trace: eager's ops
-    if eager:
-        refuse_sync_when_eager(sync_bn and training, process_group, "conv_bn_act(sync_bn=True)")
+    if eager and sync_bn and training:
+        from ..distributed import sync_group
+
+        refuse_sync_when_eager(sync_group(process_group, True), "conv_bn_act(sync_bn=True)")
     if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
         if eager:  # (autocast casts eager's ops as it casts them in the unconverted code)
             return reference.conv_bn_act(

@@ -25,6 +25,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/_batch_norm_impl_index.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/gelu.h>
@@ -46,6 +47,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/util/SmallVector.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function.h>
@@ -623,6 +625,44 @@ PyObject* conv_bn_act_eager_py(PyObject* /*module*/, PyObject* const* args, Py_s
   END_HANDLE_TH_ERRORS
 }
 
+// Appends dim, dtype, device, requires_grad, sizes and strides of `obj` (a tensor, or -1
+// for None) to `words`; false when `obj` is neither (or a tensor without plain sizes and
+// strides).
+bool append_tensor_words(c10::SmallVector<int64_t, 160>& words, PyObject* obj) {
+  if (obj == Py_None) {
+    words.push_back(-1);
+    return true;
+  }
+  if (!THPVariable_Check(obj)) {
+    return false;
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (t.layout() != at::kStrided || t.is_nested() ||
+      t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    return false;
+  }
+  try {
+    const c10::Device device = t.device();
+    const auto sizes = t.sizes();
+    const auto strides = t.strides();
+    words.push_back(t.dim());
+    words.push_back(static_cast<int64_t>(t.scalar_type()));
+    words.push_back(static_cast<int64_t>(device.type()));
+    words.push_back(device.index());
+    words.push_back(t.requires_grad());
+    words.append(sizes.begin(), sizes.end());
+    words.append(strides.begin(), strides.end());
+  } catch (const c10::Error&) {
+    return false;  // (a subclass that cannot give them)
+  }
+  return true;
+}
+
+PyObject* words_bytes(const c10::SmallVector<int64_t, 160>& words) {
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),
+                                   static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)));
+}
+
 // The tensor part of a plan's signature (resnet_fused/modules.py, _TENSORS): for each
 // argument, None -> one marker; a tensor -> dim, dtype, device, requires_grad, sizes and
 // strides, as one bytes object (compared with ==; it holds the values themselves, so two
@@ -632,36 +672,241 @@ PyObject* tensor_signature(PyObject* /*module*/, PyObject* const* args, Py_ssize
   HANDLE_TH_ERRORS
   c10::SmallVector<int64_t, 160> words;
   for (Py_ssize_t i = 0; i < nargs; ++i) {
-    PyObject* obj = args[i];
-    if (obj == Py_None) {
-      words.push_back(-1);
-      continue;
-    }
-    if (!THPVariable_Check(obj)) {
+    if (!append_tensor_words(words, args[i])) {
       Py_RETURN_NONE;
-    }
-    const at::Tensor& t = THPVariable_Unpack(obj);
-    if (t.layout() != at::kStrided || t.is_nested() ||
-        t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
-      Py_RETURN_NONE;
-    }
-    try {
-      const c10::Device device = t.device();
-      const auto sizes = t.sizes();
-      const auto strides = t.strides();
-      words.push_back(t.dim());
-      words.push_back(static_cast<int64_t>(t.scalar_type()));
-      words.push_back(static_cast<int64_t>(device.type()));
-      words.push_back(device.index());
-      words.push_back(t.requires_grad());
-      words.append(sizes.begin(), sizes.end());
-      words.append(strides.begin(), strides.end());
-    } catch (const c10::Error&) {
-      Py_RETURN_NONE;  // (a subclass that cannot give them)
     }
   }
-  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),
-                                   static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)));
+  return words_bytes(words);
+  END_HANDLE_TH_ERRORS
+}
+
+// The attribute names plan_signature reads, interned once (as hook_names_ready below).
+enum SigName {
+  kParameters, kBuffers, kWeight, kBias, kRunningMean, kRunningVar, kTraining, kMomentum,
+  kEps, kTrackRunningStats, kStride, kPadding, kDilation, kGroups, kPaddingMode, kSigNames
+};
+PyObject* g_sig_names[kSigNames] = {};
+
+bool sig_names_ready() {
+  if (g_sig_names[kSigNames - 1] != nullptr) {
+    return true;
+  }
+  static const char* const kNames[kSigNames] = {
+      "_parameters", "_buffers", "weight", "bias", "running_mean", "running_var", "training",
+      "momentum", "eps", "track_running_stats", "stride", "padding", "dilation", "groups",
+      "padding_mode"};
+  for (int i = 0; i < kSigNames; ++i) {
+    if (g_sig_names[i] == nullptr &&
+        (g_sig_names[i] = PyUnicode_InternFromString(kNames[i])) == nullptr) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// A new reference to `mapping[key]` (a dict: a module's _parameters or _buffers), or to
+// None where the key is absent; null with the Python error set where `mapping` is not a
+// dict or the lookup fails.
+PyObject* dict_get(PyObject* mapping, PyObject* key) {
+  if (!PyDict_Check(mapping)) {
+    PyErr_SetString(PyExc_TypeError, "plan_signature: a module's _parameters or _buffers is not a dict");
+    return nullptr;
+  }
+  PyObject* value = PyDict_GetItemWithError(mapping, key);
+  if (value == nullptr) {
+    if (PyErr_Occurred()) {
+      return nullptr;
+    }
+    value = Py_None;
+  }
+  Py_INCREF(value);
+  return value;
+}
+
+// A new reference to attribute `name` of `obj` (null with the Python error set where it
+// cannot be read), as attribute access finds it: from `dict` (obj's __dict__, or null)
+// unless obj's class has a data descriptor (a property) of that name, else by attribute
+// access. (nn.Module defines __getattr__, which makes every attribute access of a module
+// take CPython's slower path: most of the time of reading a dozen attributes.)
+PyObject* read_attr(PyObject* obj, PyObject* dict, PyObject* name) {
+  if (dict != nullptr) {
+    PyObject* descr = _PyType_Lookup(Py_TYPE(obj), name);  // (borrowed)
+    if (descr == nullptr || Py_TYPE(descr)->tp_descr_set == nullptr) {
+      PyObject* value = PyDict_GetItemWithError(dict, name);
+      if (value != nullptr) {
+        return Py_NewRef(value);
+      }
+      if (PyErr_Occurred()) {
+        return nullptr;
+      }
+    }
+  }
+  return PyObject_GetAttr(obj, name);
+}
+
+// Owned references, released together.
+struct Refs {
+  c10::SmallVector<PyObject*, 24> held;
+  ~Refs() {
+    for (PyObject* o : held) {
+      Py_XDECREF(o);
+    }
+  }
+  PyObject* keep(PyObject* o) {
+    held.push_back(o);
+    return o;
+  }
+};
+
+// resnet_fused/modules.py's _unit_signature (conv given) and _bn_signature (conv None)
+// outside torch.compile, in one call:
+//   plan_signature(env, policy_key, conv_backend_key, conv, bn, input, residual, act,
+//                  backend)
+// returns the same tuple the Python versions build (items in their order, the tensors'
+// part as tensor_signature's bytes), or None where they return None (a tensor argument
+// that is not a tensor; a unit under autocast with float64 or non-float input). `env` is
+// os.environ's mapping of encoded names (read_env's), the keys the encoded names of the
+// policy and convolution-backend variables. Attributes are read where attribute
+// access finds them (read_attr).
+PyObject* plan_signature(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 9) {
+    PyErr_SetString(PyExc_TypeError,
+                    "plan_signature(env, policy_key, conv_backend_key, conv, bn, input, "
+                    "residual, act, backend): takes 9 arguments");
+    return nullptr;
+  }
+  if (!sig_names_ready()) {
+    return nullptr;
+  }
+  PyObject* const env = args[0];
+  PyObject* const conv = args[3];
+  PyObject* const bn = args[4];
+  PyObject* const input = args[5];
+  PyObject* const residual = args[6];
+  const bool unit = conv != Py_None;
+  if (!PyDict_Check(env) || !THPVariable_Check(input)) {
+    Py_RETURN_NONE;
+  }
+  PyObject* const* n = g_sig_names;
+  Refs refs;
+  // The autocast dtype of the input's device type (None while autocast is off there).
+  PyObject* amp = Py_None;
+  {
+    const at::Tensor& x = THPVariable_Unpack(input);
+    bool enabled = false;
+    try {
+      enabled = at::autocast::is_autocast_enabled(x.device().type());
+    } catch (const c10::Error&) {
+      Py_RETURN_NONE;  // (a device type autocast does not know: the checked path)
+    }
+    if (enabled) {
+      if (unit && (x.scalar_type() == at::kDouble || !x.is_floating_point())) {
+        Py_RETURN_NONE;
+      }
+      amp = reinterpret_cast<PyObject*>(
+          torch::getTHPDtype(at::autocast::get_autocast_dtype(x.device().type())));
+    }
+  }
+  // The modules' __dict__ (null without one: attribute access throughout).
+  auto instance_dict = [&](PyObject* obj) -> PyObject* {
+    PyObject* dict = PyObject_GenericGetDict(obj, nullptr);
+    if (dict == nullptr) {
+      PyErr_Clear();
+    }
+    return refs.keep(dict);
+  };
+  PyObject* const bn_dict = instance_dict(bn);
+  PyObject* const conv_dict = unit ? instance_dict(conv) : nullptr;
+  PyObject* bp = refs.keep(read_attr(bn, bn_dict, n[kParameters]));
+  PyObject* bb = bp ? refs.keep(read_attr(bn, bn_dict, n[kBuffers])) : nullptr;
+  if (bb == nullptr) {
+    return nullptr;
+  }
+  PyObject* tensors[8] = {input, residual};
+  const int keyed[4][2] = {{0, kWeight}, {0, kBias}, {1, kRunningMean}, {1, kRunningVar}};
+  for (int i = 0; i < 4; ++i) {
+    tensors[2 + i] = refs.keep(dict_get(keyed[i][0] == 0 ? bp : bb, n[keyed[i][1]]));
+    if (tensors[2 + i] == nullptr) {
+      return nullptr;
+    }
+  }
+  int count = 6;
+  if (unit) {
+    PyObject* cp = refs.keep(read_attr(conv, conv_dict, n[kParameters]));
+    if (cp == nullptr) {
+      return nullptr;
+    }
+    if (!PyDict_Check(cp)) {
+      Py_RETURN_NONE;
+    }
+    PyObject* w = PyDict_GetItemWithError(cp, n[kWeight]);  // (borrowed; held by cp)
+    if (w == nullptr) {
+      if (PyErr_Occurred()) {
+        return nullptr;
+      }
+      Py_RETURN_NONE;  // (no weight: the checked path says what is wrong)
+    }
+    tensors[6] = w;
+    tensors[7] = refs.keep(dict_get(cp, n[kBias]));
+    if (tensors[7] == nullptr) {
+      return nullptr;
+    }
+    count = 8;
+  }
+  c10::SmallVector<int64_t, 160> words;
+  for (int i = 0; i < count; ++i) {
+    if (!append_tensor_words(words, tensors[i])) {
+      Py_RETURN_NONE;
+    }
+  }
+  auto env_value = [&](PyObject* key) -> PyObject* {
+    PyObject* v = PyDict_GetItemWithError(env, key);
+    if (v == nullptr && !PyErr_Occurred()) {
+      v = Py_None;
+    }
+    if (v != nullptr) {
+      Py_INCREF(v);
+    }
+    return v;
+  };
+  auto boolean = [](bool b) -> PyObject* { return Py_NewRef(b ? Py_True : Py_False); };
+  // Items as the Python versions order them (new references; null where a read failed).
+  c10::SmallVector<PyObject*, 19> items;
+  items.push_back(words_bytes(words));
+  items.push_back(boolean(at::GradMode::is_enabled()));
+  items.push_back(Py_NewRef(amp));
+  for (int name : {kTraining, kMomentum, kEps, kTrackRunningStats}) {
+    items.push_back(read_attr(bn, bn_dict, n[name]));
+  }
+  items.push_back(Py_NewRef(reinterpret_cast<PyObject*>(Py_TYPE(bn))));
+  items.push_back(Py_NewRef(args[7]));  // act
+  items.push_back(Py_NewRef(args[8]));  // backend
+  items.push_back(env_value(args[1]));  // the policy
+  if (unit) {
+    for (int name : {kStride, kPadding, kDilation, kGroups, kPaddingMode}) {
+      items.push_back(read_attr(conv, conv_dict, n[name]));
+    }
+    items.push_back(env_value(args[2]));  // the convolution backend
+    items.push_back(boolean(at::globalContext().userEnabledMkldnn()));
+    items.push_back(boolean(at::globalContext().allowTF32CuDNN()));
+  }
+  PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(items.size()));
+  bool failed = result == nullptr;
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (items[i] == nullptr) {
+      failed = true;
+    } else if (result != nullptr) {
+      PyTuple_SET_ITEM(result, static_cast<Py_ssize_t>(i), items[i]);  // (steals)
+      continue;
+    }
+    Py_XDECREF(items[i]);
+  }
+  if (failed) {
+    Py_XDECREF(result);  // (its unset items are null: tuple dealloc skips them)
+    return nullptr;
+  }
+  return result;
   END_HANDLE_TH_ERRORS
 }
 
@@ -797,6 +1042,10 @@ PyMethodDef kMethods[] = {
      "torch.ops.resnet_fused.conv_bn_act_eager through the dispatcher with less argument "
      "parsing (positional arguments, as the schema); NotImplemented for tensors with "
      "__torch_function__ or under a TorchFunctionMode."},
+    {"plan_signature", fastcall(&plan_signature), METH_FASTCALL,
+     "plan_signature(env, policy_key, conv_backend_key, conv, bn, input, residual, act, "
+     "backend): resnet_fused.modules' _unit_signature (conv given) or _bn_signature (conv "
+     "None) outside torch.compile, the same tuple in one call."},
     {"tensor_signature", fastcall(&tensor_signature), METH_FASTCALL,
      "dim, dtype, device, requires_grad, sizes and strides of each tensor argument (None "
      "kept) as one bytes object; None when an argument is neither a tensor nor None."},

@@ -20,3 +20,14 @@ def read_env(name: str) -> object:
     if key is None:
         key = _ENCODED[name] = os.environ.encodekey(name)
     return _DATA.get(key)
+
+
+def env_mapping() -> dict | None:
+    """os.environ's mapping of encoded names to encoded values, which :func:`read_env`
+    reads (None where os.environ has none: then read_env asks os.environ)."""
+    return _DATA
+
+
+def encoded_name(name: str) -> object:
+    """``name`` as a key of :func:`env_mapping`."""
+    return os.environ.encodekey(name)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import resnet_fused
+from resnet_fused import modules
 from resnet_fused.functional import conv_bn_act as conv_bn_act_module
 
 
@@ -345,3 +346,101 @@ def test_planned_eval_unit_keeps_the_onednn_weight(monkeypatch, residual, layout
         assert calls and calls[-1], f"step {step}: oneDNN got a dense weight"
         packed_for = unit._fold_cache.plan[1].onednn[0]
         assert packed_for is unit._fold_cache.entry[1][0]  # made from the current fold
+
+
+class _PaddingProperty(nn.Conv2d):
+    """A convolution whose ``padding`` is a property (a data descriptor of its class,
+    which attribute access prefers to the instance's __dict__)."""
+
+    @property
+    def padding(self):
+        return (self.__dict__["_p"],) * 2
+
+    @padding.setter
+    def padding(self, value):
+        self.__dict__["_p"] = value[0] if isinstance(value, tuple) else value
+
+
+class _ClassMomentum(nn.BatchNorm2d):
+    """A BatchNorm whose momentum is a class attribute (absent from its __dict__)."""
+
+    momentum = 0.25
+
+    def __init__(self, c):
+        super().__init__(c)
+        del self.__dict__["momentum"]
+
+
+def _signature_cases():
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+    yield "plain", conv, bn
+    yield "no conv bias, no affine, no running stats", nn.Conv2d(3, 4, 1, bias=False), \
+        nn.BatchNorm2d(4, affine=False, track_running_stats=False)  # fmt: skip
+    yield "padding property", _PaddingProperty(3, 4, 3, padding=2), nn.BatchNorm2d(4)
+    yield "class momentum", nn.Conv2d(3, 4, 3, stride=2, padding="valid"), _ClassMomentum(4)
+
+
+@pytest.mark.skipif(modules._PLAN_SIGNATURE is None, reason="extension not built")
+def test_plan_signature_is_the_python_signature(monkeypatch):
+    """The extension's plan_signature builds the tuple that _unit_signature_py and
+    _bn_signature_py build, in every context a signature reads: grad mode, autocast (and
+    float64 input under it: None for a unit), the modules' flags and settings (also a
+    property and a class attribute), the tensors present or not, the environment
+    variables, oneDNN's switch; None where an argument is not a tensor. Each change moves
+    the signature."""
+    from resnet_fused.functional.auto_choice import CONV_BACKEND_ENV, POLICY_ENV
+
+    relu = resnet_fused.activations.as_act("relu")
+    x = torch.randn(2, 3, 6, 6)
+    seen = set()
+
+    def check(conv, bn, inp, residual, act=relu, backend="auto"):
+        unit = modules._unit_signature(conv, bn, inp, residual, act, backend)
+        assert unit == modules._unit_signature_py(conv, bn, inp, residual, act, backend)
+        site = modules._bn_signature(bn, inp, residual, act, backend)
+        assert site == modules._bn_signature_py(bn, inp, residual, act, backend)
+        if unit is not None:
+            seen.add(unit)
+        return unit
+
+    for _, conv, bn in _signature_cases():
+        y = conv(x).detach()
+        contexts = [
+            ("grad", torch.enable_grad),
+            ("no_grad", torch.no_grad),
+            ("autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+            ("no oneDNN", lambda: torch.backends.mkldnn.flags(enabled=False)),
+        ]
+        for _, ctx in contexts:
+            for training in (True, False):
+                conv.train(training), bn.train(training)
+                with ctx():
+                    before = len(seen)
+                    assert check(conv, bn, x, None) is not None
+                    check(conv, bn, x, y)  # (a residual)
+                    check(conv, bn, x.requires_grad_(), None)
+                    x.requires_grad_(False)
+                    check(conv, bn, x, None, resnet_fused.activations.as_act("silu"), "cpu")
+                    assert len(seen) == before + 4
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert check(conv, bn, x.double(), None) is None
+            assert modules._bn_signature(bn, x.double(), None, relu, "auto") is not None
+        assert check(conv, bn, "not a tensor", None) is None
+        assert check(conv, bn, x, 3.0) is None
+        for name in (POLICY_ENV, CONV_BACKEND_ENV):
+            monkeypatch.delenv(name, raising=False)
+            check(conv, bn, x, None)
+            before = len(seen)
+            monkeypatch.setenv(name, "eager")
+            check(conv, bn, x, None)
+            monkeypatch.delenv(name)
+            check(conv, bn, x, None)
+            assert len(seen) == before + 1
+        bn.eps, before = bn.eps * 2, len(seen)
+        check(conv, bn, x, None)
+        assert len(seen) == before + 1
+    prop = _PaddingProperty(3, 4, 3, padding=2)
+    assert check(prop, nn.BatchNorm2d(4), x, None)[12] == (2, 2)
+    prop.__dict__["padding"] = "shadowed"  # (the property wins, as attribute access says)
+    assert check(prop, nn.BatchNorm2d(4), x, None)[12] == (2, 2)
+    assert check(nn.Conv2d(3, 4, 1), _ClassMomentum(4), x, None)[4] == 0.25

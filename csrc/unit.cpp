@@ -683,7 +683,9 @@ PyObject* tensor_signature(PyObject* /*module*/, PyObject* const* args, Py_ssize
 // The attribute names plan_signature reads, interned once (as hook_names_ready below).
 enum SigName {
   kParameters, kBuffers, kWeight, kBias, kRunningMean, kRunningVar, kTraining, kMomentum,
-  kEps, kTrackRunningStats, kStride, kPadding, kDilation, kGroups, kPaddingMode, kSigNames
+  kEps, kTrackRunningStats, kStride, kPadding, kDilation, kGroups, kPaddingMode,
+  // (planned_unit's)
+  kPlan, kUnit, kGeometry, kBatchStats, kNumBatchesTracked, kKind, kParam, kSigNames
 };
 PyObject* g_sig_names[kSigNames] = {};
 
@@ -694,7 +696,8 @@ bool sig_names_ready() {
   static const char* const kNames[kSigNames] = {
       "_parameters", "_buffers", "weight", "bias", "running_mean", "running_var", "training",
       "momentum", "eps", "track_running_stats", "stride", "padding", "dilation", "groups",
-      "padding_mode"};
+      "padding_mode", "plan", "unit", "geometry", "batch_stats", "num_batches_tracked", "kind",
+      "param"};
   for (int i = 0; i < kSigNames; ++i) {
     if (g_sig_names[i] == nullptr &&
         (g_sig_names[i] = PyUnicode_InternFromString(kNames[i])) == nullptr) {
@@ -910,6 +913,135 @@ PyObject* plan_signature(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
   END_HANDLE_TH_ERRORS
 }
 
+// resnet_fused/modules.py's conv_bn_forward for a unit whose plan runs eager's ops as one
+// op call (plan.unit: conv_bn_act_eager), outside torch.compile:
+//   planned_unit(cache, env, policy_key, conv_backend_key, conv, bn, input, residual, act,
+//                backend)
+// computes the call's signature (plan_signature); where it equals the signature of
+// cache.plan = (signature, plan) and plan.unit is set, it makes the call that _run_plan
+// makes (the modules' parameters and buffers read now, nn.BatchNorm2d.forward's choice of
+// running statistics and counter) and returns its output. Otherwise, and where the op
+// declines (NotImplemented: tensors with __torch_function__), it returns the signature
+// (or None), and the caller goes on in Python.
+PyObject* planned_unit(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 10) {
+    PyErr_SetString(PyExc_TypeError,
+                    "planned_unit(cache, env, policy_key, conv_backend_key, conv, bn, input, "
+                    "residual, act, backend): takes 10 arguments");
+    return nullptr;
+  }
+  PyObject* const signature = plan_signature(nullptr, args + 1, 9);
+  if (signature == nullptr || signature == Py_None || args[4] == Py_None) {
+    return signature;
+  }
+  PyObject* const* n = g_sig_names;  // (ready: plan_signature interned them)
+  PyObject* const conv = args[4];
+  PyObject* const bn = args[5];
+  Refs refs;
+  refs.keep(signature);
+  auto keep_signature = [&]() -> PyObject* { return Py_NewRef(signature); };
+  PyObject* planned = refs.keep(PyObject_GetAttr(args[0], n[kPlan]));
+  if (planned == nullptr) {
+    return nullptr;
+  }
+  if (!PyTuple_Check(planned) || PyTuple_GET_SIZE(planned) != 2) {
+    return keep_signature();
+  }
+  const int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(planned, 0), signature, Py_EQ);
+  if (same <= 0) {
+    return same < 0 ? nullptr : keep_signature();
+  }
+  PyObject* const plan = PyTuple_GET_ITEM(planned, 1);  // (held by planned)
+  PyObject* unit = refs.keep(PyObject_GetAttr(plan, n[kUnit]));
+  if (unit == nullptr) {
+    return nullptr;
+  }
+  PyObject* geometry = unit == Py_None ? nullptr : refs.keep(PyObject_GetAttr(plan, n[kGeometry]));
+  if (geometry == nullptr) {
+    return PyErr_Occurred() ? nullptr : keep_signature();
+  }
+  if (!PyTuple_Check(geometry) || PyTuple_GET_SIZE(geometry) != 4) {
+    return keep_signature();
+  }
+  // _run_plan's reads, in its order.
+  PyObject* const bn_dict = refs.keep(PyObject_GenericGetDict(bn, nullptr));
+  PyObject* const conv_dict = bn_dict ? refs.keep(PyObject_GenericGetDict(conv, nullptr)) : nullptr;
+  PyObject* const act_dict =
+      conv_dict ? refs.keep(PyObject_GenericGetDict(args[8], nullptr)) : nullptr;
+  if (act_dict == nullptr) {
+    PyErr_Clear();  // (a module or activation without __dict__: the Python path)
+    return keep_signature();
+  }
+  PyObject* bb = refs.keep(read_attr(bn, bn_dict, n[kBuffers]));
+  PyObject* training = bb ? refs.keep(read_attr(bn, bn_dict, n[kTraining])) : nullptr;
+  if (training == nullptr) {
+    return nullptr;
+  }
+  if (!PyDict_Check(bb)) {
+    return keep_signature();
+  }
+  const int train = PyObject_IsTrue(training);
+  if (train < 0) {
+    return nullptr;
+  }
+  PyObject* rm = Py_None;
+  PyObject* rv = Py_None;
+  PyObject* tracked = Py_None;
+  int track = 1;
+  if (train) {
+    PyObject* t = refs.keep(read_attr(bn, bn_dict, n[kTrackRunningStats]));
+    if (t == nullptr || (track = PyObject_IsTrue(t)) < 0) {
+      return nullptr;
+    }
+  }
+  if (track) {  // (eval: the running statistics; training: also the counter, if tracked)
+    rm = refs.keep(dict_get(bb, n[kRunningMean]));
+    rv = rm ? refs.keep(dict_get(bb, n[kRunningVar])) : nullptr;
+    if (rv == nullptr) {
+      return nullptr;
+    }
+    if (train && (tracked = refs.keep(dict_get(bb, n[kNumBatchesTracked]))) == nullptr) {
+      return nullptr;
+    }
+  }
+  PyObject* cp = refs.keep(read_attr(conv, conv_dict, n[kParameters]));
+  PyObject* bp = cp ? refs.keep(read_attr(bn, bn_dict, n[kParameters])) : nullptr;
+  if (bp == nullptr) {
+    return nullptr;
+  }
+  if (!PyDict_Check(cp) || !PyDict_Check(bp)) {
+    return keep_signature();
+  }
+  PyObject* w = PyDict_GetItemWithError(cp, n[kWeight]);  // (borrowed; held by cp)
+  if (w == nullptr) {
+    return PyErr_Occurred() ? nullptr : keep_signature();
+  }
+  PyObject* conv_b = refs.keep(dict_get(cp, n[kBias]));
+  PyObject* bn_w = conv_b ? refs.keep(dict_get(bp, n[kWeight])) : nullptr;
+  PyObject* bn_b = bn_w ? refs.keep(dict_get(bp, n[kBias])) : nullptr;
+  PyObject* batch_stats = bn_b ? refs.keep(PyObject_GetAttr(plan, n[kBatchStats])) : nullptr;
+  PyObject* momentum = batch_stats ? refs.keep(read_attr(bn, bn_dict, n[kMomentum])) : nullptr;
+  PyObject* eps = momentum ? refs.keep(read_attr(bn, bn_dict, n[kEps])) : nullptr;
+  PyObject* kind = eps ? refs.keep(read_attr(args[8], act_dict, n[kKind])) : nullptr;
+  PyObject* param = kind ? refs.keep(read_attr(args[8], act_dict, n[kParam])) : nullptr;
+  if (param == nullptr) {
+    return nullptr;
+  }
+  PyObject* const call[18] = {
+      args[6], w, conv_b, bn_w, bn_b, rm, rv, tracked,
+      PyTuple_GET_ITEM(geometry, 0), PyTuple_GET_ITEM(geometry, 1),
+      PyTuple_GET_ITEM(geometry, 2), PyTuple_GET_ITEM(geometry, 3),
+      batch_stats, momentum, eps, args[7], kind, param};
+  PyObject* out = PyObject_Vectorcall(unit, call, 18, nullptr);  // (plan.unit, as _run_plan)
+  if (out == Py_NotImplemented) {
+    Py_DECREF(out);
+    return keep_signature();
+  }
+  return out;  // (the output, or null with the error set)
+  END_HANDLE_TH_ERRORS
+}
+
 // Whether a context that the fused path must leave to eager's ops is active (the checks
 // of resnet_fused/functional/_common.py: runs_eagerly, which reads torch.compile's flag
 // first): torch.jit.trace recording, a torch.func transform (functorch's layer keys),
@@ -1046,6 +1178,10 @@ PyMethodDef kMethods[] = {
      "plan_signature(env, policy_key, conv_backend_key, conv, bn, input, residual, act, "
      "backend): resnet_fused.modules' _unit_signature (conv given) or _bn_signature (conv "
      "None) outside torch.compile, the same tuple in one call."},
+    {"planned_unit", fastcall(&planned_unit), METH_FASTCALL,
+     "planned_unit(cache, env, policy_key, conv_backend_key, conv, bn, input, residual, act, "
+     "backend): a planned eager unit's call (resnet_fused.modules.conv_bn_forward's) in one "
+     "call: its output, or the call's signature where the plan does not apply."},
     {"tensor_signature", fastcall(&tensor_signature), METH_FASTCALL,
      "dim, dtype, device, requires_grad, sizes and strides of each tensor argument (None "
      "kept) as one bytes object; None when an argument is neither a tensor nor None."},

@@ -238,6 +238,8 @@ _ENV = env_mapping()
 _is_compiling = torch.compiler.is_compiling  # (Dynamo knows the function, not the name)
 _PLAN_SIGNATURE = getattr(_extension._C, "plan_signature", None) if isinstance(_ENV, dict) else None
 _POLICY_KEY, _CONV_BACKEND_KEY = encoded_name(POLICY_ENV), encoded_name(CONV_BACKEND_ENV)
+# conv_bn_forward's planned eager units in one call (csrc/unit.cpp: planned_unit).
+_PLANNED_UNIT = _PLAN_SIGNATURE and getattr(_extension._C, "planned_unit", None)
 
 
 def _call_signature(bn, input, residual, act, backend, amp) -> tuple | None:
@@ -613,7 +615,17 @@ def conv_bn_forward(
         sync, process_group = True, process_group or bn.process_group
     signature = None
     if cache is not None and not sync:
-        signature = _unit_signature(conv, bn, input, residual, act, backend)
+        if _PLANNED_UNIT is not None and not _is_compiling():
+            # A planned eager unit runs in this one call (csrc/unit.cpp: the reads and the
+            # call of _run_plan); other calls get their signature back.
+            signature = _PLANNED_UNIT(
+                cache, _ENV, _POLICY_KEY, _CONV_BACKEND_KEY, conv, bn, input, residual, act,
+                backend,
+            )  # fmt: skip
+            if isinstance(signature, Tensor):
+                return signature
+        else:
+            signature = _unit_signature(conv, bn, input, residual, act, backend)
         planned = cache.plan
         if signature is not None and planned is not None and planned[0] == signature:
             return _run_plan(

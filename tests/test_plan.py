@@ -444,3 +444,46 @@ def test_plan_signature_is_the_python_signature(monkeypatch):
     prop.__dict__["padding"] = "shadowed"  # (the property wins, as attribute access says)
     assert check(prop, nn.BatchNorm2d(4), x, None)[12] == (2, 2)
     assert check(nn.Conv2d(3, 4, 1), _ClassMomentum(4), x, None)[4] == 0.25
+
+
+@pytest.mark.parametrize("policy", ["eager", "fused"])
+def test_planned_calls_follow_the_flags(checked_calls, monkeypatch, policy):
+    """Every change of the BatchNorm's flags and settings, then a planned call (the
+    second after the change), equals eager: running statistics dropped in training when
+    ``track_running_stats`` is turned off on a BN that has them (nn.BatchNorm2d then
+    neither uses nor updates them, nor counts the call), kept in eval, the counter and
+    a cumulative average with ``momentum=None``. With ``eager`` the planned calls are the
+    extension's planned_unit; with ``fused`` the fused kernels' plans."""
+    monkeypatch.setenv("RESNET_FUSED_AUTO", policy)
+    conv, bn = _pair()
+    ref_conv, ref_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn).train()
+    ref_conv.train(), ref_bn.train()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def twice(change):
+        change(bn)
+        change(ref_bn)
+        for _ in range(2):
+            out, ref = unit(x), _eager(ref_conv, ref_bn, x)
+            torch.testing.assert_close(out, ref)
+            if out.requires_grad:
+                g = torch.randn_like(out)
+                got = torch.autograd.grad(out, (x, conv.weight, bn.weight), g)
+                want = torch.autograd.grad(ref, (x, ref_conv.weight, ref_bn.weight), g)
+                for a, b in zip(got, want, strict=True):
+                    torch.testing.assert_close(a, b)
+            torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+            torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+            assert int(bn.num_batches_tracked) == int(ref_bn.num_batches_tracked)
+
+    twice(lambda m: None)
+    twice(lambda m: setattr(m, "momentum", None))
+    twice(lambda m: setattr(m, "track_running_stats", False))
+    assert int(bn.num_batches_tracked) == 4  # (not counted while off)
+    twice(lambda m: m.eval())
+    twice(lambda m: setattr(m, "track_running_stats", True))
+    twice(lambda m: m.train())
+    twice(lambda m: setattr(m, "momentum", 0.3))
+    assert int(bn.num_batches_tracked) == 8
+    assert len(checked_calls) == 7

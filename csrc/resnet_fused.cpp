@@ -154,11 +154,15 @@ namespace resnet_fused {
 void bind_unit(pybind11::module_& m);
 // resnet_fused._C.fold_key / fold_key_check, the eval fold cache's key (csrc/fold_key.cpp).
 void bind_fold_key(pybind11::module_& m);
+// resnet_fused._C.bn_act_train, the fused BatchNorm+act with its autograd in C++
+// (csrc/bn_act_autograd.cpp).
+void bind_bn_act_autograd(pybind11::module_& m);
 }  // namespace resnet_fused
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   resnet_fused::bind_unit(m);
   resnet_fused::bind_fold_key(m);
+  resnet_fused::bind_bn_act_autograd(m);
   m.doc() = "resnet_fused C++/CUDA kernels (ops register with the dispatcher on import)";
   m.def("build_info", &build_info, "How this extension was built: CUDA, archs, compiler.");
   m.def(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import ops, reference
+from .. import _extension, ops, reference
 from .._compat import compose_reference_under_compile
 from .._layout import stats_dtype
 from .._validation import (
@@ -72,6 +72,26 @@ def _make_bn_kernels(backend: str) -> _BatchNormKernels:
         lib.bn_act_backward_reduce.default,
         lib.bn_act_backward_elemt.default,
     )
+
+
+# The "cpu" and "cuda" backends' statistics, forward and autograd node in one extension call
+# (csrc/bn_act_autograd.cpp: bn_act_train, the calls of this module's Python path, with
+# _BatchNormAct.backward's in C++), outside torch.compile and without synchronisation.
+# NotImplemented for tensors with __torch_function__: the Python path then runs.
+_BN_ACT_TRAIN = getattr(_extension._C, "bn_act_train", None)
+_NATIVE = ("cpu", "cuda")
+
+
+def native_bn_act(impl: str, input, weight, bias, residual, running_mean, running_var,
+                  momentum, eps, act, batch_stats: bool, update: bool):  # fmt: skip
+    """:data:`_BN_ACT_TRAIN`'s output for backend ``impl``, or NotImplemented where the
+    Python path must run (no extension, a backend without C++ ops, torch.compile)."""
+    if _BN_ACT_TRAIN is None or impl not in _NATIVE or torch.compiler.is_compiling():
+        return NotImplemented
+    return _BN_ACT_TRAIN(
+        input, weight, bias, residual, running_mean, running_var, float(momentum), float(eps),
+        *act.args, batch_stats, update,
+    )  # fmt: skip
 
 
 class _BatchNormAct(torch.autograd.Function):
@@ -248,6 +268,12 @@ class BatchNormPlan:
                 input, running_mean, running_var, weight, bias, training, momentum, eps,
                 residual, act,
             )  # fmt: skip
+        out = native_bn_act(
+            self.impl, input, weight, bias, residual, running_mean, running_var, momentum, eps,
+            act, self.batch_stats, self.update,
+        )  # fmt: skip
+        if out is not NotImplemented:
+            return out
         kernels = _bn_kernels(self.impl)
         if self.batch_stats:
             mean, var = kernels.stats(
@@ -355,6 +381,13 @@ def batch_norm_act(
         _record.append(
             BatchNormPlan(impl, batch_stats, training and size_per_channel > 1 and batch_stats)
         )
+    if group is None:
+        out = native_bn_act(
+            impl, input, weight, bias, residual, running_mean, running_var, momentum, eps, act,
+            batch_stats, training and size_per_channel > 1,
+        )  # fmt: skip
+        if out is not NotImplemented:
+            return out
     sync_info = None
     if group is not None:
         mean, var, sync_info = synchronise(

@@ -53,7 +53,7 @@ from ._common import (
     runs_eagerly,
 )
 from .auto_choice import EAGER, _resolve_conv_backend, make_trial
-from .batch_norm_act import _BatchNormAct, _bn_kernels
+from .batch_norm_act import _BatchNormAct, _bn_kernels, native_bn_act
 
 __all__ = ["conv_bn_act", "fold_conv_bn"]
 
@@ -521,6 +521,11 @@ def _train_forward(
         y = F.conv2d(x, w, conv_b, stride, padding, dilation, groups)
         if group is None:
             check_batch_size(y)
+            out = native_bn_act(
+                bn_impl, y, bn_w, bn_b, residual, rm, rv, momentum, eps, act, True, update
+            )
+            if out is not NotImplemented:
+                return out
         mean, var = _bn_kernels(bn_impl).stats(y.detach(), rm_u, rv_u, float(momentum))
     sync = None
     if group is not None:

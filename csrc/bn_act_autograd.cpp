@@ -55,17 +55,27 @@ using ElemtFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tenso
                            double, int64_t, double, bool);
 
 template <typename F>
-const c10::TypedOperatorHandle<F>& op(const char* name) {
-  // (one handle per F: each F is the schema of one op)
-  static const auto handle =
-      c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<F>();
-  return handle;
+c10::TypedOperatorHandle<F> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<F>();
 }
 
-const auto& stats_op() { return op<StatsFn>("resnet_fused::bn_stats"); }
-const auto& forward_op() { return op<ForwardFn>("resnet_fused::bn_act_forward"); }
-const auto& reduce_op() { return op<ReduceFn>("resnet_fused::bn_act_backward_reduce"); }
-const auto& elemt_op() { return op<ElemtFn>("resnet_fused::bn_act_backward_elemt"); }
+// (one handle per op, found once)
+const auto& stats_op() {
+  static const auto h = find_op<StatsFn>("resnet_fused::bn_stats");
+  return h;
+}
+const auto& forward_op() {
+  static const auto h = find_op<ForwardFn>("resnet_fused::bn_act_forward");
+  return h;
+}
+const auto& reduce_op() {
+  static const auto h = find_op<ReduceFn>("resnet_fused::bn_act_backward_reduce");
+  return h;
+}
+const auto& elemt_op() {
+  static const auto h = find_op<ElemtFn>("resnet_fused::bn_act_backward_elemt");
+  return h;
+}
 
 std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -194,13 +204,10 @@ bool as_bool(PyObject* obj) {
   return value != 0;
 }
 
-PyObject* parameter_type() {
-  static PyObject* const type =
-      pybind11::object(pybind11::module_::import("torch.nn.parameter").attr("Parameter"))
-          .release()
-          .ptr();
-  return type;
-}
+// torch.nn.Parameter, found when the extension is imported (bind_bn_act_autograd): not in
+// a function-local static, whose first use would import under the GIL (pybind11 warns of
+// deadlocks there).
+PyObject* g_parameter_type = nullptr;
 
 constexpr const char* kName = "bn_act_train";
 
@@ -223,7 +230,7 @@ PyObject* bn_act_train_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_
     }
     TORCH_CHECK_TYPE(THPVariable_Check(obj), kName, ": expected a Tensor or None, got ",
                      Py_TYPE(obj)->tp_name);
-    plain = plain && reinterpret_cast<PyObject*>(Py_TYPE(obj)) == parameter_type();
+    plain = plain && reinterpret_cast<PyObject*>(Py_TYPE(obj)) == g_parameter_type;
   }
   const double momentum = as_double(args[6]);
   const double eps = as_double(args[7]);
@@ -279,6 +286,10 @@ PyMethodDef kMethods[] = {
 }  // namespace
 
 void bind_bn_act_autograd(pybind11::module_& m) {
+  g_parameter_type =
+      pybind11::object(pybind11::module_::import("torch.nn.parameter").attr("Parameter"))
+          .release()
+          .ptr();
   add_functions(m, kMethods);
 }
 

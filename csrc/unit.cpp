@@ -685,7 +685,8 @@ enum SigName {
   kParameters, kBuffers, kWeight, kBias, kRunningMean, kRunningVar, kTraining, kMomentum,
   kEps, kTrackRunningStats, kStride, kPadding, kDilation, kGroups, kPaddingMode,
   // (planned_unit's)
-  kPlan, kUnit, kGeometry, kBatchStats, kNumBatchesTracked, kKind, kParam, kSigNames
+  kPlan, kUnit, kGeometry, kBatchStats, kNumBatchesTracked, kKind, kParam, kGetattribute,
+  kSigNames
 };
 PyObject* g_sig_names[kSigNames] = {};
 
@@ -697,7 +698,7 @@ bool sig_names_ready() {
       "_parameters", "_buffers", "weight", "bias", "running_mean", "running_var", "training",
       "momentum", "eps", "track_running_stats", "stride", "padding", "dilation", "groups",
       "padding_mode", "plan", "unit", "geometry", "batch_stats", "num_batches_tracked", "kind",
-      "param"};
+      "param", "__getattribute__"};
   for (int i = 0; i < kSigNames; ++i) {
     if (g_sig_names[i] == nullptr &&
         (g_sig_names[i] = PyUnicode_InternFromString(kNames[i])) == nullptr) {
@@ -745,6 +746,13 @@ PyObject* read_attr(PyObject* obj, PyObject* dict, PyObject* name) {
     }
   }
   return PyObject_GetAttr(obj, name);
+}
+
+// Whether attribute access on `obj` is object.__getattribute__'s (nn.Module's __getattr__
+// aside, which runs only where that finds nothing): read_attr's dict reads assume it.
+bool default_getattribute(PyObject* obj) {
+  static PyObject* const base = _PyType_Lookup(&PyBaseObject_Type, g_sig_names[kGetattribute]);
+  return _PyType_Lookup(Py_TYPE(obj), g_sig_names[kGetattribute]) == base;
 }
 
 // Owned references, released together.
@@ -799,7 +807,8 @@ PyObject* plan_signature(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
     const at::Tensor& x = THPVariable_Unpack(input);
     bool enabled = false;
     try {
-      enabled = at::autocast::is_autocast_enabled(x.device().type());
+      const c10::DeviceType type = x.device().type();
+      enabled = at::autocast::is_autocast_available(type) && at::autocast::is_autocast_enabled(type);
     } catch (const c10::Error&) {
       Py_RETURN_NONE;  // (a device type autocast does not know: the checked path)
     }
@@ -811,8 +820,12 @@ PyObject* plan_signature(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
           torch::getTHPDtype(at::autocast::get_autocast_dtype(x.device().type())));
     }
   }
-  // The modules' __dict__ (null without one: attribute access throughout).
+  // The modules' __dict__ (null without one, or for a class with a __getattribute__ of its
+  // own: attribute access throughout).
   auto instance_dict = [&](PyObject* obj) -> PyObject* {
+    if (!default_getattribute(obj)) {
+      return nullptr;
+    }
     PyObject* dict = PyObject_GenericGetDict(obj, nullptr);
     if (dict == nullptr) {
       PyErr_Clear();
@@ -874,41 +887,45 @@ PyObject* plan_signature(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
     return v;
   };
   auto boolean = [](bool b) -> PyObject* { return Py_NewRef(b ? Py_True : Py_False); };
-  // Items as the Python versions order them (new references; null where a read failed).
-  c10::SmallVector<PyObject*, 19> items;
-  items.push_back(words_bytes(words));
-  items.push_back(boolean(at::GradMode::is_enabled()));
-  items.push_back(Py_NewRef(amp));
-  for (int name : {kTraining, kMomentum, kEps, kTrackRunningStats}) {
-    items.push_back(read_attr(bn, bn_dict, n[name]));
-  }
-  items.push_back(Py_NewRef(reinterpret_cast<PyObject*>(Py_TYPE(bn))));
-  items.push_back(Py_NewRef(args[7]));  // act
-  items.push_back(Py_NewRef(args[8]));  // backend
-  items.push_back(env_value(args[1]));  // the policy
-  if (unit) {
-    for (int name : {kStride, kPadding, kDilation, kGroups, kPaddingMode}) {
-      items.push_back(read_attr(conv, conv_dict, n[name]));
-    }
-    items.push_back(env_value(args[2]));  // the convolution backend
-    items.push_back(boolean(at::globalContext().userEnabledMkldnn()));
-    items.push_back(boolean(at::globalContext().allowTF32CuDNN()));
-  }
-  PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(items.size()));
-  bool failed = result == nullptr;
-  for (size_t i = 0; i < items.size(); ++i) {
-    if (items[i] == nullptr) {
-      failed = true;
-    } else if (result != nullptr) {
-      PyTuple_SET_ITEM(result, static_cast<Py_ssize_t>(i), items[i]);  // (steals)
-      continue;
-    }
-    Py_XDECREF(items[i]);
-  }
-  if (failed) {
-    Py_XDECREF(result);  // (its unset items are null: tuple dealloc skips them)
+  // Items as the Python versions order them (owned until the tuple takes them); the first
+  // read that fails ends the call with its error.
+  Refs items;
+  auto add = [&](PyObject* item) { return items.keep(item) != nullptr; };
+  if (!add(words_bytes(words)) || !add(boolean(at::GradMode::is_enabled())) ||
+      !add(Py_NewRef(amp))) {
     return nullptr;
   }
+  for (int name : {kTraining, kMomentum, kEps, kTrackRunningStats}) {
+    if (!add(read_attr(bn, bn_dict, n[name]))) {
+      return nullptr;
+    }
+  }
+  if (!add(Py_NewRef(reinterpret_cast<PyObject*>(Py_TYPE(bn)))) ||
+      !add(Py_NewRef(args[7])) ||  // act
+      !add(Py_NewRef(args[8])) ||  // backend
+      !add(env_value(args[1]))) {  // the policy
+    return nullptr;
+  }
+  if (unit) {
+    for (int name : {kStride, kPadding, kDilation, kGroups, kPaddingMode}) {
+      if (!add(read_attr(conv, conv_dict, n[name]))) {
+        return nullptr;
+      }
+    }
+    if (!add(env_value(args[2])) ||  // the convolution backend
+        !add(boolean(at::globalContext().userEnabledMkldnn())) ||
+        !add(boolean(at::globalContext().allowTF32CuDNN()))) {
+      return nullptr;
+    }
+  }
+  PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(items.held.size()));
+  if (result == nullptr) {
+    return nullptr;
+  }
+  for (size_t i = 0; i < items.held.size(); ++i) {
+    PyTuple_SET_ITEM(result, static_cast<Py_ssize_t>(i), items.held[i]);  // (steals)
+  }
+  items.held.clear();
   return result;
   END_HANDLE_TH_ERRORS
 }
@@ -964,7 +981,12 @@ PyObject* planned_unit(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
   if (!PyTuple_Check(geometry) || PyTuple_GET_SIZE(geometry) != 4) {
     return keep_signature();
   }
-  // _run_plan's reads, in its order.
+  // _run_plan's reads, in its order (from the instance dicts: read_attr; a class with a
+  // __getattribute__ of its own takes the Python path).
+  if (!default_getattribute(bn) || !default_getattribute(conv) ||
+      !default_getattribute(args[8])) {
+    return keep_signature();
+  }
   PyObject* const bn_dict = refs.keep(PyObject_GenericGetDict(bn, nullptr));
   PyObject* const conv_dict = bn_dict ? refs.keep(PyObject_GenericGetDict(conv, nullptr)) : nullptr;
   PyObject* const act_dict =
@@ -1013,10 +1035,11 @@ PyObject* planned_unit(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
   if (!PyDict_Check(cp) || !PyDict_Check(bp)) {
     return keep_signature();
   }
-  PyObject* w = PyDict_GetItemWithError(cp, n[kWeight]);  // (borrowed; held by cp)
+  PyObject* w = PyDict_GetItemWithError(cp, n[kWeight]);
   if (w == nullptr) {
     return PyErr_Occurred() ? nullptr : keep_signature();
   }
+  refs.keep(Py_NewRef(w));  // (held: the reads below may run Python code)
   PyObject* conv_b = refs.keep(dict_get(cp, n[kBias]));
   PyObject* bn_w = conv_b ? refs.keep(dict_get(bp, n[kWeight])) : nullptr;
   PyObject* bn_b = bn_w ? refs.keep(dict_get(bp, n[kBias])) : nullptr;

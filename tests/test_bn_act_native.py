@@ -32,7 +32,7 @@ def _inputs(dtype, layout, residual, affine, seed=0):
     b = torch.randn(5, generator=gen, dtype=torch.float64) if affine else None
     g = torch.randn(shape, generator=gen, dtype=torch.float64)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    pdtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    pdtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     return (
         x.to(dtype).contiguous(memory_format=fmt),
         None if r is None else r.to(dtype).contiguous(memory_format=fmt),
@@ -73,7 +73,9 @@ _NEEDS = [("x",), ("w",), ("b",), ("r",), ("x", "w", "b", "r"), ("w", "b"), ("x"
 
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str
+)
 def test_native_equals_python_path(monkeypatch, act, training, dtype):
     for layout, residual, affine, need in itertools.product(
         ["nchw", "channels_last"], [False, True], [True, False], _NEEDS
@@ -157,3 +159,64 @@ def test_native_node_modules_and_checks(monkeypatch):
         y2.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_native_computes_the_gradients_asked_for(monkeypatch, act, training):
+    """Every leaf requires a gradient, a subset is asked for (torch.autograd.grad): the
+    C++ node asks autograd which gradients this backward computes (the Python Function
+    decides at the forward from requires_grad), so it may skip the sums; the gradients it
+    gives equal the Python path's to rounding (SiLU/GELU's act' then comes from the
+    elementwise pass instead of the reduction pass's stored product)."""
+    x, _, w, b, g = _inputs(torch.float32, "channels_last", False, True)
+    running = (torch.randn(5) * 0.1, torch.rand(5) + 0.5)
+    for wanted in (("x",), ("w",), ("b",), ("x", "b")):
+        got = {}
+        for native in (True, False):
+            monkeypatch.setattr(bn_module, "_BN_ACT_TRAIN", _NATIVE_FN if native else None)
+            leaves = {"x": x.clone().requires_grad_(), "w": w.clone().requires_grad_(),
+                      "b": b.clone().requires_grad_()}  # fmt: skip
+            rm, rv = (t.clone() for t in running)
+            out = resnet_fused.batch_norm_act(
+                leaves["x"], rm, rv, leaves["w"], leaves["b"], training, activation=act,
+                backend="cpu",
+            )  # fmt: skip
+            got[native] = torch.autograd.grad(out, [leaves[n] for n in wanted], g)
+        for a, c in zip(got[True], got[False], strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_native_residual_that_is_the_input(monkeypatch):
+    """relu(bn(x) + x): one tensor as input and residual (the Python path passes an alias,
+    see functional._common.distinct); the gradients sum over both uses, equal bit for bit."""
+    x, _, w, b, g = _inputs(torch.float32, "nchw", False, True)
+    got = {}
+    for native in (True, False):
+        monkeypatch.setattr(bn_module, "_BN_ACT_TRAIN", _NATIVE_FN if native else None)
+        xl, wl, bl = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone()
+        out = resnet_fused.batch_norm_act(xl, None, None, wl, bl, True, residual=xl,
+                                          backend="cpu")  # fmt: skip
+        got[native] = (out, *torch.autograd.grad(out, [xl, wl], g))
+    for i, (a, c) in enumerate(zip(got[True], got[False], strict=True)):
+        _identical(a.detach(), c.detach(), f"result {i}")
+
+
+def test_native_declines_under_a_torch_function_mode():
+    """A TorchFunctionMode sees the Python path's calls (the extension returns
+    NotImplemented there): the output's node is the Python Function's."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x, _, w, b, _ = _inputs(torch.float32, "nchw", False, True)
+    x.requires_grad_()
+    with Mode():
+        out = resnet_fused.batch_norm_act(x, None, None, w, b, True, backend="cpu")
+    assert "_BatchNormAct" in out.grad_fn.name()
+    assert seen

@@ -371,6 +371,14 @@ class _ClassMomentum(nn.BatchNorm2d):
         del self.__dict__["momentum"]
 
 
+class _OwnGetattribute(nn.BatchNorm2d):
+    """A BatchNorm whose class defines __getattribute__ (eps read through it, doubled)."""
+
+    def __getattribute__(self, name):
+        value = super().__getattribute__(name)
+        return value * 2 if name == "eps" else value
+
+
 def _signature_cases():
     conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
     yield "plain", conv, bn
@@ -378,6 +386,7 @@ def _signature_cases():
         nn.BatchNorm2d(4, affine=False, track_running_stats=False)  # fmt: skip
     yield "padding property", _PaddingProperty(3, 4, 3, padding=2), nn.BatchNorm2d(4)
     yield "class momentum", nn.Conv2d(3, 4, 3, stride=2, padding="valid"), _ClassMomentum(4)
+    yield "own __getattribute__", nn.Conv2d(3, 4, 3), _OwnGetattribute(4)
 
 
 @pytest.mark.skipif(modules._PLAN_SIGNATURE is None, reason="extension not built")
@@ -444,6 +453,7 @@ def test_plan_signature_is_the_python_signature(monkeypatch):
     prop.__dict__["padding"] = "shadowed"  # (the property wins, as attribute access says)
     assert check(prop, nn.BatchNorm2d(4), x, None)[12] == (2, 2)
     assert check(nn.Conv2d(3, 4, 1), _ClassMomentum(4), x, None)[4] == 0.25
+    assert check(nn.Conv2d(3, 4, 1), _OwnGetattribute(4), x, None)[5] == 2e-5
 
 
 @pytest.mark.parametrize("policy", ["eager", "fused"])
@@ -455,6 +465,12 @@ def test_planned_calls_follow_the_flags(checked_calls, monkeypatch, policy):
     a cumulative average with ``momentum=None``. With ``eager`` the planned calls are the
     extension's planned_unit; with ``fused`` the fused kernels' plans."""
     monkeypatch.setenv("RESNET_FUSED_AUTO", policy)
+    if policy == "eager" and modules._PLANNED_UNIT is not None:
+
+        def declined(*args, **kwargs):
+            raise AssertionError("planned_unit left a planned eager unit to _run_plan")
+
+        monkeypatch.setattr(modules, "_run_plan", declined)
     conv, bn = _pair()
     ref_conv, ref_bn = copy.deepcopy(conv), copy.deepcopy(bn)
     unit = resnet_fused.FusedConvBNReLU2d.from_modules(conv, bn).train()

@@ -188,22 +188,6 @@ at::Tensor tensor_or_undefined(PyObject* obj) {
   return obj == Py_None ? at::Tensor() : THPVariable_Unpack(obj);
 }
 
-double as_double(PyObject* obj) {
-  const double value = PyFloat_AsDouble(obj);
-  if (value == -1.0 && PyErr_Occurred()) {
-    throw python_error();
-  }
-  return value;
-}
-
-bool as_bool(PyObject* obj) {
-  const int value = PyObject_IsTrue(obj);
-  if (value < 0) {
-    throw python_error();
-  }
-  return value != 0;
-}
-
 // torch.nn.Parameter, found when the extension is imported (bind_bn_act_autograd): not in
 // a function-local static, whose first use would import under the GIL (pybind11 warns of
 // deadlocks there).

@@ -5,6 +5,7 @@
 
 #include <Python.h>
 #include <pybind11/pybind11.h>
+#include <torch/csrc/Exceptions.h>
 
 namespace resnet_fused {
 
@@ -12,6 +13,25 @@ namespace resnet_fused {
 template <typename F>
 PyCFunction fastcall(F* f) {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f));
+}
+
+// A float argument (a Python float or anything with __float__); python_error (the Python
+// error kept) where it is none.
+inline double as_double(PyObject* obj) {
+  const double value = PyFloat_AsDouble(obj);
+  if (value == -1.0 && PyErr_Occurred()) {
+    throw python_error();
+  }
+  return value;
+}
+
+// A bool argument, by its truth value.
+inline bool as_bool(PyObject* obj) {
+  const int value = PyObject_IsTrue(obj);
+  if (value < 0) {
+    throw python_error();
+  }
+  return value != 0;
 }
 
 // Adds the functions of `methods` (ending with a null entry) to module `m`.

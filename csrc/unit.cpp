@@ -561,22 +561,6 @@ std::array<int64_t, 2> int_pair(PyObject* obj, const char* name) {
   return {THPUtils_unpackLong(items[0]), THPUtils_unpackLong(items[1])};
 }
 
-double as_double(PyObject* obj) {
-  const double value = PyFloat_AsDouble(obj);
-  if (value == -1.0 && PyErr_Occurred()) {
-    throw python_error();
-  }
-  return value;
-}
-
-bool as_bool(PyObject* obj) {
-  const int value = PyObject_IsTrue(obj);
-  if (value < 0) {
-    throw python_error();
-  }
-  return value != 0;
-}
-
 // conv_bn_act_eager(input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
 //                   running_var, num_batches_tracked, stride, padding, dilation, groups,
 //                   training, momentum, eps, residual, act, act_param), as the schema.

@@ -67,6 +67,22 @@ def test_second_call_runs_the_plan(checked_calls, monkeypatch, policy, mode):
     assert int(bn.num_batches_tracked) == int(ref_bn.num_batches_tracked)
 
 
+def _same_step(unit, conv, bn, ref_conv, ref_bn, x):
+    """One call of ``unit`` and of eager's modules: output, gradients (where autograd
+    records), running statistics and counter equal."""
+    out, ref = unit(x), _eager(ref_conv, ref_bn, x)
+    torch.testing.assert_close(out, ref)
+    if out.requires_grad:
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, conv.weight, bn.weight), g)
+        want = torch.autograd.grad(ref, (x, ref_conv.weight, ref_bn.weight), g)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+    assert int(bn.num_batches_tracked) == int(ref_bn.num_batches_tracked)
+
+
 def test_flags_and_settings_are_read_at_call_time(checked_calls):
     """Each change of the BN's flags or settings (or of the policy) takes the checked
     path once, and the result is eager's after every change."""
@@ -78,16 +94,7 @@ def test_flags_and_settings_are_read_at_call_time(checked_calls):
     def both(change):
         change(bn)
         change(ref_bn)
-        out, ref = unit(x), _eager(ref_conv, ref_bn, x)
-        torch.testing.assert_close(out, ref)
-        g = torch.randn_like(out)
-        got = torch.autograd.grad(out, (x, conv.weight, bn.weight), g)
-        want = torch.autograd.grad(ref, (x, ref_conv.weight, ref_bn.weight), g)
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b)
-        torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
-        torch.testing.assert_close(bn.running_var, ref_bn.running_var)
-        assert int(bn.num_batches_tracked) == int(ref_bn.num_batches_tracked)
+        _same_step(unit, conv, bn, ref_conv, ref_bn, x)  # (x requires grad: gradients too)
 
     both(lambda m: None)
     both(lambda m: None)  # cumulative average: the factor changes per call, no replan
@@ -481,17 +488,7 @@ def test_planned_calls_follow_the_flags(checked_calls, monkeypatch, policy):
         change(bn)
         change(ref_bn)
         for _ in range(2):
-            out, ref = unit(x), _eager(ref_conv, ref_bn, x)
-            torch.testing.assert_close(out, ref)
-            if out.requires_grad:
-                g = torch.randn_like(out)
-                got = torch.autograd.grad(out, (x, conv.weight, bn.weight), g)
-                want = torch.autograd.grad(ref, (x, ref_conv.weight, ref_bn.weight), g)
-                for a, b in zip(got, want, strict=True):
-                    torch.testing.assert_close(a, b)
-            torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
-            torch.testing.assert_close(bn.running_var, ref_bn.running_var)
-            assert int(bn.num_batches_tracked) == int(ref_bn.num_batches_tracked)
+            _same_step(unit, conv, bn, ref_conv, ref_bn, x)
 
     twice(lambda m: None)
     twice(lambda m: setattr(m, "momentum", None))

@@ -188,11 +188,6 @@ at::Tensor tensor_or_undefined(PyObject* obj) {
   return obj == Py_None ? at::Tensor() : THPVariable_Unpack(obj);
 }
 
-// torch.nn.Parameter, found when the extension is imported (bind_bn_act_autograd): not in
-// a function-local static, whose first use would import under the GIL (pybind11 warns of
-// deadlocks there).
-PyObject* g_parameter_type = nullptr;
-
 constexpr const char* kName = "bn_act_train";
 
 // bn_act_train(input, weight, bias, residual, running_mean, running_var, momentum, eps, act,
@@ -202,20 +197,8 @@ constexpr const char* kName = "bn_act_train";
 PyObject* bn_act_train_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == 12, kName, " takes 12 positional arguments, got ", nargs);
-  bool plain = !at::impl::torch_function_mode_enabled();
-  for (int i = 0; i < 6; ++i) {
-    PyObject* obj = args[i];
-    if (obj == Py_None) {
-      TORCH_CHECK_TYPE(i != 0, kName, ": input must be a tensor");
-      continue;
-    }
-    if (THPVariable_CheckExact(obj)) {
-      continue;
-    }
-    TORCH_CHECK_TYPE(THPVariable_Check(obj), kName, ": expected a Tensor or None, got ",
-                     Py_TYPE(obj)->tp_name);
-    plain = plain && reinterpret_cast<PyObject*>(Py_TYPE(obj)) == g_parameter_type;
-  }
+  const bool plain =
+      plain_tensor_args(args, {0, 1, 2, 3, 4, 5}, 1, kName, "input must be a tensor");
   const double momentum = as_double(args[6]);
   const double eps = as_double(args[7]);
   const int64_t act = THPUtils_unpackLong(args[8]);
@@ -270,10 +253,6 @@ PyMethodDef kMethods[] = {
 }  // namespace
 
 void bind_bn_act_autograd(pybind11::module_& m) {
-  g_parameter_type =
-      pybind11::object(pybind11::module_::import("torch.nn.parameter").attr("Parameter"))
-          .release()
-          .ptr();
   add_functions(m, kMethods);
 }
 

@@ -3,9 +3,14 @@
 // forward), added to the extension module beside its pybind11 bindings.
 #pragma once
 
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <initializer_list>
 
 namespace resnet_fused {
 
@@ -32,6 +37,47 @@ inline bool as_bool(PyObject* obj) {
     throw python_error();
   }
   return value != 0;
+}
+
+// torch.nn.Parameter, looked up once when the extension is imported
+// (init_parameter_type, from its module init): not at a first call inside a function-local
+// static, whose import under the GIL pybind11 warns may deadlock.
+inline PyObject*& parameter_type() {
+  static PyObject* type = nullptr;
+  return type;
+}
+
+inline void init_parameter_type() {
+  parameter_type() =
+      pybind11::object(pybind11::module_::import("torch.nn.parameter").attr("Parameter"))
+          .release()
+          .ptr();
+}
+
+// The tensor arguments args[i], i in `indices` (Tensor or None; the first `required` of
+// them must be tensors, `what` names those in the error): a TypeError naming `op` for
+// anything else, and whether every one is plain, a Tensor or Parameter with no
+// TorchFunctionMode active. Where not, the entry points return NotImplemented and their
+// callers take the Python path, which honours __torch_function__.
+inline bool plain_tensor_args(PyObject* const* args, std::initializer_list<int> indices,
+                              size_t required, const char* op, const char* what) {
+  bool plain = !at::impl::torch_function_mode_enabled();
+  size_t position = 0;
+  for (const int i : indices) {
+    PyObject* obj = args[i];
+    if (obj == Py_None) {
+      TORCH_CHECK_TYPE(position++ >= required, op, ": ", what);
+      continue;
+    }
+    ++position;
+    if (THPVariable_CheckExact(obj)) {
+      continue;
+    }
+    TORCH_CHECK_TYPE(THPVariable_Check(obj), op, ": expected a Tensor or None, got ",
+                     Py_TYPE(obj)->tp_name);
+    plain = plain && reinterpret_cast<PyObject*>(Py_TYPE(obj)) == parameter_type();
+  }
+  return plain;
 }
 
 // Adds the functions of `methods` (ending with a null entry) to module `m`.

@@ -7,6 +7,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "py_functions.h"
+
 #include <string>
 
 #include "cpu/isa.h"
@@ -160,6 +162,7 @@ void bind_bn_act_autograd(pybind11::module_& m);
 }  // namespace resnet_fused
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  resnet_fused::init_parameter_type();  // (the METH_FASTCALL entry points' plain-tensor check)
   resnet_fused::bind_unit(m);
   resnet_fused::bind_fold_key(m);
   resnet_fused::bind_bn_act_autograd(m);

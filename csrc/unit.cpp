@@ -538,14 +538,6 @@ at::Tensor conv_bn_act_eager_autocast(
 // ---------------------------------------------------------------------------------------
 namespace {
 
-PyObject* parameter_type() {
-  static PyObject* const type =
-      pybind11::object(pybind11::module_::import("torch.nn.parameter").attr("Parameter"))
-          .release()
-          .ptr();
-  return type;
-}
-
 std::optional<at::Tensor> optional_tensor(PyObject* obj) {
   if (obj == Py_None) {
     return std::nullopt;
@@ -567,21 +559,8 @@ std::array<int64_t, 2> int_pair(PyObject* obj, const char* name) {
 PyObject* conv_bn_act_eager_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == 18, kOpName, " takes 18 positional arguments, got ", nargs);
-  constexpr int kTensors[] = {0, 1, 2, 3, 4, 5, 6, 7, 15};
-  bool plain = !at::impl::torch_function_mode_enabled();
-  for (const int i : kTensors) {
-    PyObject* obj = args[i];
-    if (obj == Py_None) {
-      TORCH_CHECK_TYPE(i >= 2, kOpName, ": input and conv_weight must be tensors");
-      continue;
-    }
-    if (THPVariable_CheckExact(obj)) {
-      continue;
-    }
-    TORCH_CHECK_TYPE(THPVariable_Check(obj), kOpName, ": expected a Tensor or None, got ",
-                     Py_TYPE(obj)->tp_name);
-    plain = plain && reinterpret_cast<PyObject*>(Py_TYPE(obj)) == parameter_type();
-  }
+  const bool plain = plain_tensor_args(args, {0, 1, 2, 3, 4, 5, 6, 7, 15}, 2, kOpName,
+                                       "input and conv_weight must be tensors");
   const auto stride = int_pair(args[8], "stride");
   const auto padding = int_pair(args[9], "padding");
   const auto dilation = int_pair(args[10], "dilation");

@@ -80,13 +80,14 @@ def _make_bn_kernels(backend: str) -> _BatchNormKernels:
 # NotImplemented for tensors with __torch_function__: the Python path then runs.
 _BN_ACT_TRAIN = getattr(_extension._C, "bn_act_train", None)
 _NATIVE = ("cpu", "cuda")
+_is_compiling = torch.compiler.is_compiling  # (Dynamo knows the function, not the name)
 
 
 def native_bn_act(impl: str, input, weight, bias, residual, running_mean, running_var,
                   momentum, eps, act, batch_stats: bool, update: bool):  # fmt: skip
     """:data:`_BN_ACT_TRAIN`'s output for backend ``impl``, or NotImplemented where the
     Python path must run (no extension, a backend without C++ ops, torch.compile)."""
-    if _BN_ACT_TRAIN is None or impl not in _NATIVE or torch.compiler.is_compiling():
+    if _BN_ACT_TRAIN is None or impl not in _NATIVE or _is_compiling():
         return NotImplemented
     return _BN_ACT_TRAIN(
         input, weight, bias, residual, running_mean, running_var, float(momentum), float(eps),

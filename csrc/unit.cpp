@@ -54,6 +54,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/utils/python_numbers.h>
 #include <torch/csrc/utils/pybind.h>
@@ -360,6 +361,7 @@ struct ConvBnActEagerBackward : public torch::autograd::Node {
   SavedVariable x_, w_, y_, out_, bn_w_, save_mean_, save_var_, reserve_, running_mean_,
       running_var_;
   UnitParams params_;
+  bool out_is_output_ = false;  // out_ saved as the node's own output (not the pre-activation)
 
   std::string name() const override {
     return "ConvBnActEagerBackward";
@@ -395,6 +397,123 @@ struct ConvBnActEagerBackward : public torch::autograd::Node {
     } else {
       g = unit_backward(grads[0], s, params_, need);
     }
+    return variable_list(g.begin(), g.end());
+  }
+
+  // Compiled autograd (torch._dynamo.compiled_autograd): the node's key -- its saved
+  // tensors (or their unpack hooks) and parameters -- and, when the backward graph is
+  // traced, one opaque call of unit_backward on the swapped-in saved tensors (as a C++
+  // autograd Function that is not traceable is run), which the compiled graph runs as is.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(std::string("resnet_fused::ConvBnActEagerBackward"));
+    args.collect(x_, false);
+    args.collect(w_, false);
+    args.collect(y_, false);
+    args.collect(out_, out_is_output_);
+    args.collect(bn_w_, false);
+    args.collect(save_mean_, false);
+    args.collect(save_var_, false);
+    args.collect(reserve_, false);
+    args.collect(running_mean_, false);
+    args.collect(running_var_, false);
+    for (const auto* a : {&params_.stride, &params_.padding, &params_.dilation}) {
+      args.collect((*a)[0]);
+      args.collect((*a)[1]);
+    }
+    args.collect(params_.groups);
+    args.collect(params_.c_out);
+    args.collect(params_.impl_index);
+    args.collect(params_.eps);
+    args.collect(params_.training);
+    args.collect(params_.act);
+    args.collect(params_.act_param);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    std::array<SavedVariable*, 10> vars{&x_,        &w_,        &y_,       &out_,
+                                        &bn_w_,     &save_mean_, &save_var_, &reserve_,
+                                        &running_mean_, &running_var_};
+    for (SavedVariable* v : vars) {
+      saved.before(*v);
+    }
+    saved.before(params_.c_out);
+    std::vector<c10::IValue> packed;
+    packed.reserve(vars.size() + 12);
+    for (SavedVariable* v : vars) {
+      packed.emplace_back(v == &out_ ? v->unpack(getptr()) : v->unpack());
+    }
+    auto pair = [](const std::array<int64_t, 2>& a) { return std::vector<int64_t>{a[0], a[1]}; };
+    packed.emplace_back(pair(params_.stride));
+    packed.emplace_back(pair(params_.padding));
+    packed.emplace_back(pair(params_.dilation));
+    packed.emplace_back(params_.groups);
+    packed.emplace_back(params_.c_out.has_value() ? c10::IValue(*params_.c_out) : c10::IValue());
+    packed.emplace_back(params_.impl_index);
+    packed.emplace_back(params_.eps);
+    packed.emplace_back(params_.training);
+    packed.emplace_back(params_.act);
+    packed.emplace_back(params_.act_param);
+    c10::List<bool> need;
+    for (size_t i = 0; i < num_outputs(); ++i) {
+      need.push_back(task_should_compute_output(i));
+    }
+    packed.emplace_back(std::move(need));
+    std::vector<at::TypePtr> schema;
+    schema.reserve(packed.size());
+    for (const auto& iv : packed) {
+      schema.emplace_back(iv.isTensor() ? at::TensorType::get() : iv.type());
+    }
+    const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
+    const std::string fn = py->bind_function(saved.get_py_compiler(), name(),
+                                             &unit_backward_functional, schema,
+                                             /*is_custom_function=*/true,
+                                             /*is_traceable=*/false);
+    const auto metadata =
+        torch::dynamo::autograd::IValuePacker<std::vector<std::optional<
+            torch::autograd::InputMetadata>>>::pack(torch::dynamo::autograd::get_input_metadata(
+            next_edges()));
+    variable_list out =
+        py->call_function(saved.get_py_compiler(), "apply_functional", fn, grads, packed, metadata);
+    for (SavedVariable* v : vars) {
+      saved.after(*v);
+    }
+    saved.after(params_.c_out);
+    return out;
+  }
+
+  // The compiled graph's call: unit_backward from the packed arguments above.
+  static variable_list unit_backward_functional(const variable_list& grads,
+                                                const std::vector<c10::IValue>& args) {
+    TORCH_CHECK(args.size() == 21, kOpName, ": compiled autograd passed ", args.size(),
+                " arguments to the unit's backward, expected 21");
+    auto tensor = [&](size_t i) { return args[i].isTensor() ? args[i].toTensor() : at::Tensor(); };
+    const Saved s{tensor(0), tensor(1), tensor(2), tensor(3), tensor(4),
+                  tensor(5), tensor(6), tensor(7), tensor(8), tensor(9)};
+    UnitParams p;
+    auto pair = [&](size_t i, std::array<int64_t, 2>& out) {
+      const auto v = args[i].toIntVector();
+      TORCH_CHECK(v.size() == 2, kOpName, ": expected two values");
+      out = {v[0], v[1]};
+    };
+    pair(10, p.stride);
+    pair(11, p.padding);
+    pair(12, p.dilation);
+    p.groups = args[13].toInt();
+    if (!args[14].isNone()) {
+      p.c_out = args[14].toSymInt();
+    }
+    p.impl_index = args[15].toInt();
+    p.eps = args[16].toDouble();
+    p.training = args[17].toBool();
+    p.act = args[18].toInt();
+    p.act_param = args[19].toDouble();
+    const auto flags = args[20].toBoolList();
+    std::array<bool, 6> need{};
+    for (size_t i = 0; i < need.size() && i < flags.size(); ++i) {
+      need[i] = flags.get(i);
+    }
+    const auto g = unit_backward(grads[0], s, p, need);
     return variable_list(g.begin(), g.end());
   }
 };
@@ -486,6 +605,7 @@ at::Tensor conv_bn_act_eager_autograd(
     node->out_ = SavedVariable(f.pre, false);
   } else if (act != kActIdentity) {
     node->out_ = SavedVariable(f.out, true);
+    node->out_is_output_ = true;
   }
   return f.out;
 }

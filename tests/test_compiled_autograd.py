@@ -46,6 +46,10 @@ def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Hardswish(), _Block(6),
+        # (every parameter the node keeps differs from the others' defaults: stride,
+        # padding, dilation, groups, a conv bias, LeakyReLU's slope; GELU saves its input)
+        nn.Conv2d(6, 6, 3, stride=2, padding=1, dilation=3, groups=2), nn.BatchNorm2d(6),
+        nn.LeakyReLU(0.2), nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6), nn.GELU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
     )  # fmt: skip
     with torch.no_grad():
@@ -70,7 +74,7 @@ def _node_names(out: torch.Tensor) -> set[str]:
     return names
 
 
-def _step(fused, x, compiled: bool, wrt_input_only: bool = False):
+def _step(fused, x, compiled: bool, wrt_input_only: bool = False, reset: bool = True):
     """One forward (eager) and backward, under compiled autograd or not: (names of the
     backward's nodes, the gradients: the input's and every parameter's)."""
     x = x.clone().requires_grad_()
@@ -84,17 +88,23 @@ def _step(fused, x, compiled: bool, wrt_input_only: bool = False):
         loss.backward()
         return x.grad, {n: p.grad.clone() for n, p in fused.named_parameters()}
 
+    captures = None
     if compiled:
-        torch._dynamo.reset()
+        if reset:
+            torch._dynamo.reset()
         before = torch._dynamo.utils.counters["compiled_autograd"]["captures"]
-        with ca._enable(torch.compile(backend="eager")):
+        with ca._enable(_COMPILER):
             gx, grads = backward()
         captures = torch._dynamo.utils.counters["compiled_autograd"]["captures"] - before
-        assert captures >= 1, "compiled autograd did not capture the backward"
+        assert not reset or captures >= 1, "compiled autograd did not capture the backward"
     else:
         gx, grads = backward()
     fused.zero_grad(set_to_none=True)
+    _step.captures = captures
     return names, gx, grads
+
+
+_COMPILER = torch.compile(backend="eager")
 
 
 @pytest.mark.parametrize(
@@ -102,8 +112,10 @@ def _step(fused, x, compiled: bool, wrt_input_only: bool = False):
     [("eager", "ConvBnActEagerBackward"), ("fused", "BnActFunction")],
     ids=["eager-units", "fused-units"],
 )
-@pytest.mark.parametrize("mode", ["train", "frozen-bn"])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "mode, layout",
+    [("train", "nchw"), ("train", "channels_last"), ("frozen-bn", "channels_last")],
+)
 def test_compiled_autograd_matches_the_plain_backward(monkeypatch, policy, node, mode, layout):
     """Training, and fine-tuning with frozen BatchNorm (eval BN, parameters still
     learning: the eager unit's node saves the running statistics): every gradient under
@@ -159,6 +171,27 @@ def test_compiled_autograd_with_saved_tensor_hooks(monkeypatch, policy):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t * 1, lambda t: t):
         _, gx_c, grads_c = _step(fused, x, compiled=True)
     assert packed
+    assert torch.equal(gx_c, gx)
+    for name in grads:
+        assert torch.equal(grads_c[name], grads[name]), name
+
+
+@pytest.mark.parametrize("policy", ["eager", "fused"])
+def test_compiled_autograd_reuses_its_graph(monkeypatch, policy):
+    """A second backward of the same structure runs the compiled graph already made (no
+    new capture), the nodes' saved tensors swapped in afresh: its gradients are the plain
+    backward's of that second step."""
+    monkeypatch.setenv("RESNET_FUSED_AUTO", policy)
+    fused = resnet_fused.convert(_model(3)).train()
+    x1, x2 = torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8) * 2 + 1
+    state = {k: v.clone() for k, v in fused.state_dict().items()}
+    _step(fused, x1, compiled=False)
+    _, gx, grads = _step(fused, x2, compiled=False)
+    fused.load_state_dict(state)
+    _step(fused, x1, compiled=True)
+    assert _step.captures >= 1
+    _, gx_c, grads_c = _step(fused, x2, compiled=True, reset=False)
+    assert _step.captures == 0, "the second backward was captured again"
     assert torch.equal(gx_c, gx)
     for name in grads:
         assert torch.equal(grads_c[name], grads[name]), name

@@ -300,12 +300,28 @@ def _onednn_weight(w: Tensor, x: Tensor, geometry, residual: Tensor | None, act)
     eval unit runs oneDNN's fused convolution; None elsewhere. Given a dense weight,
     oneDNN reorders it at every call: on ResNet-50's deep layers (weights of 1-9 MB,
     small images) that is 10-25% of the convolution. A planned eval unit keeps it
-    beside the cached fold (see :class:`EvalPlan`)."""
-    if _REORDER is None or not _mkldnn_ok(x, residual, act):
+    beside the cached fold (see :class:`EvalPlan`).
+
+    Only for channels_last input: oneDNN's fused convolution given a reordered weight
+    writes a channels_last output whatever the input's layout, where eager's convolution
+    of an NCHW input with an NCHW weight writes NCHW (and ``out.view(n, -1)`` after it
+    works); given the dense weight it follows eager's rule. An NCHW input then keeps the
+    dense weight, and its output the layout eager gives it."""
+    if _REORDER is None or not _mkldnn_ok(x, residual, act) or not _channels_last_only(x):
         return None
     stride, padding, dilation, groups = geometry
     with torch.no_grad():
         return _REORDER(w, list(padding), list(stride), list(dilation), groups, list(x.shape))
+
+
+def _channels_last_only(x: Tensor) -> bool:
+    """``x`` is dense in channels_last and not also contiguous (an NCHW tensor whose
+    channels or spatial size is 1 is both, and eager's convolution treats it as NCHW)."""
+    return (
+        x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not (x.is_contiguous())
+    )
 
 
 def _kept_onednn_weight(kept, w: Tensor, x: Tensor, geometry, residual, act) -> tuple:

@@ -129,3 +129,22 @@ def test_converted_model_with_view_runs_in_eval(monkeypatch, pick):
         expected = model(x)
         for _ in range(2):
             torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_candidates_keep_eagers_layout(monkeypatch):
+    """On CUDA, auto times the Triton convolution (which writes channels_last) only where
+    eager's output is channels_last too: a channels_last input or weight. (The candidate
+    list is a function of the layouts: checked here with CPU tensors standing in.)"""
+    monkeypatch.setattr(auto_choice, "unavailable_reason", lambda c, d: None)
+    dev = torch.device("cuda")
+    x, w = torch.empty(2, 4, 5, 6), torch.empty(8, 4, 3, 3)
+    assert auto_choice.cuda_conv_candidates(x, w, dev) == ["cuda"]
+    assert auto_choice.cuda_conv_candidates(x.to(memory_format=CL), w, dev) == ["cuda", "triton"]
+    assert auto_choice.cuda_conv_candidates(x, w.to(memory_format=CL), dev) == ["cuda", "triton"]
+    # (an NCHW tensor with one channel is channels_last too: eager treats it as NCHW)
+    x1 = torch.empty(2, 1, 5, 6)
+    assert auto_choice.cuda_conv_candidates(x1, torch.empty(8, 1, 3, 3), dev) == ["cuda"]
+    monkeypatch.setattr(
+        auto_choice, "unavailable_reason", lambda c, d: "not built" if c == "triton" else None
+    )
+    assert auto_choice.cuda_conv_candidates(x.to(memory_format=CL), w, dev) == ["cuda"]

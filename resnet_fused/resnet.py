@@ -727,6 +727,7 @@ def convert(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _refuse_lazy(model)
     if not inplace:
         model = _deepcopy(model)
 
@@ -769,6 +770,23 @@ def convert(
             stacklevel=2,
         )
     return model
+
+
+def _refuse_lazy(model: nn.Module) -> None:
+    """A clear error for lazy modules (nn.LazyConv2d, nn.LazyBatchNorm2d, ...) whose
+    parameters are not made yet: their classes become Conv2d / BatchNorm2d at the first
+    forward, after a conversion would have left them unfused (and copying them fails)."""
+    lazy = [
+        f"{name or '<model>'} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+    ]
+    if lazy:
+        shown = ", ".join(lazy[:5]) + (f" and {len(lazy) - 5} more" if len(lazy) > 5 else "")
+        raise ValueError(
+            f"model has lazy modules whose parameters are not initialized yet: {shown}; "
+            "run one forward pass (or initialize them) before resnet_fused.convert"
+        )
 
 
 def _nothing_fused_text(model: nn.Module, skipped: list[str]) -> str:

@@ -382,6 +382,22 @@ def test_unrecognised_parts_are_left_untouched_and_reported():
         resnet_fused.convert(model, backend="gpu")
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_convert_refuses_uninitialized_lazy_modules(inplace):
+    """Lazy modules before their first forward: a clear error naming them (before, the
+    copy failed inside torch, and in place they were left unfused with a report calling
+    LazyBatchNorm2d not 2-d); after one forward they are Conv2d / BatchNorm2d and fuse."""
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU())
+    with pytest.raises(ValueError, match=r"lazy modules .*0 \(LazyConv2d\), 1 \(LazyBatchNorm2d\)"):
+        resnet_fused.convert(model, inplace=inplace)
+    assert type(model[0]) is nn.LazyConv2d  # (untouched)
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    converted = resnet_fused.convert(model, inplace=inplace)
+    assert len(resnet_fused.conversion_report(converted)["fused"]) == 1
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_blocks_construct_like_torchvision():
     torch.manual_seed(0)
     ds = nn.Sequential(nn.Conv2d(64, 256, 1, bias=False), nn.BatchNorm2d(256))

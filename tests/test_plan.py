@@ -320,7 +320,9 @@ def test_planned_eval_unit_keeps_the_onednn_weight(monkeypatch, residual, layout
     """A planned fp32 CPU eval unit hands oneDNN's convolution its weight reordered once
     (an mkldnn tensor, kept by the plan), not the dense fold it would reorder at every
     call; an EMA-style write to the conv weight (``.data``: no version bump) makes a new
-    fold, and the plan reorders that one. Outputs match eager's modules throughout."""
+    fold, and the plan reorders that one. Outputs match eager's modules throughout. An
+    NCHW input keeps the dense fold: with the reordered weight oneDNN writes a
+    channels_last output, where eager's is NCHW (tests/test_output_layout.py)."""
     monkeypatch.setenv("RESNET_FUSED_AUTO", "fused")
     calls = []
     real = conv_bn_act_module._mkldnn_pointwise
@@ -349,7 +351,11 @@ def test_planned_eval_unit_keeps_the_onednn_weight(monkeypatch, residual, layout
             y = bn(conv(x))
             expected = torch.relu(y + res if residual else y)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert out.stride() == expected.stride()
         assert unit._fold_cache.plan is not None
+        if layout == "nchw":
+            assert calls and not calls[-1], f"step {step}: oneDNN got a reordered weight"
+            continue
         assert calls and calls[-1], f"step {step}: oneDNN got a dense weight"
         packed_for = unit._fold_cache.plan[1].onednn[0]
         assert packed_for is unit._fold_cache.entry[1][0]  # made from the current fold

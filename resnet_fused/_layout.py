@@ -17,6 +17,25 @@ def bn_memory_format(input: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def conv_output_channels_last(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether eager's convolution of ``x`` with ``w`` writes a channels_last output:
+    oneDNN's and cuDNN's rule, the input's or the weight's strides look channels_last
+    (``suggest_memory_format``; 4-D only). The fused paths whose kernels write
+    channels_last whatever their input (oneDNN's fused convolution given a reordered
+    weight, the Triton convolution) are taken only where this holds, so that a converted
+    unit's output has eager's layout."""
+    from torch._prims_common import suggest_memory_format
+
+    return (
+        x.dim() == 4
+        and w.dim() == 4
+        and (
+            suggest_memory_format(x) == torch.channels_last
+            or suggest_memory_format(w) == torch.channels_last
+        )
+    )
+
+
 def stats_dtype(dtype: torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
     """Accumulation dtype of the BatchNorm statistics and backward sums, ATen's
     ``acc_type<T, is_cuda>`` as eager's BatchNorm on that device uses it: fp64 for fp64

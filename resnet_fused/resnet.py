@@ -727,7 +727,7 @@ def convert(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _refuse_lazy(model)
+    _refuse_lazy(model, inplace)
     if not inplace:
         model = _deepcopy(model)
 
@@ -772,14 +772,19 @@ def convert(
     return model
 
 
-def _refuse_lazy(model: nn.Module) -> None:
-    """A clear error for lazy modules (nn.LazyConv2d, nn.LazyBatchNorm2d, ...) whose
-    parameters are not made yet: their classes become Conv2d / BatchNorm2d at the first
-    forward, after a conversion would have left them unfused (and copying them fails)."""
+def _refuse_lazy(model: nn.Module, inplace: bool) -> None:
+    """A clear error for lazy modules whose parameters are not made yet: copying them
+    fails (torch's deepcopy refuses uninitialized parameters), and in place a lazy
+    convolution or BatchNorm becomes Conv2d / BatchNorm2d only at the first forward,
+    after the conversion would have left it unfused. (In place, other lazy modules, a
+    LazyLinear head say, are no obstacle.)"""
+    fusable = (nn.LazyConv2d, nn.LazyConvTranspose2d, nn.LazyBatchNorm2d)
     lazy = [
         f"{name or '<model>'} ({type(m).__name__})"
         for name, m in model.named_modules()
-        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+        and m.has_uninitialized_params()
+        and (not inplace or isinstance(m, fusable))
     ]
     if lazy:
         shown = ", ".join(lazy[:5]) + (f" and {len(lazy) - 5} more" if len(lazy) > 5 else "")

@@ -37,6 +37,15 @@ def _layout(t: torch.Tensor) -> tuple[bool, bool]:
     return t.is_contiguous(), t.is_contiguous(memory_format=CL)
 
 
+def _input(n, c, h, w, fmt):
+    x = torch.randn(n, c, h, w)
+    if fmt == "cl":
+        return x.to(memory_format=CL)
+    if fmt == "odd":  # (dense, channels_last-contiguous, but aten suggests NCHW for it)
+        return torch.randn(n, c, w, h).to(memory_format=CL).transpose(2, 3)
+    return x
+
+
 def _force(monkeypatch, pick: str) -> None:
     """auto's pick for every unit: ``pick`` where it is a candidate (the CPU eval unit's
     candidates: "cpu", oneDNN's fused convolution; "cpu-epilogue", aten's convolution and
@@ -66,7 +75,8 @@ CASES = {
 
 @pytest.mark.parametrize("pick", ["cpu", "cpu-epilogue", "eager"])
 @pytest.mark.parametrize(
-    "x_fmt, w_fmt", [("nchw", "nchw"), ("nchw", "cl"), ("cl", "nchw"), ("cl", "cl")]
+    "x_fmt, w_fmt",
+    [("nchw", "nchw"), ("nchw", "cl"), ("cl", "nchw"), ("cl", "cl"), ("odd", "nchw")],
 )
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", ["eval", "eval-grad", "train"])
@@ -86,8 +96,7 @@ def test_unit_output_layout_is_eagers(monkeypatch, pick, x_fmt, w_fmt, case, mod
         model = model.to(memory_format=CL)
     model.train(mode == "train")
     fused = resnet_fused.convert(model)
-    x = torch.randn(3, cin, h, w)
-    x = x.to(memory_format=CL) if x_fmt == "cl" else x
+    x = _input(3, cin, h, w, x_fmt)
     ho = (h + 2 * (k // 2) - k) // stride + 1
     wo = (w + 2 * (k // 2) - k) // stride + 1
     r = torch.randn(3, cout, ho, wo) if residual else None
@@ -131,20 +140,47 @@ def test_converted_model_with_view_runs_in_eval(monkeypatch, pick):
             torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_cuda_candidates_keep_eagers_layout(monkeypatch):
-    """On CUDA, auto times the Triton convolution (which writes channels_last) only where
-    eager's output is channels_last too: a channels_last input or weight. (The candidate
-    list is a function of the layouts: checked here with CPU tensors standing in.)"""
-    monkeypatch.setattr(auto_choice, "unavailable_reason", lambda c, d: None)
-    dev = torch.device("cuda")
-    x, w = torch.empty(2, 4, 5, 6), torch.empty(8, 4, 3, 3)
-    assert auto_choice.cuda_conv_candidates(x, w, dev) == ["cuda"]
-    assert auto_choice.cuda_conv_candidates(x.to(memory_format=CL), w, dev) == ["cuda", "triton"]
-    assert auto_choice.cuda_conv_candidates(x, w.to(memory_format=CL), dev) == ["cuda", "triton"]
-    # (an NCHW tensor with one channel is channels_last too: eager treats it as NCHW)
-    x1 = torch.empty(2, 1, 5, 6)
-    assert auto_choice.cuda_conv_candidates(x1, torch.empty(8, 1, 3, 3), dev) == ["cuda"]
-    monkeypatch.setattr(
-        auto_choice, "unavailable_reason", lambda c, d: "not built" if c == "triton" else None
-    )
-    assert auto_choice.cuda_conv_candidates(x.to(memory_format=CL), w, dev) == ["cuda"]
+@pytest.mark.parametrize(
+    "shape, x_fmt, w_fmt",
+    [
+        ((2, 3, 5, 6), "nchw", "nchw"), ((2, 3, 5, 6), "cl", "nchw"),
+        ((2, 3, 5, 6), "nchw", "cl"), ((2, 3, 5, 6), "cl", "cl"),
+        ((2, 3, 4, 1), "odd", "nchw"), ((2, 1, 5, 6), "cl", "nchw"),
+        ((1, 3, 5, 6), "cl", "nchw"), ((2, 3, 1, 1), "cl", "nchw"),
+    ],
+)  # fmt: skip
+def test_layout_rule_is_eagers_convolution(shape, x_fmt, w_fmt):
+    """conv_output_channels_last(x, w), which decides where the kernels that always write
+    channels_last may run, says what eager's convolution writes, odd and ambiguous
+    layouts included."""
+    from resnet_fused._layout import conv_output_channels_last
+
+    n, c, h, w_ = shape
+    x = _input(n, c, h, w_, x_fmt)
+    w = torch.randn(4, c, 3, 3)
+    w = w.to(memory_format=CL) if w_fmt == "cl" else w
+    out = torch.nn.functional.conv2d(x, w, padding=1)
+    if out.is_contiguous() and out.is_contiguous(memory_format=CL):
+        return  # (ambiguous output: either answer has eager's layout)
+    assert conv_output_channels_last(x, w) == out.is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("x_fmt", ["nchw", "cl"])
+def test_triton_backend_output_layout_is_eagers(monkeypatch, mode, x_fmt):
+    """backend="triton" (here under the Triton interpreter): its convolution writes
+    channels_last, so an NCHW unit runs aten's convolution with the Triton epilogue
+    (eval) or the Triton BatchNorm kernels (training), and keeps eager's layout."""
+    pytest.importorskip("triton")
+    from resnet_fused.backends import unavailable_reason
+
+    if unavailable_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip("the Triton backend does not run on this machine's CPU tensors")
+    torch.manual_seed(0)
+    model = _Unit(4, 8, 3, 1, nn.ReLU(), False).train(mode == "train")
+    fused = resnet_fused.convert(model, backend="triton")
+    x = _input(2, 4, 6, 5, x_fmt)
+    with torch.set_grad_enabled(mode == "train"):
+        expected, got = model(x), fused(x)
+    assert _layout(got) == _layout(expected), (got.stride(), expected.stride())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -396,6 +396,18 @@ def test_convert_refuses_uninitialized_lazy_modules(inplace):
     converted = resnet_fused.convert(model, inplace=inplace)
     assert len(resnet_fused.conversion_report(converted)["fused"]) == 1
     torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    # A lazy head outside any fused pattern: in place, the rest converts; a copy cannot
+    # be made (torch refuses to copy uninitialized parameters): the error says why.
+    headed = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)
+    )
+    if inplace:
+        converted = resnet_fused.convert(headed, inplace=True)
+        assert len(resnet_fused.conversion_report(converted)["fused"]) == 1
+        assert converted(x).shape == (2, 2)
+    else:
+        with pytest.raises(ValueError, match=r"lazy modules .*4 \(LazyLinear\)"):
+            resnet_fused.convert(headed)
 
 
 def test_blocks_construct_like_torchvision():

@@ -404,28 +404,6 @@ def conv_unit_key(x, w, geometry, training, residual, act, conv_bias=None, grad=
     )
 
 
-def _channels_last_only(t) -> bool:
-    return (
-        t.dim() == 4
-        and t.is_contiguous(memory_format=torch.channels_last)
-        and not (t.is_contiguous())
-    )
-
-
-def cuda_conv_candidates(x, w, device) -> list[str]:
-    """The fused backends ``auto`` times for a Conv+BN unit on CUDA: cuDNN's convolution
-    with the CUDA BatchNorm kernels, and the Triton convolution where it is available
-    and eager's output would be channels_last too (a channels_last input or weight): the
-    Triton convolution writes channels_last whatever its input, where cuDNN's convolution
-    of an NCHW input and weight writes NCHW, and a converted NCHW model must keep eager's
-    layout (``x.view(n, -1)`` after a unit, the layout of every later op)."""
-    keeps_layout = _channels_last_only(x) or _channels_last_only(w)
-    return [
-        c for c in ("cuda", "triton")
-        if unavailable_reason(c, device) is None and (c != "triton" or keeps_layout)
-    ]  # fmt: skip
-
-
 def _resolve_conv_backend(
     backend, x, w, geometry, training, residual, act, trial, conv_bias=None, *, grad=False,
     can_time=True, alternative: str | None = None,
@@ -447,7 +425,7 @@ def _resolve_conv_backend(
     if alternative is not None and auto_policy() == "time":
         fused.append(alternative)
     if device.type == "cuda":
-        fused = cuda_conv_candidates(x, w, device)
+        fused = [c for c in ("cuda", "triton") if unavailable_reason(c, device) is None]
     return choose(
         lambda: conv_unit_key(x, w, geometry, training, residual, act, conv_bias, grad),
         [*fused, EAGER], trial, device, can_time=can_time,

@@ -33,7 +33,7 @@ from torch import Tensor
 from .. import ops, reference
 from .._compat import ONEDNN_BINARY_FAILS_AT_1X1, compose_reference_under_compile
 from .._geometry import conv_output_hw, pair
-from .._layout import bn_memory_format, stats_dtype
+from .._layout import bn_memory_format, conv_output_channels_last, stats_dtype
 from .._validation import (
     act_argument,
     check_bn_input,
@@ -302,26 +302,17 @@ def _onednn_weight(w: Tensor, x: Tensor, geometry, residual: Tensor | None, act)
     small images) that is 10-25% of the convolution. A planned eval unit keeps it
     beside the cached fold (see :class:`EvalPlan`).
 
-    Only for channels_last input: oneDNN's fused convolution given a reordered weight
-    writes a channels_last output whatever the input's layout, where eager's convolution
-    of an NCHW input with an NCHW weight writes NCHW (and ``out.view(n, -1)`` after it
-    works); given the dense weight it follows eager's rule. An NCHW input then keeps the
-    dense weight, and its output the layout eager gives it."""
-    if _REORDER is None or not _mkldnn_ok(x, residual, act) or not _channels_last_only(x):
+    Only where eager's output is channels_last (:func:`conv_output_channels_last`):
+    oneDNN's fused convolution given a reordered weight writes a channels_last output
+    whatever the input's layout, where eager's convolution of an NCHW input with an NCHW
+    weight writes NCHW (and ``out.view(n, -1)`` after it works); given the dense weight
+    it follows eager's rule. An NCHW unit then keeps the dense weight, and its output the
+    layout eager gives it."""
+    if _REORDER is None or not _mkldnn_ok(x, residual, act) or not conv_output_channels_last(x, w):
         return None
     stride, padding, dilation, groups = geometry
     with torch.no_grad():
         return _REORDER(w, list(padding), list(stride), list(dilation), groups, list(x.shape))
-
-
-def _channels_last_only(x: Tensor) -> bool:
-    """``x`` is dense in channels_last and not also contiguous (an NCHW tensor whose
-    channels or spatial size is 1 is both, and eager's convolution treats it as NCHW)."""
-    return (
-        x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not (x.is_contiguous())
-    )
 
 
 def _kept_onednn_weight(kept, w: Tensor, x: Tensor, geometry, residual, act) -> tuple:
@@ -332,17 +323,19 @@ def _kept_onednn_weight(kept, w: Tensor, x: Tensor, geometry, residual, act) -> 
     return kept
 
 
-def _can_overwrite(residual: Tensor, x: Tensor) -> bool:
+def _can_overwrite(residual: Tensor, x: Tensor, out_channels_last: bool) -> bool:
     """Whether oneDNN's convolution of ``x`` can write its output into ``residual``: not
     while autograd records (a tensor it saved must stay as it was, even where this unit
-    records nothing), the output's dtype, dense in the output's memory format (the shape
-    the caller's checks have made the output's), in memory of its own."""
+    records nothing), the output's dtype, dense in the memory format eager's output has
+    (``out_channels_last``: :func:`conv_output_channels_last`; the shape the caller's
+    checks have made the output's), in memory of its own."""
+    fmt = torch.channels_last if out_channels_last else torch.contiguous_format
     return (
         not torch.is_grad_enabled()
         and residual.dtype == x.dtype
         and (not residual.is_inference() or torch.is_inference_mode_enabled())
         and type(residual) is Tensor
-        and residual.is_contiguous(memory_format=bn_memory_format(x))
+        and residual.is_contiguous(memory_format=fmt)
         and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     )
 
@@ -356,7 +349,14 @@ def _eval_forward(
     ``w`` reordered for oneDNN (:func:`_onednn_weight`), used by its fused convolution.
     ``donate``: the caller gives ``residual`` up (see _DONATED); oneDNN's fused
     convolution then writes the result into it where it can."""
-    if impl == "triton" and groups == 1 and x.dtype in _TRITON_CONV_DTYPES:
+    if (
+        impl == "triton"
+        and groups == 1
+        and x.dtype in _TRITON_CONV_DTYPES
+        and conv_output_channels_last(x, w)
+    ):
+        # (the Triton convolution writes channels_last: elsewhere aten's convolution and
+        # the Triton epilogue below, so that the output has eager's layout)
         if w_packed is None:
             w_packed = _triton_pack(w)
         return ops.conv_bias_act_triton(
@@ -376,6 +376,7 @@ def _eval_forward(
         if finite or not act.active:
             post = act.active and finite and (residual is None or act.kind == RELU)
             bias = b.to(x.dtype) if b is not None else None
+            out_cl = conv_output_channels_last(x, w)  # (w is dense here)
             if w_onednn is not None:
                 w = w_onednn
             if residual is None:
@@ -384,7 +385,7 @@ def _eval_forward(
                     x, w, bias, list(padding), list(stride), list(dilation), groups,
                     attr, scalars, algorithm,
                 )  # fmt: skip
-            elif donate and _can_overwrite(residual, x):
+            elif donate and _can_overwrite(residual, x, out_cl):
                 out = _mkldnn_pointwise_.binary(
                     residual, x, w, bias, list(padding), list(stride), list(dilation), groups,
                     "add", None, "relu" if post else None, [], "",
@@ -525,7 +526,13 @@ def _train_forward(
     bn_impl = impl if bn_impl is None else bn_impl
     stride, padding, dilation, groups = geometry
     rm_u, rv_u = (rm, rv) if update and group is None else (None, None)
-    if impl == "triton" and groups == 1 and conv_b is None and x.dtype in _TRITON_CONV_DTYPES:
+    if (
+        impl == "triton"
+        and groups == 1
+        and conv_b is None
+        and x.dtype in _TRITON_CONV_DTYPES
+        and conv_output_channels_last(x, w)  # (it writes channels_last: see _eval_forward)
+    ):
         if needs_autograd(x, w):
             y, mean, var = _TritonConvStats.apply(x, w, geometry, rm_u, rv_u, float(momentum))
         else:

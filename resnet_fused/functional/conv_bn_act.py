@@ -376,7 +376,7 @@ def _eval_forward(
         if finite or not act.active:
             post = act.active and finite and (residual is None or act.kind == RELU)
             bias = b.to(x.dtype) if b is not None else None
-            out_cl = conv_output_channels_last(x, w)  # (w is dense here)
+            w_dense = w
             if w_onednn is not None:
                 w = w_onednn
             if residual is None:
@@ -385,7 +385,7 @@ def _eval_forward(
                     x, w, bias, list(padding), list(stride), list(dilation), groups,
                     attr, scalars, algorithm,
                 )  # fmt: skip
-            elif donate and _can_overwrite(residual, x, out_cl):
+            elif donate and _can_overwrite(residual, x, conv_output_channels_last(x, w_dense)):
                 out = _mkldnn_pointwise_.binary(
                     residual, x, w, bias, list(padding), list(stride), list(dilation), groups,
                     "add", None, "relu" if post else None, [], "",

@@ -11,9 +11,12 @@ Spawns ``world`` processes in one torch.distributed group and times a training s
 Providers:
 
 * ``SyncBatchNorm``: ``nn.SyncBatchNorm`` + ReLU (+ add); GPU only (PyTorch refuses CPU).
-* ``eager``: the same statistics in eager torch ops, summed over the ranks with one
-  differentiable all_reduce (forward and backward), in the manner of
+* ``eager``: the same statistics in eager torch ops, combined over the ranks with
+  differentiable all_reduces (forward and backward), in the manner of
   ``torch.distributed.nn.functional.all_reduce`` (what runs on CPU).
+
+Each provider's first step is checked against ``eager`` in fp64 (output and input
+gradient) before timing.
 * ``fused``: ``resnet_fused.batch_norm_act(..., sync=True)`` /
   ``resnet_fused.convert(block, sync_bn=True)``.
 * ``fused-local``: the fused path without synchronisation, for what the communication costs.
@@ -103,9 +106,13 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class EagerSyncBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are summed over a process group in eager
-    torch ops (Σx, Σx², count through one differentiable all_reduce): the baseline where
-    nn.SyncBatchNorm cannot run."""
+    """BatchNorm2d whose training statistics are combined over a process group in eager
+    torch ops: the baseline where nn.SyncBatchNorm cannot run. Each rank's mean and
+    variance come from ``torch.var_mean``; the group's mean from one differentiable
+    all_reduce of (n*mean, n), its variance from a second of n*var + n*(mean_rank -
+    mean)^2 (Chan's combination: no E[x^2] - mean^2, whose cancellation in fp32 made
+    this baseline itself 6e-3 off on an AVX-512 CPU, depending on the summation order),
+    as nn.SyncBatchNorm's Welford statistics avoid it."""
 
     def __init__(self, *args, process_group=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -115,13 +122,14 @@ class EagerSyncBatchNorm2d(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         xf = x.float()
-        s1, s2 = xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))
-        count = torch.full_like(s1, x.numel() // x.shape[1])
+        var_local, mean_local = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+        count = torch.full_like(mean_local, x.numel() // x.shape[1])
         group = self.process_group or torch.distributed.group.WORLD
-        total = _AllReduceSum.apply(torch.stack([s1, s2, count]), group)
-        n = total[2]
+        total = _AllReduceSum.apply(torch.stack([mean_local * count, count]), group)
+        n = total[1]
         mean = total[0] / n
-        var = (total[1] / n - mean * mean).clamp_min(0)
+        spread = var_local * count + count * (mean_local - mean) ** 2
+        var = _AllReduceSum.apply(spread, group) / n
         with torch.no_grad():
             from ..reference import update_running_stats
 
@@ -280,9 +288,15 @@ def _worker(rank, world, init_file, device_type, dtype, batch, case_list, provid
                 steps[provider], checks[provider] = _step_fn(
                     case, provider, batch, device, dtype, seed=rank
                 )
-            # The first provider's first step is the reference for the others (same
-            # maths, same inputs): output and input gradient, worst over the ranks.
-            errs = {p: rel_diff(checks[p], checks[providers[0]]) for p in providers}
+            # Every provider's first step against the same case in fp64 (eager's
+            # synchronised BatchNorm on fp64 tensors, same inputs): output and input
+            # gradient, worst over the ranks. (Against the fp32 baseline itself the check
+            # measured the baseline's own error: its input gradient, autograd through
+            # the batch statistics in fp32, was 3e-4 off fp64 on an AVX-512 CPU where
+            # the fused one was 8e-7.)
+            _, checks_64 = _step_fn(case, "eager", batch, device, torch.float64, seed=rank)
+            errs = {p: rel_diff(checks[p], checks_64) for p in providers}
+            del checks_64
             errs = dict(zip(errs, _max_over_ranks(list(errs.values()), device), strict=True))
             del checks
             per_round = interleave(steps, device, min_run_time, rounds, _rank_timer(device))
@@ -353,13 +367,16 @@ def run_sync(
         backend += f" (simulated: {world} ranks on 1 GPU)"
     tolerance = default_tolerance(dtype, device)
     stats: dict[tuple[str, str], Stats] = {}
+    base_err = {c.name: e for c, p, _t, e in saved["results"] if p == providers[0]}
     for case, provider, times, err in saved["results"]:
         stats[case.name, provider] = Stats(times, err)
-        if provider not in (providers[0], "fused-local") and not err <= tolerance:
+        # (the tolerance rule: twice the baseline's own error, or the harness's bound)
+        bound = max(2 * base_err[case.name], tolerance)
+        if provider not in (providers[0], "fused-local") and not err <= bound:
             raise MismatchError(
-                f"sync case {case.name!r}: provider {provider!r} differs from "
-                f"{providers[0]!r} by {err:.2e} (relative norm), over the tolerance "
-                f"{tolerance:.0e}"
+                f"sync case {case.name!r}: provider {provider!r} is {err:.2e} (relative "
+                f"norm) from the fp64 reference, over the bound {bound:.1e} (twice "
+                f"{providers[0]!r}'s own {base_err[case.name]:.1e}, at least {tolerance:.0e})"
             )
     rows = []
     for case, provider, _times, err in saved["results"]:
@@ -401,12 +418,14 @@ def summarise(rows: list[dict]) -> str:
         "Shapes are per rank. " + TIMING_NOTE.format(rounds=env.get("rounds", ROUNDS)),
         "",
         "Providers: `SyncBatchNorm` = nn.SyncBatchNorm + ReLU (+ add) (GPU only); `eager` = "
-        "the same statistics in eager torch ops summed with one differentiable all_reduce "
+        "the same statistics in eager torch ops combined with differentiable all_reduces "
         "(forward and backward); `fused` = resnet_fused with sync; "
         "`fused-local` = resnet_fused without synchronisation (what communication costs).",
         "",
-        "Before timing, every provider's first step is compared with the first provider's "
-        "(output and input gradient, same inputs and parameters, worst rank): `diff` is "
+        "Before timing, every provider's first step is compared with `eager` run in fp64 "
+        "(output and input gradient, same inputs and parameters, worst rank; a provider "
+        "passes within twice the first provider's own difference, at least the harness's "
+        "tolerance): `diff` is "
         "‖a − b‖ / ‖b‖, the worse of the two, leaving out the largest 0.1% of the element "
         "differences. Elements whose pre-activation lies within "
         "rounding of zero may take the other side of the ReLU, so a few gradient elements "

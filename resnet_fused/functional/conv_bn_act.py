@@ -526,13 +526,12 @@ def _train_forward(
     bn_impl = impl if bn_impl is None else bn_impl
     stride, padding, dilation, groups = geometry
     rm_u, rv_u = (rm, rv) if update and group is None else (None, None)
-    if (
-        impl == "triton"
-        and groups == 1
-        and conv_b is None
-        and x.dtype in _TRITON_CONV_DTYPES
-        and conv_output_channels_last(x, w)  # (it writes channels_last: see _eval_forward)
-    ):
+    relayout = False
+    if impl == "triton" and groups == 1 and conv_b is None and x.dtype in _TRITON_CONV_DTYPES:
+        # The Triton convolution writes channels_last (see _eval_forward): where eager's
+        # output is NCHW, the unit's output is copied to NCHW at the end, its statistics
+        # (the convolution's epilogue, fp32 as eager's GPU BatchNorm) kept as they are.
+        relayout = not conv_output_channels_last(x, w)
         if needs_autograd(x, w):
             y, mean, var = _TritonConvStats.apply(x, w, geometry, rm_u, rv_u, float(momentum))
         else:
@@ -559,10 +558,12 @@ def _train_forward(
         mean, var, sync = finish_sync(mean, var, count, rm_s, rv_s, momentum, group)
     kernels = _bn_kernels(bn_impl)
     if not needs_autograd(*(t for t in (y, bn_w, bn_b, residual) if t is not None)):
-        return kernels.forward(y, mean, var, bn_w, bn_b, residual, float(eps), *act.args)
-    return _BatchNormAct.apply(
-        y, bn_w, bn_b, residual, mean, var, float(eps), act, True, bn_impl, sync
-    )
+        out = kernels.forward(y, mean, var, bn_w, bn_b, residual, float(eps), *act.args)
+    else:
+        out = _BatchNormAct.apply(
+            y, bn_w, bn_b, residual, mean, var, float(eps), act, True, bn_impl, sync
+        )
+    return out.contiguous() if relayout else out
 
 
 def _eager_unit(

@@ -14,12 +14,12 @@ Providers:
 * ``eager``: the same statistics in eager torch ops, combined over the ranks with
   differentiable all_reduces (forward and backward), in the manner of
   ``torch.distributed.nn.functional.all_reduce`` (what runs on CPU).
-
-Each provider's first step is checked against ``eager`` in fp64 (output and input
-gradient) before timing.
 * ``fused``: ``resnet_fused.batch_norm_act(..., sync=True)`` /
   ``resnet_fused.convert(block, sync_bn=True)``.
 * ``fused-local``: the fused path without synchronisation, for what the communication costs.
+
+Each provider's first step is checked against ``eager`` in fp64 (output and input
+gradient) before timing.
 
 Cases: BN+ReLU and BN+add+ReLU at ResNet-50 shapes, and two ResNet-50 bottleneck blocks.
 A step's time is the slowest rank's; the median over the steps is reported.
@@ -110,9 +110,9 @@ class EagerSyncBatchNorm2d(nn.BatchNorm2d):
     torch ops: the baseline where nn.SyncBatchNorm cannot run. Each rank's mean and
     variance come from ``torch.var_mean``; the group's mean from one differentiable
     all_reduce of (n*mean, n), its variance from a second of n*var + n*(mean_rank -
-    mean)^2 (Chan's combination: no E[x^2] - mean^2, whose cancellation in fp32 made
-    this baseline itself 6e-3 off on an AVX-512 CPU, depending on the summation order),
-    as nn.SyncBatchNorm's Welford statistics avoid it."""
+    mean)^2 (Chan's combination: no E[x^2] - mean^2, whose cancellation in fp32 loses
+    the variance where the mean is large against the spread), as nn.SyncBatchNorm's
+    Welford statistics avoid it."""
 
     def __init__(self, *args, process_group=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)

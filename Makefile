@@ -4,21 +4,25 @@
 #   make bench   the same set-up, then the benchmarks on this machine
 #
 # Variables: PYTHON (interpreter that creates the venv), VENV (its folder), MAX_JOBS
-# (parallel compile jobs), RESNET_FUSED_SKIP_CUDA=1 (CPU-only build).
+# (parallel compile jobs), TEST_WORKERS (test processes, default 2), RESNET_FUSED_SKIP_CUDA=1
+# (CPU-only build).
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BENCH_OUT ?= benchmarks/results
 export MAX_JOBS ?= 2
+# pytest-xdist worker processes for `make test` (each with one intra-op thread: tests/conftest.py)
+TEST_WORKERS ?= 2
 
-DEPS := torch torchvision triton ninja pybind11 pytest hypothesis timm numpy matplotlib scikit-learn setuptools wheel ruff
+DEPS := torch torchvision triton ninja pybind11 pytest pytest-xdist hypothesis timm numpy matplotlib scikit-learn setuptools wheel ruff
 
 .PHONY: all venv install test bench lint format info clean
 
 all: test
 
-$(VENV)/.deps-installed:
+# (made again when this file changes: a dependency added here reaches existing venvs)
+$(VENV)/.deps-installed: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install $(DEPS)
@@ -32,7 +36,7 @@ install: venv
 	$(PY) -m resnet_fused info
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 bench: install
 	$(PY) -m resnet_fused bench --out $(BENCH_OUT)

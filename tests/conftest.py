@@ -206,6 +206,30 @@ def _release_memory_after_module():
     release_memory()
 
 
+# --- intra-op threads under pytest-xdist ---------------------------------------------------
+#
+# `make test` runs the suite in two pytest-xdist worker processes (-n 2, this project's
+# 2-core CI machine), each with one intra-op thread: the suite's tensors are small, and
+# torch's second thread mostly waits at barriers (tests/test_conv_bn_act.py and
+# test_batch_norm_act.py on that machine: 179 s in one process with two threads, 115 s with
+# one, 65 s in two workers with one each). The tests whose results must not depend on the
+# thread count run their multi-threaded side under ``several_threads`` (at least two).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def several_threads():
+    """torch's intra-op threads at least two for the test (restored after), so that the
+    CPU kernels' parallel paths run even in a one-thread worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def single_thread():
     """torch's intra-op threads pinned to one for the test, restored after: on a machine

@@ -246,7 +246,7 @@ def test_cpu_fp32_statistics_accumulate_in_fp64(backend, layout, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(3, 13, 37, 41), (2, 40, 30, 30)], ids=str)
 @pytest.mark.parametrize("act", ["identity", "relu_from_out", "silu_masked"])
-def test_cpu_channels_last_backward_over_tiles_and_row_groups(dtype, shape, act):
+def test_cpu_channels_last_backward_over_tiles_and_row_groups(dtype, shape, act, several_threads):
     """The CPU backward's channels_last loops: several tiles (about 32768 values each),
     each in groups of rows with a remainder, blocks of channels with a scalar tail (13 =
     8 + 5; 40 = 5 x 8, or 2 x 16 + 8 for the 16-value blocks of bf16 and fp64), and a
@@ -356,7 +356,7 @@ def test_portable_cpu_bn_kernels_in_subprocess(cap, isa):
 
 @pytest.mark.parametrize("backend", backend_params(("cpu", "cuda", "triton")))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_deterministic(backend, layout):
+def test_deterministic(backend, layout, several_threads):
     device = backend_device(backend)
     shape = (4, 24, 9, 9)
     x = _tensor(shape, torch.float32, device, layout).requires_grad_()

@@ -736,7 +736,8 @@ def convert(
         return fused
 
     if type(model) in _BLOCKS and not _why_not_block(model):
-        return configure(_BLOCKS[type(model)].from_block(model, backend=backend))  # bare block
+        block = configure(_BLOCKS[type(model)].from_block(model, backend=backend))  # bare block
+        return _scriptable(block)
     skipped = []
     for name, module in list(model.named_modules()):
         if type(module) in _BLOCKS:
@@ -763,12 +764,53 @@ def convert(
     )
     if not fused_any:
         warnings.warn(_nothing_fused_text(model, skipped), stacklevel=2)
-    elif skipped:
+        return model
+    if skipped:
         warnings.warn(
             "resnet_fused.convert left these parts unfused (they run as before):\n  "
             + "\n  ".join(skipped),
             stacklevel=2,
         )
+    return _scriptable(model)
+
+
+# --- torch.jit.script ------------------------------------------------------------------------
+
+# torch.jit.script calls a module's ``__prepare_scriptable__`` before compiling it (and its
+# submodules', putting what they return in their place).
+_SCRIPTABLE = "__prepare_scriptable__"
+
+
+class _ScriptUnfused:
+    """A converted model's ``__prepare_scriptable__``, held in its instance dict (the
+    model's class is the user's or torchvision's). TorchScript cannot hold the fused
+    path's decisions in Python (plans, cached folds, auto's picks), so what
+    ``torch.jit.script(converted)`` compiles is the model unfused: the plain modules, as
+    :func:`unfuse` gives them back, in a copy of the module tree that shares this model's
+    parameters and buffers (the converted model itself is left as it is). Copies and
+    pickles of the model carry it, bound to the copy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self) -> nn.Module:
+        model = self.model
+        memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        for module in model.modules():
+            group = module.__dict__.get("process_group")
+            if group is not None:
+                memo[id(group)] = group
+        twin = copy.deepcopy(model, memo)
+        # (each module's training flag as it was: see _deepcopy)
+        flags = {n: m.training for n, m in model.named_modules(remove_duplicate=False)}
+        for n, m in twin.named_modules(remove_duplicate=False):
+            if flags.get(n, m.training) != m.training:
+                m.training = flags[n]
+        return unfuse(twin, inplace=True)
+
+
+def _scriptable(model: nn.Module) -> nn.Module:
+    model.__dict__[_SCRIPTABLE] = _ScriptUnfused(model)
     return model
 
 
@@ -819,6 +861,8 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = _deepcopy(model)
+    if isinstance(model.__dict__.get(_SCRIPTABLE), _ScriptUnfused):
+        del model.__dict__[_SCRIPTABLE]
     _synchronised_graph_sites_back(model)
     unfuse_graphs(model)
     if isinstance(model, (FusedBasicBlock, FusedBottleneck)):

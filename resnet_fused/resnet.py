@@ -94,10 +94,13 @@ def _share_bn(
     return new
 
 
-def _deepcopy(model: nn.Module) -> nn.Module:
+def _deepcopy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
     """``copy.deepcopy`` sharing the process groups (of nn.SyncBatchNorm or synchronised
-    fused modules), which cannot be copied."""
+    fused modules), which cannot be copied; with ``share_tensors``, the parameters and
+    buffers too (a copy of the module tree only)."""
     memo = {}
+    if share_tensors:
+        memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     for module in model.modules():
         group = module.__dict__.get("process_group")
         if group is not None:
@@ -794,19 +797,7 @@ class _ScriptUnfused:
         self.model = model
 
     def __call__(self) -> nn.Module:
-        model = self.model
-        memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-        for module in model.modules():
-            group = module.__dict__.get("process_group")
-            if group is not None:
-                memo[id(group)] = group
-        twin = copy.deepcopy(model, memo)
-        # (each module's training flag as it was: see _deepcopy)
-        flags = {n: m.training for n, m in model.named_modules(remove_duplicate=False)}
-        for n, m in twin.named_modules(remove_duplicate=False):
-            if flags.get(n, m.training) != m.training:
-                m.training = flags[n]
-        return unfuse(twin, inplace=True)
+        return unfuse(_deepcopy(self.model, share_tensors=True), inplace=True)
 
 
 def _scriptable(model: nn.Module) -> nn.Module:

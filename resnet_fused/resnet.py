@@ -94,13 +94,10 @@ def _share_bn(
     return new
 
 
-def _deepcopy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
+def _deepcopy(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` sharing the process groups (of nn.SyncBatchNorm or synchronised
-    fused modules), which cannot be copied; with ``share_tensors``, the parameters and
-    buffers too (a copy of the module tree only)."""
+    fused modules), which cannot be copied."""
     memo = {}
-    if share_tensors:
-        memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     for module in model.modules():
         group = module.__dict__.get("process_group")
         if group is not None:
@@ -780,28 +777,33 @@ def convert(
 # --- torch.jit.script ------------------------------------------------------------------------
 
 # torch.jit.script calls a module's ``__prepare_scriptable__`` before compiling it (and its
-# submodules', putting what they return in their place).
+# submodules', putting what they return in their parents' place).
 _SCRIPTABLE = "__prepare_scriptable__"
 
+NOT_SCRIPTABLE = (
+    "torch.jit.script cannot compile a model converted by resnet_fused: its fused path "
+    "decides in Python at each call (plans, cached folds, auto's picks), which TorchScript "
+    "cannot hold. Script resnet_fused.unfuse(model) (the same modules unfused, with a copy "
+    "of the parameters and buffers), or use torch.compile or torch.export instead"
+)
 
-class _ScriptUnfused:
+
+class _NotScriptable:
     """A converted model's ``__prepare_scriptable__``, held in its instance dict (the
-    model's class is the user's or torchvision's). TorchScript cannot hold the fused
-    path's decisions in Python (plans, cached folds, auto's picks), so what
-    ``torch.jit.script(converted)`` compiles is the model unfused: the plain modules, as
-    :func:`unfuse` gives them back, in a copy of the module tree that shares this model's
-    parameters and buffers (the converted model itself is left as it is). Copies and
-    pickles of the model carry it, bound to the copy."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    model's class is the user's or torchvision's): a clear error instead of TorchScript's
+    own about the fused modules' annotations or the generated forward. Raising (rather
+    than handing torch.jit an unfused copy) leaves the model alone also where it is a
+    submodule of what is scripted: torch.jit puts the returned module into its parent."""
 
     def __call__(self) -> nn.Module:
-        return unfuse(_deepcopy(self.model, share_tensors=True), inplace=True)
+        raise RuntimeError(NOT_SCRIPTABLE)
 
 
 def _scriptable(model: nn.Module) -> nn.Module:
-    model.__dict__[_SCRIPTABLE] = _ScriptUnfused(model)
+    """``model`` with the clear torch.jit.script error, unless its class has a
+    ``__prepare_scriptable__`` of its own."""
+    if not hasattr(type(model), _SCRIPTABLE):
+        model.__dict__[_SCRIPTABLE] = _NotScriptable()
     return model
 
 
@@ -852,7 +854,7 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = _deepcopy(model)
-    if isinstance(model.__dict__.get(_SCRIPTABLE), _ScriptUnfused):
+    if isinstance(model.__dict__.get(_SCRIPTABLE), _NotScriptable):
         del model.__dict__[_SCRIPTABLE]
     _synchronised_graph_sites_back(model)
     unfuse_graphs(model)

@@ -691,9 +691,7 @@ class _Watch:
 
 
 # nn.Module's own bookkeeping, and what the converter itself stores on a module.
-_INTERNAL = (frozenset(nn.Module().__dict__) - {"training"}) | {
-    "forward", _ATTR, "__prepare_scriptable__",  # (the last: resnet.convert's, for torch.jit)
-}  # fmt: skip
+_INTERNAL = (frozenset(nn.Module().__dict__) - {"training"}) | {"forward", _ATTR}
 _WATCHING: dict[type, type] = {}
 
 

@@ -192,6 +192,41 @@ def release_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (getrusage; 0 where unavailable)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (KiB on Linux)
+    except (ImportError, OSError):
+        return 0
+
+
+# The peak of each process that ran tests, printed at the end of the run (pytest-xdist's
+# workers report theirs to the main process as they finish), so that the budget above is
+# checked by every run rather than assumed.
+_PEAKS: dict[str, int] = {}
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # (an xdist worker: to the main process)
+        workeroutput["peak_rss_bytes"] = peak_rss_bytes()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):  # (pytest-xdist's hook, in the main process)
+    peak = getattr(node, "workeroutput", {}).get("peak_rss_bytes")
+    if peak is not None:
+        _PEAKS[node.gateway.id] = peak
+
+
+def pytest_terminal_summary(terminalreporter):
+    peaks = dict(_PEAKS) or {"this process": peak_rss_bytes()}
+    text = ", ".join(f"{name} {peak / 2**30:.1f} GiB" for name, peak in sorted(peaks.items()))
+    terminalreporter.write_line(f"peak resident memory: {text} (budget 8 GB per process)")
+
+
 @pytest.fixture(autouse=True)
 def _release_memory_after_heavy_tests():
     before = rss_bytes()

@@ -48,7 +48,8 @@ using ForwardFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Ten
 using ReduceFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, double, int64_t, double, bool);
+    const std::optional<at::Tensor>&, double, int64_t, double, bool,
+    const std::optional<at::Tensor>&);
 using ElemtFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const std::optional<at::Tensor>&,
                            const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
@@ -100,12 +101,16 @@ struct BnActFunction : public torch::autograd::Function<BnActFunction> {
                             bool batch_stats) {
     at::Tensor out = forward_op().call(input, mean, var, weight, bias, residual, eps, act,
                                        act_param);
-    // act' comes from `out` with a residual, else from input (needs bias).
+    // act' from `out` (a residual and an activation that allows it), else at the
+    // pre-activation recomputed from input, bias [and the residual] (_BatchNormAct.forward).
     const bool active = act != kActIdentity;
     const bool has_residual = residual.has_value();
+    const bool keep_out = active && has_residual && act_from_output(act, act_param);
+    const bool keep_bias = active && !keep_out;
     ctx->save_for_backward({input, mean, var, weight.value_or(at::Tensor()),
-                            active && !has_residual ? bias.value_or(at::Tensor()) : at::Tensor(),
-                            active && has_residual ? out : at::Tensor()});
+                            keep_bias ? bias.value_or(at::Tensor()) : at::Tensor(),
+                            keep_out ? out : at::Tensor(),
+                            keep_bias && has_residual ? *residual : at::Tensor()});
     ctx->saved_data["has_weight"] = weight.has_value();
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
@@ -125,6 +130,7 @@ struct BnActFunction : public torch::autograd::Function<BnActFunction> {
     const at::Tensor& weight = saved[3];
     const at::Tensor& bias = saved[4];
     const at::Tensor& out = saved[5];
+    const at::Tensor& residual = saved[6];
     const double eps = ctx->saved_data["eps"].toDouble();
     const int64_t act = ctx->saved_data["act"].toInt();
     const double act_param = ctx->saved_data["act_param"].toDouble();
@@ -155,7 +161,7 @@ struct BnActFunction : public torch::autograd::Function<BnActFunction> {
       at::Tensor masked_grad;
       std::tie(sum_dy, sum_dy_xhat, masked_grad) =
           reduce_op().call(grad_out, input, mean, var, opt(weight), opt(bias), opt(out), eps, act,
-                           act_param, write_masked);
+                           act_param, write_masked, opt(residual));
       if (write_masked) {
         masked = masked_grad;
       }

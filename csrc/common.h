@@ -138,11 +138,16 @@ inline void check_bn_backward_reduce_args(const at::Tensor& grad_out, const at::
                                           const at::Tensor& mean, const at::Tensor& var,
                                           const std::optional<at::Tensor>& weight,
                                           const std::optional<at::Tensor>& bias,
-                                          const std::optional<at::Tensor>& out) {
+                                          const std::optional<at::Tensor>& out,
+                                          const std::optional<at::Tensor>& residual) {
   check_bn_input(input);
   check_like(grad_out, "grad_out", input, "input");
   check_bn_affine_args(input, mean, var, weight, bias);
   check_like(out, "out", input, "input");
+  check_like(residual, "residual", input, "input");
+  TORCH_CHECK(!(out.has_value() && out->defined() && residual.has_value() && residual->defined()),
+              "bn_act_backward_reduce: out and residual were both given: act' comes from out, "
+              "or from the pre-activation recomputed with the residual, not both");
 }
 
 inline void check_bn_backward_elemt_args(const at::Tensor& grad, const at::Tensor& input,

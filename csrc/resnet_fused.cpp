@@ -66,12 +66,13 @@ TORCH_LIBRARY(resnet_fused, m) {
       "Tensor? residual, float eps, int act, float act_param) -> Tensor");
   // (sum g, sum g*xhat, g if write_masked_grad else empty) with g = grad_out * act'(pre):
   // from `out` when given (the activation must allow it: identity, ReLU, ReLU6, LeakyReLU
-  // with a positive slope), else from the pre-activation recomputed from the input (which
-  // needs the BatchNorm without residual).
+  // with a positive slope), else from the pre-activation recomputed from the input and,
+  // when given, the forward's `residual` (out and residual: one or neither).
   m.def(
       "bn_act_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
       "Tensor? weight, Tensor? bias, Tensor? out, float eps, int act, float act_param, "
-      "bool write_masked_grad) -> (Tensor sum_dy, Tensor sum_dy_xhat, Tensor masked_grad)");
+      "bool write_masked_grad, Tensor? residual=None) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xhat, Tensor masked_grad)");
   // grad_input from the gradient and the two sums; `act` is the activation whose derivative
   // is applied to `grad` at the pre-activation recomputed from the input (identity when
   // `grad` is already the gradient at the pre-activation).

@@ -77,9 +77,7 @@ def act_argument(relu: object, activation: object):
     return as_act(relu if activation is None else activation, "activation")
 
 
-def check_bn_options(
-    running_mean, running_var, momentum, eps, training, act, residual=None
-) -> None:
+def check_bn_options(running_mean, running_var, momentum, eps, training, act) -> None:
     """The BatchNorm arguments shared by batch_norm_act and conv_bn_act (``act`` from
     :func:`act_argument`)."""
     if (running_mean is None) != (running_var is None):
@@ -88,12 +86,6 @@ def check_bn_options(
     check_number(eps, "eps", minimum=0.0)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if residual is not None and not act.from_output:
-        raise ValueError(
-            f"activation={act.name!r} with a residual is not fused (its derivative needs the "
-            "pre-activation, which the fused backward recomputes only without a residual): "
-            "fuse the BatchNorm and the add with activation=None and apply it after"
-        )
 
 
 def check_number(value: object, name: str, *, minimum: float | None = None) -> None:

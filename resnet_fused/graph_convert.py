@@ -20,7 +20,7 @@ Rules:
   value (a view taken before, the caller's tensor) can see; else it stays in place.
 * Patterns, longest first: Conv2d->BN->add->act, Conv2d->BN->act, BN->add->act,
   BN->act, add->ReLU, then Conv2d->BN->add and BN->add (no activation after the add, or
-  one the kernels cannot take there), Conv2d->BN and, for every BatchNorm left, BN
+  one the kernels do not apply), Conv2d->BN and, for every BatchNorm left, BN
   alone. A site
   is fused only when every interior value has one user and the modules are exactly
   ``nn.Conv2d`` (zeros padding) and a BatchNorm the kernels compute: ``nn.BatchNorm2d``
@@ -34,8 +34,7 @@ Rules:
   once (fused, or left alone with the reason), and so does every activation that reads a
   fused BatchNorm's output without being fused with it. The activation of a site is any
   of resnet_fused.activations (ReLU, ReLU6, LeakyReLU, SiLU, Hardswish, GELU) in any
-  spelling; after a residual add only ReLU, ReLU6 and LeakyReLU with a positive slope
-  (the others need their input for the backward: they run after the fused BN and add).
+  spelling, after a residual add or not.
 * A module that cannot be traced (data-dependent control flow, ...) runs as it is; its
   children are converted instead and the error is reported.
 * Hooks: a module carrying hooks at conversion is not traced through (its hooks fire);
@@ -106,7 +105,7 @@ from .patterns import (
     ACT_MODULES,
     ADD_FUNCTIONS,
     BN_TYPES,
-    ONLY_RELU,
+    KERNEL_ACTS,
     act_text,
     bn_modules,
     inner_act,
@@ -255,7 +254,7 @@ def fused_conv_bn(
             and conv.padding_mode == "zeros"
             and conv.out_channels == bn.num_features
             and not has_hooks(conv, bn, relu_module)
-            and (residual is None or (act.from_output and _unit_residual(conv, input, residual)))
+            and (residual is None or _unit_residual(conv, input, residual))
         ):
             if not (donate or give) or torch.compiler.is_compiling():
                 return conv_bn_forward(conv, bn, input, residual, act, backend, _fold_cache(bn))
@@ -305,11 +304,9 @@ def _bn_site(bn, dtype, residual, act: Act, post, fused, modules) -> Tensor:
     the fused kernel call and ``post(out)`` the site's activation as written (run when it
     is not fused). A frozen BatchNorm whose buffers have another dtype than the unit's
     (``dtype``; None: not a 4-d tensor) runs ``modules()`` (the module promotes, as under
-    autocast). After a residual add, an activation whose derivative needs its input
-    (SiLU, Hardswish, GELU) runs as written after the fused BatchNorm and add. A norm-act
-    BatchNorm's own activation, read now, comes before the residual and the site's
-    activation: fused when the kernels apply it, else its ``drop``/``act`` run as modules
-    after the fused BatchNorm."""
+    autocast). A norm-act BatchNorm's own activation, read now, comes before the residual
+    and the site's activation: fused when the kernels apply it, else its ``drop``/``act``
+    run as modules after the fused BatchNorm."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm) and (
         dtype is None or dtype != bn._buffers["weight"].dtype
     ):
@@ -318,8 +315,6 @@ def _bn_site(bn, dtype, residual, act: Act, post, fused, modules) -> Tensor:
         return post(out if residual is None else out + residual)
     inner = inner_act(bn)
     if inner is None:
-        if residual is not None and not act.from_output:
-            return post(fused(residual, ID_ACT))
         return fused(residual, act)
     if residual is None and (not act.active or (inner == act and act.kind == RELU)):
         # (relu(relu(y)) == relu(y))
@@ -450,7 +445,7 @@ def fused_bn(
             act is not None
             and not sync
             and not has_hooks(bn, relu_module)
-            and (residual is None or (act.from_output and _bn_residual(input, residual)))
+            and (residual is None or _bn_residual(input, residual))
         ):
             return bn_forward(bn, input, residual, act, backend, False, None, _fold_cache(bn))
     tracer = _tracer_of(input, residual)
@@ -1084,9 +1079,8 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         x, _, act_path, act = found
         tag = "relu" if act.kind == RELU else act.name
         add = _add_of(x) if x not in claimed else None
-        # After an add: BN + add + an activation whose derivative the output gives (the
-        # others run after the fused BatchNorm and add), or add + ReLU alone.
-        if add is not None and _single_user(x, node) and act.from_output:
+        # After an add: BN + add + the activation, or add + ReLU alone.
+        if add is not None and _single_user(x, node):
             a, b, inplace = add
             bn_operand = any(is_bn(o) and _single_user(o, x) for o in (a, b))
             if inplace and not _private(root, a, x):
@@ -1183,7 +1177,7 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
         claimed.update(nodes)
         if inner == "module":
             act = m._modules["act"]
-            why = ONLY_RELU
+            why = KERNEL_ACTS
             if type(m._modules["drop"]) is not nn.Identity:
                 why = f"its drop, {act_text(m._modules['drop'])}, comes first"
             left.append((f"{node.target}.act", f"{act_text(act)} after {name(node)} runs as "
@@ -1199,7 +1193,7 @@ def _find_sites(root: nn.Module, graph: fx.Graph):
             if act is None or name(user) in listed:
                 continue
             left.append((name(user), f"{act} after {name(nodes[-1])} runs as its own "
-                         f"pass ({ONLY_RELU})"))  # fmt: skip
+                         f"pass ({KERNEL_ACTS})"))  # fmt: skip
     seen = set()
     left = [e for e in left if not (e in seen or seen.add(e))]
     return sites, left

@@ -12,7 +12,7 @@ traced with ``torch.fx``). Both read what they may fuse from here:
 * the convolution: exactly ``nn.Conv2d`` with zeros padding (:func:`why_not_conv`);
 * the spellings of ReLU and add that a traced graph may use, and the activations the
   report accounts for when they are not fused (those the kernels do not apply:
-  :data:`ONLY_RELU` says which they apply; the fused ones are resnet_fused.activations');
+  :data:`KERNEL_ACTS` says which they apply; the fused ones are resnet_fused.activations');
 * resnet_fused's own module classes (:func:`register`, :func:`own_classes`), which the
   graph pass never traces into.
 """
@@ -168,10 +168,7 @@ def why_not_bn(bn: nn.Module) -> str | None:
             " with other children than drop and act (not a norm-act layer)")  # fmt: skip
 
 
-ONLY_RELU = (
-    "the fused kernels apply ReLU, ReLU6, LeakyReLU, SiLU, Hardswish and GELU, and after a "
-    "residual add only ReLU, ReLU6 and LeakyReLU with a positive slope"
-)
+KERNEL_ACTS = "the fused kernels apply ReLU, ReLU6, LeakyReLU, SiLU, Hardswish and GELU"
 
 # Activations other than ReLU a BatchNorm's output commonly feeds (for the report: each
 # one that reads a fused BatchNorm's output is listed, as not fused with it).

@@ -36,8 +36,8 @@ def relu_backward(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 #   running_mean <- (1 - momentum)*running_mean + momentum*mean
 #   running_var  <- (1 - momentum)*running_var  + momentum*var*m/(m - 1)
 # Backward, with g = grad_out masked by (out > 0) (in general g = grad_out*act'(pre), pre
-# the argument of act, read from out where act allows it, else recomputed) and
-# xhat = (y - mean)*invstd:
+# the argument of act, read from out where act allows it, else recomputed from y, the
+# statistics and, after an add, the residual) and xhat = (y - mean)*invstd:
 #   d_bias = sum(g)   d_weight = sum(g*xhat)   d_residual = g
 #   d_input = w*invstd*(g - d_bias/m - xhat*d_weight/m)      (batch statistics)
 #   d_input = w*invstd*g                                      (running statistics)
@@ -124,19 +124,23 @@ def bn_act_forward(
     return y.to(input.dtype).contiguous(memory_format=_layout(input))
 
 
-def _act_grad(grad, input, mean, var, weight, bias, out, eps, act, act_param):
+def _act_grad(grad, input, mean, var, weight, bias, out, eps, act, act_param, residual=None):
     """grad_out * act': from ``out`` when given (the activations whose derivative is a
-    function of the output), else at the pre-activation recomputed from the input (BN +
-    activation without residual). ReLU's mask is that of the pre-activation rounded to
-    input's dtype (the stored output's mask)."""
+    function of the output), else at the pre-activation recomputed from the input [+
+    ``residual``]. ReLU's mask is that of the pre-activation rounded to input's dtype (the
+    stored output's mask)."""
     a = Act(act, act_param)
     if not a.active:
         return grad
     if out is not None:
+        if residual is not None:
+            raise ValueError("out and residual were both given: one or neither")
         if not a.from_output:
             raise ValueError(f"out must be None for {a.name}: its derivative needs the input")
         return a.backward_from_output(grad, out)
     _, y, _ = _affine(input, mean, var, weight, bias, eps)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
     if a.kind == 1:
         y = y.to(input.dtype)
     return a.backward(grad.to(y.dtype), y).to(grad.dtype)
@@ -154,11 +158,14 @@ def bn_act_backward_reduce(
     act: int,
     act_param: float,
     write_masked_grad: bool,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum(g), sum(g*xhat), g or an empty tensor) with g = grad_out*act'; the sums in
+    """(sum(g), sum(g*xhat), g or an empty tensor) with g = grad_out*act': from ``out``,
+    or at the pre-activation recomputed from the input and ``residual`` (the forward's
+    residual, for the activations that cannot take act' from their output); the sums in
     the stats dtype."""
     acc = stats_dtype(input.dtype, input.device)
-    g = _act_grad(grad_out, input, mean, var, weight, bias, out, eps, act, act_param)
+    g = _act_grad(grad_out, input, mean, var, weight, bias, out, eps, act, act_param, residual)
     xhat, _, _ = _affine(input, mean, var, None, None, eps)
     dims = [d for d in range(input.dim()) if d != 1]
     g_acc = g.to(acc)

@@ -4,7 +4,7 @@
 // channels_last, see bn_memory_format), fold the per-channel parameters into arrays
 // (cpu/bn_host.h) and call the vectorised, threaded loops of cpu/kernels_impl.h; the sums
 // come back in the accumulation type (fp64 for fp32 input, as eager's CPU BatchNorm).
-// Traffic: backward_reduce reads grad_out and input (+ out) and optionally writes the
+// Traffic: backward_reduce reads grad_out and input (+ out or residual) and optionally writes the
 // masked gradient; backward_elemt reads grad and input and writes grad_input.
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
@@ -29,10 +29,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out, double eps,
-    int64_t act, double act_param, bool write_masked_grad) {
-  check_bn_backward_reduce_args(grad_out, input, mean, var, weight, bias, out);
+    int64_t act, double act_param, bool write_masked_grad,
+    const std::optional<at::Tensor>& residual) {
+  check_bn_backward_reduce_args(grad_out, input, mean, var, weight, bias, out, residual);
   check_act(act);
   const bool has_out = out.has_value() && out->defined();
+  const bool has_residual = residual.has_value() && residual->defined();
   const bool apply = act != kActIdentity;
   TORCH_CHECK(!(apply && has_out) || act_from_output(act, act_param),
               "bn_act_backward_reduce: out must be None for ", act_name(act),
@@ -60,9 +62,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
   }
   const at::Tensor x = bn_in_format(input, fmt);
   const at::Tensor g = bn_in_format(grad_out, fmt);
-  const at::Tensor o = apply && has_out ? bn_in_format(*out, fmt) : at::Tensor();
-  const cpu::BnMask mask =
-      !apply ? cpu::BnMask::kNone : (has_out ? cpu::BnMask::kFromOut : cpu::BnMask::kFromInput);
+  // The second stream: the output (kFromOut) or the residual (kFromInputResidual).
+  const at::Tensor o = !apply       ? at::Tensor()
+                       : has_out      ? bn_in_format(*out, fmt)
+                       : has_residual ? bn_in_format(*residual, fmt)
+                                      : at::Tensor();
+  const cpu::BnMask mask = !apply         ? cpu::BnMask::kNone
+                           : has_out      ? cpu::BnMask::kFromOut
+                           : has_residual ? cpu::BnMask::kFromInputResidual
+                                          : cpu::BnMask::kFromInput;
   const Affine a = fold_affine(input, mean, var, weight, bias, eps);
   cpu::kernels().bn_backward_reduce(
       input.scalar_type(), g.const_data_ptr(), x.const_data_ptr(),

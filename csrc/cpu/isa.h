@@ -30,9 +30,10 @@ struct BnGeometry {
 // Where the BN backward reads the activation's derivative: nowhere (identity, or the
 // gradient is already taken through it), from the forward output (ReLU: out <= 0 -> 0;
 // the activations of act_from_output), or at the pre-activation recomputed from the input
-// (y = (x - mean)*scale + bias; BN + activation without residual; for ReLU the mask of y
-// rounded to the input dtype, so that it agrees with the stored output).
-enum class BnMask : int { kNone = 0, kFromOut = 1, kFromInput = 2 };
+// (y = (x - mean)*scale + bias; for ReLU the mask of y rounded to the input dtype, so that
+// it agrees with the stored output), plus the residual read from the second stream (BN +
+// add + an activation whose derivative the output does not give: SiLU, GELU, ...).
+enum class BnMask : int { kNone = 0, kFromOut = 1, kFromInput = 2, kFromInputResidual = 3 };
 
 // The activation (csrc/act.h's ActKind) and its parameter (LeakyReLU's slope).
 struct ActSpec {
@@ -63,8 +64,8 @@ struct Kernels {
                      ActSpec act);
   // sum_dy = sum g, sum_dy_xmu = sum g*(x - mean_acc), with g = grad * act' read per `mask`
   // (from mean, scale and bias, as bn_forward computes y, or from `out`), the sums in the
-  // accumulation type; writes g to `masked` when not null. `out` is read for
-  // BnMask::kFromOut only.
+  // accumulation type; writes g to `masked` when not null. `out` is the second stream: the
+  // output for BnMask::kFromOut, the residual for kFromInputResidual, else unread.
   void (*bn_backward_reduce)(c10::ScalarType dtype, const void* grad, const void* x,
                              const void* out, void* masked, const BnGeometry& g, const void* mean,
                              const void* scale, const void* bias, const void* mean_acc,

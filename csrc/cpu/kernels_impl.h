@@ -931,6 +931,7 @@ void bn_forward_typed(const scalar_t* x, const scalar_t* res, scalar_t* out, con
 
 // g for one element: grad * act' per `mask`. ReLU's mask from the input compares y with
 // the largest value that rounds to zero, so that it agrees with the stored output's mask.
+// `out`: the second stream (the output, or the residual: see BnMask).
 template <typename scalar_t, bool kGeneric>
 inline op_t<scalar_t> masked_grad_scalar(BnMask mask, const ActSpec& act, op_t<scalar_t> grad,
                                          op_t<scalar_t> xmu, op_t<scalar_t> s, op_t<scalar_t> b,
@@ -945,8 +946,11 @@ inline op_t<scalar_t> masked_grad_scalar(BnMask mask, const ActSpec& act, op_t<s
       return o <= acc_t(0) ? acc_t(0) : grad;  // ReLU
     }
   }
-  if (mask == BnMask::kFromInput) {
-    const acc_t y = mul_add(xmu, s, b);
+  if (mask == BnMask::kFromInput || mask == BnMask::kFromInputResidual) {
+    // (as bn_forward_typed: the affine, then + the residual, in the arithmetic type)
+    const acc_t y = mask == BnMask::kFromInputResidual
+                        ? mul_add(xmu, s, b) + static_cast<acc_t>(out[offset])
+                        : mul_add(xmu, s, b);
     if constexpr (kGeneric) {
       return act_grad_from_pre<acc_t>(act.kind, param, y, grad);
     } else {
@@ -973,8 +977,10 @@ C10_ALWAYS_INLINE Vectorized<op_t<scalar_t>> masked_grad_vec(
       return aVec::blendv(grad, zero, outv <= zero);  // ReLU
     }
   }
-  if (mask == BnMask::kFromInput) {
-    const aVec y = at::vec::fmadd(xmu, s, b);
+  if (mask == BnMask::kFromInput || mask == BnMask::kFromInputResidual) {
+    // (outv: the residual for kFromInputResidual, zero otherwise)
+    const aVec y = mask == BnMask::kFromInputResidual ? at::vec::fmadd(xmu, s, b) + outv
+                                                      : at::vec::fmadd(xmu, s, b);
     if constexpr (kGeneric) {
       return act_grad_pre_vec<acc_t>(act.kind, y, grad, param);
     } else {
@@ -984,6 +990,11 @@ C10_ALWAYS_INLINE Vectorized<op_t<scalar_t>> masked_grad_vec(
   return grad;
 }
 #endif
+
+// Whether the backward reduction reads `out`, its second stream (see BnMask).
+inline bool reads_second_stream(BnMask mask) {
+  return mask == BnMask::kFromOut || mask == BnMask::kFromInputResidual;
+}
 
 template <typename scalar_t, bool kGeneric, int kKind>
 void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const scalar_t* out,
@@ -1053,7 +1064,7 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
           // through the lambdas' reference captures would be reloaded on every row.
           const scalar_t* const xl = x;
           const scalar_t* const gl = grad;
-          const scalar_t* const ol = mask == BnMask::kFromOut ? out : nullptr;
+          const scalar_t* const ol = reads_second_stream(mask) ? out : nullptr;
           scalar_t* const ml = masked;
           const int64_t Cl = C;
           const auto vp = vec_part;
@@ -1185,7 +1196,7 @@ void bn_backward_reduce_typed(const scalar_t* grad, const scalar_t* x, const sca
         // Local copies (see the channels_last loop).
         const scalar_t* const gl = grad + base;
         const scalar_t* const xl = x + base;
-        const scalar_t* const ol = mask == BnMask::kFromOut ? out + base : nullptr;
+        const scalar_t* const ol = reads_second_stream(mask) ? out + base : nullptr;
         scalar_t* const ml = masked != nullptr ? masked + base : nullptr;
         const auto vp = vec_part;
         for (; i + V::kStep <= HW; i += V::kStep) {

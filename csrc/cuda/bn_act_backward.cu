@@ -5,7 +5,7 @@
 // a per-channel sum; the elementwise pass writes grad_input. Geometry and plans:
 // bn_launch.cuh; per-channel affine, activation derivative (act.h, a runtime switch on the
 // uniform act code) and block sums: bn_stats_math.cuh.
-// Traffic: reduce reads grad_out and input (+ out) and optionally writes the masked
+// Traffic: reduce reads grad_out and input (+ out or residual) and optionally writes the masked
 // gradient; elemt reads grad and input and writes grad_input.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -32,12 +32,20 @@ constexpr int kMaskNone = 0;       // identity: g = grad
 constexpr int kMaskFromOut = 1;    // g = act_grad_from_out(out, grad) (ReLU: 0 where out <= 0)
 constexpr int kMaskFromInput = 2;  // g = act_grad_from_pre(BN(x), grad) (ReLU: 0 where
                                    // round(BN(x)) <= 0, see act_grad_pre)
+constexpr int kMaskFromInputResidual = 3;  // g = act_grad_from_pre(BN(x) + r, grad), the
+                                           // residual r read where `out` is otherwise
+
+// Whether the reduction reads its second stream `out` (the output, or the residual).
+__host__ __device__ __forceinline__ bool reads_second_stream(int mask_mode) {
+  return mask_mode == kMaskFromOut || mask_mode == kMaskFromInputResidual;
+}
 
 // ---------------------------------------------------------------------------------------
 // 3. Backward reduction: sum g, sum g*xhat (g = grad_out * act'(.)), and g
 // ---------------------------------------------------------------------------------------
 
-// Gradient at the pre-activation of one element; sets xhat.
+// Gradient at the pre-activation of one element; sets xhat. `o`: the output or the residual
+// (see the mask modes), else 0.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t masked_grad_value(const ChannelAffine<acc_t>& a, scalar_t go,
                                                    scalar_t x, scalar_t o, int mask_mode,
@@ -49,6 +57,9 @@ __device__ __forceinline__ acc_t masked_grad_value(const ChannelAffine<acc_t>& a
   }
   if (mask_mode == kMaskFromInput) {
     return act_grad_pre<scalar_t, acc_t>(act, a.y(xhat), g);
+  }
+  if (mask_mode == kMaskFromInputResidual) {  // (as forward_value: y + r in acc_t)
+    return act_grad_pre<scalar_t, acc_t>(act, a.y(xhat) + static_cast<acc_t>(o), g);
   }
   return g;
 }
@@ -77,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
     const P* xv = reinterpret_cast<const P*>(x);
     const P* ovp = reinterpret_cast<const P*>(out);
     P* mv = reinterpret_cast<P*>(masked);
-    const bool read_out = mask_mode == kMaskFromOut;
+    const bool read_out = reads_second_stream(mask_mode);
     NchwCursor cur;
     cur.init(g, c, j);
     for (; j < end; j += static_cast<int64_t>(kThreads) * U) {
@@ -170,7 +181,7 @@ __global__ void __launch_bounds__(kThreads)
     const P* xv = reinterpret_cast<const P*>(x);
     const P* ovp = reinterpret_cast<const P*>(out);
     P* mv = reinterpret_cast<P*>(masked);
-    const bool read_out = mask_mode == kMaskFromOut;
+    const bool read_out = reads_second_stream(mask_mode);
     const int64_t step = static_cast<int64_t>(by) * U;
     for (int64_t r = begin + ty; r < end; r += step) {
       const int cnt = valid_items<U>(r, end, by);
@@ -425,13 +436,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out, double eps,
-    int64_t act, double act_param, bool write_masked_grad) {
+    int64_t act, double act_param, bool write_masked_grad,
+    const std::optional<at::Tensor>& residual) {
   check_act(act);
+  check_bn_backward_reduce_args(grad_out, input, mean, var, weight, bias, out, residual);
   TORCH_CHECK(!present(out) || act_from_output(act, act_param),
               "bn_act_backward_reduce: `out` was given, but the derivative of ", act_name(act),
               " (act_param ", act_param, ") is not a function of its output; pass out=None to "
               "recompute the pre-activation from the input");
-  check_bn_backward_reduce_args(grad_out, input, mean, var, weight, bias, out);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = bn_memory_format(input);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
@@ -450,8 +462,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
   if (C == 0) {
     return {sum_dy, sum_dy_xhat, masked};
   }
-  const int mask_mode =
-      act == kActIdentity ? kMaskNone : (present(out) ? kMaskFromOut : kMaskFromInput);
+  const int mask_mode = act == kActIdentity ? kMaskNone
+                        : present(out)       ? kMaskFromOut
+                        : present(residual)  ? kMaskFromInputResidual
+                                             : kMaskFromInput;
   at::Tensor go;
   at::Tensor x;
   at::Tensor o;
@@ -464,10 +478,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
     x = bn_in_format(input, fmt);
     if (mask_mode == kMaskFromOut) {
       o = bn_in_format(*out, fmt);
+    } else if (mask_mode == kMaskFromInputResidual) {
+      o = bn_in_format(*residual, fmt);
     }
     mean_a = per_channel_acc(mean, acc);
     var_a = per_channel_acc(var, acc);
-    if (mask_mode == kMaskFromInput) {
+    if (mask_mode == kMaskFromInput || mask_mode == kMaskFromInputResidual) {
       w_a = optional_per_channel_acc(weight, acc);
       b_a = optional_per_channel_acc(bias, acc);
     }

@@ -98,11 +98,13 @@ def native_bn_act(impl: str, input, weight, bias, residual, running_mean, runnin
 class _BatchNormAct(torch.autograd.Function):
     """out = act(BN(input) [+ residual]) given the statistics (mean, var) to normalise with.
 
-    Saves input, the statistics, weight and bias, plus ``out`` only for BN + add + act
-    (where the activation's derivative cannot be recomputed from the input alone; only
-    activations whose derivative is a function of the output take a residual). Eager BN +
-    ReLU saves input and out; this saves input only (the mask is recomputed), and for SiLU,
-    Hardswish or GELU the pre-activation is recomputed in the backward passes.
+    Saves input, the statistics and weight; and what act' needs. Without a residual: bias
+    (act' at the pre-activation recomputed from input). With a residual: ``out`` where act'
+    is a function of the output (ReLU, ReLU6, LeakyReLU with a positive slope), else bias
+    and the residual itself (SiLU, Hardswish, GELU: the pre-activation BN(input) +
+    residual recomputed in the backward's reduction pass). Eager BN + ReLU saves input and
+    out; eager BN + add + SiLU saves the sum as well; the residual saved here is a tensor
+    the caller holds (a block's input or its shortcut's output), not a new one.
     """
 
     @staticmethod
@@ -111,11 +113,19 @@ class _BatchNormAct(torch.autograd.Function):
     ):
         kernels = _bn_kernels(backend)
         out = kernels.forward(input, mean, var, weight, bias, residual, eps, *act.args)
-        # act' comes from `out` with a residual, else from input (needs bias).
-        keep_out = act.active and residual is not None
-        keep_bias = act.active and residual is None
+        # act' from `out` (a residual and an activation that allows it), else at the
+        # pre-activation recomputed from input, bias [and the residual].
+        keep_out = act.active and residual is not None and act.from_output
+        keep_bias = act.active and not keep_out
+        keep_residual = keep_bias and residual is not None
         ctx.save_for_backward(
-            input, mean, var, weight, bias if keep_bias else None, out if keep_out else None
+            input,
+            mean,
+            var,
+            weight,
+            bias if keep_bias else None,
+            out if keep_out else None,
+            residual if keep_residual else None,
         )
         ctx.eps, ctx.act, ctx.batch_stats, ctx.backend = eps, act, batch_stats, backend
         ctx.sync = sync  # distributed.SyncInfo or None
@@ -125,7 +135,7 @@ class _BatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        input, mean, var, weight, bias, out = ctx.saved_tensors
+        input, mean, var, weight, bias, out, residual = ctx.saved_tensors
         need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
         bias_dtype = ctx.bias_dtype
         kernels = _bn_kernels(ctx.backend)
@@ -144,7 +154,17 @@ class _BatchNormAct(torch.autograd.Function):
         masked = grad_out
         if need_sums or write_masked:
             sum_dy, sum_dy_xhat, masked_grad = kernels.backward_reduce(
-                grad_out, input, mean, var, weight, bias, out, eps, *act.args, write_masked
+                grad_out,
+                input,
+                mean,
+                var,
+                weight,
+                bias,
+                out,
+                eps,
+                *act.args,
+                write_masked,
+                residual,
             )
             if write_masked:
                 masked = masked_grad
@@ -192,7 +212,7 @@ def _check_batch_norm_act_args(
         check_optional_per_channel(t, name, input)
     if residual is not None:
         check_like(residual, "residual", input, "input")
-    check_bn_options(running_mean, running_var, momentum, eps, training, act, residual)
+    check_bn_options(running_mean, running_var, momentum, eps, training, act)
 
 
 def _eager_batch_norm_act(
@@ -329,8 +349,8 @@ def batch_norm_act(
         activation: the activation at the end, instead of ``relu``: a name (``"relu"``,
             ``"relu6"``, ``"leaky_relu"``, ``"silu"``, ``"hardswish"``, ``"gelu"``,
             ``"gelu_tanh"``, ``"identity"``), an activation module (``nn.SiLU()``,
-            ``nn.LeakyReLU(0.2)``, ...) or a :class:`resnet_fused.activations.Act`. With a
-            residual, only identity, ReLU, ReLU6 and LeakyReLU with a positive slope.
+            ``nn.LeakyReLU(0.2)``, ...) or a :class:`resnet_fused.activations.Act`,
+            applied after the residual add.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         sync: in training, synchronise the batch statistics over ``process_group``
             (default: the world group) like ``nn.SyncBatchNorm``; a warning and local

@@ -766,19 +766,6 @@ def conv_bn_act(
     half_bn_grad = input.dtype in _HALF and needs_autograd(
         *(t for t in (bn_weight, bn_bias) if t is not None)
     )
-    if residual is not None and not act.from_output and (batch_stats or half_bn_grad):
-        # The fused BatchNorm backward takes the derivative of an activation after a
-        # residual add from its output (ReLU, ReLU6, LeakyReLU with a positive slope); the
-        # others (SiLU, Hardswish, GELU, ...) run after the fused unit, as the converter
-        # runs them. (No plan is kept for such a unit: every call takes this path.)
-        out = conv_bn_act(
-            input, conv_weight, bn_weight, bn_bias, running_mean, running_var,
-            conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
-            groups=groups, training=training, momentum=momentum, eps=eps, residual=residual,
-            activation=ID_ACT, backend=backend, sync_bn=sync_bn, process_group=process_group,
-        )  # fmt: skip
-        return act(out)
-
     if batch_stats:
         p, q = conv_output_hw(
             input.shape[2], input.shape[3], conv_weight.shape[2:], stride, padding, dilation

@@ -45,6 +45,7 @@ def _bn_act_backward_reduce_fake(
     act,
     act_param,
     write_masked_grad,
+    residual=None,
     device_rule=True,
 ):
     sum_dy, sum_dy_xhat = _stats_fake(input, device_rule)
@@ -133,9 +134,21 @@ def bn_act_backward_reduce_triton(
     act: int,
     act_param: float,
     write_masked_grad: bool,
+    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels("bn_act_backward").bn_act_backward_reduce(
-        grad_out, input, mean, var, weight, bias, out, eps, act, act_param, write_masked_grad
+        grad_out,
+        input,
+        mean,
+        var,
+        weight,
+        bias,
+        out,
+        eps,
+        act,
+        act_param,
+        write_masked_grad,
+        residual,
     )
 
 

@@ -164,12 +164,14 @@ def _affine(x, mean, invstd, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
 def _act_masked_grad(
     g_ptr, x, o_ptr, offs, mask, mean, invstd, w, b, param, x_dtype: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, FROM_OUT: tl.constexpr,
+    ADD_RES: tl.constexpr = False,
 ):  # fmt: skip
     """Load grad and multiply it by the activation's derivative, in x's (ACC) type: read
-    from ``out`` (FROM_OUT; identity, ReLU, ReLU6, LeakyReLU with a positive slope) or
-    taken at the pre-activation y = BN(x) recomputed as the forward computes it. ReLU: 0
-    where y rounded to x's dtype (the stored output's mask) is <= 0 (NaN passes); the
-    others at y itself (the forward applied them to it, unrounded)."""
+    from ``out`` at ``o_ptr`` (FROM_OUT; identity, ReLU, ReLU6, LeakyReLU with a positive
+    slope) or taken at the pre-activation y = BN(x) [+ the residual at ``o_ptr``
+    (ADD_RES)] recomputed as the forward computes it. ReLU: 0 where y rounded to x's dtype
+    (the stored output's mask) is <= 0 (NaN passes); the others at y itself (the forward
+    applied them to it, unrounded)."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(x.dtype)
     if ACT != ACT_IDENTITY:
         if FROM_OUT:
@@ -177,6 +179,8 @@ def _act_masked_grad(
             g = _act_grad_from_out(g, o, ACT, param)
         else:
             y = _affine(x, mean, invstd, w, b, HAS_W, HAS_B)
+            if ADD_RES:
+                y += tl.load(o_ptr + offs, mask=mask, other=0.0).to(x.dtype)
             if ACT == ACT_RELU:
                 y = y.to(x_dtype).to(x.dtype)
             g = _act_grad(g, y, ACT, param)

@@ -3,13 +3,14 @@
 
   g = grad_out * act'(.) (act: resnet_fused.activations, formulas and conventions at
       kinks: csrc/act.h), read from ``out`` (identity, ReLU, ReLU6, LeakyReLU with a
-      positive slope), or taken at y = BN(x) recomputed and rounded to x's dtype
+      positive slope), or taken at y = BN(x) [+ residual] recomputed (ReLU: rounded to
+      x's dtype)
   reduce:  sum_dy = sum(g),  sum_dy_xhat = sum(g*xhat)   (and g itself, when asked)
   elemt:   grad_input = w*invstd*(g - sum_dy/m - xhat*sum_dy_xhat/m)   (batch stats)
                       = w*invstd*g                                     (running stats)
 
 in fp32 (fp64 for fp64 input), each full-size result rounded once. Memory traffic:
-  bn_act_backward_reduce  reads grad_out, x (+ out), writes g (optional)   2-4 passes
+  bn_act_backward_reduce  reads grad_out, x (+ out or residual), writes g   2-4 passes
   bn_act_backward_elemt   reads grad, x, writes grad_input                  3 passes
 The sums are plain sums: per-lane accumulation over a program's tiles, tree reduction,
 then the fixed-order sum of the partials (deterministic, no atomics). Tiles and launch
@@ -55,12 +56,13 @@ def _backward_reduce_kernel(
     g_ptr, x_ptr, o_ptr, mg_ptr, p0_ptr, p1_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps: tl.float64,
     act_param: tl.float64, C, HW, R, n_col_tiles, n_tiles, tiles_per_prog,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    FROM_OUT: tl.constexpr, WRITE_MG: tl.constexpr,
+    FROM_OUT: tl.constexpr, ADD_RES: tl.constexpr, WRITE_MG: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, CL: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
     """Partial sum(g) and sum(g*xhat) of a run of tiles -> p0[split, c], p1[split, c];
-    g (grad_out * act') stored when WRITE_MG."""
+    g (grad_out * act') stored when WRITE_MG. ``o_ptr``: the output (FROM_OUT) or the
+    residual (ADD_RES), else unused."""
     pid_s = tl.program_id(1)
     ch, cmask = _channels(tl.program_id(0), C, BC)
     mean, invstd, w, b = _affine_params(
@@ -77,7 +79,7 @@ def _backward_reduce_kernel(
         x = xr.to(ACC)
         g = _act_masked_grad(
             g_ptr, x, o_ptr, offs, mask, mean, invstd, w, b, param, xr.dtype,
-            HAS_W, HAS_B, ACT, FROM_OUT,
+            HAS_W, HAS_B, ACT, FROM_OUT, ADD_RES,
         )  # fmt: skip
         if WRITE_MG:
             tl.store(mg_ptr + offs, g.to(mg_ptr.dtype.element_ty), mask=mask)
@@ -153,14 +155,22 @@ def bn_act_backward_reduce(
     act: int,
     act_param: float,
     write_masked_grad: bool,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum g, sum g*xhat, g if write_masked_grad else empty), g = grad_out * act'(.): from
     ``out`` when given (act must allow it: Act.from_output), else at the pre-activation
-    recomputed from the input."""
+    recomputed from the input [+ ``residual``, the forward's]."""
     act, act_param = check_act(act, act_param)
     check_bn_input(input)
     check_like(grad_out, "grad_out", input, "input")
     check_bn_affine_args(input, mean, var, weight, bias)
+    if out is not None and residual is not None:
+        raise ValueError(
+            "out and residual were both given: act' comes from out, or from the "
+            "pre-activation recomputed with the residual, not both"
+        )
+    if residual is not None:
+        check_like(residual, "residual", input, "input")
     if out is not None:
         check_like(out, "out", input, "input")
         if not act_from_output(act, act_param):
@@ -179,7 +189,8 @@ def bn_act_backward_reduce(
     x = _in_fmt(input, fmt)
     g = _in_fmt(grad_out, fmt)
     from_out = act != 0 and out is not None
-    o = _in_fmt(out, fmt) if from_out else x
+    add_res = act != 0 and residual is not None
+    o = _in_fmt(out, fmt) if from_out else _in_fmt(residual, fmt) if add_res else x
     mean_a, var_a = _chan(mean, acc), _chan(var, acc)
     w, b = _chan(weight, acc), _chan(bias, acc)
     p = _plan_for(x, fmt)
@@ -191,7 +202,7 @@ def bn_act_backward_reduce(
         w if w is not None else mean_a, b if b is not None else mean_a,
         _scalar(eps), _scalar(act_param), *p.args(),
         HAS_W=w is not None, HAS_B=b is not None, ACT=act,
-        FROM_OUT=from_out, WRITE_MG=bool(write_masked_grad),
+        FROM_OUT=from_out, ADD_RES=add_res, WRITE_MG=bool(write_masked_grad),
         ACC=compute_dtype(input.dtype), **p.meta(),
     )  # fmt: skip
     if p.splits == 1:

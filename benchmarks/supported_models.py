@@ -154,6 +154,8 @@ MODELS = [
     Spec("timm:spnasnet_100"),
     Spec("timm:fastvit_t8"),
     Spec("timm:repghostnet_050"),
+    Spec("timm:resnet33ts"),  # byobnet blocks: SiLU after the residual add
+    Spec("timm:seresnext26ts"),
 ]
 
 COLUMNS = [

@@ -22,7 +22,7 @@ def test_bench_writes_csv_and_summary(tmp_path, capsys):
             "cpu",
             "--quick",
             "--ops",
-            "add_relu,bn_add_relu",
+            "add_relu,bn_add_relu,bn_add_silu",
             "--layouts",
             "nchw",
             "--batch",
@@ -57,7 +57,7 @@ def test_bench_writes_csv_and_summary(tmp_path, capsys):
     ):
         assert column in rows[0], column
     assert {r["provider"] for r in rows} == {"eager", "cpu"}
-    assert {r["op"] for r in rows} == {"add_relu", "bn_add_relu"}
+    assert {r["op"] for r in rows} == {"add_relu", "bn_add_relu", "bn_add_silu"}
     assert all(float(r["median_ms"]) > 0 for r in rows)
     text = mds[0].read_text()
     assert "Geometric-mean speed-up against eager" in text and "bn_add_relu" in text

@@ -12,7 +12,10 @@ from . import block, goals, harness, host, layer, model, op, report, sync, timin
 from .timing import device_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OPS = ("add_relu", "bn_relu", "bn_add_relu", "bn_relu6", "bn_silu", "bn_hardswish", "bn_gelu")
+OPS = (
+    "add_relu", "bn_relu", "bn_add_relu", "bn_relu6", "bn_silu", "bn_hardswish", "bn_gelu",
+    "bn_add_silu",
+)  # fmt: skip
 DEFAULT_OPS = ("add_relu", "bn_relu", "bn_add_relu", "bn_relu6", "bn_silu", "bn_hardswish")
 LAYOUTS = ("channels_last", "nchw")
 

@@ -29,6 +29,9 @@ RESNET50_BN_RELU = [(64, 112, 112), (64, 56, 56), (128, 28, 28), (256, 14, 14), 
 MOBILENET_BN_ACT = [(32, 112, 112), (144, 56, 56), (192, 28, 28), (384, 14, 14), (960, 7, 7)]
 # BatchNorm + another activation: op name -> the activation (resnet_fused.activations).
 ACT_OPS = {"bn_relu6": "relu6", "bn_silu": "silu", "bn_hardswish": "hardswish", "bn_gelu": "gelu"}
+# BatchNorm + residual add + another activation (the end of a ResNet block with SiLU, as
+# timm's byobnet models build it): op name -> the activation.
+ADD_ACT_OPS = {"bn_add_silu": "silu"}
 
 # Minimal tensor passes of the fused op: (op, mode) -> full-size tensors moved.
 TRAFFIC = {
@@ -46,6 +49,11 @@ TRAFFIC = {
     **{(name, "train forward"): 3 for name in ACT_OPS},
     **{(name, "train forward+backward"): 8 for name in ACT_OPS},
     **{(name, "eval forward"): 2 for name in ACT_OPS},
+    # BN + add + another activation: as BN+add+ReLU, the backward's reduction reading the
+    # residual where BN+add+ReLU's reads the output.
+    **{(name, "train forward"): 4 for name in ADD_ACT_OPS},
+    **{(name, "train forward+backward"): 11 for name in ADD_ACT_OPS},
+    **{(name, "eval forward"): 3 for name in ADD_ACT_OPS},
 }
 
 
@@ -103,7 +111,7 @@ def _make_fn(case: Case, provider: str) -> Callable:
         if provider.startswith("compile"):
             return compiled(_eager_add_relu, provider)
         return lambda x, r: resnet_fused.add_relu(x, r, backend=provider)
-    act = ACT_OPS.get(case.op, "relu")
+    act = {**ACT_OPS, **ADD_ACT_OPS}.get(case.op, "relu")
     if provider == "eager":
         return lambda x, r, rm, rv, w, b: _eager_bn_act(x, r, rm, rv, w, b, training, act)
     if provider.startswith("compile"):
@@ -124,7 +132,7 @@ def _inputs(case: Case, device: torch.device, requires_grad: bool):
     if case.op == "add_relu":
         return (x, full().requires_grad_(requires_grad)), full()
     c = case.shape[1]
-    r = full().requires_grad_(requires_grad) if case.op == "bn_add_relu" else None
+    r = full().requires_grad_(requires_grad) if case.op.startswith("bn_add_") else None
     rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     w = (torch.rand(c, device=device) + 0.5).requires_grad_(requires_grad)
     b = torch.randn(c, device=device).requires_grad_(requires_grad)
@@ -276,6 +284,7 @@ def batch_norm_act_cases(
     cases = []
     ops = [("bn_relu", relu_shapes), ("bn_add_relu", add_shapes)]
     ops += [(name, act_shapes) for name in ACT_OPS]
+    ops += [(name, add_shapes) for name in ADD_ACT_OPS]
     for op, shapes in ops:
         for chw in shapes:
             for layout in layouts:

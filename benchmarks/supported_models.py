@@ -417,6 +417,10 @@ def source_revision() -> str:
     return commit + (" with uncommitted changes" if dirty else "")
 
 
+def _models(n: int) -> str:
+    return f"{n} model" if n == 1 else f"{n} models"
+
+
 def summary(rows: list[dict]) -> list[str]:
     ok = [r for r in rows if not r["error"]]
     all_fused = [r for r in ok if r["bn_fused"] == r["batchnorms"]]
@@ -430,9 +434,8 @@ def summary(rows: list[dict]) -> list[str]:
         f"- Every BatchNorm fused: {len(all_fused)} of {len(ok)} models; no eager "
         f"batch_norm op left in a training or eval forward: {len(no_eager)} of {len(ok)}.",
         f"- Activations after a fused BatchNorm that run as their own pass (those the "
-        f"kernels do not apply, or SiLU/Hardswish/GELU after a residual add): "
-        f"{sum(r['act_not_fused'] for r in ok)}, in "
-        f"{sum(1 for r in ok if r['act_not_fused'])} models; other `not_fused` entries: "
+        f"kernels do not apply): {sum(r['act_not_fused'] for r in ok)}, in "
+        f"{_models(sum(1 for r in ok if r['act_not_fused']))}; other `not_fused` entries: "
         f"{sum(r['other_not_fused'] for r in ok)}.",
     ]
     beyond = [
@@ -478,7 +481,7 @@ def write_markdown(rows: list[dict], path: str, command: str, date: str) -> None
         "one training forward and one eval forward of the converted model (BatchNorms "
         "still run by PyTorch); *activations not fused* the activations after a fused "
         "BatchNorm that run as their own pass (those the kernels do not apply, e.g. "
-        "Hardsigmoid, Mish, and SiLU/Hardswish/GELU after a residual add), with their "
+        "Sigmoid, Hardsigmoid, Mish), with their "
         "classes; *other not fused* every other `not_fused` "
         "entry (listed below the table); *max abs diff* the largest difference between "
         "the converted and the original model's output in eval and in training mode; "

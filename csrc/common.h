@@ -61,10 +61,13 @@ namespace resnet_fused {
 
 // BN kernels work on NCHW-contiguous or channels_last (NHWC) tensors. A 4-D input that is
 // channels_last-contiguous (and not also NCHW-contiguous, as when H=W=1) works and
-// returns channels_last; anything else works (after a copy if needed) in NCHW.
+// returns channels_last; so does a strided one (a slice) whose strides are channels_last's
+// order, as eager's BatchNorm returns it (suggest_memory_format), after a copy; anything
+// else works (after a copy if needed) in NCHW.
 inline at::MemoryFormat bn_memory_format(const at::Tensor& input) {
   if (input.dim() == 4 && !input.is_contiguous() &&
-      input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      (input.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+       input.suggest_memory_format() == at::MemoryFormat::ChannelsLast)) {
     return at::MemoryFormat::ChannelsLast;
   }
   return at::MemoryFormat::Contiguous;

@@ -7,11 +7,16 @@ import torch
 
 def bn_memory_format(input: torch.Tensor) -> torch.memory_format:
     """The layout the BatchNorm kernels work in and return: channels_last when ``input``
-    is channels_last-contiguous (and not also NCHW-contiguous), else NCHW-contiguous."""
+    is channels_last-contiguous (and not also NCHW-contiguous), or strided in
+    channels_last's order (a slice: eager's BatchNorm returns it channels_last, by
+    ``suggest_memory_format``), else NCHW-contiguous."""
     if (
         input.dim() == 4
         and not input.is_contiguous()
-        and input.is_contiguous(memory_format=torch.channels_last)
+        and (
+            input.is_contiguous(memory_format=torch.channels_last)
+            or strides_like_channels_last(input)
+        )
     ):
         return torch.channels_last
     return torch.contiguous_format

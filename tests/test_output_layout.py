@@ -207,3 +207,45 @@ def test_triton_backend_output_layout_is_eagers(monkeypatch, mode, x_fmt):
         expected, got = model(x), fused(x)
     assert _layout(got) == _layout(expected), (got.stride(), expected.stride())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _bn_input(fmt: str) -> torch.Tensor:
+    """A (2, 4, 5, 5) BatchNorm input: dense NCHW or channels_last, or a slice of a larger
+    tensor in either layout (strided: not contiguous in any format)."""
+    if fmt in ("nchw", "cl"):
+        return _input(2, 4, 5, 5, fmt)
+    base = torch.randn(2, 8, 5, 6)
+    if fmt == "cl-slice":
+        base = base.to(memory_format=CL)
+    return base[:, 2:6, :, 1:]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("fmt", ["nchw", "cl", "nchw-slice", "cl-slice"])
+@pytest.mark.parametrize("residual", ["none", "nchw", "cl"])
+@pytest.mark.parametrize("mode", ["eval", "train", "train-grad"])
+def test_batch_norm_act_output_layout_is_eagers(backend, fmt, residual, mode):
+    """The fused BatchNorm(+add)+ReLU returns the layout eager's batch_norm (+ add_ + relu_)
+    returns, strided inputs included: eager's BatchNorm writes a slice of a channels_last
+    tensor channels_last (``suggest_memory_format``), as the fused kernels now do."""
+    if backend == "triton" and not resnet_fused.is_available("triton", "cpu"):
+        pytest.skip("Triton's interpreter is not available")
+    if backend == "cpu" and not resnet_fused.is_available("cpu", "cpu"):
+        pytest.skip("extension not built")
+    training = mode.startswith("train")
+    x = _bn_input(fmt).requires_grad_(mode == "train-grad")
+    r = None if residual == "none" else _input(2, 4, 5, 5, residual)
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    rm, rv = torch.randn(4) * 0.1, torch.rand(4) + 0.5
+    eager = torch.batch_norm(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, False)
+    eager = (eager.add_(r) if r is not None else eager).relu_()
+    out = resnet_fused.batch_norm_act(
+        x, rm.clone(), rv.clone(), w, b, training, residual=r, backend=backend
+    )
+    assert _layout(out) == _layout(eager), (out.stride(), eager.stride())
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    if mode == "train-grad":
+        g = torch.randn_like(eager)
+        (gx,) = torch.autograd.grad(out, x, g)
+        (gx_e,) = torch.autograd.grad(eager, x, g)
+        torch.testing.assert_close(gx, gx_e, rtol=1e-4, atol=1e-5)

@@ -107,10 +107,14 @@ struct BnActFunction : public torch::autograd::Function<BnActFunction> {
     const bool has_residual = residual.has_value();
     const bool keep_out = active && has_residual && act_from_output(act, act_param);
     const bool keep_bias = active && !keep_out;
+    // (a residual made under inference_mode cannot be saved: a copy, as _BatchNormAct)
+    at::Tensor saved_residual;
+    if (keep_bias && has_residual) {
+      saved_residual = residual->is_inference() ? residual->clone() : *residual;
+    }
     ctx->save_for_backward({input, mean, var, weight.value_or(at::Tensor()),
                             keep_bias ? bias.value_or(at::Tensor()) : at::Tensor(),
-                            keep_out ? out : at::Tensor(),
-                            keep_bias && has_residual ? *residual : at::Tensor()});
+                            keep_out ? out : at::Tensor(), saved_residual});
     ctx->saved_data["has_weight"] = weight.has_value();
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;

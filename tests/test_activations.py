@@ -73,7 +73,7 @@ def _data(shape, dtype, device, channels_last, scale=2.0, offset=0.3):
 CASES = [
     pytest.param(act, case, id=f"{act_id}-{case}")
     for act, act_id in zip(ACTS, ACT_IDS, strict=True)
-    for case in ("train", "train_residual", "eval", "eval_residual_nchw")
+    for case in ("train", "train_residual", "train_residual_mixed", "eval", "eval_residual_nchw")
 ]
 
 
@@ -108,7 +108,9 @@ def _check_batch_norm_act(backend, act, case, dtype, shape, channels_last):
     training = case.startswith("train")
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
     x = _data(shape, dtype, device, channels_last).requires_grad_()
-    r = _data(shape, dtype, device, channels_last, 1.0, 0.0).requires_grad_() if residual else None
+    # (train_residual_mixed: the residual in the other layout than the input)
+    r_cl = channels_last != case.endswith("mixed")
+    r = _data(shape, dtype, device, r_cl, 1.0, 0.0).requires_grad_() if residual else None
     w = (torch.rand(shape[1], dtype=pdtype, device=device) + 0.5).requires_grad_()
     b = torch.randn(shape[1], dtype=pdtype, device=device).requires_grad_()
     rm = torch.randn(shape[1], dtype=pdtype, device=device) * 0.2
@@ -157,13 +159,15 @@ def _check_batch_norm_act(backend, act, case, dtype, shape, channels_last):
 
 @pytest.mark.parametrize("backend", backend_params(("cpu",)))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_partial_step_padding_adds_nothing(backend, layout):
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_partial_step_padding_adds_nothing(backend, layout, residual):
     """A channel constant at 1e17 (variance 0: scale 1/sqrt(eps)) normalises to its bias,
     but a padding lane of a partial vector step read as x = 0 would have a pre-activation of
     about -3e19, where GELU-tanh's derivative overflows: its 0 * inf would make the channel's
     sums NaN. The gradients stay finite and agree with the fp64 reference, taken on the
     channel shifted to 0 (BatchNorm's maths do not change; torch's fp64 statistics of
-    1e17s are themselves off by far more than fp32's rounding)."""
+    1e17s are themselves off by far more than fp32's rounding). With a residual, read in
+    the same partial steps (its padding lanes: zero)."""
     device = backend_device(backend)
     act = Act(GELU_TANH)
     shape = (2, 3, 5, 7)  # 35 positions (NCHW: a partial step), 3 channels (channels_last)
@@ -176,16 +180,22 @@ def test_partial_step_padding_adds_nothing(backend, layout):
     w = (torch.rand(3, device=device) + 0.5).requires_grad_()
     b = torch.randn(3, device=device).requires_grad_()
     g = torch.randn(shape, device=device)
-    out = resnet_fused.batch_norm_act(x, None, None, w, b, True, activation=act, backend=backend)
-    grads = torch.autograd.grad(out, (x, w, b), g)
-    eager = act(F.batch_norm(x, None, None, w, b, True))
-    eager_grads = torch.autograd.grad(eager, (x, w, b), g)
-    leaves64 = [t.detach().cpu().double() for t in (x, w, b)]
+    r = torch.randn_like(x).requires_grad_() if residual else None
+    leaves = (x, w, b, r) if residual else (x, w, b)
+    out = resnet_fused.batch_norm_act(
+        x, None, None, w, b, True, residual=r, activation=act, backend=backend
+    )
+    grads = torch.autograd.grad(out, leaves, g)
+    eager = F.batch_norm(x, None, None, w, b, True)
+    eager = act(eager + r if residual else eager)
+    eager_grads = torch.autograd.grad(eager, leaves, g)
+    leaves64 = [t.detach().cpu().double() for t in leaves]
     leaves64[0][:, 0] -= leaves64[0][0, 0, 0, 0].item()
     leaves64 = [t.requires_grad_() for t in leaves64]
-    ref = act(F.batch_norm(leaves64[0], None, None, leaves64[1], leaves64[2], True))
+    ref = F.batch_norm(leaves64[0], None, None, leaves64[1], leaves64[2], True)
+    ref = act(ref + leaves64[3] if residual else ref)
     ref_grads = torch.autograd.grad(ref, leaves64, g.cpu().double())
-    names = ("input", "weight", "bias")
+    names = ("input", "weight", "bias", "residual")[: len(leaves)]
     for name, got, ge, gr in zip(names, grads, eager_grads, ref_grads, strict=True):
         assert torch.isfinite(got).all(), name
         assert_close_to_reference(got, ge, gr.to(device), name=f"grad {name}")
@@ -342,6 +352,53 @@ def test_module_with_residual_and_an_activation_from_its_input(act):
             torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-10, msg=f"step {step} grad {i}")
         torch.testing.assert_close(unit.bn.running_mean, eager.bn.running_mean)
         torch.testing.assert_close(unit.bn.running_var, eager.bn.running_var)
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu", "triton")))
+@pytest.mark.parametrize("act", ["silu", nn.LeakyReLU(-0.2), "relu"])
+def test_residual_made_under_inference_mode(backend, act):
+    """A residual created under ``torch.inference_mode()`` and added in a training forward:
+    eager's add does not save it (SiLU saves the sum); the fused BatchNorm, which saves the
+    residual for activations whose derivative needs the pre-activation, saves a copy
+    (autograd cannot save an inference tensor). Gradients as eager's."""
+    device = backend_device(backend)
+    with torch.inference_mode():
+        r = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, device=device).add_(0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    out = resnet_fused.batch_norm_act(
+        x, None, None, w, b, True, residual=r, activation=act, backend=backend
+    )
+    a = as_act(act)
+    eager = a(F.batch_norm(x, None, None, w, b, True) + r)
+    torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(eager)
+    for got, want in zip(
+        torch.autograd.grad(out, (x, w, b), g),
+        torch.autograd.grad(eager, (x, w, b), g),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+def test_residual_changed_in_place_before_the_backward(backend):
+    """The residual is saved for SiLU's backward (eager's add saves nothing of it):
+    changing it in place before the backward raises autograd's error, never a wrong
+    gradient. For ReLU (derivative from the output) nothing of it is saved."""
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    for act in ("silu", "relu"):
+        r = torch.randn(2, 3, 4, 5)
+        out = resnet_fused.batch_norm_act(
+            x, None, None, None, None, True, residual=r, activation=act, backend=backend
+        )
+        r.mul_(2.0)
+        if act == "silu":
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.sum().backward()
+        else:
+            out.sum().backward()
 
 
 def test_activation_arguments():

@@ -101,10 +101,13 @@ class _BatchNormAct(torch.autograd.Function):
     Saves input, the statistics and weight; and what act' needs. Without a residual: bias
     (act' at the pre-activation recomputed from input). With a residual: ``out`` where act'
     is a function of the output (ReLU, ReLU6, LeakyReLU with a positive slope), else bias
-    and the residual itself (SiLU, Hardswish, GELU: the pre-activation BN(input) +
-    residual recomputed in the backward's reduction pass). Eager BN + ReLU saves input and
-    out; eager BN + add + SiLU saves the sum as well; the residual saved here is a tensor
-    the caller holds (a block's input or its shortcut's output), not a new one.
+    and the residual itself (SiLU, Hardswish, GELU, LeakyReLU with a negative slope: the
+    pre-activation BN(input) + residual recomputed in the backward's reduction pass).
+    Eager BN + ReLU saves input and out; eager BN + add + SiLU saves the sum as well; the
+    residual saved here is a tensor the caller holds (a block's input or its shortcut's
+    output), not a new one. So, unlike eager's add, the residual must not be changed in
+    place before the backward: autograd then raises its "modified by an inplace
+    operation" error. (An inference tensor, which autograd cannot save, is copied.)
     """
 
     @staticmethod
@@ -118,6 +121,10 @@ class _BatchNormAct(torch.autograd.Function):
         keep_out = act.active and residual is not None and act.from_output
         keep_bias = act.active and not keep_out
         keep_residual = keep_bias and residual is not None
+        if keep_residual and residual.is_inference():
+            # (made under inference_mode, which autograd cannot save: eager saves the sum
+            # instead, a tensor of its own; this saves a copy)
+            residual = residual.clone()
         ctx.save_for_backward(
             input,
             mean,

@@ -10,10 +10,12 @@
 // and 6 (hardtanh_backward: x <= 0 || x >= 6), LeakyReLU's is the slope at 0 (x > 0 ? 1 :
 // slope), Hardswish's is 0 up to -3 inclusive, x/3 + 1/2 inside, 1 from 3 on.
 //
-// The derivative comes from the output where the activation allows it (act_from_output):
-// identity, ReLU, ReLU6 and LeakyReLU with a positive slope are monotone with a derivative
-// that is a function of the output. SiLU, Hardswish and GELU are not; their backward
-// recomputes the pre-activation from the saved BatchNorm input and statistics.
+// The derivative comes from the output where the activation allows it exactly
+// (act_from_output): identity, ReLU, ReLU6 and LeakyReLU with a positive slope are
+// monotone and piecewise linear, with a derivative that is a function of the output.
+// SiLU, Hardswish and GELU are not; their backward recomputes the pre-activation from the
+// saved BatchNorm input and statistics. So does Sigmoid's: s*(1 - s) from an output
+// rounded to half precision loses most of 1 - s's digits where s nears 1.
 #pragma once
 
 #include <cmath>
@@ -38,7 +40,8 @@ enum ActKind : int64_t {
   kActHardswish = 5,
   kActGELU = 6,      // exact: x * Phi(x)
   kActGELUTanh = 7,  // approximate="tanh"
-  kActCount = 8,
+  kActSigmoid = 8,
+  kActCount = 9,
 };
 
 inline const char* act_name(int64_t act) {
@@ -51,14 +54,15 @@ inline const char* act_name(int64_t act) {
     case kActHardswish: return "hardswish";
     case kActGELU: return "gelu";
     case kActGELUTanh: return "gelu_tanh";
+    case kActSigmoid: return "sigmoid";
     default: return "unknown";
   }
 }
 
 inline void check_act(int64_t act, const char* name = "act") {
   TORCH_CHECK(act >= 0 && act < kActCount, name,
-              " must be an activation code in [0, 8) (identity, relu, relu6, leaky_relu, silu, "
-              "hardswish, gelu, gelu_tanh; see resnet_fused.activations), got ", act);
+              " must be an activation code in [0, 9) (identity, relu, relu6, leaky_relu, silu, "
+              "hardswish, gelu, gelu_tanh, sigmoid; see resnet_fused.activations), got ", act);
 }
 
 // True where the derivative is a function of the output (see above).
@@ -107,6 +111,8 @@ RF_ACT_FN T act_apply(int64_t act, T param, T v) {
       const T inner = T(kSqrt2OverPi) * (v + T(kGeluTanhK) * v * v * v);
       return T(0.5) * v * (T(1) + tanh_(inner));
     }
+    case kActSigmoid:
+      return T(1) / (T(1) + exp_(-v));
     default:
       return v;
   }
@@ -140,6 +146,10 @@ RF_ACT_FN T act_grad_from_pre(int64_t act, T param, T pre, T g) {
       const T t = tanh_(inner);
       const T d_inner = T(kSqrt2OverPi) * (T(1) + T(3) * T(kGeluTanhK) * x2);
       return g * (T(0.5) * (T(1) + t) + T(0.5) * pre * (T(1) - t * t) * d_inner);
+    }
+    case kActSigmoid: {
+      const T s = T(1) / (T(1) + exp_(-pre));
+      return g * (T(1) - s) * s;
     }
     default:
       return g;

@@ -82,10 +82,10 @@ std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// SiLU and the GELUs: their derivative costs an exp or erf per element
+// SiLU, the GELUs and Sigmoid: their derivative costs an exp or erf per element
 // (resnet_fused.activations.Act.transcendental).
 bool transcendental(int64_t act) {
-  return act == kActSiLU || act == kActGELU || act == kActGELUTanh;
+  return act == kActSiLU || act == kActGELU || act == kActGELUTanh || act == kActSigmoid;
 }
 
 struct BnActFunction : public torch::autograd::Function<BnActFunction> {

@@ -41,6 +41,8 @@
 #include <ATen/ops/miopen_batch_norm_backward.h>
 #include <ATen/ops/native_batch_norm.h>
 #include <ATen/ops/native_batch_norm_backward.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/sigmoid_backward.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/silu_backward.h>
 #include <ATen/ops/threshold_backward.h>
@@ -139,6 +141,9 @@ void apply_act(UnitForward& f, int64_t act, double param) {
     case kActHardswish:
       f.out = at::hardswish(f.pre);
       break;
+    case kActSigmoid:
+      f.out = at::sigmoid(f.pre);
+      break;
     default:
       f.out = at::gelu(f.pre, act == kActGELUTanh ? "tanh" : "none");
   }
@@ -157,6 +162,8 @@ at::Tensor act_backward(const at::Tensor& grad, const at::Tensor& saved, int64_t
       return at::hardtanh_backward(grad, saved, 0.0, 6.0);
     case kActLeakyReLU:
       return at::leaky_relu_backward(grad, saved, param, act_from_output(act, param));
+    case kActSigmoid:  // (eager's SigmoidBackward0 reads its output: the same values)
+      return at::sigmoid_backward(grad, at::sigmoid(saved));
     case kActSiLU:
       return at::silu_backward(grad, saved);
     case kActHardswish:

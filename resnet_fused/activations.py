@@ -28,6 +28,7 @@ __all__ = [
     "NAMES",
     "RELU",
     "RELU6",
+    "SIGMOID",
     "SILU",
     "Act",
     "act_of_call",
@@ -36,8 +37,11 @@ __all__ = [
 ]
 
 # Codes (csrc/act.h's ActKind).
-IDENTITY, RELU, RELU6, LEAKY_RELU, SILU, HARDSWISH, GELU, GELU_TANH = range(8)
-NAMES = ("identity", "relu", "relu6", "leaky_relu", "silu", "hardswish", "gelu", "gelu_tanh")
+IDENTITY, RELU, RELU6, LEAKY_RELU, SILU, HARDSWISH, GELU, GELU_TANH, SIGMOID = range(9)
+NAMES = (
+    "identity", "relu", "relu6", "leaky_relu", "silu", "hardswish", "gelu", "gelu_tanh",
+    "sigmoid",
+)  # fmt: skip
 _ALIASES = {"none": IDENTITY, "swish": SILU, "hard_swish": HARDSWISH, "relu_6": RELU6}
 
 # Where the derivative at a kink is a jump, the points (pre-activation values) where the
@@ -80,17 +84,18 @@ class Act:
 
     @property
     def from_output(self) -> bool:
-        """Whether the derivative is a function of the output (monotone, piecewise linear:
-        identity, ReLU, ReLU6, LeakyReLU with a positive slope). Otherwise the backward
-        recomputes the pre-activation."""
+        """Whether the fused backward reads the derivative from the output (monotone,
+        piecewise linear: identity, ReLU, ReLU6, LeakyReLU with a positive slope).
+        Otherwise it recomputes the pre-activation; also for Sigmoid, whose s*(1 - s)
+        from an output rounded to half precision loses most of 1 - s where s nears 1."""
         return self.kind in (IDENTITY, RELU, RELU6) or (self.kind == LEAKY_RELU and self.param > 0)
 
     @property
     def transcendental(self) -> bool:
-        """Whether the derivative costs an exp or erf per element (SiLU, GELU, GELU tanh):
-        on the CPU, where that arithmetic rather than memory bounds the BatchNorm backward,
-        it is computed once and stored instead of recomputed in a second pass."""
-        return self.kind in (SILU, GELU, GELU_TANH)
+        """Whether the derivative costs an exp or erf per element (SiLU, GELU, GELU tanh,
+        Sigmoid): on the CPU, where that arithmetic rather than memory bounds the BatchNorm
+        backward, it is computed once and stored instead of recomputed in a second pass."""
+        return self.kind in (SILU, GELU, GELU_TANH, SIGMOID)
 
     @property
     def kinks(self) -> tuple[float, ...]:
@@ -116,12 +121,14 @@ class Act:
             return F.silu(x)
         if k == HARDSWISH:
             return F.hardswish(x)
+        if k == SIGMOID:
+            return torch.sigmoid(x)
         return F.gelu(x, approximate="tanh" if k == GELU_TANH else "none")
 
     def eager_(self, x: Tensor) -> Tensor:
         """What eager runs on a fresh tensor ``x``: in place where the derivative reads the
         output (ReLU, ReLU6, LeakyReLU with a positive slope: autograd saves the result),
-        else out of place (autograd saves the input)."""
+        else out of place (autograd saves the input; Sigmoid's its result)."""
         k = self.kind
         if k == IDENTITY:
             return x
@@ -148,6 +155,8 @@ class Act:
             return aten.silu_backward(grad, pre)
         if k == HARDSWISH:
             return aten.hardswish_backward(grad, pre)
+        if k == SIGMOID:
+            return aten.sigmoid_backward(grad, torch.sigmoid(pre))
         return aten.gelu_backward(grad, pre, approximate="tanh" if k == GELU_TANH else "none")
 
     def backward_from_output(self, grad: Tensor, out: Tensor) -> Tensor:
@@ -170,6 +179,7 @@ class Act:
             HARDSWISH: ("hardswish", [], ""),
             GELU: ("gelu", [], "none"),
             GELU_TANH: ("gelu", [], "tanh"),
+            SIGMOID: ("sigmoid", [], ""),
         }.get(k)
 
 
@@ -178,15 +188,17 @@ RELU_ACT = Act(RELU)
 # (one instance each for the calls on the hot path: act_of_module runs at every call of
 # a converted site, and a plan's signature compares identical items by identity)
 _RELU6_ACT, _SILU_ACT, _HARDSWISH_ACT = Act(RELU6), Act(SILU), Act(HARDSWISH)
+_SIGMOID_ACT = Act(SIGMOID)
 _GELU_ACTS = {"none": Act(GELU), "tanh": Act(GELU_TANH)}
 
 
 def as_act(spec, name: str = "activation") -> Act:
     """An :class:`Act` from what users write: ``None``/``False`` (identity), ``True``
     (ReLU), a name (``"relu"``, ``"relu6"``, ``"leaky_relu"`` (slope 0.01), ``"silu"``,
-    ``"hardswish"``, ``"gelu"``, ``"gelu_tanh"``, ``"identity"``), an ``Act``, or an
-    activation module (``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, 6)``, ``nn.LeakyReLU``,
-    ``nn.SiLU``, ``nn.Hardswish``, ``nn.GELU``, ``nn.Identity``)."""
+    ``"hardswish"``, ``"gelu"``, ``"gelu_tanh"``, ``"sigmoid"``, ``"identity"``), an
+    ``Act``, or an activation module (``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, 6)``,
+    ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.Hardswish``, ``nn.GELU``, ``nn.Sigmoid``,
+    ``nn.Identity``)."""
     if isinstance(spec, Act):
         return spec
     if spec is None or spec is False:
@@ -233,6 +245,8 @@ def act_of_module(m: nn.Module) -> Act | None:
         return _HARDSWISH_ACT
     if t is nn.GELU:
         return _GELU_ACTS.get(m.approximate)
+    if t is nn.Sigmoid:
+        return _SIGMOID_ACT
     return None
 
 
@@ -264,6 +278,8 @@ def act_of_call(fn, args: tuple, kwargs: dict) -> Act | None:
         return Act(SILU)
     if fn in (F.hardswish, "hardswish", "hardswish_"):
         return Act(HARDSWISH)
+    if fn in (torch.sigmoid, F.sigmoid, torch.sigmoid_, "sigmoid", "sigmoid_"):
+        return _SIGMOID_ACT
     if fn in (F.gelu, "gelu"):
         return {"none": Act(GELU), "tanh": Act(GELU_TANH)}.get(
             _arg(args, kwargs, 1, "approximate", "none")

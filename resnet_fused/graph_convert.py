@@ -33,8 +33,8 @@ Rules:
   recognised by structure (timm is not imported). Every BatchNorm appears in the report
   once (fused, or left alone with the reason), and so does every activation that reads a
   fused BatchNorm's output without being fused with it. The activation of a site is any
-  of resnet_fused.activations (ReLU, ReLU6, LeakyReLU, SiLU, Hardswish, GELU) in any
-  spelling, after a residual add or not.
+  of resnet_fused.activations (ReLU, ReLU6, LeakyReLU, SiLU, Hardswish, GELU, Sigmoid) in
+  any spelling, after a residual add or not.
 * A module that cannot be traced (data-dependent control flow, ...) runs as it is; its
   children are converted instead and the error is reported.
 * Hooks: a module carrying hooks at conversion is not traced through (its hooks fire);
@@ -89,7 +89,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ._validation import SUPPORTED_DTYPES
-from .activations import ID_ACT, RELU, RELU_ACT, Act, act_of_call, act_of_module
+from .activations import ID_ACT, RELU, RELU_ACT, SIGMOID, Act, act_of_call, act_of_module
 from .functional.conv_bn_act import donated, mark_donated, undonate
 from .modules import (
     FoldCache,
@@ -840,6 +840,15 @@ _ACT_CALLS = {
     F.silu: ((("inplace", False),), False),
     F.hardswish: ((("inplace", False),), False),
     F.gelu: ((("approximate", "none"),), False),
+    torch.sigmoid: ((), False),
+    torch.sigmoid_: ((), True),
+}
+# Tensor methods: name -> (in place, Act)
+_ACT_METHODS = {
+    "relu": (False, RELU_ACT),
+    "relu_": (True, RELU_ACT),
+    "sigmoid": (False, Act(SIGMOID)),
+    "sigmoid_": (True, Act(SIGMOID)),
 }
 _ACT_INPLACE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.Hardswish)
 
@@ -875,12 +884,13 @@ def _act_of(root: nn.Module, node: fx.Node):
         return inp, inplace, None, act
     if (
         node.op == "call_method"
-        and node.target in ("relu", "relu_")
+        and node.target in _ACT_METHODS
         and len(node.args) == 1
         and not node.kwargs
         and isinstance(node.args[0], fx.Node)
     ):
-        return node.args[0], node.target == "relu_", None, RELU_ACT
+        inplace, act = _ACT_METHODS[node.target]
+        return node.args[0], inplace, None, act
     return None
 
 

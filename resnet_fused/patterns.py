@@ -168,7 +168,7 @@ def why_not_bn(bn: nn.Module) -> str | None:
             " with other children than drop and act (not a norm-act layer)")  # fmt: skip
 
 
-KERNEL_ACTS = "the fused kernels apply ReLU, ReLU6, LeakyReLU, SiLU, Hardswish and GELU"
+KERNEL_ACTS = "the fused kernels apply ReLU, ReLU6, LeakyReLU, SiLU, Hardswish, GELU and Sigmoid"
 
 # Activations other than ReLU a BatchNorm's output commonly feeds (for the report: each
 # one that reads a fused BatchNorm's output is listed, as not fused with it).

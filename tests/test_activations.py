@@ -1,5 +1,5 @@
 """The activation as a parameter of every fused op (issue 21, item 1): identity, ReLU,
-ReLU6, LeakyReLU, SiLU, Hardswish and GELU (exact and tanh) on every backend, forward and
+ReLU6, LeakyReLU, SiLU, Hardswish, GELU (exact and tanh) and Sigmoid on every backend, forward and
 every gradient, against the fp64 reference; the eval epilogues; the modules; the
 converter fusing every spelling of them.
 
@@ -33,6 +33,7 @@ from resnet_fused.activations import (
     NAMES,
     RELU,
     RELU6,
+    SIGMOID,
     SILU,
     Act,
     act_of_call,
@@ -50,6 +51,7 @@ ACTS = [
     Act(HARDSWISH),
     Act(GELU),
     Act(GELU_TANH),
+    Act(SIGMOID),
     Act(RELU),
     Act(IDENTITY),
 ]
@@ -202,7 +204,7 @@ def test_partial_step_padding_adds_nothing(backend, layout, residual):
 
 
 @pytest.mark.parametrize("backend", backend_params(("cpu", "cuda", "triton")))
-@pytest.mark.parametrize("act", ACTS[:7], ids=ACT_IDS[:7])
+@pytest.mark.parametrize("act", ACTS[:8], ids=ACT_IDS[:8])
 def test_kinks_and_non_finite_values(backend, act):
     """Pre-activations exactly at the kinks (and at +-0, +-Inf, NaN): the forward as
     torch's activation, the gradient at each kink torch's one-sided value, and
@@ -235,7 +237,7 @@ def test_kinks_and_non_finite_values(backend, act):
     torch.testing.assert_close(masked[finite], want[finite], rtol=tol, atol=tol)
     if act.from_output:
         _, _, masked = reduce(g, x, mean, var, None, None, out, 1e-5, *act.args, True)
-        torch.testing.assert_close(masked[finite], want[finite], rtol=0, atol=0)
+        torch.testing.assert_close(masked[finite], want[finite], rtol=tol, atol=tol)
     else:
         with pytest.raises((RuntimeError, ValueError), match="out"):
             reduce(g, x, mean, var, None, None, out, 1e-5, *act.args, True)
@@ -414,6 +416,9 @@ def test_activation_arguments():
     assert act_of_call(F.leaky_relu, (None,), {"negative_slope": 0.3}) == Act(LEAKY_RELU, 0.3)
     assert act_of_call(F.gelu, (None,), {"approximate": "tanh"}) == Act(GELU_TANH)
     assert act_of_call(torch.tanh, (None,), {}) is None
+    assert as_act("sigmoid") == as_act(nn.Sigmoid()) == Act(SIGMOID)
+    assert act_of_call(torch.sigmoid, (None,), {}) == act_of_call("sigmoid_", (None,), {})
+    assert act_of_call(F.sigmoid, (None,), {}) == Act(SIGMOID)
     with pytest.raises(ValueError, match="activation: unknown activation 'mish'"):
         as_act("mish")
     with pytest.raises(ValueError, match="activation: Tanh is not an activation"):
@@ -426,9 +431,9 @@ def test_activation_arguments():
     with pytest.raises(TypeError, match="relu must be a bool"):
         resnet_fused.batch_norm_act(x, None, None, relu="silu")
     with pytest.raises(RuntimeError, match="act must be an activation code"):
-        torch.ops.resnet_fused.bias_act(x, None, None, 9, 0.0)
+        torch.ops.resnet_fused.bias_act(x, None, None, 10, 0.0)
     with pytest.raises(ValueError, match="act"):
-        resnet_fused.ops.bias_act_triton(x, None, None, 9, 0.0)
+        resnet_fused.ops.bias_act_triton(x, None, None, 10, 0.0)
     for k, name in enumerate(NAMES):
         assert as_act(name).kind == k
 
@@ -594,6 +599,52 @@ def test_converter_fuses_activations_after_a_residual_add(act):
         assert _batch_norm_ops(converted.train(training), x) == 0
     assert _act_ops(converted.train(), x) == 0
     assert _act_ops(model.train(), x) == 4
+    _assert_parity(model, converted, x)
+
+
+class _SigmoidGates(nn.Module):
+    """BatchNorm -> Sigmoid in the spellings gates use (GhostNetV2's DFC attention:
+    ``sigmoid(bn(conv(x)))`` times the features): the module, ``torch.sigmoid``, the
+    in-place method, after a BatchNorm alone and after a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        c = 4
+        self.conv1, self.bn1, self.gate = (
+            nn.Conv2d(3, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+            nn.Sigmoid(),
+        )
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.conv4, self.bn4 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = self.conv1(x) * self.gate(self.bn1(self.conv1(x)))
+        y = torch.sigmoid(self.bn2(self.conv2(x)))
+        z = self.bn3(y * x).sigmoid_()
+        return torch.sigmoid(self.bn4(self.conv4(z)) + z)
+
+
+def test_converter_fuses_sigmoid():
+    torch.manual_seed(0)
+    model = _randomise(_SigmoidGates()).double()
+    converted = _convert(copy.deepcopy(model))
+    report = resnet_fused.conversion_report(converted)
+    assert sorted(report["fused"]) == [
+        "bn3, sigmoid_ (bn-sigmoid)",
+        "conv1, bn1, gate (conv-bn-sigmoid)",
+        "conv2, bn2, sigmoid (conv-bn-sigmoid)",
+        "conv4, bn4, sigmoid_1 (conv-bn-add-sigmoid)",
+    ], report["fused"]
+    assert report["not_fused"] == [], report["not_fused"]
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    for training in (True, False):
+        assert _batch_norm_ops(converted.train(training), x) == 0
+    for m, want in ((converted, 0), (model, 4)):
+        with _CountOps() as mode:
+            copy.deepcopy(m).train()(x)
+        assert sum(op.startswith("aten.sigmoid") for op in mode.ops) == want
     _assert_parity(model, converted, x)
 
 
@@ -792,7 +843,7 @@ def test_portable_cpu_kernels_in_subprocess(cap, isa):
         "    for dtype in (torch.float32, torch.bfloat16):\n"
         "        torch.manual_seed(0)\n"
         "        t.test_batch_norm_act_every_activation('cpu', *p.values, dtype)\n"
-        "for act in t.ACTS[:7]:\n"
+        "for act in t.ACTS[:8]:\n"
         "    t.test_kinks_and_non_finite_values('cpu', act)\n"
         "for act in t.ACTS:\n"
         "    for case in ('train', 'eval'):\n"

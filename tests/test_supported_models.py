@@ -43,9 +43,9 @@ def _batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-# Activations the fused kernels do not apply (ReLU, ReLU6, LeakyReLU, SiLU, Hardswish and
-# GELU are fused with the BatchNorm they follow).
-_UNFUSED_ACTS = (nn.Hardsigmoid, nn.Sigmoid, nn.Mish, nn.ELU, nn.Tanh, nn.PReLU)
+# Activations the fused kernels do not apply (ReLU, ReLU6, LeakyReLU, SiLU, Hardswish, GELU
+# and Sigmoid are fused with the BatchNorm they follow).
+_UNFUSED_ACTS = (nn.Hardsigmoid, nn.Mish, nn.ELU, nn.Tanh, nn.PReLU)
 
 
 def _bn_then_unfused_activation(model: nn.Module) -> int:

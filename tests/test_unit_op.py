@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 import resnet_fused
 from resnet_fused import _extension, ops
+from resnet_fused.activations import LEAKY_RELU, NAMES, Act, as_act
 
 pytestmark = pytest.mark.skipif(ops.EAGER_UNIT is None, reason="the compiled extension is needed")
 
@@ -54,10 +55,13 @@ def _inputs(dtype, residual, channels_last, seed=1):
 
 
 def _eager(conv, bn, x, residual, relu):
-    """What eager's modules compute (torchvision's spelling: in-place add and ReLU)."""
+    """What eager's modules compute (torchvision's spelling: in-place add and ReLU; ``relu``
+    an Act: that activation's torch function)."""
     out = bn(conv(x))
     if residual is not None:
         out += residual
+    if isinstance(relu, Act):
+        return relu(out)
     return out.relu_() if relu else out
 
 
@@ -71,7 +75,7 @@ def _unit(entry, conv, bn, x, residual, relu):
     return ENTRIES[entry](
         x, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, tracked, conv.stride,
         conv.padding, conv.dilation, conv.groups, training or rm is None, bn.momentum, bn.eps,
-        residual, int(relu), 0.0,
+        residual, *(relu.args if isinstance(relu, Act) else (int(relu), 0.0)),
     )  # fmt: skip
 
 
@@ -131,6 +135,17 @@ def test_bit_identical_to_eager_modules(entry, dtype, training, channels_last):
             continue  # (eval without running statistics is batch statistics: covered above)
         _check(entry, dtype, residual, relu, conv_bias, affine, track, momentum, channels_last,
                training)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "act", [as_act(n) for n in NAMES] + [Act(LEAKY_RELU, -0.2)], ids=[*NAMES, "leaky-negative"]
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_activation_bit_identical_to_eager_modules(act, training):
+    """Each activation (those whose derivative eager reads from the output, and the others,
+    whose pre-activation the op keeps as eager's does), with and without a residual."""
+    for residual in (False, True):
+        _check("torch.ops", torch.float32, residual, act, False, True, True, 0.1, True, training)
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no_requires_grad"])
@@ -292,7 +307,7 @@ def test_bad_arguments_are_refused():
            1, True, 0.1, 1e-5, None, 1, 0.0)  # fmt: skip
     with pytest.raises(RuntimeError, match="act must be an activation code"):
         OP(x, conv.weight, None, None, None, None, None, None, [1, 1], [1, 1], [1, 1],
-           1, True, 0.1, 1e-5, None, 8, 0.0)  # fmt: skip
+           1, True, 0.1, 1e-5, None, 9, 0.0)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -435,6 +435,8 @@ C10_ALWAYS_INLINE Vectorized<T> act_vec(int64_t act, const Vectorized<T>& v, T p
       const V inner = V(T(act_math::kSqrt2OverPi)) * (v + V(T(act_math::kGeluTanhK)) * v * v * v);
       return v / (one + exp_vec<T>(inner * V(T(-2))));
     }
+    case kActSigmoid:
+      return one / (one + exp_vec<T>(v.neg()));
     default:
       return v;
   }
@@ -486,6 +488,11 @@ C10_ALWAYS_INLINE Vectorized<T> act_grad_pre_vec(int64_t act, const Vectorized<T
       const V s = one / (one + e);
       const V d_inner = kb * (one + V(T(3)) * kk * x2);
       return g * (s + V(T(2)) * pre * s * one_minus_sigmoid(s, e) * d_inner);
+    }
+    case kActSigmoid: {
+      const V e = exp_vec<T>(pre.neg());
+      const V s = one / (one + e);
+      return g * one_minus_sigmoid(s, e) * s;
     }
     default:
       return g;
@@ -1502,8 +1509,8 @@ void dispatch_act_kind(int64_t kind, const F& f) {
 
 template <typename F>
 void with_act_loops(const ActSpec& act, const F& f) {
-  dispatch_act_kind<kActReLU6, kActLeakyReLU, kActSiLU, kActHardswish, kActGELU, kActGELUTanh>(
-      act.kind, f);
+  dispatch_act_kind<kActReLU6, kActLeakyReLU, kActSiLU, kActHardswish, kActGELU, kActGELUTanh,
+                    kActSigmoid>(act.kind, f);
 }
 
 template <typename scalar_t>

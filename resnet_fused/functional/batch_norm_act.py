@@ -355,9 +355,9 @@ def batch_norm_act(
         relu: apply ReLU at the end (when ``activation`` is not given).
         activation: the activation at the end, instead of ``relu``: a name (``"relu"``,
             ``"relu6"``, ``"leaky_relu"``, ``"silu"``, ``"hardswish"``, ``"gelu"``,
-            ``"gelu_tanh"``, ``"identity"``), an activation module (``nn.SiLU()``,
-            ``nn.LeakyReLU(0.2)``, ...) or a :class:`resnet_fused.activations.Act`,
-            applied after the residual add.
+            ``"gelu_tanh"``, ``"sigmoid"``, ``"identity"``), an activation module
+            (``nn.SiLU()``, ``nn.LeakyReLU(0.2)``, ...) or a
+            :class:`resnet_fused.activations.Act`, applied after the residual add.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         sync: in training, synchronise the batch statistics over ``process_group``
             (default: the world group) like ``nn.SyncBatchNorm``; a warning and local

@@ -123,7 +123,7 @@ def check_no_partial_overlap(t: torch.Tensor, name: str, written: torch.Tensor, 
 # scalar in the arithmetic type, ignored by the others). Every helper computes in the
 # dtype of its tensor argument (the kernels' accumulation type: fp32, fp64 for fp64).
 # ---------------------------------------------------------------------------------------
-ACT_COUNT = 8
+ACT_COUNT = 9
 ACT_IDENTITY = tl.constexpr(0)
 ACT_RELU = tl.constexpr(1)
 ACT_RELU6 = tl.constexpr(2)
@@ -132,6 +132,7 @@ ACT_SILU = tl.constexpr(4)
 ACT_HARDSWISH = tl.constexpr(5)
 ACT_GELU = tl.constexpr(6)
 ACT_GELU_TANH = tl.constexpr(7)
+ACT_SIGMOID = tl.constexpr(8)
 # Constants of csrc/act.h's act_math, made in the arithmetic type with tl.full (a float
 # literal in a jit function is an fp32 constant, which would round them in fp64).
 _SQRT1_2 = tl.constexpr(0.70710678118654752440)  # 1/sqrt(2)
@@ -141,12 +142,13 @@ _GELU_TANH_K = tl.constexpr(0.044715)
 
 
 def check_act(act: object, act_param: object) -> tuple[int, float]:
-    """(act, act_param) as (int, float): act a code in [0, 8) (resnet_fused.activations),
+    """(act, act_param) as (int, float): act a code in [0, 9) (resnet_fused.activations),
     act_param a real number, finite for LeakyReLU (its negative slope)."""
     if isinstance(act, bool) or not isinstance(act, int) or not 0 <= act < ACT_COUNT:
         raise ValueError(
-            "act must be an activation code in [0, 8) (identity, relu, relu6, leaky_relu, "
-            f"silu, hardswish, gelu, gelu_tanh; see resnet_fused.activations), got {act!r}"
+            "act must be an activation code in [0, 9) (identity, relu, relu6, leaky_relu, "
+            "silu, hardswish, gelu, gelu_tanh, sigmoid; see resnet_fused.activations), got "
+            f"{act!r}"
         )
     if isinstance(act_param, bool) or not isinstance(act_param, (int, float)):
         raise ValueError(f"act_param must be a float, got {type(act_param).__name__}")
@@ -198,6 +200,8 @@ def _act_apply(y, ACT: tl.constexpr, param):
         k = tl.full([], _GELU_TANH_K, y.dtype)
         s, _ = _half_one_plus_tanh(c * (y + k * y * y * y))
         y = y * s  # 0.5*y*(1 + tanh(inner))
+    elif ACT == ACT_SIGMOID:
+        y = 1.0 / (1.0 + tl.exp(-y))
     return y
 
 
@@ -230,6 +234,9 @@ def _act_grad(g, pre, ACT: tl.constexpr, param):
         d_inner = c * (1.0 + 3.0 * k * x2)
         # 0.5*(1 + t) + 0.5*pre*(1 - t^2)*d_inner, t = tanh(inner)
         g = g * (s + 2.0 * pre * s1s * d_inner)
+    elif ACT == ACT_SIGMOID:
+        s = 1.0 / (1.0 + tl.exp(-pre))
+        g = g * (1.0 - s) * s
     return g
 
 

@@ -535,6 +535,9 @@ def _opcheck_bn(names, device):
         torch.library.opcheck(red, (gi, inp, mean, var, w, b, inp.clone(), 1e-5, 1, 0.0, True))
         torch.library.opcheck(red, (gi, inp, mean, var, None, b, None, 1e-5, 1, 0.0, False))
         torch.library.opcheck(red, (gi, inp, mean, var, w, b, None, 1e-5, 3, 0.2, True))
+        # SiLU after a residual add: the pre-activation recomputed with the residual
+        res = inp.clone()
+        torch.library.opcheck(red, (gi, inp, mean, var, w, b, None, 1e-5, 4, 0.0, True, res))
         torch.library.opcheck(elemt, (gi, inp, mean, var, w, b, mean, var, 1e-5, 1, 0.0, True))
         torch.library.opcheck(
             elemt, (gi, inp, mean, var, None, None, mean, var, 1e-5, 0, 0.0, False)

@@ -481,7 +481,7 @@ def write_markdown(rows: list[dict], path: str, command: str, date: str) -> None
         "one training forward and one eval forward of the converted model (BatchNorms "
         "still run by PyTorch); *activations not fused* the activations after a fused "
         "BatchNorm that run as their own pass (those the kernels do not apply, e.g. "
-        "Sigmoid, Hardsigmoid, Mish), with their "
+        "Hardsigmoid, Mish, Tanh, ELU), with their "
         "classes; *other not fused* every other `not_fused` "
         "entry (listed below the table); *max abs diff* the largest difference between "
         "the converted and the original model's output in eval and in training mode; "

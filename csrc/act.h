@@ -147,9 +147,10 @@ RF_ACT_FN T act_grad_from_pre(int64_t act, T param, T pre, T g) {
       const T d_inner = T(kSqrt2OverPi) * (T(1) + T(3) * T(kGeluTanhK) * x2);
       return g * (T(0.5) * (T(1) + t) + T(0.5) * pre * (T(1) - t * t) * d_inner);
     }
-    case kActSigmoid: {
-      const T s = T(1) / (T(1) + exp_(-pre));
-      return g * (T(1) - s) * s;
+    case kActSigmoid: {  // (1 - s as e*s where s > 1/2, where 1 - s would cancel)
+      const T e = exp_(-pre);
+      const T s = T(1) / (T(1) + e);
+      return g * (s > T(0.5) ? e * s : T(1) - s) * s;
     }
     default:
       return g;

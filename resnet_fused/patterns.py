@@ -168,7 +168,10 @@ def why_not_bn(bn: nn.Module) -> str | None:
             " with other children than drop and act (not a norm-act layer)")  # fmt: skip
 
 
-KERNEL_ACTS = "the fused kernels apply ReLU, ReLU6, LeakyReLU, SiLU, Hardswish, GELU and Sigmoid"
+KERNEL_ACTS = (
+    "the fused kernels apply ReLU, ReLU6, LeakyReLU, SiLU, Hardswish, GELU and Sigmoid, "
+    "as torch's own modules and functions"
+)
 
 # Activations other than ReLU a BatchNorm's output commonly feeds (for the report: each
 # one that reads a fused BatchNorm's output is listed, as not fused with it).
@@ -185,7 +188,13 @@ ACT_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}  # (ReLU: see _find_sites
 
 
 def act_text(act: nn.Module) -> str:
-    return type(act).__name__
+    """The module's class for the report: its name for torch.nn's own classes, else its
+    full path (timm's ``Sigmoid`` or ``GELU`` is not torch.nn's, which the kernels apply:
+    recognised by exact class only, as a look-alike may compute something else)."""
+    t = type(act)
+    if t.__module__.startswith("torch.nn."):
+        return t.__name__
+    return f"{t.__module__}.{t.__qualname__}"
 
 
 # --- spellings ---------------------------------------------------------------------------

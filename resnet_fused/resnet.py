@@ -682,8 +682,8 @@ def convert(
 ) -> nn.Module:
     """The fused twin of ``model``: every Conv2d->BatchNorm2d->(add)->act, Conv2d->
     BatchNorm2d, BatchNorm2d->(add)->act, BatchNorm2d and add->ReLU of its computation
-    fused (act: ReLU, ReLU6, LeakyReLU, SiLU, Hardswish or GELU, in any spelling; after
-    an add only the first three). timm's norm-act layers (``BatchNormAct2d``,
+    fused (act: ReLU, ReLU6, LeakyReLU, SiLU, Hardswish, GELU or Sigmoid, in any
+    spelling, after an add too). timm's norm-act layers (``BatchNormAct2d``,
     ``SyncBatchNormAct``) and frozen BatchNorms (torchvision's ``FrozenBatchNorm2d``,
     timm's ``FrozenBatchNormAct2d``) count as BatchNorms, their own activation fused
     with them; other activations run as before and are listed in the report.

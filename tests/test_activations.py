@@ -503,7 +503,7 @@ class _Spellings(nn.Module):
         return F.silu(self.bn9(self.conv9(x)), inplace=True)
 
 
-_ACT_OPS = ("silu", "hardswish", "hardtanh", "leaky_relu", "gelu", "relu")
+_ACT_OPS = ("silu", "hardswish", "hardtanh", "leaky_relu", "gelu", "relu", "sigmoid")
 
 
 def _act_ops(model, x) -> int:
@@ -571,8 +571,8 @@ class _ResidualActs(nn.Module):
 @pytest.mark.parametrize(
     "act",
     [nn.SiLU, nn.Hardswish, nn.GELU, lambda: nn.GELU("tanh"), lambda: nn.LeakyReLU(-0.2),
-     nn.ReLU6],
-    ids=["silu", "hardswish", "gelu", "gelu_tanh", "leaky_relu-negative", "relu6"],
+     nn.ReLU6, nn.Sigmoid],
+    ids=["silu", "hardswish", "gelu", "gelu_tanh", "leaky_relu-negative", "relu6", "sigmoid"],
 )  # fmt: skip
 def test_converter_fuses_activations_after_a_residual_add(act):
     """Every activation the kernels apply is fused with the BatchNorm and the add before

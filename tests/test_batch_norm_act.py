@@ -566,13 +566,16 @@ def test_opcheck_triton_bn_ops(backend):
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("training", [True, False])
-def test_compile_fullgraph(backend, training):
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_compile_fullgraph(backend, training, act):
+    """(SiLU after the add: the backward recomputes the pre-activation from the saved
+    residual, whose checks must trace too.)"""
     device = backend_device(backend)
     compiler = "inductor" if backend in ("cpu", "cuda") else "aot_eager"
 
     def block_tail(x, res, rm, rv, w, b):
         y = resnet_fused.batch_norm_act(
-            x * 1.5, rm, rv, w, b, training, residual=res, backend=backend
+            x * 1.5, rm, rv, w, b, training, residual=res, activation=act, backend=backend
         )
         return y * 2.0
 
@@ -600,7 +603,7 @@ def test_compile_fullgraph_torch_backend_on_old_torch(training, monkeypatch):
     composition with plain autograd, since its autograd.Function compiled to zero
     gradients there) gives eager's outputs, gradients and running statistics."""
     monkeypatch.setattr(resnet_fused._compat, "OLD_COMPILED_AUTOGRAD", True)
-    test_compile_fullgraph("torch", training)
+    test_compile_fullgraph("torch", training, "silu")
 
 
 def test_compile_module_fullgraph():

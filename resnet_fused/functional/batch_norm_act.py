@@ -121,7 +121,7 @@ class _BatchNormAct(torch.autograd.Function):
         keep_out = act.active and residual is not None and act.from_output
         keep_bias = act.active and not keep_out
         keep_residual = keep_bias and residual is not None
-        if keep_residual and residual.is_inference():
+        if keep_residual and not _is_compiling() and residual.is_inference():
             # (made under inference_mode, which autograd cannot save: eager saves the sum
             # instead, a tensor of its own; this saves a copy)
             residual = residual.clone()

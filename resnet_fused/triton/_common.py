@@ -235,8 +235,9 @@ def _act_grad(g, pre, ACT: tl.constexpr, param):
         # 0.5*(1 + t) + 0.5*pre*(1 - t^2)*d_inner, t = tanh(inner)
         g = g * (s + 2.0 * pre * s1s * d_inner)
     elif ACT == ACT_SIGMOID:
-        s = 1.0 / (1.0 + tl.exp(-pre))
-        g = g * (1.0 - s) * s
+        e = tl.exp(-pre)
+        s = 1.0 / (1.0 + e)
+        g = g * tl.where(s > 0.5, e * s, 1.0 - s) * s  # (1 - s without cancelling)
     return g
 
 

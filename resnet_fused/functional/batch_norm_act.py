@@ -161,18 +161,9 @@ class _BatchNormAct(torch.autograd.Function):
         masked = grad_out
         if need_sums or write_masked:
             sum_dy, sum_dy_xhat, masked_grad = kernels.backward_reduce(
-                grad_out,
-                input,
-                mean,
-                var,
-                weight,
-                bias,
-                out,
-                eps,
-                *act.args,
-                write_masked,
+                grad_out, input, mean, var, weight, bias, out, eps, *act.args, write_masked,
                 residual,
-            )
+            )  # fmt: skip
             if write_masked:
                 masked = masked_grad
         grad_input = None

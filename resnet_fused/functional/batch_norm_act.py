@@ -101,8 +101,9 @@ class _BatchNormAct(torch.autograd.Function):
     Saves input, the statistics and weight; and what act' needs. Without a residual: bias
     (act' at the pre-activation recomputed from input). With a residual: ``out`` where act'
     is a function of the output (ReLU, ReLU6, LeakyReLU with a positive slope), else bias
-    and the residual itself (SiLU, Hardswish, GELU, LeakyReLU with a negative slope: the
-    pre-activation BN(input) + residual recomputed in the backward's reduction pass).
+    and the residual itself (SiLU, Hardswish, GELU, Sigmoid, LeakyReLU with a negative
+    slope: the pre-activation BN(input) + residual recomputed in the backward's reduction
+    pass).
     Eager BN + ReLU saves input and out; eager BN + add + SiLU saves the sum as well; the
     residual saved here is a tensor the caller holds (a block's input or its shortcut's
     output), not a new one. So, unlike eager's add, the residual must not be changed in

@@ -37,6 +37,9 @@ def _make(model_name: str) -> nn.Module:
         model = TutorialResNet(
             (1, 1, 1, 1), widths=(8, 16, 16, 32), num_classes=10, small_input=True
         )
+        if model_name == "tutorial-silu":  # SiLU in the blocks, after the residual add too
+            for block in (model.layer1, model.layer2, model.layer3, model.layer4):
+                block[0].relu = nn.SiLU()
     _randomise_bn(model)
     return model.eval()
 
@@ -94,7 +97,7 @@ def _run_case(model_name, context, dtype_name, layout, *, inside: bool):
 
 CASES = [
     (m, c, d, layout, inside)
-    for m in ("resnet18", "tutorial")
+    for m in ("resnet18", "tutorial", "tutorial-silu")
     for c, inside in (("no_grad", False), ("inference_mode", False), ("inference_mode", True))
     for d in DTYPES
     for layout in ("nchw", "channels_last")
@@ -131,8 +134,11 @@ def no_onednn_bf16(monkeypatch):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype_name", ["bf16", "bf16-autocast"])
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
-def test_bf16_inference_without_onednn_bf16(no_onednn_bf16, context, dtype_name, layout):
-    _run_case("resnet18", context, dtype_name, layout, inside=False)
+@pytest.mark.parametrize("model_name", ["resnet18", "tutorial-silu"])
+def test_bf16_inference_without_onednn_bf16(
+    no_onednn_bf16, model_name, context, dtype_name, layout
+):
+    _run_case(model_name, context, dtype_name, layout, inside=False)
     assert torch.bfloat16 not in no_onednn_bf16
 
 

@@ -89,7 +89,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ._validation import SUPPORTED_DTYPES
-from .activations import ID_ACT, RELU, RELU_ACT, SIGMOID, Act, act_of_call, act_of_module
+from .activations import ID_ACT, RELU, RELU_ACT, Act, act_of_call, act_of_module
 from .functional.conv_bn_act import donated, mark_donated, undonate
 from .modules import (
     FoldCache,
@@ -843,13 +843,8 @@ _ACT_CALLS = {
     torch.sigmoid: ((), False),
     torch.sigmoid_: ((), True),
 }
-# Tensor methods: name -> (in place, Act)
-_ACT_METHODS = {
-    "relu": (False, RELU_ACT),
-    "relu_": (True, RELU_ACT),
-    "sigmoid": (False, Act(SIGMOID)),
-    "sigmoid_": (True, Act(SIGMOID)),
-}
+# Tensor methods taking no parameter (act_of_call knows what each computes)
+_ACT_METHODS = ("relu", "relu_", "sigmoid", "sigmoid_")
 _ACT_INPLACE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.Hardswish)
 
 
@@ -889,8 +884,8 @@ def _act_of(root: nn.Module, node: fx.Node):
         and not node.kwargs
         and isinstance(node.args[0], fx.Node)
     ):
-        inplace, act = _ACT_METHODS[node.target]
-        return node.args[0], inplace, None, act
+        act = act_of_call(node.target, node.args, {})
+        return node.args[0], node.target.endswith("_"), None, act
     return None
 
 

@@ -137,19 +137,9 @@ def bn_act_backward_reduce_triton(
     residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels("bn_act_backward").bn_act_backward_reduce(
-        grad_out,
-        input,
-        mean,
-        var,
-        weight,
-        bias,
-        out,
-        eps,
-        act,
-        act_param,
-        write_masked_grad,
+        grad_out, input, mean, var, weight, bias, out, eps, act, act_param, write_masked_grad,
         residual,
-    )
+    )  # fmt: skip
 
 
 bn_act_backward_reduce_triton.register_fake(_bn_act_backward_reduce_triton_fake)
